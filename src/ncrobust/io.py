@@ -87,3 +87,41 @@ def write_text(text: str, path: str | os.PathLike) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+@contextmanager
+def job_log(path: str | os.PathLike) -> Iterator[None]:
+    """Send a job's stdout, stderr (tqdm included) and ``logging`` to its log file.
+
+    SIGTERM (SLURM preemption, ``scancel``) is turned into an exception, so that temporary files
+    are removed and no half-written output remains. A failure's message is written to the log and
+    re-raised so that the job fails.
+    """
+    import logging
+    import signal
+    import sys
+    import traceback
+
+    def _terminate(signum, frame):
+        raise SystemExit(f"terminated by signal {signum}: no output was written; rerun the workflow to resume")
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    with open(path, "a", buffering=1) as fh:
+        old_out, old_err = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = fh
+        handler = logging.StreamHandler(fh)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        try:
+            yield
+        except BaseException as err:
+            traceback.print_exc(file=fh)
+            old_err.write(f"ncrobust: {type(err).__name__}: {err} (log: {path})\n")
+            raise
+        finally:
+            root.removeHandler(handler)
+            sys.stdout, sys.stderr = old_out, old_err
+            signal.signal(signal.SIGTERM, previous)

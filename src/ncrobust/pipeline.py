@@ -1,0 +1,137 @@
+"""The workflow's stages as file-to-file functions: each Snakemake script makes exactly one of
+these calls. Everything here reads a validated config dict and paths, and writes atomically."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import data as datasets
+from .experiment import Cell, build_model, resolve_device, threat_model
+from .features import evaluate
+from .io import CorruptFileError, load_torch, read_parquet, save_torch, write_parquet, write_text
+from .losses import get_loss
+from .tables import concat, metrics_frame, summary, summary_markdown, training_frame
+from .train import Recipe, Schedule, initial_checkpoint, train_segment
+
+log = logging.getLogger("ncrobust")
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def setup(config: dict, threads: int | None = None) -> torch.device:
+    """Threads, deterministic CPU kernels and the device for one job."""
+    torch.set_num_threads(threads or config.get("threads", 1))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return resolve_device(config.get("device", "auto"))
+
+
+def load_dataset(path: str | os.PathLike) -> dict:
+    """A prepared dataset file, checked (a broken file names its path and the fix)."""
+    data = load_torch(path)
+    try:
+        datasets.validate(data)
+    except ValueError as err:
+        raise CorruptFileError(f"{path}: {err}; delete it and rerun the workflow to rebuild it") from err
+    return data
+
+
+def prepare_data(config: dict, dataset: str, output: str) -> None:
+    ds = config["datasets"][dataset]
+    options = dict(ds.get("options", {}))
+    seed = options.pop("split_seed", 0)
+    data = datasets.load(dataset, root=config["data_root"], download=config["download"], seed=seed, **options)
+    save_torch(data, output)
+    log.info("%s: %d train, %d test images of shape %s", dataset, len(data["y_train"]), len(data["y_test"]), tuple(data["x_train"].shape[1:]))
+
+
+def recipe(config: dict, cell: Cell) -> Recipe:
+    t = config["training"]
+    loss_options = config.get("losses", {}).get(cell.loss, {})
+    schedule = t["schedule"]
+    return Recipe(
+        adversary=cell.adversary,
+        loss=get_loss(cell.loss, **loss_options),
+        threat=threat_model(config, cell),
+        epochs=t["epochs"],
+        batch_size=t["batch_size"],
+        lr=t["optimizer"]["lr"],
+        momentum=t["optimizer"]["momentum"],
+        weight_decay=t["optimizer"]["weight_decay"],
+        schedule=Schedule(schedule["kind"], tuple(schedule["milestones"]), tuple(schedule["factors"])),
+        trades_beta=t["trades_beta"],
+        log_test_accuracy=t["log_test_accuracy"],
+        autocast_dtype=AUTOCAST[config.get("precision", "fp32")],
+    )
+
+
+def init_cell(config: dict, cell: Cell, data_path: str, output: str) -> None:
+    """Epoch 0: the seeded initialisation."""
+    setup(config)
+    data = load_dataset(data_path)
+    model = build_model(config, cell, data)
+    save_torch({**initial_checkpoint(model, recipe(config, cell)), "cell": cell.as_dict()}, output)
+
+
+def train_cell(config: dict, cell: Cell, data_path: str, previous: str, epoch: int, checkpoint_out: str, log_out: str) -> None:
+    """Train from the previous checkpoint to ``epoch``; write the checkpoint and the epoch log."""
+    device = setup(config)
+    data = load_dataset(data_path)
+    ckpt = load_torch(previous, map_location=device)
+    model = build_model(config, cell, data).to(device)
+    x_train, y_train = datasets.as_float(data, "train", device)
+    x_test, y_test = datasets.as_float(data, "test", device)
+    start = int(ckpt["epoch"])
+    with tqdm(total=epoch - start, desc=f"train {cell.adversary} seed{cell.seed} {start}->{epoch}", mininterval=5, ascii=True) as bar:
+        new, rows = train_segment(
+            model, ckpt, x_train, y_train, recipe=recipe(config, cell), end_epoch=epoch, seed=cell.seed,
+            x_test=x_test, y_test=y_test, progress=bar,
+        )
+    write_parquet(training_frame(rows, cell), log_out)
+    save_torch({**new, "cell": cell.as_dict()}, checkpoint_out)
+
+
+def evaluate_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, output: str) -> None:
+    """Features and layer statistics of one checkpoint under every perturbation."""
+    device = setup(config)
+    data = load_dataset(data_path)
+    ckpt = load_torch(checkpoint, map_location=device)
+    model = build_model(config, cell, data).to(device)
+    model.load_state_dict(ckpt["model"])
+    ev = config["evaluation"]
+    result = evaluate(
+        model, data, threat=threat_model(config, cell), perturbations=ev["perturbations"], splits=ev["splits"],
+        seed=cell.seed, epoch=int(ckpt["epoch"]), batch_size=ev["batch_size"], layerwise=ev["layerwise"],
+        feature_dtype=getattr(torch, ev["feature_dtype"]), device=device,
+        loss=get_loss(cell.loss, **config.get("losses", {}).get(cell.loss, {})),
+    )
+    save_torch({**result, "epoch": int(ckpt["epoch"]), "cell": cell.as_dict()}, output)
+
+
+def metrics_cell(cell: Cell, features: str, output: str) -> None:
+    """The long-format metrics table of one evaluated checkpoint."""
+    torch.set_num_threads(1)
+    blob = load_torch(features)
+    write_parquet(metrics_frame(blob, cell, int(blob["epoch"])), output)
+
+
+def aggregate(metrics: list[str], training: list[str], out_metrics: str, out_training: str, out_summary: str, out_summary_md: str, out_summary_csv: str) -> None:
+    """All cells into one table each, plus the final-epoch summary (Parquet, Markdown, CSV)."""
+    m = concat(metrics)
+    write_parquet(m, out_metrics)
+    write_parquet(concat(training), out_training)
+    s = summary(m)
+    write_parquet(s, out_summary)
+    write_text(s.to_csv(index=False), out_summary_csv)
+    write_text(summary_markdown(s), out_summary_md)
+
+
+def figures(metrics: str, training: str, outputs: dict[str, str]) -> None:
+    """Render every figure named in ``outputs`` (figure name -> PNG path; a PDF is written beside)."""
+    from .plots import render
+
+    render(read_parquet(metrics), read_parquet(training), outputs)

@@ -1,0 +1,62 @@
+"""Helpers for tests that run the workflow: the repository root and a tiny config."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+TINY_CONFIG = {
+    "results": "results",
+    "device": "cpu",
+    "threads": 1,
+    "grid": {"dataset": ["digits"], "model": ["mlp"], "loss": ["ce"], "adversary": ["st", "pgd-linf"], "seed": [1]},
+    "datasets": {
+        "digits": {
+            "options": {"test_fraction": 0.25, "split_seed": 0},
+            "norm": "linf",
+            "threat": {"linf": {"eps": 0.1, "step_size": 0.05, "steps": 3}},
+        }
+    },
+    "models": {"mlp": {"depth": 2, "width": 32}},
+    "training": {"epochs": 4, "checkpoints": [2, 4], "batch_size": 128},
+    "evaluation": {
+        "splits": ["train", "test"],
+        "perturbations": {"clean": {}, "pgd": {}, "pgd-targeted": {}, "gaussian": {}, "sign": {}},
+        "batch_size": 500,
+    },
+}
+
+
+def tiny_config(**overrides) -> dict:
+    """A copy of the tiny config with top-level keys replaced."""
+    config = copy.deepcopy(TINY_CONFIG)
+    config.update(copy.deepcopy(overrides))
+    return config
+
+
+def write_tiny_config(directory: str | os.PathLike, **overrides) -> Path:
+    """Write the tiny config to ``directory/config.yaml`` and return its path."""
+    path = Path(directory) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(tiny_config(**overrides), sort_keys=False))
+    return path
+
+
+def run_snakemake(workdir: str | os.PathLike, *args: str, configfile: str | os.PathLike | None = None, check: bool = True, timeout: int = 900):
+    """Run the repository's Snakefile in ``workdir`` with ``--cores 2``; return the CompletedProcess."""
+    cmd = [SNAKEMAKE, "--snakefile", str(REPO_ROOT / "Snakefile"), "--directory", str(workdir), "--cores", "2"]
+    if configfile is not None:
+        cmd += ["--configfile", str(configfile)]
+    cmd += list(args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc

@@ -1,0 +1,73 @@
+# Validation, the grid, wildcard constraints and input functions. No logic beyond wiring.
+import itertools
+import sys
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+
+from ncrobust.config import ConfigError, validate_config
+from ncrobust.experiment import Cell
+
+try:
+    config = validate_config(config, base_dir=Path.cwd())
+except ConfigError as err:
+    sys.stderr.write(f"ncrobust: config error: {err}\n")
+    sys.exit(1)
+
+RESULTS = config["results"]
+GRID = config["grid"]
+RUN = RESULTS + "/runs/{dataset}/{model}/{loss}/{adversary}/seed{seed}"
+CHECKPOINT_EPOCHS = [0, *config["training"]["checkpoints"]]
+EVAL_EPOCHS = config["evaluation"].get("epochs") or CHECKPOINT_EPOCHS
+FIGURES = ["nc_vs_epoch", "accuracy"]
+
+
+wildcard_constraints:
+    dataset="|".join(GRID["dataset"]),
+    model="|".join(GRID["model"]),
+    loss="|".join(GRID["loss"]),
+    adversary="|".join(GRID["adversary"]),
+    seed=r"\d+",
+    epoch=r"\d+",
+
+
+def cells():
+    """Every cell of the grid, as dicts of wildcard values."""
+    keys = ["dataset", "model", "loss", "adversary", "seed"]
+    return [dict(zip(keys, values)) for values in itertools.product(*(GRID[k] for k in keys))]
+
+
+def cell_of(wildcards):
+    return Cell(wildcards.dataset, wildcards.model, wildcards.loss, wildcards.adversary, int(wildcards.seed))
+
+
+def previous_checkpoint(wildcards):
+    """Checkpoint epoch e is trained from the previous checkpoint epoch."""
+    epoch = int(wildcards.epoch)
+    if epoch not in CHECKPOINT_EPOCHS[1:]:
+        raise ValueError(f"epoch {epoch} is not a checkpoint epoch; checkpoints: {CHECKPOINT_EPOCHS}")
+    prev = CHECKPOINT_EPOCHS[CHECKPOINT_EPOCHS.index(epoch) - 1]
+    return RUN.format(**wildcards) + f"/checkpoints/epoch{prev}.pt"
+
+
+def metrics_files():
+    return [RUN.format(**c) + f"/metrics/epoch{e}.parquet" for c in cells() for e in EVAL_EPOCHS]
+
+
+def training_logs():
+    return [RUN.format(**c) + f"/train_log/epoch{e}.parquet" for c in cells() for e in CHECKPOINT_EPOCHS[1:]]
+
+
+def final_outputs():
+    tables = [f"{RESULTS}/tables/{name}" for name in ("metrics.parquet", "training.parquet", "summary.parquet", "summary.md", "summary.csv")]
+    return tables + [f"{RESULTS}/figures/{name}.png" for name in FIGURES]
+
+
+def job_resources(kind):
+    """SLURM requests of a rule kind (train, evaluate, cpu) from the config."""
+    r = config["resources"].get(kind, {})
+    res = dict(mem_mb=r.get("mem_mb", 4000), runtime=r.get("runtime", 60), cpus_per_task=r.get("cpus", 1))
+    if r.get("gpu", 0):
+        res["gpu"] = r["gpu"]
+        if config["resources"].get("gpu_model"):
+            res["gpu_model"] = config["resources"]["gpu_model"]
+    return res

@@ -1,0 +1,20 @@
+rule evaluate:
+    input:
+        data=f"{RESULTS}/data/{{dataset}}.pt",
+        checkpoint=RUN + "/checkpoints/epoch{epoch}.pt",
+    output:
+        features=(
+            RUN + "/features/epoch{epoch}.pt"
+            if config["evaluation"]["keep_features"]
+            else temp(RUN + "/features/epoch{epoch}.pt")
+        ),
+    log:
+        RUN + "/logs/evaluate_epoch{epoch}.log",
+    params:
+        config=config,
+        cell=cell_of,
+    threads: config["threads"]
+    resources:
+        **job_resources("evaluate"),
+    script:
+        "../scripts/evaluate.py"

@@ -1,0 +1,15 @@
+rule figures:
+    input:
+        metrics=f"{RESULTS}/tables/metrics.parquet",
+        training=f"{RESULTS}/tables/training.parquet",
+    output:
+        **{
+            name: report(f"{RESULTS}/figures/{name}.png", caption=f"../report/{name}.rst", category="Figures")
+            for name in FIGURES
+        },
+    log:
+        f"{RESULTS}/logs/figures.log",
+    resources:
+        **job_resources("cpu"),
+    script:
+        "../scripts/figures.py"

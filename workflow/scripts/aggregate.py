@@ -1,0 +1,6 @@
+from ncrobust.io import job_log
+from ncrobust.pipeline import aggregate
+
+with job_log(snakemake.log[0]):
+    out = snakemake.output
+    aggregate(snakemake.input.metrics, snakemake.input.training, out.metrics, out.training, out.summary, out.summary_md, out.summary_csv)
