@@ -1,0 +1,217 @@
+"""Model registry and the tapped-network contract (see ncrobust/models/base.py).
+
+Every registered model is checked on a batch of two 32x32 RGB images: logits, taps, penultimate
+features and the classifier must agree with each other. Parameter counts are checked against the
+reference implementations named in each test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ncrobust.models import TappedNet, create_model, list_models
+
+MEAN3, STD3 = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+
+
+def build(name: str, *, num_classes: int = 10, in_chans: int = 3, image_size: int = 32, **kwargs) -> nn.Module:
+    return create_model(
+        name,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        image_size=image_size,
+        mean=[0.5] * in_chans,
+        std=[0.25] * in_chans,
+        **kwargs,
+    )
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def forward_cache():
+    """One eval-mode model and its three forward passes per registered name (built once)."""
+    cache: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in cache:
+            torch.manual_seed(0)
+            model = create_model(name, num_classes=10, in_chans=3, image_size=32, mean=MEAN3, std=STD3).eval()
+            x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+            with torch.no_grad():
+                logits = model(x)
+                logits_t, taps = model(x, taps=True)
+                feats = model.features(x)
+            cache[name] = (model, x, logits, logits_t, taps, feats)
+        return cache[name]
+
+    return get
+
+
+def test_registry_names():
+    names = list_models()
+    for name in ("mlp", "convnet", "preact_resnet18", "vgg11_bn", "wide_resnet", "wrn28_10", "wrn34_10"):
+        assert name in names
+    with pytest.raises(ValueError, match="unknown model 'resnet1000'"):
+        build("resnet1000")
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_contract(name, forward_cache):
+    model, x, logits, logits_t, taps, feats = forward_cache(name)
+    assert isinstance(model, TappedNet)
+    assert logits.shape == (2, 10) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+    # model(x, taps=True) gives the same logits as model(x)
+    torch.testing.assert_close(logits_t, logits, rtol=0, atol=0)
+    # taps: ordered like tap_names, "penultimate" last, each batch-first and finite
+    assert list(taps) == model.tap_names
+    assert list(taps)[-1] == "penultimate"
+    assert len(taps) >= 2
+    for tap_name, act in taps.items():
+        assert tap_name.isidentifier(), tap_name
+        assert act.shape[0] == 2, (tap_name, act.shape)
+        assert torch.isfinite(act).all(), tap_name
+    penultimate = taps["penultimate"]
+    assert penultimate.ndim == 2
+    # the penultimate features, fed to the classifier, give the logits; features() gives them too
+    torch.testing.assert_close(model.classifier(penultimate), logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(feats, penultimate, rtol=0, atol=0)
+    # classifier is the last nn.Linear
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears[-1] is model.classifier
+    assert model.classifier.in_features == penultimate.shape[1]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_input_gradient_and_normalisation(name, forward_cache):
+    """Attacks need d(loss)/d(input) in pixel space; normalisation is the first layer."""
+    model = forward_cache(name)[0]
+    x = forward_cache(name)[1].clone().requires_grad_(True)
+    loss = nn.functional.cross_entropy(model(x), torch.tensor([0, 1]))
+    (grad,) = torch.autograd.grad(loss, x)
+    assert grad.shape == x.shape and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    torch.testing.assert_close(model.normalize.mean.flatten(), torch.tensor(MEAN3))
+    torch.testing.assert_close(model.normalize.std.flatten(), torch.tensor(STD3))
+
+
+def test_preact_resnet18_parameters():
+    # Su et al. (github.com/JingtongSu/robust_neural_collapse, preactresnet.py) = Rice et al.
+    # (locuslab/robust_overfitting) PreActResNet18 with the final BatchNorm2d(512): 11,172,170.
+    # kuangliu/pytorch-cifar's PreActResNet18 has no final BatchNorm: 11,171,146 = 11,172,170 - 2 * 512.
+    model = build("preact_resnet18")
+    assert model.variant == "cifar"
+    assert n_params(model) == 11_172_170
+    assert n_params(model) - 2 * 512 == 11_171_146
+    # Su et al.'s preactresnet_imagenet.py (7x7/2 stem + max-pool), used for 160 px ImageNette.
+    model = build("preact_resnet18", image_size=160)
+    assert model.variant == "imagenet"
+    assert n_params(model) == 11_179_850
+    assert n_params(build("preact_resnet18", image_size=160, variant="cifar")) == 11_172_170
+    assert n_params(build("preact_resnet18", num_classes=100)) == 11_172_170 + 90 * 513
+
+
+def test_vgg11_bn_parameters():
+    # kuangliu/pytorch-cifar VGG('VGG11') (conv bias, BatchNorm, one Linear(512, 10)): 9,231,114;
+    # Su et al.'s vgg11_bn (CIFAR) and vgg11_bn_pool (ImageNette) differ from it only in pooling.
+    assert n_params(build("vgg11_bn")) == 9_231_114
+    assert n_params(build("vgg11_bn", image_size=160)) == 9_231_114
+    assert n_params(build("vgg11_bn", num_classes=100)) == 9_231_114 + 90 * 513
+
+
+def test_wide_resnet_parameters():
+    # RobustBench / TRADES WideResNet(depth, num_classes=10, widen_factor=10, sub_block1=False)
+    # (TRADES's models/wideresnet.py also builds an unused sub_block1; it is not counted here).
+    assert n_params(build("wrn28_10")) == 36_479_194
+    assert n_params(build("wrn34_10")) == 46_160_474
+    assert n_params(build("wide_resnet", depth=34, widen_factor=10)) == 46_160_474
+    small = build("wide_resnet", depth=10, widen_factor=1)
+    assert small.tap_names == ["stage1_block1", "stage2_block1", "stage3_block1", "penultimate"]
+
+
+def test_tap_names():
+    assert build("preact_resnet18").tap_names == [
+        *(f"stage{s}_block{b}" for s in (1, 2, 3, 4) for b in (1, 2)),
+        "penultimate",
+    ]
+    assert build("vgg11_bn").tap_names == ["block1", "block2", "block3", "block4", "block5", "penultimate"]
+    assert build("wrn28_10").tap_names == [
+        *(f"stage{s}_block{b}" for s in (1, 2, 3) for b in (1, 2, 3, 4)),
+        "penultimate",
+    ]
+    assert len(build("wrn34_10").tap_names) == 3 * 5 + 1
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, last_map",
+    [
+        ("preact_resnet18", {}, (512, 5, 5)),  # imagenet variant: 160 / 32
+        ("vgg11_bn", {}, (512, 5, 5)),  # imagenet variant: five max-pools
+        ("preact_resnet18", {"variant": "cifar", "width": 8}, (64, 20, 20)),  # the CIFAR net at 160 px
+    ],
+)
+def test_160px(name, kwargs, last_map):
+    torch.manual_seed(0)
+    model = build(name, image_size=160, **kwargs).eval()
+    with torch.no_grad():
+        logits, taps = model(torch.rand(2, 3, 160, 160), taps=True)
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    assert tuple(list(taps.values())[-2].shape[1:]) == last_map
+    assert taps["penultimate"].shape == (2, last_map[0])
+
+
+@pytest.mark.parametrize("name", ["preact_resnet18", "vgg11_bn", "wide_resnet"])
+def test_grayscale_28px_100_classes(name):
+    kwargs = {"depth": 10, "widen_factor": 1} if name == "wide_resnet" else {}
+    model = build(name, num_classes=100, in_chans=1, image_size=28, **kwargs).eval()
+    with torch.no_grad():
+        logits, taps = model(torch.rand(3, 1, 28, 28), taps=True)
+    assert logits.shape == (3, 100)
+    assert getattr(model, "variant", "cifar") == "cifar"
+
+
+def test_vgg_shapes_32px():
+    model = build("vgg11_bn").eval()
+    with torch.no_grad():
+        _, taps = model(torch.rand(2, 3, 32, 32), taps=True)
+    shapes = {k: tuple(v.shape[1:]) for k, v in taps.items()}
+    # Su et al.'s CIFAR VGG: four max-pools, the last block unpooled (2x2), then average pooling
+    assert shapes == {
+        "block1": (64, 16, 16),
+        "block2": (128, 8, 8),
+        "block3": (256, 4, 4),
+        "block4": (512, 2, 2),
+        "block5": (512, 2, 2),
+        "penultimate": (512,),
+    }
+
+
+def test_train_mode_taps_consistent():
+    torch.manual_seed(0)
+    model = build("preact_resnet18", width=8).train()
+    x = torch.rand(4, 3, 32, 32)
+    logits, taps = model(x, taps=True)
+    torch.testing.assert_close(model.classifier(taps["penultimate"]), logits)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, message",
+    [
+        ("vgg11_bn", {"image_size": 8}, "needs image_size >= 16"),
+        ("vgg11_bn", {"image_size": 16, "variant": "imagenet"}, "needs image_size >= 32"),
+        ("vgg11_bn", {"cfg": [[8]]}, "fixed configuration"),
+        ("preact_resnet18", {"variant": "tiny"}, "variant must be one of auto, cifar, imagenet"),
+        ("preact_resnet18", {"width": 0}, "positive"),
+        ("wide_resnet", {"depth": 30}, "6n \\+ 4"),
+        ("wide_resnet", {"widen_factor": 0}, "widen_factor"),
+        ("wide_resnet", {"dropout": 1.0}, "dropout"),
+        ("wrn28_10", {"depth": 34}, "wrn28_10 fixes depth"),
+    ],
+)
+def test_bad_options(name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build(name, **kwargs)
