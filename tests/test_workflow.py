@@ -1,0 +1,104 @@
+"""End to end: Snakemake on the tiny config in a temporary directory."""
+
+import re
+
+import pandas as pd
+import pytest
+
+from ncrobust.tables import METRIC_COLUMNS
+from workflow_helpers import run_snakemake, write_tiny_config
+
+pytestmark = pytest.mark.slow
+
+CELL = "results/runs/digits/mlp/ce/pgd-linf/seed1"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tiny")
+    config = write_tiny_config(workdir)
+    run_snakemake(workdir, configfile=config)
+    return workdir, config
+
+
+def test_every_table_and_figure_is_made(tiny_run):
+    workdir, _ = tiny_run
+    for name in ("metrics.parquet", "training.parquet", "summary.parquet", "summary.md", "summary.csv"):
+        assert (workdir / "results/tables" / name).stat().st_size > 0
+    for name in ("nc_vs_epoch", "accuracy"):
+        assert (workdir / f"results/figures/{name}.png").stat().st_size > 10_000
+
+
+def test_metrics_table_covers_the_grid(tiny_run):
+    workdir, _ = tiny_run
+    m = pd.read_parquet(workdir / "results/tables/metrics.parquet")
+    assert list(m.columns) == METRIC_COLUMNS
+    assert set(m["adversary"]) == {"st", "pgd-linf"}
+    assert set(m["epoch"]) == {0, 2, 4}
+    assert set(m["split"]) == {"train", "test"}
+    assert set(m["perturbation"]) == {"clean", "pgd", "pgd-targeted", "gaussian", "sign"}
+    assert set(m["layer"]) == {"penultimate", "layer1"}
+    assert m["value"].notna().all()
+    pen = m[m["layer"] == "penultimate"]
+    per_key = pen.groupby(["adversary", "epoch", "split", "perturbation"])["metric"].apply(set)
+    for (adv, epoch, split, pert), names in per_key.items():
+        assert {"accuracy", "nc1", "nc2_equinorm_M", "nc2_equiangle_W", "nc3", "nc4", "ncc_accuracy"} <= names
+        if pert != "clean":
+            assert {"ncc_accuracy_clean_means", "alignment_angle", "leap_rate"} <= names
+    # accuracies are shares, and PGD hurts the standard network at the final epoch
+    acc = pen[pen["metric"] == "accuracy"]
+    assert acc["value"].between(0, 1).all()
+    final = pen[(pen["epoch"] == 4) & (pen["split"] == "train") & (pen["adversary"] == "st") & (pen["metric"] == "accuracy")]
+    by_pert = final.set_index("perturbation")["value"]
+    assert by_pert["pgd"] < by_pert["clean"] - 0.1
+    # the leap matrix of every perturbed set is row-stochastic
+    leap = pen[pen["metric"].str.startswith("leap[")].copy()
+    leap["row"] = leap["metric"].map(lambda s: int(re.match(r"leap\[(\d+),", s).group(1)))
+    sums = leap.groupby(["adversary", "epoch", "split", "perturbation", "row"])["value"].sum()
+    assert sums.to_numpy() == pytest.approx(1.0)
+
+
+def test_training_table_has_one_row_per_epoch(tiny_run):
+    workdir, _ = tiny_run
+    t = pd.read_parquet(workdir / "results/tables/training.parquet")
+    assert sorted(t[t["adversary"] == "st"]["epoch"]) == [1, 2, 3, 4]
+    assert t["loss_value"].notna().all() and t["seconds"].gt(0).all()
+
+
+def test_summary_has_one_row_per_cell_group(tiny_run):
+    workdir, _ = tiny_run
+    s = pd.read_parquet(workdir / "results/tables/summary.parquet")
+    assert len(s) == 2 and set(s["epoch"]) == {4}
+    md = (workdir / "results/tables/summary.md").read_text()
+    assert md.startswith("| dataset | model | loss | adversary |") and "pgd-linf" in md
+
+
+def test_features_are_temporary_and_every_job_has_a_log(tiny_run):
+    workdir, _ = tiny_run
+    assert not list((workdir / CELL).glob("features/*.pt"))
+    logs = sorted(p.name for p in (workdir / CELL / "logs").iterdir())
+    assert "train_epoch2.log" in logs and "evaluate_epoch4.log" in logs and "metrics_epoch0.log" in logs
+
+
+def test_a_finished_workflow_has_nothing_to_do(tiny_run):
+    workdir, config = tiny_run
+    proc = run_snakemake(workdir, "-n", configfile=config)
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_one_cell_target_lists_only_that_cells_jobs(tmp_path):
+    config = write_tiny_config(tmp_path)
+    proc = run_snakemake(tmp_path, "-n", f"{CELL}/metrics/epoch4.parquet", configfile=config)
+    out = proc.stdout
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M))
+    assert counts == {"prepare_data": "1", "init_model": "1", "train": "2", "evaluate": "1", "metrics": "1", "total": "6"}
+    assert "/st/" not in out
+
+
+def test_rerunning_a_cell_by_its_file(tiny_run):
+    workdir, config = tiny_run
+    target = workdir / CELL / "metrics/epoch4.parquet"
+    before = pd.read_parquet(target)
+    target.unlink()
+    run_snakemake(workdir, str(target.relative_to(workdir)), configfile=config)
+    pd.testing.assert_frame_equal(pd.read_parquet(target), before)
