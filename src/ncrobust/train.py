@@ -76,6 +76,7 @@ class Recipe:
     trades_beta: float = 6.0
     log_test_accuracy: bool = True
     autocast_dtype: torch.dtype | None = None
+    compile: bool = False
 
     def iterations_per_epoch(self, n: int) -> int:
         return math.ceil(n / self.batch_size)
@@ -148,6 +149,7 @@ def train_segment(
     optimizer.load_state_dict(checkpoint["optimizer"])
     torch.set_rng_state(checkpoint["rng"])
     kind = adversary_kind(recipe.adversary)
+    net = torch.compile(model) if recipe.compile else model  # same parameters; state comes from `model`
     n = len(x_train)
     per_epoch = recipe.iterations_per_epoch(n)
     total = per_epoch * recipe.epochs
@@ -173,25 +175,25 @@ def train_segment(
             xb, yb = x_train[idx], y_train[idx]
             with _autocast(xb, recipe.autocast_dtype):
                 if kind == "st":
-                    logits = model(xb)
+                    logits = net(xb)
                     loss = recipe.loss(logits, yb)
                     clean_logits, robust_logits = logits, None
                 elif kind == "pgd":
                     x_adv = pgd(
-                        model, xb, yb, norm=t.norm, eps=t.eps, step_size=t.step_size, steps=t.steps,
+                        net, xb, yb, norm=t.norm, eps=t.eps, step_size=t.step_size, steps=t.steps,
                         loss=recipe.loss, generator=gen, train_mode=True,
                     )
-                    robust_logits = model(x_adv)
+                    robust_logits = net(x_adv)
                     loss = recipe.loss(robust_logits, yb)
                     with torch.no_grad():
                         model.eval()
-                        clean_logits = model(xb)
+                        clean_logits = net(xb)
                         model.train()
                 else:  # trades
-                    x_adv = trades_kl(model, xb, norm=t.norm, eps=t.eps, step_size=t.step_size, steps=t.steps, generator=gen)
+                    x_adv = trades_kl(net, xb, norm=t.norm, eps=t.eps, step_size=t.step_size, steps=t.steps, generator=gen)
                     model.train()
-                    clean_logits = model(xb)
-                    robust_logits = model(x_adv)
+                    clean_logits = net(xb)
+                    robust_logits = net(x_adv)
                     kl = F.kl_div(
                         F.log_softmax(robust_logits.float(), 1), F.softmax(clean_logits.float(), 1), reduction="batchmean"
                     )
