@@ -1,0 +1,566 @@
+"""Tests of ncrobust.collapse: closed forms on a simplex ETF, a dense float64 reference written
+here with loops, streaming == dense, scikit-learn's NearestCentroid, and bad input."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import NearestCentroid
+
+from ncrobust import collapse
+from ncrobust.collapse import (
+    LayerStats,
+    alignment,
+    class_means,
+    leap,
+    nc_metrics,
+    ncc_predict,
+    perturbation_metrics,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+WITHIN_KEYS = ("nc1", "nc1_trace_ratio", "cdnv", "ncc_accuracy")
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------
+
+
+def simplex_etf(C: int, d: int, *, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """[C, d] centred means forming a simplex ETF of norm ``scale``, randomly rotated into R^d."""
+    E = math.sqrt(C / (C - 1)) * (np.eye(C) - np.ones((C, C)) / C)  # unit rows, cos = -1/(C-1)
+    P, _ = np.linalg.qr(rng.standard_normal((d, C)))  # orthonormal columns: [d, C]
+    return scale * E @ P.T
+
+
+def random_problem(C: int, d: int, *, balanced: bool, seed: int):
+    """Features with class structure, a global offset and (im)balanced classes (all present)."""
+    rng = np.random.default_rng(seed)
+    if balanced:
+        counts = np.full(C, 6)
+    else:
+        counts = 1 + np.floor(25 * rng.random(C) ** 3).astype(int)
+    y = np.repeat(np.arange(C), counts)
+    rng.shuffle(y)
+    mus = 1.5 * rng.standard_normal((C, d)) + 3.0  # uncentred means with a common offset
+    H = mus[y] + rng.standard_normal((len(y), d)) * rng.uniform(0.5, 2.0, size=d)
+    W = rng.standard_normal((C, d))
+    b = rng.standard_normal(C)
+    return H, y, W, b
+
+
+def reference_metrics(H, y, C, W=None, logits=None) -> dict[str, float]:
+    """Straightforward dense float64 NC metrics (loops, explicit d x d matrices)."""
+    H = np.asarray(H, dtype=np.float64)
+    N, d = H.shape
+    mus = np.stack([H[y == c].mean(axis=0) for c in range(C)])
+    mu_G = H.mean(axis=0)
+    Mc = mus - mu_G
+    Sw = np.zeros((d, d))
+    for c in range(C):
+        D = H[y == c] - mus[c]
+        Sw += D.T @ D
+    Sw /= N
+    Sb = np.zeros((d, d))
+    for c in range(C):
+        Sb += np.outer(Mc[c], Mc[c])
+    Sb /= C
+    evals, evecs = np.linalg.eigh(Sb)
+    k = min(d, C - 1)
+    top = np.argsort(evals)[::-1][:k]
+    Sb_pinv = evecs[:, top] @ np.diag(1.0 / evals[top]) @ evecs[:, top].T
+    out = {
+        "nc1": np.trace(Sw @ Sb_pinv) / C,
+        "nc1_trace_ratio": np.trace(Sw) / np.trace(Sb),
+    }
+    var = [np.mean(np.sum((H[y == c] - mus[c]) ** 2, axis=1)) for c in range(C)]
+    pairs = []
+    for c in range(C):
+        for c2 in range(c + 1, C):
+            pairs.append((var[c] + var[c2]) / (2 * np.sum((mus[c] - mus[c2]) ** 2)))
+    out["cdnv"] = float(np.mean(pairs))
+
+    def equinorm(V):
+        n = np.linalg.norm(V, axis=1)
+        return np.std(n, ddof=1) / np.mean(n)
+
+    def equiangle(V):
+        vals = []
+        for c in range(C):
+            for c2 in range(C):
+                if c != c2:
+                    cos = V[c] @ V[c2] / (np.linalg.norm(V[c]) * np.linalg.norm(V[c2]))
+                    vals.append(abs(cos + 1 / (C - 1)))
+        return float(np.mean(vals))
+
+    out["nc2_equinorm_M"] = equinorm(Mc)
+    out["nc2_equiangle_M"] = equiangle(Mc)
+    ncc = np.array([np.argmin([np.linalg.norm(h - m) for m in mus]) for h in H])
+    out["ncc_accuracy"] = float(np.mean(ncc == y))
+    if W is not None:
+        W = np.asarray(W, dtype=np.float64)
+        out["nc2_equinorm_W"] = equinorm(W)
+        out["nc2_equiangle_W"] = equiangle(W)
+        out["nc3"] = np.linalg.norm(W / np.linalg.norm(W) - Mc / np.linalg.norm(Mc)) ** 2
+    if logits is not None:
+        pred = np.asarray(logits).argmax(axis=1)
+        out["accuracy"] = float(np.mean(pred == y))
+        out["nc4"] = 1.0 - float(np.mean(pred == ncc))
+    return out
+
+
+def assert_close(got: dict, want: dict, rtol: float = 1e-8, atol: float = 0.0) -> None:
+    assert set(want) <= set(got), sorted(set(want) - set(got))
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=rtol, abs=atol), key
+
+
+def stream(H, y, C, batch, *, ref_means=None) -> dict[str, float]:
+    stats = LayerStats(C, ref_means=ref_means)
+    for s in range(0, len(y), batch):
+        stats.accumulate_means(H[s : s + batch], y[s : s + batch])
+    stats.finish_means()
+    for s in range(0, len(y), batch):
+        stats.accumulate_scatter(H[s : s + batch], y[s : s + batch])
+    return stats.compute()
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Force many row blocks inside each call, so that the blocking itself is exercised."""
+    monkeypatch.setattr(collapse, "_BLOCK_BYTES", 8)
+    monkeypatch.setattr(collapse, "_MIN_BLOCK_ROWS", 3)
+
+
+# ------------------------------------------------------------------------------------------
+# closed forms on a simplex ETF
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("C,d", [(2, 3), (5, 8), (10, 10)])
+def test_perfect_simplex_etf_is_fully_collapsed(C, d):
+    rng = np.random.default_rng(C)
+    Mc = simplex_etf(C, d, scale=3.0, rng=rng)
+    mu_G = rng.standard_normal(d)  # an arbitrary global mean
+    y = np.repeat(np.arange(C), 4)
+    H = mu_G + Mc[y]  # every sample exactly at its class mean
+    W = 2.5 * Mc  # classifier = centred means up to scale
+    b = -W @ mu_G  # so that the logits are W (h - mu_G)
+    m = nc_metrics(torch.from_numpy(H), torch.from_numpy(y), weight=W, bias=b)
+    for key in ("nc1", "nc1_trace_ratio", "cdnv", "nc2_equinorm_M", "nc2_equiangle_M",
+                "nc2_equinorm_W", "nc2_equiangle_W", "nc3", "nc4"):
+        assert abs(m[key]) < 1e-9, (key, m[key])
+    assert m["ncc_accuracy"] == 1.0
+    assert m["accuracy"] == 1.0
+    logits = (H - mu_G) @ W.T
+    m2 = nc_metrics(H, y, num_classes=C, weight=W, logits=logits)
+    assert m2["accuracy"] == 1.0 and abs(m2["nc4"]) < 1e-9
+    s = stream(H, y, C, batch=3)
+    for key in ("nc1", "nc1_trace_ratio", "cdnv"):
+        assert abs(s[key]) < 1e-9, key
+    assert s["ncc_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("C,d", [(3, 4), (5, 8), (10, 16)])
+def test_isotropic_noise_on_etf_matches_closed_form(C, d):
+    """Samples mu_c +- sigma sqrt(d) q_j (q_j orthonormal): class means unchanged and
+    Sigma_W = sigma^2 I exactly, so with ETF means of norm a (Sigma_B eigenvalues a^2/(C-1)):
+    nc1 = sigma^2 (C-1)^2 / (C a^2), tr ratio = d sigma^2 / a^2, cdnv = d sigma^2 (C-1) / (2 a^2 C)."""
+    rng = np.random.default_rng(100 + C)
+    a, sigma = 2.0, 0.05
+    Mc = simplex_etf(C, d, scale=a, rng=rng)
+    mu_G = rng.standard_normal(d)
+    Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    offsets = sigma * math.sqrt(d) * np.concatenate([Q.T, -Q.T])  # [2d, d], covariance sigma^2 I
+    H = np.concatenate([mu_G + Mc[c] + offsets for c in range(C)])
+    y = np.repeat(np.arange(C), 2 * d)
+    perm = rng.permutation(len(y))
+    H, y = H[perm], y[perm]
+    W = Mc.copy()
+    m = nc_metrics(H, y, num_classes=C, weight=W, logits=(H - mu_G) @ W.T)
+    want = {
+        "nc1": sigma**2 * (C - 1) ** 2 / (C * a**2),
+        "nc1_trace_ratio": d * sigma**2 / a**2,
+        "cdnv": d * sigma**2 * (C - 1) / (2 * a**2 * C),
+    }
+    assert_close(m, want, rtol=1e-9)
+    for key in ("nc2_equinorm_M", "nc2_equiangle_M", "nc2_equinorm_W", "nc2_equiangle_W", "nc3", "nc4"):
+        assert abs(m[key]) < 1e-9, key
+    assert m["ncc_accuracy"] == 1.0 and m["accuracy"] == 1.0
+    assert_close(stream(H, y, C, batch=5), want, rtol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------
+# agreement with the dense reference
+# ------------------------------------------------------------------------------------------
+
+SHAPES = [(2, 1), (2, 6), (10, 4), (10, 32), (100, 30), (100, 150)]
+
+
+@pytest.mark.parametrize("balanced", [True, False], ids=["balanced", "imbalanced"])
+@pytest.mark.parametrize("C,d", SHAPES, ids=[f"C{c}-d{d}" for c, d in SHAPES])
+def test_matches_dense_reference(C, d, balanced):
+    H, y, W, b = random_problem(C, d, balanced=balanced, seed=C * 1000 + d)
+    logits = H @ W.T + b
+    got = nc_metrics(torch.from_numpy(H), torch.from_numpy(y), num_classes=C, weight=W, logits=logits)
+    want = reference_metrics(H, y, C, W=W, logits=logits)
+    assert set(got) == set(want)
+    assert_close(got, want, atol=1e-12)  # atol: C = 2 balanced has nc2_*_M exactly 0
+    # weight + bias without logits recomputes the same logits
+    got_b = nc_metrics(H, y, num_classes=C, weight=W, bias=b)
+    assert got_b["accuracy"] == want["accuracy"] and got_b["nc4"] == pytest.approx(want["nc4"], abs=1e-12)
+
+
+def test_blocking_does_not_change_results(small_blocks):
+    H, y, W, b = random_problem(10, 12, balanced=False, seed=7)
+    logits = H @ W.T + b
+    assert_close(nc_metrics(H, y, num_classes=10, weight=W, logits=logits), reference_metrics(H, y, 10, W=W, logits=logits))
+    M, _ = class_means(H, y, 10)
+    np.testing.assert_array_equal(ncc_predict(H, M).numpy(), np.argmin(((H[:, None] - M.numpy()[None]) ** 2).sum(-1), 1))
+
+
+def test_low_precision_inputs_are_accumulated_in_float64():
+    H, y, W, _ = random_problem(10, 16, balanced=False, seed=3)
+    H16 = torch.from_numpy(H).half()
+    got = nc_metrics(H16, torch.from_numpy(y))
+    assert_close(got, reference_metrics(H16.double().numpy(), y, 10))
+    got32 = nc_metrics(H16.float(), y)
+    assert_close(got32, got, rtol=1e-12)
+
+
+def test_class_means():
+    H, y, _, _ = random_problem(10, 5, balanced=False, seed=11)
+    M, counts = class_means(H, y, 10)
+    assert M.dtype == torch.float64 and counts.dtype == torch.int64
+    np.testing.assert_array_equal(counts.numpy(), np.bincount(y, minlength=10))
+    np.testing.assert_allclose(M.numpy(), np.stack([H[y == c].mean(0) for c in range(10)]), rtol=1e-13, atol=1e-13)
+
+
+def test_rank_is_capped_by_dimension_when_d_below_c_minus_1():
+    """d < C-1: Sigma_B has rank d, and nc1 uses all d directions (no 1/0 from the missing ones)."""
+    H, y, _, _ = random_problem(10, 3, balanced=True, seed=5)
+    g = collapse._Geometry(*class_means(H, y, 10))
+    assert g.r == 3 and g.U.shape == (3, 3)
+    assert math.isfinite(nc_metrics(H, y)["nc1"])
+
+
+def test_rank_deficient_means_drop_zero_eigenvalues():
+    """Class means in a 2-D plane (rank 2 < C-1 = 3): the numerically zero eigenvalue of Sigma_B
+    is dropped, so nc1 = sigma^2 tr(Sigma_B^+) / C with the pseudo-inverse on the plane."""
+    rng = np.random.default_rng(6)
+    C, d, sigma = 4, 5, 0.1
+    P, _ = np.linalg.qr(rng.standard_normal((d, 2)))
+    mus = rng.standard_normal((C, 2)) @ P.T + rng.standard_normal(d)  # affine plane
+    Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    offsets = sigma * math.sqrt(d) * np.concatenate([Q.T, -Q.T])  # Sigma_W = sigma^2 I
+    H = np.concatenate([mus[c] + offsets for c in range(C)])
+    y = np.repeat(np.arange(C), 2 * d)
+    Mc = mus - mus.mean(0)
+    Sb = Mc.T @ Mc / C
+    assert np.linalg.matrix_rank(Sb) == 2
+    want = sigma**2 * np.trace(np.linalg.pinv(Sb, rcond=1e-10, hermitian=True)) / C
+    assert nc_metrics(H, y)["nc1"] == pytest.approx(want, rel=1e-9)
+    assert stream(H, y, C, batch=7)["nc1"] == pytest.approx(want, rel=1e-9)
+
+
+def test_coincident_means_give_inf_or_nan_not_an_error():
+    """A dead layer (all features equal) must not stop the workflow."""
+    H = np.ones((20, 4))
+    y = np.arange(20) % 4
+    m = nc_metrics(H, y)
+    assert math.isnan(m["nc1"]) and math.isnan(m["nc1_trace_ratio"])
+
+
+# ------------------------------------------------------------------------------------------
+# streaming accumulator
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", [1, 7, None], ids=["b1", "b7", "bN"])
+@pytest.mark.parametrize("C,d", [(2, 3), (10, 6), (10, 24), (30, 12)])
+def test_layerstats_equals_dense(C, d, batch):
+    H, y, _, _ = random_problem(C, d, balanced=False, seed=C + d)
+    batch = batch or len(y)
+    dense = nc_metrics(H, y, num_classes=C)
+    got = stream(torch.from_numpy(H), torch.from_numpy(y), C, batch)
+    assert set(got) == set(WITHIN_KEYS)
+    assert_close(got, {k: dense[k] for k in WITHIN_KEYS})
+
+    # a perturbed set classified by the clean means
+    rng = np.random.default_rng(0)
+    H_pert = H + 0.7 * rng.standard_normal(H.shape)
+    clean = LayerStats(C)
+    clean.accumulate_means(H, y)
+    clean.finish_means()
+    got_p = stream(H_pert, y, C, batch, ref_means=clean.means)
+    dense_p = nc_metrics(H_pert, y, num_classes=C)
+    assert_close(got_p, {k: dense_p[k] for k in WITHIN_KEYS})
+    pert = perturbation_metrics(H, y, H_pert, y, num_classes=C)
+    assert got_p["ncc_accuracy_clean_means"] == pert["ncc_accuracy_clean_means"]
+    assert pert["ncc_accuracy_clean_means"] == float(np.mean(ncc_predict(H_pert, clean.means).numpy() == y))
+
+
+def test_layerstats_flattens_batches_and_blocks(small_blocks):
+    C = 4
+    rng = np.random.default_rng(1)
+    y = np.arange(60) % C
+    h = rng.standard_normal((60, 2, 3, 2)) + y[:, None, None, None]
+    dense = nc_metrics(h.reshape(60, -1), y)
+    got = stream(torch.from_numpy(h).float(), torch.from_numpy(y), C, batch=13)
+    dense32 = nc_metrics(torch.from_numpy(h).float().reshape(60, -1), y)
+    assert_close(got, {k: dense32[k] for k in WITHIN_KEYS})
+    assert got["nc1"] == pytest.approx(dense["nc1"], rel=1e-5)
+
+
+def test_layerstats_misuse_raises():
+    stats = LayerStats(3)
+    with pytest.raises(ValueError, match="before any accumulate_means"):
+        stats.finish_means()
+    with pytest.raises(ValueError, match="before finish_means"):
+        stats.accumulate_scatter(np.zeros((2, 4)), np.array([0, 1]))
+    with pytest.raises(ValueError, match="only after finish_means"):
+        stats.means
+    stats.accumulate_means(np.eye(3), np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="earlier batches had d=3"):
+        stats.accumulate_means(np.eye(4), np.array([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match="non-finite"):
+        stats.accumulate_means(np.array([[0.0, np.nan, 0.0]]), np.array([1]))
+    stats.finish_means()
+    with pytest.raises(ValueError, match="after finish_means"):
+        stats.accumulate_means(np.eye(3), np.array([0, 1, 2]))
+    stats.accumulate_scatter(np.eye(3)[:2], np.array([0, 1]))
+    with pytest.raises(ValueError, match="same samples"):
+        stats.compute()
+    with pytest.raises(ValueError, match="no sample"):
+        empty = LayerStats(3)
+        empty.accumulate_means(np.eye(2), np.array([0, 1]))
+        empty.finish_means()
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        LayerStats(1)
+    with pytest.raises(ValueError, match="num_classes must be an int"):
+        LayerStats(2.5)  # num_classes must be an int
+
+
+def test_layerstats_rejects_a_bad_batch_whole():
+    """A batch with NaN/inf raises, in either pass, and leaves the state as it was."""
+    H, y, _, _ = random_problem(5, 6, balanced=True, seed=12)
+    bad = H[:4].copy()
+    bad[3, 2] = np.inf
+    stats = LayerStats(5)
+    stats.accumulate_means(H[:10], y[:10])
+    with pytest.raises(ValueError, match="h contain non-finite.*first at row 3"):
+        stats.accumulate_means(bad, y[:4])
+    stats.accumulate_means(H[10:], y[10:])
+    stats.finish_means()
+    stats.accumulate_scatter(H[:10], y[:10])
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="h contain non-finite.*first at row 3"):
+        stats.accumulate_scatter(bad, y[:4])
+    stats.accumulate_scatter(H[10:], y[10:])
+    dense = nc_metrics(H, y)
+    assert_close(stats.compute(), {k: dense[k] for k in WITHIN_KEYS})
+    with pytest.raises(ValueError, match=r"ref_means must have shape \[3, d\]"):
+        LayerStats(3, ref_means=np.zeros((2, 5)))
+    with pytest.raises(ValueError, match="ref_means have d=5"):
+        LayerStats(3, ref_means=np.zeros((3, 5))).accumulate_means(np.eye(3), np.array([0, 1, 2]))
+
+
+# ------------------------------------------------------------------------------------------
+# NCC
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # sklearn, 1-sample classes
+@pytest.mark.parametrize("C,d", [(2, 3), (10, 20), (50, 8)])
+def test_ncc_predict_matches_sklearn_nearest_centroid(C, d):
+    H, y, _, _ = random_problem(C, d, balanced=False, seed=42 + C)
+    rng = np.random.default_rng(9)
+    queries = np.concatenate([H, H.mean(0) + 2.0 * rng.standard_normal((300, d))])
+    sk = NearestCentroid().fit(H, y)
+    M, _ = class_means(H, y, C)
+    np.testing.assert_allclose(M.numpy(), sk.centroids_, rtol=1e-12, atol=1e-12)
+    got = ncc_predict(queries, M)
+    assert got.dtype == torch.int64
+    np.testing.assert_array_equal(got.numpy(), sk.predict(queries))
+    assert nc_metrics(H, y, num_classes=C)["ncc_accuracy"] == float(np.mean(sk.predict(H) == y))
+
+
+# ------------------------------------------------------------------------------------------
+# perturbation metrics: leap and alignment
+# ------------------------------------------------------------------------------------------
+
+
+def test_leap_rows_sum_to_one_and_identity_on_collapsed_data():
+    rng = np.random.default_rng(2)
+    H, y, _, _ = random_problem(10, 12, balanced=False, seed=2)
+    M, _ = class_means(H, y, 10)
+    L = leap(M, H + rng.standard_normal(H.shape), y, 10)
+    assert L.shape == (10, 10)
+    np.testing.assert_allclose(L.sum(dim=1).numpy(), 1.0, rtol=0, atol=1e-12)
+    assert 0.0 < float(L.diagonal().mean()) < 1.0  # noisy: some samples leap
+
+    Mc = simplex_etf(6, 9, scale=1.0, rng=rng)
+    yc = np.repeat(np.arange(6), 5)
+    Hc = Mc[yc] + 4.0
+    Mcl, _ = class_means(Hc, yc, 6)
+    np.testing.assert_array_equal(leap(Mcl, Hc, yc, 6).numpy(), np.eye(6))
+
+
+def test_leap_to_the_next_vertex():
+    """Perturbed features sitting on the clean mean of y+1: the leap matrix is the cyclic shift."""
+    rng = np.random.default_rng(3)
+    C = 5
+    Mc = simplex_etf(C, 7, scale=2.0, rng=rng)
+    y = np.repeat(np.arange(C), 4)
+    H = Mc[y]
+    H_pert = Mc[(y + 1) % C] + 0.01 * rng.standard_normal(H.shape)
+    logits = np.eye(C)[(y + 1) % C]  # the network predicts y+1 on the perturbed input
+    m = perturbation_metrics(H, y, H_pert, y, num_classes=C, logits=logits)
+    assert m["ncc_accuracy_clean_means"] == 0.0 and m["leap_rate"] == 1.0
+    assert m["leap_to_prediction"] == 1.0
+    for yy in range(C):
+        for k in range(C):
+            assert m[f"leap[{yy},{k}]"] == (1.0 if k == (yy + 1) % C else 0.0)
+    # the perturbed means are the clean ones permuted: centred angle = ETF angle arccos(-1/(C-1))
+    assert m["alignment_angle"] == pytest.approx(math.degrees(math.acos(-1 / (C - 1))), abs=0.5)
+
+
+def test_alignment_identical_and_ninety_degrees():
+    rng = np.random.default_rng(4)
+    M = rng.standard_normal((5, 8))
+    mu = M.mean(0)
+    np.testing.assert_allclose(alignment(M, M, mu, mu).numpy(), 0.0, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(alignment(M, M).numpy(), 0.0, rtol=0, atol=1e-12)
+    # a 90-degree rotation in the plane
+    M2 = np.array([[math.cos(t), math.sin(t)] for t in (0.3, 0.3 + 2 * math.pi / 3, 0.3 + 4 * math.pi / 3)])
+    R = np.array([[0.0, -1.0], [1.0, 0.0]])
+    np.testing.assert_allclose(alignment(M2, M2 @ R.T, np.zeros(2), np.zeros(2)).numpy(), 90.0, rtol=0, atol=1e-12)
+    # means moved into the orthogonal complement of their span
+    Q, _ = np.linalg.qr(rng.standard_normal((10, 10)))
+    A, B = np.eye(4, 10) @ Q.T, np.eye(4, 10, k=4) @ Q.T
+    np.testing.assert_allclose(alignment(A, B).numpy(), 90.0, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(alignment(A, -A).numpy(), 180.0, rtol=0, atol=1e-12)
+    # a known angle: rotate each mean by 30 degrees within a plane containing it
+    rot = np.cos(np.radians(30)) * A + np.sin(np.radians(30)) * B
+    np.testing.assert_allclose(alignment(A, 3.0 * rot).numpy(), 30.0, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="both mu_G_clean and mu_G_pert"):
+        alignment(A, B, np.zeros(10))
+
+
+def test_perturbation_metrics_shift_and_identity():
+    H, y, _, _ = random_problem(10, 12, balanced=False, seed=8)
+    C = 10
+    same = perturbation_metrics(H, y, H, y, num_classes=C)
+    assert same["alignment_angle"] == pytest.approx(0.0, abs=1e-9)
+    assert same["alignment_angle_uncentred"] == pytest.approx(0.0, abs=1e-9)
+    assert same["mean_shift"] == 0.0
+    assert same["ncc_accuracy_clean_means"] == nc_metrics(H, y, num_classes=C)["ncc_accuracy"]
+    assert same["leap_rate"] == pytest.approx(1.0 - same["ncc_accuracy_clean_means"])
+    assert "leap_to_prediction" not in same
+    keys = {f"leap[{a},{b}]" for a in range(C) for b in range(C)} | {f"alignment_angle[{c}]" for c in range(C)}
+    assert keys <= set(same)
+    for a in range(C):
+        assert sum(same[f"leap[{a},{b}]"] for b in range(C)) == pytest.approx(1.0, abs=1e-12)
+
+    v = np.linspace(-1.0, 2.0, 12)  # translate every perturbed feature by v
+    shifted = perturbation_metrics(H, y, H + v, y, num_classes=C)
+    mus = np.stack([H[y == c].mean(0) for c in range(C)])
+    tr_B = np.sum((mus - H.mean(0)) ** 2) / C
+    assert shifted["mean_shift"] == pytest.approx(np.linalg.norm(v) / math.sqrt(tr_B), rel=1e-10)
+    for c in range(C):
+        assert shifted[f"alignment_angle[{c}]"] == pytest.approx(0.0, abs=1e-6)
+    assert shifted["alignment_angle_uncentred"] > 1.0
+    want_u = [math.degrees(math.acos(mus[c] @ (mus[c] + v) / (np.linalg.norm(mus[c]) * np.linalg.norm(mus[c] + v))))
+              for c in range(C)]
+    for c in range(C):
+        assert shifted[f"alignment_angle_uncentred[{c}]"] == pytest.approx(want_u[c], rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------
+
+_H = np.random.default_rng(0).standard_normal((8, 3))
+_Y = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+
+
+def _with(value, row=2, col=1):
+    H = _H.copy()
+    H[row, col] = value
+    return H
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(labels=np.array([0, 1, 0, 0, 1, 0, 0, 1]), num_classes=3), r"class\(es\) have no sample .*class 2"),
+        (dict(labels=np.zeros(8, dtype=int)), "at least 2 classes"),
+        (dict(labels=_Y, num_classes=1), "at least 2 classes"),
+        (dict(features=_with(np.nan)), "non-finite.*first at row 2"),
+        (dict(features=_with(np.inf, row=5)), "non-finite.*first at row 5"),
+        (dict(features=_with(-np.inf)), "non-finite"),
+        (dict(labels=np.array([0, 1, 2, 0, 1, 3, 0, 1]), num_classes=3), r"must lie in \[0, 2\].*found 3"),
+        (dict(labels=np.array([0, 1, 2, 0, 1, -1, 0, 1])), "found -1"),
+        (dict(labels=_Y[:7]), "7 entries but the features have 8 rows"),
+        (dict(labels=_Y.astype(float)), "must be integers"),
+        (dict(features=_H[:, 0]), r"shape \[N, d\]"),
+        (dict(features=np.zeros((0, 3)), labels=np.zeros(0, dtype=int)), "empty"),
+        (dict(weight=np.zeros((3, 4))), r"weight must have shape \[3, 3\]"),
+        (dict(weight=np.full((3, 3), np.nan)), "weight contains non-finite"),
+        (dict(bias=np.zeros(3)), "bias given without weight"),
+        (dict(logits=np.zeros((8, 2))), r"logits must have shape \[8, 3\]"),
+        (dict(logits=np.full((8, 3), np.nan)), "logits contain non-finite"),
+    ],
+)
+def test_nc_metrics_bad_input_raises(kwargs, match):
+    args = dict(features=_H, labels=_Y, num_classes=None)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        nc_metrics(args.pop("features"), args.pop("labels"), **args)
+
+
+def test_other_functions_bad_input_raises():
+    M = np.zeros((3, 3))
+    with pytest.raises(ValueError, match="non-finite"):
+        class_means(_with(np.nan), _Y, 3)
+    with pytest.raises(ValueError, match="no sample"):
+        class_means(_H, _Y, 4)
+    with pytest.raises(ValueError, match=r"means must have shape \[C, 3\]"):
+        ncc_predict(_H, np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="non-finite"):
+        ncc_predict(_with(np.inf), M)
+    with pytest.raises(ValueError, match="means contains non-finite"):
+        ncc_predict(_H, np.full((3, 3), np.nan))
+    with pytest.raises(ValueError, match="no sample"):
+        leap(M, _H, np.array([0, 1, 0, 0, 1, 0, 0, 1]), 3)
+    with pytest.raises(ValueError, match="features have d=2 but clean_features have d=3"):
+        perturbation_metrics(_H, _Y, _H[:, :2], _Y, num_classes=3)
+    with pytest.raises(ValueError, match="must lie in"):
+        perturbation_metrics(_H, _Y, _H, _Y + 1, num_classes=3)
+    with pytest.raises(ValueError, match="no sample in the labels of the features"):
+        perturbation_metrics(_H, _Y, _H, np.array([0, 1, 0, 0, 1, 0, 0, 1]), num_classes=3)
+    with pytest.raises(ValueError, match=r"logits must have shape \[8, 3\]"):
+        perturbation_metrics(_H, _Y, _H, _Y, num_classes=3, logits=np.zeros((8, 4)))
+    with pytest.raises(ValueError, match="alignment|shape"):
+        alignment(np.zeros((3, 3)), np.zeros((3, 4)))
+
+
+# ------------------------------------------------------------------------------------------
+# benchmark smoke run
+# ------------------------------------------------------------------------------------------
+
+
+def test_benchmark_quick_runs():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "collapse.py"), "--quick"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "baseline/ours" in proc.stdout and "peak" in proc.stdout
