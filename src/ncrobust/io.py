@@ -18,6 +18,11 @@ class CorruptFileError(RuntimeError):
     """A result file exists but cannot be read back; the message names the path and the fix."""
 
 
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
@@ -55,11 +60,11 @@ def load_torch(path: str | os.PathLike, *, map_location: str | torch.device = "c
     except pickle.UnpicklingError as err:
         raise CorruptFileError(
             f"{path}: refused to load: it holds objects other than tensors and plain containers "
-            f"({str(err).splitlines()[0]}); delete it and rerun the workflow to rebuild it"
+            f"({_first_line(err)}); delete it and rerun the workflow to rebuild it"
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         raise CorruptFileError(
-            f"{path}: unreadable or truncated ({str(err).splitlines()[0]}); "
+            f"{path}: unreadable or truncated ({_first_line(err)}); "
             "delete it and rerun the workflow to rebuild it"
         ) from err
 
@@ -79,7 +84,7 @@ def read_parquet(path: str | os.PathLike):
         return pd.read_parquet(path)
     except (pa.ArrowInvalid, OSError) as err:
         raise CorruptFileError(
-            f"{path}: unreadable Parquet ({str(err).splitlines()[0]}); delete it and rerun the workflow"
+            f"{path}: unreadable Parquet ({_first_line(err)}); delete it and rerun the workflow"
         ) from err
 
 
