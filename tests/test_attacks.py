@@ -1,0 +1,459 @@
+"""Tests of ncrobust.attacks: agreement with torchattacks, the threat-ball and [0, 1] invariants,
+restarts, targeted attacks, strength on a trained digits model, mode restoration, argument
+validation and determinism."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ncrobust import attacks
+from ncrobust.attacks import (
+    PERTURBATIONS,
+    ThreatModel,
+    gaussian,
+    perturb,
+    pgd,
+    random_sign,
+    strong_attack,
+    target_labels,
+    trades_kl,
+)
+from ncrobust.losses import get_loss
+from ncrobust.models import create_model
+
+torchattacks = pytest.importorskip("torchattacks")
+
+C = 10
+TOL = 1e-6
+
+
+def _mlp(in_chans: int = 3, seed: int = 0, width: int = 32):
+    torch.manual_seed(seed)
+    return create_model(
+        "mlp", num_classes=C, in_chans=in_chans, image_size=8, mean=[0.5] * in_chans, std=[0.25] * in_chans,
+        depth=2, width=width,
+    ).eval()
+
+
+def _batch(n: int = 32, in_chans: int = 3, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, in_chans, 8, 8, generator=g), torch.randint(0, C, (n,), generator=g)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _assert_valid(x_adv, x, *, norm=None, eps=None):
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and x_adv.device == x.device
+    assert not x_adv.requires_grad
+    assert torch.isfinite(x_adv).all()
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    d = (x_adv - x).flatten(1)
+    if norm == "linf":
+        assert d.abs().max() <= eps + TOL
+    elif norm == "l2":
+        assert torch.linalg.vector_norm(d, dim=1).max() <= eps + TOL
+
+
+EPS = {"linf": 8 / 255, "l2": 0.5}
+STEP = {"linf": 2 / 255, "l2": 0.1}
+
+
+# ---------------------------------------------------------------------------- torchattacks
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+@pytest.mark.parametrize("targeted", [False, True])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_matches_torchattacks_without_random_start(norm, targeted, in_chans):
+    # Our model normalises inside, so torchattacks gets it as is (no set_normalization_used).
+    # l_inf: identical up to float rounding of the projection. l_2: torchattacks normalises the
+    # gradient of the batch-*mean* loss with a 1e-10 guard, we the per-example gradient of the
+    # summed loss: the directions differ by ~1e-10 * N / ||g_i|| relative, invisible in float32.
+    model = _mlp(in_chans)
+    x, y = _batch(48, in_chans)
+    eps, step = EPS[norm], STEP[norm]
+    if norm == "linf":
+        ta = torchattacks.PGD(model, eps=eps, alpha=step, steps=10, random_start=False)
+    else:
+        ta = torchattacks.PGDL2(model, eps=eps, alpha=step, steps=10, random_start=False)
+    labels = y
+    if targeted:
+        ta.set_mode_targeted_by_function(lambda inputs, labels: (labels + 1) % C, quiet=True)
+        labels = target_labels(y, C)
+    expected = ta(x, y)
+    ours = pgd(model, x, labels, norm=norm, eps=eps, step_size=step, steps=10, random_start=False, targeted=targeted)
+    assert (ours - x).abs().max() > 10 * TOL  # the attack moved
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------- invariants
+
+
+def _all_attacks():
+    """(id, callable(model, x, y) -> x_adv, norm, eps) for every attack and configuration."""
+    cases = []
+    for norm in ("linf", "l2"):
+        eps, step = EPS[norm], STEP[norm]
+        kw = dict(norm=norm, eps=eps, step_size=step, steps=5)
+        cases += [
+            (f"pgd-{norm}", lambda m, x, y, kw=kw: pgd(m, x, y, generator=_gen(), **kw), norm, eps),
+            (f"pgd-{norm}-nostart", lambda m, x, y, kw=kw: pgd(m, x, y, random_start=False, **kw), norm, eps),
+            (f"pgd-{norm}-restarts", lambda m, x, y, kw=kw: pgd(m, x, y, restarts=3, generator=_gen(), **kw), norm, eps),
+            (f"pgd-{norm}-targeted", lambda m, x, y, kw=kw: pgd(m, x, target_labels(y, C), targeted=True,
+                                                               restarts=2, generator=_gen(), **kw), norm, eps),
+            (f"pgd-{norm}-train", lambda m, x, y, kw=kw: pgd(m, x, y, train_mode=True, generator=_gen(), **kw), norm, eps),
+            (f"pgd-{norm}-bigstep", lambda m, x, y, norm=norm, eps=eps: pgd(m, x, y, norm=norm, eps=eps,
+                                                                           step_size=3 * eps, steps=3, generator=_gen()), norm, eps),
+            (f"pgd-{norm}-bf16", lambda m, x, y, kw=kw: pgd(m, x, y, autocast_dtype=torch.bfloat16, generator=_gen(),
+                                                           **kw), norm, eps),
+            (f"trades-{norm}", lambda m, x, y, kw=kw: trades_kl(m, x, generator=_gen(), **kw), norm, eps),
+            (f"trades-{norm}-bigstep", lambda m, x, y, norm=norm, eps=eps: trades_kl(m, x, norm=norm, eps=eps,
+                                                                                    step_size=3 * eps, steps=2, generator=_gen()),
+             norm, eps),
+        ]
+        threat = ThreatModel(norm, eps, step, 5)
+        for name in PERTURBATIONS:
+            # gaussian noise is not norm-bounded (Su et al.); sign is an l_inf corner for either threat
+            bound_norm = {"gaussian": None, "sign": "linf"}.get(name, norm)
+            cases.append((f"perturb-{name}-{norm}",
+                          lambda m, x, y, name=name, threat=threat: perturb(name, m, x, y, threat=threat, num_classes=C,
+                                                                            generator=_gen(), batch_size=13),
+                          bound_norm, eps))
+        cases.append((f"pgd-strong-{norm}",
+                      lambda m, x, y, threat=threat: strong_attack("pgd-strong", m, x, y, threat=threat, num_classes=C,
+                                                                   seed=0), norm, eps))
+        for name in ("apgd-ce", "apgd-t"):
+            cases.append((f"{name}-{norm}",
+                          lambda m, x, y, name=name, threat=threat: strong_attack(
+                              name, m, x, y, threat=ThreatModel(threat.norm, threat.eps, threat.step_size, 1),
+                              num_classes=C, seed=0), norm, eps))
+    return cases
+
+
+ALL = _all_attacks()
+
+
+@pytest.mark.parametrize("case", ALL, ids=[c[0] for c in ALL])
+def test_output_in_unit_box_and_ball(case):
+    _, attack, norm, eps = case
+    model = _mlp(1)
+    x, y = _batch(32, 1)
+    x[:4] = 0.0  # saturated pixels exercise the [0, 1] clamp
+    x[4:8] = 1.0
+    _assert_valid(attack(model, x, y), x, norm=norm, eps=eps)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_random_noise_definitions(norm):
+    x = torch.full((16, 1, 8, 8), 0.5)
+    s = random_sign(x, eps=0.1, generator=_gen())
+    torch.testing.assert_close((s - x).abs(), torch.full_like(x, 0.1))
+    g = gaussian(x, eps=0.05, generator=_gen())
+    noise = (g - x).flatten()
+    assert abs(noise.std().item() - 0.05) < 0.01 and abs(noise.mean().item()) < 0.01
+    _assert_valid(gaussian(torch.rand(8, 1, 8, 8), eps=2.0, generator=_gen()), torch.rand(8, 1, 8, 8))
+
+
+def test_clean_and_zero_eps_return_inputs():
+    model = _mlp(1)
+    x, y = _batch(16, 1)
+    threat = ThreatModel("linf", 0.1, 0.02, 3)
+    assert torch.equal(perturb("clean", model, x, y, threat=threat, num_classes=C), x)
+    for norm in ("linf", "l2"):
+        assert torch.equal(pgd(model, x, y, norm=norm, eps=0.0, step_size=0.1, steps=3, generator=_gen()), x)
+    assert torch.equal(strong_attack("pgd-strong", model, x, y, threat=ThreatModel("l2", 0.0, 0.1, 1),
+                                     num_classes=C, seed=0), x)
+
+
+# ---------------------------------------------------------------------------- restarts, targets
+
+
+def _ce(model, x, y):
+    with torch.no_grad():
+        return F.cross_entropy(model(x), y, reduction="none")
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_restarts_keep_the_worst_case(norm):
+    model = _mlp(3)
+    x, y = _batch(64, 3)
+    kw = dict(norm=norm, eps=EPS[norm], step_size=STEP[norm], steps=3)
+    one = pgd(model, x, y, generator=_gen(5), **kw)
+    many = pgd(model, x, y, restarts=4, generator=_gen(5), **kw)
+    l1, l4 = _ce(model, one, y), _ce(model, many, y)
+    assert (l4 >= l1 - 1e-6).all()
+    assert (l4 > l1 + 1e-6).any()  # restarts found something better somewhere
+    t = target_labels(y, C)
+    one = pgd(model, x, t, targeted=True, generator=_gen(5), **kw)
+    many = pgd(model, x, t, targeted=True, restarts=4, generator=_gen(5), **kw)
+    assert (_ce(model, many, t) <= _ce(model, one, t) + 1e-6).all()
+
+
+def test_target_labels():
+    assert target_labels(torch.tensor([0, 3, 9]), 10).tolist() == [1, 4, 0]
+    with pytest.raises(ValueError):
+        target_labels(torch.tensor([10]), 10)
+
+
+@pytest.mark.parametrize("loss", ["mse", "focal", "label_smoothing"])
+def test_other_losses_are_ascended(loss):
+    model = _mlp(1)
+    x, y = _batch(32, 1)
+    fn = get_loss(loss)
+    x_adv = pgd(model, x, y, norm="linf", eps=0.1, step_size=0.02, steps=5, loss=fn, generator=_gen())
+    with torch.no_grad():
+        assert fn(model(x_adv), y) > fn(model(x), y)
+
+
+def test_trades_kl_increases_divergence():
+    model = _mlp(1)
+    x, _ = _batch(32, 1)
+    with torch.no_grad():
+        p = model(x).softmax(1)
+    for norm in ("linf", "l2"):
+        x_adv = trades_kl(model, x, norm=norm, eps=EPS[norm], step_size=STEP[norm], steps=5, generator=_gen())
+        with torch.no_grad():
+            kl = F.kl_div(model(x_adv).log_softmax(1), p, reduction="sum")
+        assert kl > 1e-3
+
+
+def test_perturb_batch_size_is_plumbing_only():
+    model = _mlp(1)
+    x, y = _batch(30, 1)
+    threat = ThreatModel("l2", 0.5, 0.1, 4)
+    chunked = perturb("pgd", model, x, y, threat=threat, num_classes=C, generator=_gen(3), batch_size=8)
+    g = _gen(3)
+    manual = torch.cat([pgd(model, x[i:i + 8], y[i:i + 8], norm="l2", eps=0.5, step_size=0.1, steps=4, generator=g)
+                        for i in range(0, 30, 8)])
+    assert torch.equal(chunked, manual)
+    over = perturb("pgd", model, x, y, threat=threat, num_classes=C, generator=_gen(3), steps=1, eps=0.05,
+                   step_size=0.2)
+    _assert_valid(over, x, norm="l2", eps=0.05)
+
+
+# ---------------------------------------------------------------------------- strength
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    datasets = pytest.importorskip("sklearn.datasets")
+    d = datasets.load_digits()
+    X = torch.tensor(d.images / 16.0, dtype=torch.float32)[:, None]
+    Y = torch.tensor(d.target)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(X), generator=g)
+    train, test = perm[:1400], perm[1400:]
+    torch.manual_seed(0)
+    model = create_model("mlp", num_classes=10, in_chans=1, image_size=8, mean=[0.3], std=[0.4], depth=2, width=64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for _ in range(30):
+        model.train()
+        order = train[torch.randperm(len(train), generator=g)]
+        for i in range(0, len(order), 64):
+            b = order[i:i + 64]
+            loss = F.cross_entropy(model(X[b]), Y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    return model, X[test], Y[test]
+
+
+def _acc(model, x, y) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def test_pgd_breaks_a_standard_model(digits_model):
+    model, x, y = digits_model
+    clean = _acc(model, x, y)
+    assert clean > 0.9
+    for norm, eps in (("linf", 0.15), ("l2", 1.0)):
+        robust = _acc(model, perturb("pgd", model, x, y, threat=ThreatModel(norm, eps, eps / 4, 10), num_classes=10,
+                                     generator=_gen()), y)
+        assert robust < clean / 2, (norm, clean, robust)
+        noisy = _acc(model, perturb("sign", model, x, y, threat=ThreatModel(norm, 0.05, 0.01, 1), num_classes=10,
+                                    generator=_gen()), y)
+        assert noisy > robust  # random noise is much weaker than PGD
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_targeted_raises_target_probability(digits_model, norm):
+    model, x, y = digits_model
+    t = target_labels(y, C)
+    eps = {"linf": 0.15, "l2": 1.0}[norm]
+    threat = ThreatModel(norm, eps, eps / 4, 10)
+    x_adv = perturb("pgd-targeted", model, x, y, threat=threat, num_classes=C, generator=_gen())
+    with torch.no_grad():
+        p_clean = model(x).softmax(1).gather(1, t[:, None]).mean()
+        p_adv = model(x_adv).softmax(1).gather(1, t[:, None]).mean()
+    assert p_adv > 2 * p_clean
+    assert (model(x_adv).argmax(1) == t).float().mean() > 0.3  # hit rate
+    untargeted = perturb("pgd", model, x, y, threat=threat, num_classes=C, generator=_gen())
+    assert _ce(model, untargeted, y).mean() > _ce(model, x, y).mean()
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
+def test_strong_attacks_no_weaker_than_pgd10(digits_model, norm, eps):
+    model, x, y = digits_model
+    threat = ThreatModel(norm, eps, eps / 4, 10)
+    pgd10 = _acc(model, perturb("pgd", model, x, y, threat=threat, num_classes=10, generator=_gen()), y)
+    assert pgd10 < _acc(model, x, y) - 0.2
+    for name in ("pgd-strong", "apgd-ce", "apgd-t"):
+        x_adv = strong_attack(name, model, x, y, threat=threat, num_classes=10, seed=0)
+        _assert_valid(x_adv, x, norm=norm, eps=eps)
+        assert _acc(model, x_adv, y) <= pgd10 + 0.01, name
+
+
+def test_apgd_uses_autoattack_settings(monkeypatch):
+    seen = {}
+    for cls in ("APGD", "APGDT"):
+        orig = getattr(torchattacks, cls)
+
+        def spy(*args, _orig=orig, _cls=cls, **kwargs):
+            seen[_cls] = kwargs
+            return _orig(*args, **kwargs)
+
+        monkeypatch.setattr(torchattacks, cls, spy)
+    model = _mlp(1)
+    x, y = _batch(8, 1)
+    threat = ThreatModel("l2", 0.5, 0.1, 10)
+    strong_attack("apgd-ce", model, x, y, threat=threat, num_classes=C, seed=3)
+    strong_attack("apgd-t", model, x, y, threat=threat, num_classes=C, seed=3)
+    assert seen["APGD"]["steps"] == 100 and seen["APGD"]["n_restarts"] == 1 and seen["APGD"]["loss"] == "ce"
+    assert seen["APGD"]["norm"] == "L2" and seen["APGD"]["eps"] == 0.5 and seen["APGD"]["rho"] == 0.75
+    assert seen["APGDT"]["steps"] == 100 and seen["APGDT"]["n_restarts"] == 1 and seen["APGDT"]["n_classes"] == 10
+    assert seen["APGDT"]["seed"] == 3 and seen["APGDT"]["rho"] == 0.75
+
+
+# ---------------------------------------------------------------------------- modes, grads, RNG
+
+
+@pytest.mark.parametrize("start_training", [False, True])
+@pytest.mark.parametrize("case", ALL, ids=[c[0] for c in ALL])
+def test_model_mode_restored(case, start_training):
+    _, attack, _, _ = case
+    model = _mlp(1)
+    model.train(start_training)
+    model.stages.layer1[1].train(not start_training)  # a mixed state must come back exactly
+    before = [m.training for m in model.modules()]
+    x, y = _batch(16, 1)
+    attack(model, x, y)
+    assert [m.training for m in model.modules()] == before
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_mode_restored_on_error_and_eval_attack_leaves_bn_stats():
+    model = _mlp(1).train()
+    x, y = _batch(16, 1)
+    y[0] = C  # out of range: found from the model's output width, inside the attack loop
+    with pytest.raises(ValueError, match="labels"):
+        pgd(model, x, y, norm="linf", eps=0.1, step_size=0.02, steps=2)
+    assert model.training and all(m.training for m in model.modules())
+    y[0] = 0
+    state = copy.deepcopy(model.state_dict())
+    pgd(model, x, y, norm="linf", eps=0.1, step_size=0.02, steps=2, generator=_gen())
+    trades_kl(model, x, norm="linf", eps=0.1, step_size=0.02, steps=2, generator=_gen())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    pgd(model, x, y, norm="linf", eps=0.1, step_size=0.02, steps=2, generator=_gen(), train_mode=True)
+    assert not torch.equal(model.state_dict()["head.1.running_mean"], state["head.1.running_mean"])
+
+
+@pytest.mark.parametrize("case", ALL, ids=[c[0] for c in ALL])
+def test_deterministic_given_seed(case):
+    _, attack, _, _ = case
+    model = _mlp(1)
+    x, y = _batch(16, 1)
+    torch.manual_seed(123)
+    a = attack(model, x, y)
+    torch.manual_seed(456)  # the global RNG must not matter when a generator/seed is given
+    b = attack(model, x, y)
+    assert torch.equal(a, b)
+
+
+def test_generator_controls_the_randomness():
+    model = _mlp(1)
+    x, y = _batch(16, 1)
+    kw = dict(norm="l2", eps=0.5, step_size=0.1, steps=1)
+    assert not torch.equal(pgd(model, x, y, generator=_gen(1), **kw), pgd(model, x, y, generator=_gen(2), **kw))
+    state = torch.get_rng_state()
+    pgd(model, x, y, generator=_gen(1), **kw)
+    strong_attack("apgd-ce", model, x, y, threat=ThreatModel("linf", 0.1, 0.02, 1), num_classes=C, seed=0)
+    assert torch.equal(torch.get_rng_state(), state)  # neither our attacks nor torchattacks' seeding leak
+    torch.manual_seed(0)
+    a = gaussian(x, eps=0.1)
+    torch.manual_seed(0)
+    assert torch.equal(a, gaussian(x, eps=0.1))
+
+
+# ---------------------------------------------------------------------------- bad arguments
+
+
+def _bad_calls():
+    model = _mlp(1)
+    x, y = _batch(8, 1)
+    ok = dict(norm="linf", eps=0.1, step_size=0.02, steps=2)
+    th = ThreatModel("linf", 0.1, 0.02, 2)
+    return {
+        "threat-norm": lambda: ThreatModel("l1", 0.1, 0.02, 2),
+        "threat-eps": lambda: ThreatModel("linf", -0.1, 0.02, 2),
+        "threat-eps-nan": lambda: ThreatModel("linf", math.nan, 0.02, 2),
+        "threat-eps-inf": lambda: ThreatModel("linf", math.inf, 0.02, 2),
+        "threat-step": lambda: ThreatModel("linf", 0.1, 0.0, 2),
+        "threat-steps": lambda: ThreatModel("linf", 0.1, 0.02, 0),
+        "threat-steps-float": lambda: ThreatModel("linf", 0.1, 0.02, 2.0),
+        "pgd-norm": lambda: pgd(model, x, y, **{**ok, "norm": "l3"}),
+        "pgd-eps": lambda: pgd(model, x, y, **{**ok, "eps": -1.0}),
+        "pgd-steps": lambda: pgd(model, x, y, **{**ok, "steps": 0}),
+        "pgd-step-size": lambda: pgd(model, x, y, **{**ok, "step_size": -0.1}),
+        "pgd-restarts": lambda: pgd(model, x, y, restarts=0, **ok),
+        "pgd-label-high": lambda: pgd(model, x, torch.full_like(y, C), **ok),
+        "pgd-label-neg": lambda: pgd(model, x, torch.full_like(y, -1), **ok),
+        "pgd-label-float": lambda: pgd(model, x, y.float(), **ok),
+        "pgd-x-high": lambda: pgd(model, x + 1.0, y, **ok),
+        "pgd-x-low": lambda: pgd(model, x - 1.0, y, **ok),
+        "pgd-x-nan": lambda: pgd(model, x.masked_fill(x > 0.5, math.nan), y, **ok),
+        "pgd-shape": lambda: pgd(model, x, y[:-1], **ok),
+        "pgd-shape-2d": lambda: pgd(model, x, y[:, None], **ok),
+        "pgd-loss": lambda: pgd(model, x, y, loss=3, **ok),
+        "trades-norm": lambda: trades_kl(model, x, **{**ok, "norm": "L2"}),
+        "trades-x": lambda: trades_kl(model, x * 2, **ok),
+        "gaussian-eps": lambda: gaussian(x, eps=-0.1),
+        "sign-x": lambda: random_sign(x - 1, eps=0.1),
+        "perturb-name": lambda: perturb("fgsm", model, x, y, threat=th, num_classes=C),
+        "perturb-labels": lambda: perturb("clean", model, x, torch.full_like(y, C), threat=th, num_classes=C),
+        "perturb-num-classes": lambda: perturb("pgd", model, x, y, threat=th, num_classes=1),
+        "perturb-threat": lambda: perturb("pgd", model, x, y, threat=(0.1,), num_classes=C),
+        "perturb-eps": lambda: perturb("gaussian", model, x, y, threat=th, num_classes=C, eps=-1.0),
+        "perturb-steps": lambda: perturb("pgd", model, x, y, threat=th, num_classes=C, steps=0),
+        "perturb-restarts": lambda: perturb("pgd", model, x, y, threat=th, num_classes=C, restarts=0),
+        "perturb-batch": lambda: perturb("pgd", model, x, y, threat=th, num_classes=C, batch_size=0),
+        "strong-name": lambda: strong_attack("cw", model, x, y, threat=th, num_classes=C, seed=0),
+        "strong-seed": lambda: strong_attack("apgd-ce", model, x, y, threat=th, num_classes=C, seed=None),
+        "strong-labels": lambda: strong_attack("apgd-t", model, x, y + C, threat=th, num_classes=C, seed=0),
+        "strong-classes": lambda: strong_attack("apgd-t", model, x, y % 3, threat=th, num_classes=3, seed=0),
+        "target-classes": lambda: target_labels(y, 1),
+    }
+
+
+BAD = _bad_calls()
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_arguments_raise_value_error(name):
+    with pytest.raises(ValueError) as info:
+        BAD[name]()
+    assert "\n" not in str(info.value)
+
+
+def test_public_constants():
+    assert PERTURBATIONS == ("clean", "pgd", "pgd-targeted", "gaussian", "sign")
+    assert attacks.APGD_STEPS == 100 and attacks.APGDT_TARGET_CLASSES == 9
