@@ -30,6 +30,14 @@ def setup(config: dict, threads: int | None = None) -> torch.device:
     return resolve_device(config.get("device", "auto"))
 
 
+def place(model: torch.nn.Module, device: torch.device, *tensors: torch.Tensor):
+    """Model and resident data on ``device``; channels_last on a GPU (faster convolutions with
+    tensor cores), contiguous NCHW on the CPU."""
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(device=device, memory_format=fmt)
+    return (model, *(t.to(device).contiguous(memory_format=fmt) if t.ndim == 4 else t.to(device) for t in tensors))
+
+
 def load_dataset(path: str | os.PathLike) -> dict:
     """A prepared dataset file, checked (a broken file names its path and the fix)."""
     data = load_torch(path)
@@ -66,6 +74,7 @@ def recipe(config: dict, cell: Cell) -> Recipe:
         trades_beta=t["trades_beta"],
         log_test_accuracy=t["log_test_accuracy"],
         autocast_dtype=AUTOCAST[config.get("precision", "fp32")],
+        compile=config.get("compile", False),
     )
 
 
@@ -82,9 +91,9 @@ def train_cell(config: dict, cell: Cell, data_path: str, previous: str, epoch: i
     device = setup(config)
     data = load_dataset(data_path)
     ckpt = load_torch(previous, map_location=device)
-    model = build_model(config, cell, data).to(device)
-    x_train, y_train = datasets.as_float(data, "train", device)
-    x_test, y_test = datasets.as_float(data, "test", device)
+    model, x_train, y_train, x_test, y_test = place(
+        build_model(config, cell, data), device, *datasets.as_float(data, "train"), *datasets.as_float(data, "test")
+    )
     start = int(ckpt["epoch"])
     with tqdm(total=epoch - start, desc=f"train {cell.adversary} seed{cell.seed} {start}->{epoch}", mininterval=5, ascii=True) as bar:
         new, rows = train_segment(
@@ -130,8 +139,25 @@ def aggregate(metrics: list[str], training: list[str], out_metrics: str, out_tra
     write_text(summary_markdown(s), out_summary_md)
 
 
-def figures(metrics: str, training: str, outputs: dict[str, str]) -> None:
-    """Render every figure named in ``outputs`` (figure name -> PNG path; a PDF is written beside)."""
+def projection_cell(cell: Cell, features: str, output: str, *, max_points: int = 300) -> None:
+    """Clean, pgd and pgd-targeted penultimate features of one evaluated checkpoint projected on the
+    plane of its clean simplex (:func:`ncrobust.projection.project`), tagged with the cell and epoch;
+    the subsample is seeded by the cell's seed."""
+    from .projection import project
+
+    torch.set_num_threads(1)
+    blob = load_torch(features)
+    frame = project(blob, max_points=max_points, seed=cell.seed)
+    for column, value in cell.as_dict().items():
+        frame[column] = value
+    frame["epoch"] = int(blob["epoch"])
+    write_parquet(frame, output)
+
+
+def figures(metrics: str, training: str, outputs: dict[str, str], projections: list[str] | tuple[str, ...] = ()) -> None:
+    """Render every figure named in ``outputs`` (figure name -> PNG path; a PDF is written beside).
+    ``projections`` are the per-cell projection tables of the ``simplex`` figure."""
     from .plots import render
 
-    render(read_parquet(metrics), read_parquet(training), outputs)
+    projection = concat(list(projections)) if projections else None
+    render(read_parquet(metrics), read_parquet(training), outputs, projection=projection)

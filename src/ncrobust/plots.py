@@ -1,9 +1,20 @@
-"""Seaborn figures of the metrics and training tables. Every figure adapts to the grid: facets
-come from the values present in the table (one adversary, many models, one seed all work), and
-lines show the mean over seeds with a 95% band."""
+"""Seaborn figures of the metrics, training and projection tables.
+
+Every figure adapts to the grid: facets come from the values present in the table (one adversary,
+many models, one seed, missing perturbations all work; an absent quantity gives an annotated empty
+panel or a placeholder figure, never an error). Lines are the mean over seeds with a 95% bootstrap
+band (seeded, so a figure is reproducible). Two palettes are used throughout: one for evaluation
+perturbations (:data:`PERTURBATION_PALETTE`) and one for training adversaries
+(:data:`ADVERSARY_PALETTE`). When the grid has several datasets, models or losses, they are told
+apart by line style (or marker) and named in the legend.
+
+Each figure is written as PNG and as PDF beside it.
+"""
 
 from __future__ import annotations
 
+import functools
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -11,24 +22,108 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import LogFormatter, MaxNLocator  # noqa: E402
 
 ADVERSARY_ORDER = ["st", "pgd-linf", "pgd-l2", "trades-linf", "trades-l2"]
 PERTURBATION_ORDER = ["clean", "pgd", "pgd-targeted", "gaussian", "sign"]
-PERTURBATION_PALETTE = dict(zip(PERTURBATION_ORDER, sns.color_palette("colorblind", len(PERTURBATION_ORDER))))
-NC_METRICS = {
-    "nc1": "NC1  tr(Σ_W Σ_B⁺)/C",
-    "nc2_equinorm_M": "NC2 equinorm (means)",
-    "nc2_equiangle_M": "NC2 equiangle (means)",
-    "nc3": "NC3 self-duality",
-    "nc4": "NC4 1 − NCC agreement",
+SPLIT_ORDER = ["train", "test"]
+SETTING_COLUMNS = ["dataset", "model", "loss"]
+
+# Perturbations: clean is black (the reference), attacks warm, random noise muted.
+PERTURBATION_PALETTE = {
+    "clean": "#000000",
+    "pgd": "#D55E00",
+    "pgd-targeted": "#CC79A7",
+    "gaussian": "#E69F00",
+    "sign": "#8C6D31",
 }
+# Adversaries: grey for standard training, blues for PGD-AT, greens for TRADES (dark l_inf, light l_2).
+ADVERSARY_PALETTE = {
+    "st": "#4D4D4D",
+    "pgd-linf": "#1F4E9C",
+    "pgd-l2": "#6FA8DC",
+    "trades-linf": "#1B7837",
+    "trades-l2": "#7FBF7B",
+}
+STYLE_DASHES = ["", (4, 1.5), (1, 1), (3, 1.25, 1.5, 1.25), (5, 1, 1, 1), (2, 2)]
+STYLE_MARKERS = ["o", "s", "^", "D", "v", "P"]
+
+NC_METRICS = {  # metric -> (axis label, log scale)
+    "nc1": ("NC1\ntr(Σ_W Σ_B⁺)/C", True),
+    "nc2_equinorm_M": ("NC2 equinorm\nstd/mean ‖μ_c − μ_G‖", True),
+    "nc2_equiangle_M": ("NC2 equiangle\nmean |cos + 1/(C−1)|", True),
+    "nc3": ("NC3 self-duality\n‖W/‖W‖ − M̃ᵀ/‖M̃‖‖²_F", True),
+    "nc4": ("NC4\n1 − NCC/network agreement", False),
+}
+
+PANEL_HEIGHT = 2.3
+PANEL_WIDTH = 3.3
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
 
 
 def _present(values, order):
-    values = set(values)
-    return [v for v in order if v in values] + sorted(values - set(order))
+    """Values present, known ones in ``order`` first, then the others sorted."""
+    values = {v for v in values if not pd.isna(v)}
+    return [v for v in order if v in values] + sorted(values - set(order), key=str)
+
+
+def _palette(values, base: dict[str, str]) -> dict:
+    """``base`` extended with distinct colours for names it does not know."""
+    extra = [v for v in values if v not in base]
+    colours = sns.color_palette("husl", len(extra)) if extra else []
+    return {**base, **dict(zip(extra, colours))}
+
+
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(name))]
+
+
+def layer_order(layers) -> list[str]:
+    """Taps in forward order: natural sort of the tap names (``layer2`` before ``layer10``,
+    ``stage1_block2`` before ``stage2_block1``), ``penultimate`` last. Every model of the registry
+    names its taps so that this is the order of ``model.tap_names``."""
+    layers = {str(v) for v in layers}
+    return sorted(layers - {"penultimate"}, key=_natural_key) + (["penultimate"] if "penultimate" in layers else [])
+
+
+def _varying(frame: pd.DataFrame) -> list[str]:
+    return [c for c in SETTING_COLUMNS if c in frame.columns and frame[c].nunique() > 1]
+
+
+def _with_setting(frame: pd.DataFrame, varying: list[str]) -> pd.DataFrame:
+    """Add a ``setting`` column naming the dataset/model/loss values that vary in the grid."""
+    frame = frame.copy()
+    if varying:
+        frame["setting"] = frame[varying].astype(str).agg(" / ".join, axis=1)
+    else:
+        frame["setting"] = ""
+    return frame
+
+
+def _constant_setting(frame: pd.DataFrame) -> str:
+    parts = [str(frame[c].iloc[0]) for c in SETTING_COLUMNS if c in frame.columns and len(frame) and frame[c].nunique() == 1]
+    return " / ".join(parts)
+
+
+def _seeds_note(frame: pd.DataFrame) -> str:
+    n = frame["seed"].nunique() if "seed" in frame.columns and len(frame) else 0
+    if n <= 1:
+        return "1 seed (no band)"
+    return f"mean over {n} seeds, 95% CI band"
+
+
+def _final(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows at the last epoch of each cell."""
+    keys = [c for c in [*SETTING_COLUMNS, "adversary", "seed"] if c in frame.columns]
+    last = frame.groupby(keys)["epoch"].transform("max")
+    return frame[frame["epoch"] == last]
 
 
 def _save(fig, path: str | Path) -> None:
@@ -37,67 +132,561 @@ def _save(fig, path: str | Path) -> None:
     path = Path(path)
     for target in (path, path.with_suffix(".pdf")):
         with atomic_path(target) as tmp:
-            fig.savefig(tmp, format=target.suffix[1:], dpi=130, bbox_inches="tight")
+            fig.savefig(tmp, format=target.suffix[1:], dpi=150, bbox_inches="tight")
     plt.close(fig)
 
 
-def _style(frame: pd.DataFrame) -> str | None:
-    """Line style distinguishes losses (or models) when the grid has several."""
-    for column in ("loss", "model"):
-        if frame[column].nunique() > 1:
-            return column
-    return None
+def _placeholder(path: str | Path, title: str, message: str) -> None:
+    """A figure that says what is missing (the workflow still gets its file)."""
+    fig, ax = plt.subplots(figsize=(6, 2.2))
+    ax.axis("off")
+    ax.text(0.5, 0.62, title, ha="center", va="center", fontsize=12, weight="bold", transform=ax.transAxes)
+    ax.text(0.5, 0.3, message, ha="center", va="center", fontsize=10, wrap=True, transform=ax.transAxes)
+    _save(fig, path)
 
 
+def _empty_panel(ax, message: str = "no data") -> None:
+    """Mark a panel without data (axis off: shared tick locators of the row stay untouched)."""
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=9, color="0.45", transform=ax.transAxes)
+
+
+class _PlainLogFormatter(LogFormatter):
+    """Log-axis tick labels as plain numbers (``0.3``, ``2``, ``1e-05`` when tiny or huge)."""
+
+    def _num_to_string(self, x, vmin, vmax):
+        return f"{x:.3g}" if 1e-3 <= x < 1e5 else f"{x:.0e}"
+
+
+def _log_y(ax) -> None:
+    """Log y axis with plain-number labels (some minor ticks labelled when the range is about a decade)."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.5)))
+    ax.yaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.5)))
+
+
+def _themed(func):
+    """Run a figure function under the package's seaborn theme."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.15):
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+def _grid(nrows: int, ncols: int, *, sharex=True, sharey="row", width=PANEL_WIDTH, height=PANEL_HEIGHT):
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(width * ncols + 1.2, height * nrows + 0.8), sharex=sharex, sharey=sharey,
+        squeeze=False, layout="constrained",
+    )
+    return fig, axes
+
+
+def _style_maps(settings: list[str]) -> tuple[dict, dict]:
+    dashes = {s: STYLE_DASHES[i % len(STYLE_DASHES)] for i, s in enumerate(settings)}
+    markers = {s: STYLE_MARKERS[i % len(STYLE_MARKERS)] for i, s in enumerate(settings)}
+    return dashes, markers
+
+
+def _lines(ax, data: pd.DataFrame, *, x: str, hue: str, hue_order, palette, settings, dashes, markers, **kwargs) -> None:
+    """Mean over seeds with a 95% band, one line per (hue, setting)."""
+    several = len(settings) > 1
+    sns.lineplot(
+        data=data, x=x, y="value", hue=hue, hue_order=hue_order, palette=palette,
+        style="setting" if several else None, style_order=settings if several else None,
+        dashes=dashes if several else True, markers=markers if several else None,
+        marker=None if several else "o", markersize=4,
+        errorbar=("ci", 95), n_boot=300, seed=0, err_kws={"alpha": 0.18, "linewidth": 0}, ax=ax, legend=False,
+        **kwargs,
+    )
+
+
+def _legend(fig, hue_title: str, hue_values, palette, settings, dashes, markers, extra: list | None = None) -> None:
+    handles = [Line2D([], [], color=palette[v], marker="o", markersize=4, label=str(v)) for v in hue_values]
+    labels = [str(v) for v in hue_values]
+    handles.insert(0, Line2D([], [], linestyle="none", label=hue_title))
+    labels.insert(0, hue_title)
+    if len(settings) > 1:
+        handles.append(Line2D([], [], linestyle="none", label=" "))
+        labels.append(" ")
+        for s in settings:
+            dash = dashes[s]
+            line = Line2D([], [], color="0.3", marker=markers[s], markersize=4, label=s)
+            if dash:
+                line.set_dashes(dash)
+            handles.append(line)
+            labels.append(s)
+    for handle in extra or []:
+        handles.append(handle)
+        labels.append(handle.get_label())
+    fig.legend(handles, labels, loc="outside right center", frameon=False)
+
+
+def _bottom_labels(axes, xlabel: str) -> None:
+    """x label and tick labels on the lowest panel with data of each column (a column whose
+    bottom panel is empty still shows its x axis)."""
+    for j in range(axes.shape[1]):
+        live = [i for i in range(axes.shape[0]) if axes[i, j].axison]
+        if live:
+            ax = axes[live[-1], j]
+            ax.set_xlabel(xlabel, visible=True)  # seaborn hides the label of a panel drawn without tick labels
+            ax.xaxis.set_tick_params(labelbottom=True)
+
+
+def _col_titles(axes, cols, prefix: str = "") -> None:
+    for j, col in enumerate(cols):
+        axes[0, j].set_title(f"{prefix}{col}", fontsize=11, weight="bold")
+
+
+def _title(fig, text: str, frame: pd.DataFrame) -> None:
+    setting = _constant_setting(frame)
+    fig.suptitle(f"{text}\n{setting + ' · ' if setting else ''}{_seeds_note(frame)}", fontsize=11)
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+
+
+@_themed
 def nc_vs_epoch(metrics: pd.DataFrame, path: str | Path, split: str = "train") -> None:
     """NC1-NC4 of the penultimate features against epoch: clean vs each perturbation, one column
-    per adversary, one row per metric (log scale: the values span decades)."""
-    m = metrics[(metrics["layer"] == "penultimate") & (metrics["split"] == split) & metrics["metric"].isin(NC_METRICS)].copy()
-    m["metric"] = m["metric"].map(NC_METRICS)
-    m = m[m["value"] > 0]
-    grid = sns.relplot(
-        data=m, x="epoch", y="value", kind="line", row="metric", col="adversary",
-        row_order=[v for v in NC_METRICS.values() if v in set(m["metric"])],
-        col_order=_present(m["adversary"], ADVERSARY_ORDER),
-        hue="perturbation", hue_order=_present(m["perturbation"], PERTURBATION_ORDER), palette=PERTURBATION_PALETTE,
-        style=_style(m), errorbar=("ci", 95), marker="o", markersize=4,
-        height=2.1, aspect=1.5, facet_kws={"sharey": "row", "margin_titles": True},
+    per adversary, one row per metric (log scale for NC1-NC3: they span decades; NC4 is a share)."""
+    varying = _varying(metrics)
+    m = metrics[(metrics["layer"] == "penultimate") & (metrics["split"] == split) & metrics["metric"].isin(NC_METRICS)]
+    if m.empty:
+        return _placeholder(path, "Neural Collapse against epoch", f"no NC metrics of the penultimate layer on the {split} split")
+    m = _with_setting(m, varying)
+    rows = [k for k in NC_METRICS if k in set(m["metric"])]
+    cols = _present(m["adversary"], ADVERSARY_ORDER)
+    perts = _present(m["perturbation"], PERTURBATION_ORDER)
+    palette = _palette(perts, PERTURBATION_PALETTE)
+    settings = sorted(m["setting"].unique())
+    dashes, markers = _style_maps(settings)
+    fig, axes = _grid(len(rows), len(cols))
+    for i, metric in enumerate(rows):
+        label, log = NC_METRICS[metric]
+        for j, adv in enumerate(cols):
+            ax = axes[i, j]
+            d = m[(m["metric"] == metric) & (m["adversary"] == adv)]
+            if log:
+                d = d[d["value"] > 0]
+            if d.empty:
+                _empty_panel(ax)
+                continue
+            _lines(ax, d, x="epoch", hue="perturbation", hue_order=perts, palette=palette, settings=settings, dashes=dashes, markers=markers)
+            if log:
+                _log_y(ax)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("epoch" if i == len(rows) - 1 else "")
+            ax.set_ylabel(label if j == 0 else "")
+    _bottom_labels(axes, "epoch")
+    _col_titles(axes, cols, "trained with ")
+    _legend(fig, "evaluated on", perts, palette, settings, dashes, markers)
+    _title(fig, f"Neural Collapse of the penultimate features ({split} split)\nclean vs perturbed; lower = more collapse", m)
+    _save(fig, path)
+
+
+def _accuracy_rows(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Network accuracy against the true labels: ``accuracy`` on clean data, ``accuracy_true_labels``
+    on perturbed data (for ``pgd-targeted``, ``accuracy`` is the hit rate on the targets)."""
+    pen = metrics[metrics["layer"] == "penultimate"]
+    clean = pen[(pen["perturbation"] == "clean") & (pen["metric"] == "accuracy")]
+    pert = pen[pen["perturbation"] != "clean"]
+    true = pert[pert["metric"] == "accuracy_true_labels"]
+    # perturbations without accuracy_true_labels (older tables): their `accuracy`, except targeted
+    has_true = set(true["perturbation"])
+    fallback = pert[(pert["metric"] == "accuracy") & ~pert["perturbation"].isin(has_true) & (pert["perturbation"] != "pgd-targeted")]
+    return pd.concat([clean, true, fallback], ignore_index=True)
+
+
+@_themed
+def accuracy_curves(metrics: pd.DataFrame, path: str | Path, training: pd.DataFrame | None = None) -> None:
+    """Network accuracy against epoch, clean and under each perturbation, train and test, per
+    adversary (markers: evaluated checkpoints); thin lines: the per-epoch training log."""
+    varying = _varying(metrics)
+    m = _accuracy_rows(metrics)
+    if m.empty:
+        return _placeholder(path, "Accuracy", "no accuracy in the metrics table")
+    m = _with_setting(m, varying)
+    rows = _present(m["split"], SPLIT_ORDER)
+    cols = _present(m["adversary"], ADVERSARY_ORDER)
+    perts = _present(m["perturbation"], PERTURBATION_ORDER)
+    palette = _palette(perts, PERTURBATION_PALETTE)
+    settings = sorted(m["setting"].unique())
+    dashes, markers = _style_maps(settings)
+    log_columns = {"train": [("train_accuracy", "clean"), ("train_robust_accuracy", "pgd")], "test": [("test_accuracy", "clean")]}
+    t = None
+    if training is not None and len(training) and "epoch" in training.columns:
+        t = _with_setting(training, varying)
+    fig, axes = _grid(len(rows), len(cols), sharey=True)
+    drew_log = False
+    for i, split in enumerate(rows):
+        for j, adv in enumerate(cols):
+            ax = axes[i, j]
+            d = m[(m["split"] == split) & (m["adversary"] == adv)]
+            if d.empty:
+                _empty_panel(ax)
+                continue
+            _lines(ax, d, x="epoch", hue="perturbation", hue_order=perts, palette=palette, settings=settings, dashes=dashes, markers=markers)
+            if t is not None:
+                for column, colour_of in log_columns.get(split, []):
+                    if column not in t.columns:
+                        continue
+                    tl = t[t["adversary"] == adv].dropna(subset=[column])
+                    if tl.empty:
+                        continue
+                    tl = tl.rename(columns={column: "value"})
+                    sns.lineplot(
+                        data=tl, x="epoch", y="value", style="setting" if len(settings) > 1 else None,
+                        style_order=settings if len(settings) > 1 else None, dashes=dashes if len(settings) > 1 else True,
+                        color=palette.get(colour_of, "0.5"), linewidth=0.8, alpha=0.55, errorbar=None, ax=ax, legend=False,
+                    )
+                    drew_log = True
+            ax.set_ylim(-0.02, 1.02)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("epoch" if i == len(rows) - 1 else "")
+            ax.set_ylabel(f"{split} accuracy\n(fraction correct)" if j == 0 else "")
+    _bottom_labels(axes, "epoch")
+    _col_titles(axes, cols, "trained with ")
+    extra = [Line2D([], [], color="0.4", linewidth=0.8, alpha=0.7, label="thin: per-epoch training log\n(robust = training attack)")] if drew_log else []
+    _legend(fig, "evaluated on", perts, palette, settings, dashes, markers, extra)
+    _title(fig, "Network accuracy against the true labels, clean and under attack", m)
+    _save(fig, path)
+
+
+@_themed
+def alignment_angle(metrics: pd.DataFrame, path: str | Path) -> None:
+    """Mean angle (degrees) between clean and perturbed centred class means against epoch, per
+    split and adversary: 0 means the perturbed simplex is aligned with the clean one."""
+    varying = _varying(metrics)
+    m = metrics[(metrics["layer"] == "penultimate") & (metrics["metric"] == "alignment_angle") & (metrics["perturbation"] != "clean")]
+    if m.empty:
+        return _placeholder(path, "Alignment of clean and perturbed class means", "no perturbation was evaluated (alignment_angle is absent)")
+    m = _with_setting(m, varying)
+    rows = _present(m["split"], SPLIT_ORDER)
+    cols = _present(m["adversary"], ADVERSARY_ORDER)
+    perts = _present(m["perturbation"], PERTURBATION_ORDER)
+    palette = _palette(perts, PERTURBATION_PALETTE)
+    settings = sorted(m["setting"].unique())
+    dashes, markers = _style_maps(settings)
+    fig, axes = _grid(len(rows), len(cols), sharey=True)
+    top = float(m["value"].max())
+    for i, split in enumerate(rows):
+        for j, adv in enumerate(cols):
+            ax = axes[i, j]
+            d = m[(m["split"] == split) & (m["adversary"] == adv)]
+            if d.empty:
+                _empty_panel(ax)
+                continue
+            _lines(ax, d, x="epoch", hue="perturbation", hue_order=perts, palette=palette, settings=settings, dashes=dashes, markers=markers)
+            ax.set_ylim(0, max(5.0, 1.08 * top))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("epoch" if i == len(rows) - 1 else "")
+            ax.set_ylabel(f"{split} split\nangle (degrees)" if j == 0 else "")
+    _bottom_labels(axes, "epoch")
+    _col_titles(axes, cols, "trained with ")
+    _legend(fig, "perturbation", perts, palette, settings, dashes, markers)
+    _title(fig, "Angle between clean and perturbed class means (centred, mean over classes)\n0° = perturbed simplex aligned with the clean one", m)
+    _save(fig, path)
+
+
+def _leap_matrix(frame: pd.DataFrame) -> np.ndarray:
+    """Mean over seeds of the ``leap[y,k]`` rows of ``frame`` as a [C, C] array."""
+    idx = frame["metric"].str.extract(r"leap\[(\d+),(\d+)\]").astype(int)
+    table = frame.assign(y=idx[0].to_numpy(), k=idx[1].to_numpy()).groupby(["y", "k"])["value"].mean()
+    C = int(max(table.index.get_level_values(0).max(), table.index.get_level_values(1).max())) + 1
+    L = np.full((C, C), np.nan)
+    for (yy, k), v in table.items():
+        L[yy, k] = v
+    return L
+
+
+@_themed
+def leap_heatmap(metrics: pd.DataFrame, path: str | Path, split: str = "train") -> None:
+    """The leap matrix ``L[y, k]`` (share of class-y perturbed samples whose nearest clean class
+    mean is k) at each cell's final epoch, mean over seeds; one column per adversary, one row per
+    attack (pgd, pgd-targeted) and setting."""
+    varying = _varying(metrics)
+    m = metrics[
+        (metrics["layer"] == "penultimate") & (metrics["split"] == split)
+        & metrics["perturbation"].isin(["pgd", "pgd-targeted"]) & metrics["metric"].str.startswith("leap[")
+    ]
+    if m.empty:
+        return _placeholder(path, "Leap matrix", f"no pgd / pgd-targeted leap matrix on the {split} split")
+    m = _with_setting(_final(m), varying)
+    cols = _present(m["adversary"], ADVERSARY_ORDER)
+    rows = [(s, p) for s in sorted(m["setting"].unique()) for p in _present(m["perturbation"], PERTURBATION_ORDER)
+            if len(m[(m["setting"] == s) & (m["perturbation"] == p)])]
+    C = int(m["metric"].str.extract(r"leap\[(\d+),")[0].astype(int).max()) + 1
+    size = min(3.4, max(2.6, 0.26 * C + 0.6))
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(size * len(cols) + 1.6, size * len(rows) + 1.0), squeeze=False, layout="constrained")
+    annotate = C <= 10
+    mappable = None
+    for i, (setting, pert) in enumerate(rows):
+        for j, adv in enumerate(cols):
+            ax = axes[i, j]
+            d = m[(m["setting"] == setting) & (m["perturbation"] == pert) & (m["adversary"] == adv)]
+            if d.empty:
+                _empty_panel(ax)
+                continue
+            L = _leap_matrix(d)
+            mappable = ax.imshow(L, cmap="rocket_r", vmin=0, vmax=1, interpolation="nearest")
+            if annotate:
+                for (yy, k), v in np.ndenumerate(L):
+                    if np.isfinite(v) and v >= 0.05:
+                        ax.text(k, yy, f"{100 * v:.0f}", ha="center", va="center", fontsize=6.5, color="white" if v > 0.5 else "black")
+            ticks = np.arange(C) if C <= 20 else np.arange(0, C, max(1, C // 10))
+            ax.set_xticks(ticks)
+            ax.set_yticks(ticks)
+            ax.tick_params(labelsize=7, length=0)
+            ax.grid(False)
+            epochs = sorted(d["epoch"].unique())
+            ax.set_title(f"trained with {adv}\n{pert} · epoch {'/'.join(map(str, epochs))}" + (f"\n{setting}" if setting else ""), fontsize=9)
+            ax.set_xlabel("nearest clean class mean k" if i == len(rows) - 1 else "")
+            ax.set_ylabel("true class y" if j == 0 else "")
+    if mappable is not None:
+        bar = fig.colorbar(mappable, ax=axes, shrink=min(0.6, 1.6 / len(rows)), location="right", aspect=15)
+        bar.set_label("L[y, k]: share of class y")
+    fig.suptitle(
+        f"Leap matrix L[y, k] of perturbed penultimate features ({split} split, final epoch)\n"
+        f"diagonal = stays at its own clean vertex; pgd-targeted aims at (y+1) mod C"
+        f"{'; numbers in % (≥ 5 shown)' if annotate else ''}\n{_constant_setting(m)} · {_seeds_note(m)}",
+        fontsize=10,
     )
-    grid.set(yscale="log")
-    grid.set_titles(row_template="{row_name}", col_template="{col_name}")
-    grid.set_axis_labels("epoch", "value (log)")
-    grid.figure.suptitle(f"Neural Collapse on the {split} split: clean vs perturbed features", y=1.02)
-    _save(grid.figure, path)
+    _save(fig, path)
 
 
-def accuracy_curves(metrics: pd.DataFrame, path: str | Path) -> None:
-    """Network accuracy against epoch, clean and under each perturbation, train and test, per adversary."""
-    m = metrics[(metrics["layer"] == "penultimate") & (metrics["metric"] == "accuracy")]
-    m = m[m["perturbation"] != "pgd-targeted"]  # its `accuracy` is against the targets (the hit rate)
-    grid = sns.relplot(
-        data=m, x="epoch", y="value", kind="line", row="split", col="adversary",
-        row_order=_present(m["split"], ["train", "test"]), col_order=_present(m["adversary"], ADVERSARY_ORDER),
-        hue="perturbation", hue_order=_present(m["perturbation"], PERTURBATION_ORDER), palette=PERTURBATION_PALETTE,
-        style=_style(m), errorbar=("ci", 95), marker="o", markersize=4,
-        height=2.4, aspect=1.4, facet_kws={"margin_titles": True},
+@_themed
+def layerwise(metrics: pd.DataFrame, path: str | Path, split: str = "train") -> None:
+    """NC1 and NCC accuracy against depth (taps in forward order, penultimate last) at each cell's
+    final epoch: clean vs perturbed, one column per adversary. NCC accuracy is shown with the clean
+    class means (the clean NCC classifier applied to perturbed features) and with the perturbed
+    set's own means. ``pgd-targeted`` is left out (its layer statistics are grouped by target)."""
+    varying = _varying(metrics)
+    m = metrics[(metrics["split"] == split) & (metrics["perturbation"] != "pgd-targeted")]
+    m = m[m["metric"].isin(["nc1", "ncc_accuracy", "ncc_accuracy_clean_means"])]
+    if m.empty:
+        return _placeholder(path, "Collapse through depth", f"no layer statistics on the {split} split")
+    m = _with_setting(_final(m), varying)
+    # NCC with clean means: clean data uses its own (= clean) means
+    clean_ncc = m[(m["perturbation"] == "clean") & (m["metric"] == "ncc_accuracy")].assign(metric="ncc_accuracy_clean_means")
+    m = pd.concat([m, clean_ncc], ignore_index=True)
+    # depth position of each tap, per setting (models differ in their taps)
+    orders = {s: layer_order(g["layer"].unique()) for s, g in m.groupby("setting")}
+    m["depth"] = [orders[s].index(layer) + 1 for s, layer in zip(m["setting"], m["layer"])]
+    rows = [
+        ("nc1", "NC1 per layer\ntr(Σ_W Σ_B⁺)/C", True),
+        ("ncc_accuracy_clean_means", "NCC accuracy,\nclean class means", False),
+        ("ncc_accuracy", "NCC accuracy,\nown class means", False),
+    ]
+    rows = [r for r in rows if r[0] in set(m["metric"])]
+    cols = _present(m["adversary"], ADVERSARY_ORDER)
+    perts = _present(m["perturbation"], PERTURBATION_ORDER)
+    palette = _palette(perts, PERTURBATION_PALETTE)
+    settings = sorted(m["setting"].unique())
+    dashes, markers = _style_maps(settings)
+    same_taps = len({tuple(o) for o in orders.values()}) == 1
+    tap_names = next(iter(orders.values()))
+    depth_max = max(len(o) for o in orders.values())
+    fig, axes = _grid(len(rows), len(cols), width=max(PANEL_WIDTH, 0.45 * depth_max + 1.2))
+    for i, (metric, label, log) in enumerate(rows):
+        for j, adv in enumerate(cols):
+            ax = axes[i, j]
+            d = m[(m["metric"] == metric) & (m["adversary"] == adv)]
+            if log:
+                d = d[d["value"] > 0]
+            if d.empty:
+                _empty_panel(ax)
+                continue
+            _lines(ax, d, x="depth", hue="perturbation", hue_order=perts, palette=palette, settings=settings, dashes=dashes, markers=markers)
+            if log:
+                _log_y(ax)
+            else:
+                ax.set_ylim(-0.02, 1.02)
+            ax.set_ylabel(label if j == 0 else "")
+            ax.set_xlabel("")
+    ax0 = next((ax for ax in axes.flat if ax.axison), axes[0, 0])
+    ax0.set_xticks(range(1, depth_max + 1))  # shared x: every panel gets these ticks
+    if same_taps:
+        tilt = depth_max > 3 or sum(len(t) for t in tap_names) > 28
+        for ax in axes.flat:
+            if ax.axison:
+                ax.set_xticklabels(tap_names, rotation=35 if tilt else 0, ha="right" if tilt else "center", rotation_mode="anchor")
+    _bottom_labels(axes, "layer (input → output)" if same_taps else "depth: tap index (penultimate last)")
+    ax0.set_xlim(0.7, depth_max + 0.3)
+    _col_titles(axes, cols, "trained with ")
+    _legend(fig, "evaluated on", perts, palette, settings, dashes, markers)
+    epochs = "/".join(map(str, sorted(m["epoch"].unique())))
+    note = "" if depth_max > 1 else " · only the penultimate layer (evaluation.layerwise is off?)"
+    _title(fig, f"Collapse through depth ({split} split, final epoch {epochs}){note}", m)
+    _save(fig, path)
+
+
+@_themed
+def simplex(projection: pd.DataFrame | None, path: str | Path, split: str = "train") -> None:
+    """Clean and perturbed penultimate features on the plane of the clean simplex (the two leading
+    principal directions of the centred clean class means), one column per adversary, one row per
+    attack (pgd, pgd-targeted) and setting; the first seed of each cell, its final epoch. Arrows go
+    from each clean class mean to the mean of the same class's perturbed features."""
+    if projection is None or projection.empty:
+        return _placeholder(path, "Clean vs perturbed features on the clean simplex", "no projection table (rule `projection`)")
+    p = projection[projection["split"] == split]
+    perturbed = [v for v in _present(p["perturbation"], PERTURBATION_ORDER) if v != "clean"]
+    if p.empty or not perturbed or "clean" not in set(p["perturbation"]):
+        return _placeholder(path, "Clean vs perturbed features on the clean simplex", f"no clean and perturbed projections on the {split} split")
+    varying = _varying(p)
+    p = _with_setting(p, varying)
+    if "seed" in p.columns:
+        first = p.groupby(["setting", "adversary"])["seed"].transform("min")
+        p = p[p["seed"] == first]
+    if "epoch" in p.columns:
+        p = p[p["epoch"] == p.groupby(["setting", "adversary"])["epoch"].transform("max")]
+    cols = _present(p["adversary"], ADVERSARY_ORDER)
+    rows = [(s, q) for s in sorted(p["setting"].unique()) for q in perturbed if len(p[(p["setting"] == s) & (p["perturbation"] == q)])]
+    C = int(p["label"].max()) + 1
+    class_colours = sns.color_palette("tab10" if C <= 10 else "husl", C)
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(3.4 * len(cols) + 1.8, 3.3 * len(rows) + 0.9), squeeze=False, layout="constrained")
+    for i, (setting, pert) in enumerate(rows):
+        for j, adv in enumerate(cols):
+            ax = axes[i, j]
+            cell = p[(p["setting"] == setting) & (p["adversary"] == adv)]
+            clean = cell[(cell["perturbation"] == "clean") & (cell["kind"] == "sample")]
+            pts = cell[(cell["perturbation"] == pert) & (cell["kind"] == "sample")]
+            means = cell[(cell["perturbation"] == "clean") & (cell["kind"] == "mean")].set_index("label")
+            pmeans = cell[(cell["perturbation"] == pert) & (cell["kind"] == "mean")].set_index("label")
+            if clean.empty or pts.empty:
+                _empty_panel(ax)
+                continue
+            ax.scatter(clean["x"], clean["y"], s=7, c=[class_colours[c] for c in clean["label"]], alpha=0.3, linewidths=0)
+            ax.scatter(pts["x"], pts["y"], s=16, c=[class_colours[c] for c in pts["label"]], alpha=0.85, marker="x", linewidths=0.9)
+            for c, row in means.iterrows():
+                if c in pmeans.index:
+                    ax.annotate("", xy=(pmeans.at[c, "x"], pmeans.at[c, "y"]), xytext=(row["x"], row["y"]),
+                                arrowprops=dict(arrowstyle="->", color="0.25", lw=0.8, shrinkA=5, shrinkB=2))
+            ax.scatter(means["x"], means["y"], s=140, c=[class_colours[c] for c in means.index], edgecolors="black", linewidths=0.8, zorder=3)
+            for c, row in means.iterrows():
+                ax.text(row["x"], row["y"], str(c), ha="center", va="center", fontsize=7, weight="bold", color="white", zorder=4)
+            ax.set_aspect("equal", adjustable="datalim")
+            ax.tick_params(labelsize=7)
+            epoch = f" · epoch {int(cell['epoch'].max())}" if "epoch" in cell.columns else ""
+            seed = f" · seed {int(cell['seed'].min())}" if "seed" in cell.columns else ""
+            ax.set_title(f"trained with {adv}\n{pert}{epoch}{seed}" + (f"\n{setting}" if setting else ""), fontsize=9)
+            ax.set_xlabel("PC1 of clean class means\n(feature units)" if i == len(rows) - 1 else "")
+            ax.set_ylabel("PC2 of clean class means" if j == 0 else "")
+    handles = [
+        Line2D([], [], marker="o", linestyle="none", color="0.5", alpha=0.5, markersize=4, label="clean sample"),
+        Line2D([], [], marker="x", linestyle="none", color="0.2", markersize=5, label="perturbed sample"),
+        Line2D([], [], marker="o", linestyle="none", markerfacecolor="0.5", markeredgecolor="black", markersize=10, label="clean class mean\n(vertex, class index)"),
+        Line2D([], [], color="0.25", marker=">", markersize=4, lw=0.8, label="clean → perturbed\nmean of a class"),
+        Line2D([], [], linestyle="none", label=" "),
+        Line2D([], [], linestyle="none", label="colour = true class"),
+    ]
+    if C <= 10:
+        handles += [Line2D([], [], marker="o", linestyle="none", color=class_colours[c], markersize=5, label=f"class {c}") for c in range(C)]
+    fig.legend(handles=handles, loc="outside right center", frameon=False, fontsize=8)
+    setting = _constant_setting(p)
+    fig.suptitle(
+        f"Perturbed features leap between vertices of the clean simplex ({split} split)\n"
+        f"{setting + ' · ' if setting else ''}plane of the 2 leading directions of the clean class means",
+        fontsize=10,
     )
-    grid.set(ylim=(-0.02, 1.02))
-    grid.set_titles(row_template="{row_name} split", col_template="{col_name}")
-    grid.set_axis_labels("epoch", "accuracy")
-    grid.figure.suptitle("Accuracy: clean and robust", y=1.02)
-    _save(grid.figure, path)
+    _save(fig, path)
 
+
+@_themed
+def ncc_robustness(metrics: pd.DataFrame, path: str | Path) -> None:
+    """NCC accuracy of PGD features with the *clean* class means against the network's PGD
+    accuracy, per split; one point per cell and evaluated epoch (final epoch: large, outlined),
+    colour = adversary. Above the diagonal the clean-means NCC classifier is more robust than the
+    network itself."""
+    varying = _varying(metrics)
+    pen = metrics[(metrics["layer"] == "penultimate") & (metrics["perturbation"] == "pgd")]
+    pen = pen[pen["metric"].isin(["accuracy", "ncc_accuracy_clean_means"])]
+    keys = [*SETTING_COLUMNS, "adversary", "seed", "epoch", "split"]
+    wide = pen.pivot_table(index=keys, columns="metric", values="value").reset_index()
+    if wide.empty or not {"accuracy", "ncc_accuracy_clean_means"} <= set(wide.columns):
+        return _placeholder(path, "Robustness of the clean NCC classifier", "needs accuracy and ncc_accuracy_clean_means under pgd")
+    wide = _with_setting(wide, varying)
+    wide["final"] = wide["epoch"] == wide.groupby([*SETTING_COLUMNS, "adversary", "seed"])["epoch"].transform("max")
+    cols = _present(wide["split"], SPLIT_ORDER)
+    advs = _present(wide["adversary"], ADVERSARY_ORDER)
+    palette = _palette(advs, ADVERSARY_PALETTE)
+    settings = sorted(wide["setting"].unique())
+    _, markers = _style_maps(settings)
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.8 * len(cols) + 1.8, 4.2), squeeze=False, layout="constrained")
+    for j, split in enumerate(cols):
+        ax = axes[0, j]
+        d = wide[wide["split"] == split]
+        ax.plot([0, 1], [0, 1], linestyle="--", color="0.55", linewidth=0.9, zorder=1)
+        ax.text(0.8, 0.84, "y = x", color="0.45", fontsize=8, ha="center", va="bottom", rotation=45, rotation_mode="anchor")
+        ax.text(0.03, 0.97, "clean-means NCC\nmore robust", color="0.45", fontsize=8, ha="left", va="top", transform=ax.transAxes)
+        ax.text(0.97, 0.03, "network\nmore robust", color="0.45", fontsize=8, ha="right", va="bottom", transform=ax.transAxes)
+        for adv in advs:
+            for s in settings:
+                e = d[(d["adversary"] == adv) & (d["setting"] == s)]
+                if e.empty:
+                    continue
+                early, last = e[~e["final"]], e[e["final"]]
+                ax.scatter(early["accuracy"], early["ncc_accuracy_clean_means"], s=18, marker=markers[s], color=palette[adv], alpha=0.45, linewidths=0, zorder=2)
+                ax.scatter(last["accuracy"], last["ncc_accuracy_clean_means"], s=60, marker=markers[s], color=palette[adv], edgecolors="black", linewidths=0.8, zorder=3)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_aspect("equal")
+        ax.set_title(f"{split} split", fontsize=11, weight="bold")
+        ax.set_xlabel("network accuracy under PGD\n(robust accuracy, fraction)")
+        ax.set_ylabel("NCC accuracy with clean class means\non PGD features (fraction)" if j == 0 else "")
+    handles = [Line2D([], [], linestyle="none", label="trained with")]
+    handles += [Line2D([], [], marker="o", linestyle="none", color=palette[a], markersize=6, label=a) for a in advs]
+    if len(settings) > 1:
+        handles += [Line2D([], [], linestyle="none", label=" ")]
+        handles += [Line2D([], [], marker=markers[s], linestyle="none", color="0.4", markersize=6, label=s) for s in settings]
+    handles += [
+        Line2D([], [], linestyle="none", label=" "),
+        Line2D([], [], marker="o", linestyle="none", color="0.6", alpha=0.5, markersize=4, label="earlier epoch"),
+        Line2D([], [], marker="o", linestyle="none", color="0.6", markeredgecolor="black", markersize=7, label="final epoch"),
+    ]
+    fig.legend(handles=handles, loc="outside right center", frameon=False)
+    setting = _constant_setting(wide)
+    fig.suptitle(
+        f"Is the clean nearest-class-centre classifier robust?\n{setting + ' · ' if setting else ''}one point per cell (seed) and evaluated epoch",
+        fontsize=11,
+    )
+    _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
 
 FIGURES: dict[str, Callable[..., None]] = {
-    "nc_vs_epoch": lambda metrics, training, path: nc_vs_epoch(metrics, path),
-    "accuracy": lambda metrics, training, path: accuracy_curves(metrics, path),
+    "nc_vs_epoch": lambda metrics, training, projection, path: nc_vs_epoch(metrics, path),
+    "accuracy": lambda metrics, training, projection, path: accuracy_curves(metrics, path, training=training),
+    "alignment": lambda metrics, training, projection, path: alignment_angle(metrics, path),
+    "leap": lambda metrics, training, projection, path: leap_heatmap(metrics, path),
+    "layerwise": lambda metrics, training, projection, path: layerwise(metrics, path),
+    "simplex": lambda metrics, training, projection, path: simplex(projection, path),
+    "ncc_robustness": lambda metrics, training, projection, path: ncc_robustness(metrics, path),
 }
 
 
-def render(metrics: pd.DataFrame, training: pd.DataFrame, outputs: dict[str, str]) -> None:
-    """Render each figure named in ``outputs`` to its PNG path (and a PDF beside it)."""
-    sns.set_theme(context="paper", style="whitegrid")
+def render(
+    metrics: pd.DataFrame,
+    training: pd.DataFrame | None,
+    outputs: dict[str, str],
+    projection: pd.DataFrame | None = None,
+) -> None:
+    """Render each figure named in ``outputs`` (name -> PNG path; a PDF is written beside it).
+
+    ``projection`` is the concatenated table of :func:`ncrobust.projection.project` outputs (with
+    the cell columns), needed by ``simplex`` only.
+    """
+    unknown = [name for name in outputs if name not in FIGURES]
+    if unknown:
+        raise ValueError(f"unknown figure(s) {', '.join(map(repr, unknown))}; known: {', '.join(FIGURES)}")
     for name, path in outputs.items():
-        if name not in FIGURES:
-            raise ValueError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}")
-        FIGURES[name](metrics, training, path)
+        if metrics is None or metrics.empty:
+            if name != "simplex":
+                _placeholder(path, name, "the metrics table is empty")
+                continue
+        FIGURES[name](metrics, training, projection, path)

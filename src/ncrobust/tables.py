@@ -27,6 +27,8 @@ SUMMARY_METRICS = {
     ("test", "pgd", "penultimate", "accuracy"): "test_robust_accuracy",
     ("train", "clean", "penultimate", "nc1"): "nc1_clean",
     ("train", "pgd", "penultimate", "nc1"): "nc1_pgd",
+    ("train", "clean", "penultimate", "nc2_equinorm_M"): "nc2_equinorm_clean",
+    ("train", "pgd", "penultimate", "nc2_equinorm_M"): "nc2_equinorm_pgd",
     ("train", "clean", "penultimate", "nc2_equiangle_M"): "nc2_equiangle_clean",
     ("train", "pgd", "penultimate", "nc2_equiangle_M"): "nc2_equiangle_pgd",
     ("train", "clean", "penultimate", "nc3"): "nc3_clean",
@@ -95,13 +97,19 @@ def concat(paths: list[str | Path]) -> pd.DataFrame:
 
 
 def summary(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Final-epoch values per cell (mean and std over seeds) of the headline quantities."""
+    """Final-epoch values per cell (mean and std over seeds) of the headline quantities
+    (:data:`SUMMARY_METRICS`; NC and perturbation quantities on the train split, as Su et al.).
+    One row per (dataset, model, loss, adversary); an empty table gives an empty summary."""
+    group = ["dataset", "model", "loss", "adversary"]
+    if metrics.empty or not set(METRIC_COLUMNS) <= set(metrics.columns):
+        return pd.DataFrame(columns=[*group, "seeds", "epoch"])
     final = metrics[metrics["epoch"] == metrics.groupby(CELL_COLUMNS)["epoch"].transform("max")]
     keys = pd.Series(list(zip(final["split"], final["perturbation"], final["layer"], final["metric"])), index=final.index)
     picked = final[keys.isin(SUMMARY_METRICS.keys())].copy()
     picked["quantity"] = [SUMMARY_METRICS[k] for k in zip(picked["split"], picked["perturbation"], picked["layer"], picked["metric"])]
     wide = picked.pivot_table(index=CELL_COLUMNS + ["epoch"], columns="quantity", values="value").reset_index()
-    group = ["dataset", "model", "loss", "adversary"]
+    if wide.empty:
+        return pd.DataFrame(columns=[*group, "seeds", "epoch"])
     quantities = [q for q in SUMMARY_METRICS.values() if q in wide.columns]
     agg = wide.groupby(group)[quantities].agg(["mean", "std"])
     agg.columns = [f"{q}_{stat}" for q, stat in agg.columns]

@@ -18,7 +18,7 @@ GRID = config["grid"]
 RUN = RESULTS + "/runs/{dataset}/{model}/{loss}/{adversary}/seed{seed}"
 CHECKPOINT_EPOCHS = [0, *config["training"]["checkpoints"]]
 EVAL_EPOCHS = config["evaluation"].get("epochs") or CHECKPOINT_EPOCHS
-FIGURES = ["nc_vs_epoch", "accuracy"]
+FIGURES = ["nc_vs_epoch", "accuracy", "alignment", "leap", "layerwise", "simplex", "ncc_robustness"]
 
 
 wildcard_constraints:
@@ -57,9 +57,14 @@ def training_logs():
     return [RUN.format(**c) + f"/train_log/epoch{e}.parquet" for c in cells() for e in CHECKPOINT_EPOCHS[1:]]
 
 
+def projection_files():
+    """The simplex projection of every cell at its last evaluated epoch (input of the figures)."""
+    return [RUN.format(**c) + f"/projection/epoch{max(EVAL_EPOCHS)}.parquet" for c in cells()]
+
+
 def final_outputs():
     tables = [f"{RESULTS}/tables/{name}" for name in ("metrics.parquet", "training.parquet", "summary.parquet", "summary.md", "summary.csv")]
-    return tables + [f"{RESULTS}/figures/{name}.png" for name in FIGURES]
+    return tables + projection_files() + [f"{RESULTS}/figures/{name}.png" for name in FIGURES]
 
 
 def job_resources(kind):

@@ -13,6 +13,22 @@ rule metrics:
         "../scripts/metrics.py"
 
 
+rule projection:
+    input:
+        features=RUN + "/features/epoch{epoch}.pt",
+    output:
+        RUN + "/projection/epoch{epoch}.parquet",
+    log:
+        RUN + "/logs/projection_epoch{epoch}.log",
+    params:
+        cell=cell_of,
+        max_points=300,
+    resources:
+        **job_resources("cpu"),
+    script:
+        "../scripts/projection.py"
+
+
 rule aggregate:
     input:
         metrics=metrics_files(),
@@ -21,8 +37,8 @@ rule aggregate:
         metrics=f"{RESULTS}/tables/metrics.parquet",
         training=f"{RESULTS}/tables/training.parquet",
         summary=f"{RESULTS}/tables/summary.parquet",
-        summary_md=f"{RESULTS}/tables/summary.md",
-        summary_csv=f"{RESULTS}/tables/summary.csv",
+        summary_md=report(f"{RESULTS}/tables/summary.md", caption="../report/summary_md.rst", category="Tables"),
+        summary_csv=report(f"{RESULTS}/tables/summary.csv", caption="../report/summary.rst", category="Tables"),
     log:
         f"{RESULTS}/logs/aggregate.log",
     resources:

@@ -2,6 +2,7 @@ rule figures:
     input:
         metrics=f"{RESULTS}/tables/metrics.parquet",
         training=f"{RESULTS}/tables/training.parquet",
+        projections=projection_files(),
     output:
         **{
             name: report(f"{RESULTS}/figures/{name}.png", caption=f"../report/{name}.rst", category="Figures")
