@@ -50,12 +50,21 @@ def write_tiny_config(directory: str | os.PathLike, **overrides) -> Path:
     return path
 
 
-def run_snakemake(workdir: str | os.PathLike, *args: str, configfile: str | os.PathLike | None = None, check: bool = True, timeout: int = 900):
-    """Run the repository's Snakefile in ``workdir`` with ``--cores 2``; return the CompletedProcess."""
+def run_snakemake(
+    workdir: str | os.PathLike,
+    *args: str,
+    configfile: str | os.PathLike | None = None,
+    extra_configfiles: list[str] | None = None,
+    check: bool = True,
+    timeout: int = 900,
+):
+    """Run the repository's Snakefile in ``workdir`` with ``--cores 2``; return the CompletedProcess.
+    ``extra_configfiles`` are merged in order (``--configfile A B``)."""
     cmd = [SNAKEMAKE, "--snakefile", str(REPO_ROOT / "Snakefile"), "--directory", str(workdir), "--cores", "2"]
     cmd += list(args)
-    if configfile is not None:  # last: --configfile takes several values and would swallow targets
-        cmd += ["--configfile", str(configfile)]
+    configfiles = ([str(configfile)] if configfile is not None else []) + list(extra_configfiles or [])
+    if configfiles:  # last: --configfile takes several values and would swallow targets
+        cmd += ["--configfile", *configfiles]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")

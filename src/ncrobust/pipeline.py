@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -15,7 +16,7 @@ from .experiment import Cell, build_model, resolve_device, threat_model
 from .features import evaluate
 from .io import CorruptFileError, load_torch, read_parquet, save_torch, write_parquet, write_text
 from .losses import get_loss
-from .tables import concat, metrics_frame, summary, summary_markdown, training_frame
+from .tables import ROBUSTNESS_COLUMNS, concat, metrics_frame, summary, summary_markdown, training_frame
 from .train import Recipe, Schedule, initial_checkpoint, train_segment
 
 log = logging.getLogger("ncrobust")
@@ -121,6 +122,31 @@ def evaluate_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, out
     save_torch({**result, "epoch": int(ckpt["epoch"]), "cell": cell.as_dict()}, output)
 
 
+def robustness_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, output: str) -> None:
+    """Robust test accuracy of the final checkpoint under PGD-10 and the strong attacks."""
+    from .robustness import strong_evaluation
+
+    device = setup(config)
+    data = load_dataset(data_path)
+    ckpt = load_torch(checkpoint, map_location=device)
+    model = build_model(config, cell, data)
+    model.load_state_dict(ckpt["model"])
+    strong = config["evaluation"]["strong"]
+    x, y = datasets.as_float(data, strong["split"])
+    if strong["max_samples"] and len(x) > strong["max_samples"]:  # the first samples, as RobustBench does
+        x, y = x[: strong["max_samples"]], y[: strong["max_samples"]]
+    model, x, y = place(model, device, x, y)
+    rows = strong_evaluation(
+        model, x, y, threat=threat_model(config, cell), num_classes=len(data["classes"]), attacks=strong["attacks"],
+        seed=cell.seed, batch_size=config["evaluation"]["batch_size"],
+    )
+    frame = pd.DataFrame(rows)
+    for column, value in cell.as_dict().items():
+        frame[column] = value
+    frame["epoch"], frame["split"] = int(ckpt["epoch"]), strong["split"]
+    write_parquet(frame[ROBUSTNESS_COLUMNS], output)
+
+
 def metrics_cell(cell: Cell, features: str, output: str) -> None:
     """The long-format metrics table of one evaluated checkpoint."""
     torch.set_num_threads(1)
@@ -128,12 +154,17 @@ def metrics_cell(cell: Cell, features: str, output: str) -> None:
     write_parquet(metrics_frame(blob, cell, int(blob["epoch"])), output)
 
 
-def aggregate(metrics: list[str], training: list[str], out_metrics: str, out_training: str, out_summary: str, out_summary_md: str, out_summary_csv: str) -> None:
+def aggregate(
+    metrics: list[str], training: list[str], robustness: list[str], out_metrics: str, out_training: str,
+    out_robustness: str, out_summary: str, out_summary_md: str, out_summary_csv: str,
+) -> None:
     """All cells into one table each, plus the final-epoch summary (Parquet, Markdown, CSV)."""
     m = concat(metrics)
     write_parquet(m, out_metrics)
     write_parquet(concat(training), out_training)
-    s = summary(m)
+    r = concat(robustness)
+    write_parquet(r, out_robustness)
+    s = summary(m, r)
     write_parquet(s, out_summary)
     write_text(s.to_csv(index=False), out_summary_csv)
     write_text(summary_markdown(s), out_summary_md)

@@ -17,6 +17,7 @@ from .experiment import Cell
 
 CELL_COLUMNS = ["dataset", "model", "loss", "adversary", "seed"]
 METRIC_COLUMNS = [*CELL_COLUMNS, "epoch", "split", "perturbation", "layer", "metric", "value"]
+ROBUSTNESS_COLUMNS = [*CELL_COLUMNS, "epoch", "split", "attack", "robust_accuracy", "samples"]
 TRAINING_COLUMNS = [*CELL_COLUMNS, "epoch", "lr", "loss_value", "train_accuracy", "train_robust_accuracy", "test_accuracy", "seconds"]
 
 # Final-epoch summary: (split, perturbation, layer, metric) -> column name.
@@ -96,7 +97,18 @@ def concat(paths: list[str | Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def summary(metrics: pd.DataFrame) -> pd.DataFrame:
+def robustness_by_cell(robustness: pd.DataFrame) -> pd.DataFrame:
+    """Per cell: ``strong_robust_accuracy`` (per-example worst case over the strong attacks) and
+    ``pgd_gap`` = PGD-10 robust accuracy minus it, on the same samples (large: gradient masking)."""
+    wide = robustness.pivot_table(index=CELL_COLUMNS, columns="attack", values="robust_accuracy").reset_index()
+    strongest = "worst" if "worst" in wide.columns else "pgd"
+    out = wide[CELL_COLUMNS].copy()
+    out["strong_robust_accuracy"] = wide[strongest]
+    out["pgd_gap"] = wide["pgd"] - wide[strongest]
+    return out
+
+
+def summary(metrics: pd.DataFrame, robustness: pd.DataFrame | None = None) -> pd.DataFrame:
     """Final-epoch values per cell (mean and std over seeds) of the headline quantities
     (:data:`SUMMARY_METRICS`; NC and perturbation quantities on the train split, as Su et al.).
     One row per (dataset, model, loss, adversary); an empty table gives an empty summary."""
@@ -110,7 +122,11 @@ def summary(metrics: pd.DataFrame) -> pd.DataFrame:
     wide = picked.pivot_table(index=CELL_COLUMNS + ["epoch"], columns="quantity", values="value").reset_index()
     if wide.empty:
         return pd.DataFrame(columns=[*group, "seeds", "epoch"])
-    quantities = [q for q in SUMMARY_METRICS.values() if q in wide.columns]
+    extra = []
+    if robustness is not None and not robustness.empty:
+        wide = wide.merge(robustness_by_cell(robustness), on=CELL_COLUMNS, how="left")
+        extra = ["strong_robust_accuracy", "pgd_gap"]
+    quantities = [q for q in SUMMARY_METRICS.values() if q in wide.columns] + extra
     agg = wide.groupby(group)[quantities].agg(["mean", "std"])
     agg.columns = [f"{q}_{stat}" for q, stat in agg.columns]
     agg.insert(0, "seeds", wide.groupby(group)["seed"].nunique())

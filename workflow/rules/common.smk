@@ -62,8 +62,15 @@ def projection_files():
     return [RUN.format(**c) + f"/projection/epoch{max(EVAL_EPOCHS)}.parquet" for c in cells()]
 
 
+def robustness_files():
+    """The strong final evaluation of every cell (none when evaluation.strong.attacks is empty
+    and PGD-10 is the only attack: the table then still gives PGD-10 on the same samples)."""
+    final = CHECKPOINT_EPOCHS[-1]
+    return [RUN.format(**c) + f"/robustness/epoch{final}.parquet" for c in cells()] if config["evaluation"]["strong"]["enabled"] else []
+
+
 def final_outputs():
-    tables = [f"{RESULTS}/tables/{name}" for name in ("metrics.parquet", "training.parquet", "summary.parquet", "summary.md", "summary.csv")]
+    tables = [f"{RESULTS}/tables/{name}" for name in ("metrics.parquet", "training.parquet", "robustness.parquet", "summary.parquet", "summary.md", "summary.csv")]
     return tables + projection_files() + [f"{RESULTS}/figures/{name}.png" for name in FIGURES]
 
 

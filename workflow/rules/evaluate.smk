@@ -18,3 +18,21 @@ rule evaluate:
         **job_resources("evaluate"),
     script:
         "../scripts/evaluate.py"
+
+
+rule robustness:
+    input:
+        data=f"{RESULTS}/data/{{dataset}}.pt",
+        checkpoint=RUN + "/checkpoints/epoch{epoch}.pt",
+    output:
+        RUN + "/robustness/epoch{epoch}.parquet",
+    log:
+        RUN + "/logs/robustness_epoch{epoch}.log",
+    params:
+        config=config,
+        cell=cell_of,
+    threads: config["threads"]
+    resources:
+        **job_resources("evaluate"),
+    script:
+        "../scripts/robustness.py"

@@ -33,9 +33,11 @@ rule aggregate:
     input:
         metrics=metrics_files(),
         training=training_logs(),
+        robustness=robustness_files(),
     output:
         metrics=f"{RESULTS}/tables/metrics.parquet",
         training=f"{RESULTS}/tables/training.parquet",
+        robustness=f"{RESULTS}/tables/robustness.parquet",
         summary=f"{RESULTS}/tables/summary.parquet",
         summary_md=report(f"{RESULTS}/tables/summary.md", caption="../report/summary_md.rst", category="Tables"),
         summary_csv=report(f"{RESULTS}/tables/summary.csv", caption="../report/summary.rst", category="Tables"),

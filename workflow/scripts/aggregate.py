@@ -3,4 +3,7 @@ from ncrobust.pipeline import aggregate
 
 with job_log(snakemake.log[0]):
     out = snakemake.output
-    aggregate(snakemake.input.metrics, snakemake.input.training, out.metrics, out.training, out.summary, out.summary_md, out.summary_csv)
+    aggregate(
+        snakemake.input.metrics, snakemake.input.training, snakemake.input.robustness,
+        out.metrics, out.training, out.robustness, out.summary, out.summary_md, out.summary_csv,
+    )
