@@ -18,20 +18,22 @@ from workflow_helpers import REPO_ROOT, SNAKEMAKE, run_snakemake, write_tiny_con
 
 CELL = "results/runs/digits/mlp/ce/pgd-linf/seed1"
 # longer training than the tiny default, so that there is time to kill a job mid-segment
-LONG = {"training": {"epochs": 30, "checkpoints": [15, 30], "batch_size": 128}}
+LONG = {"training": {"epochs": 200, "checkpoints": [100, 200], "batch_size": 128}}
+
+
+TARGET = f"{CELL}/metrics/epoch200.parquet"  # the final metrics of one adversarially trained cell
 
 
 def _metrics(workdir: Path) -> pd.DataFrame:
-    m = pd.read_parquet(workdir / "results/tables/metrics.parquet")
-    return m.sort_values(list(m.columns[:-1])).reset_index(drop=True)
+    return pd.read_parquet(workdir / TARGET)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The uninterrupted run of the long tiny config."""
+    """The uninterrupted run of the cell."""
     workdir = tmp_path_factory.mktemp("reference")
     config = write_tiny_config(workdir, **LONG)
-    run_snakemake(workdir, configfile=config)
+    run_snakemake(workdir, TARGET, configfile=config)
     return _metrics(workdir)
 
 
@@ -42,15 +44,17 @@ def _job_pids(workdir: Path, script: str) -> list[int]:
 
 
 def _kill_a_training_job(workdir: Path, config: Path, sig: int, delay: float) -> bool:
-    """Start the workflow, wait for a training job, send it ``sig`` after ``delay`` s; True if one was hit."""
-    cmd = [SNAKEMAKE, "--snakefile", str(REPO_ROOT / "Snakefile"), "--directory", str(workdir), "--cores", "2", "--configfile", str(config)]
+    """Start the workflow, wait for a training job to be training (its log is open), send it
+    ``sig`` after ``delay`` s; True if one was hit."""
+    cmd = [SNAKEMAKE, "--snakefile", str(REPO_ROOT / "Snakefile"), "--directory", str(workdir), "--cores", "2", TARGET, "--configfile", str(config)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     hit = False
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
             pids = _job_pids(workdir, "train.py")
-            if pids:
+            training = [p for p in (workdir / CELL / "logs").glob("train_epoch*.log") if "train " in p.read_text()] if (workdir / CELL / "logs").exists() else []
+            if pids and training:
                 time.sleep(delay)
                 for pid in _job_pids(workdir, "train.py"):
                     os.kill(pid, sig)
@@ -73,11 +77,11 @@ def _no_temporary_files(workdir: Path) -> list[Path]:
 def test_killed_training_then_rerun_is_bit_identical(tmp_path, reference, sig):
     config = write_tiny_config(tmp_path, **LONG)
     rng = random.Random(sig)
-    hits = sum(_kill_a_training_job(tmp_path, config, sig, rng.uniform(0.5, 3.0)) for _ in range(3))
+    hits = sum(_kill_a_training_job(tmp_path, config, sig, rng.uniform(0.2, 3.0)) for _ in range(3))
     assert hits >= 1, "no training job was caught running"
     if sig == signal.SIGTERM:
         assert not _no_temporary_files(tmp_path), "a terminated job left a half-written file"
-    run_snakemake(tmp_path, configfile=config)
+    run_snakemake(tmp_path, TARGET, configfile=config)
     pd.testing.assert_frame_equal(_metrics(tmp_path), reference)
 
 
@@ -85,9 +89,9 @@ def test_killed_training_then_rerun_is_bit_identical(tmp_path, reference, sig):
 def test_sigterm_leaves_no_output_of_the_killed_job(tmp_path):
     """A preempted training job (SIGTERM) exits cleanly with no checkpoint and no temporary file."""
     config = write_tiny_config(tmp_path, **LONG)
-    assert _kill_a_training_job(tmp_path, config, signal.SIGTERM, 1.0)
+    assert _kill_a_training_job(tmp_path, config, signal.SIGTERM, 0.5)
     ckpts = sorted(p.name for p in (tmp_path / CELL / "checkpoints").glob("*.pt")) if (tmp_path / CELL).exists() else []
-    logs = list((tmp_path / "results/runs").rglob("train_epoch15.log"))
+    logs = list((tmp_path / "results/runs").rglob("train_epoch*.log"))
     assert any("terminated by signal 15" in p.read_text() for p in logs)
     assert not _no_temporary_files(tmp_path)
     for name in ckpts:  # whatever exists is complete and loadable
