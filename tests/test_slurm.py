@@ -1,0 +1,297 @@
+"""The cluster profile (profiles/slurm) against a real, single-node SLURM started by the test.
+
+Tests marked ``slurm`` start the cluster of ``slurm_cluster.SlurmCluster`` (skipped with the reason
+when SLURM/MUNGE are not installed: ``.ci/install_slurm.sh`` installs them). The other tests check
+the profile without a cluster: it parses, the ``slurm`` link at the repository root resolves it,
+and the workflow hands GPUs to ``train`` and ``evaluate`` only.
+
+The status checks: there is no slurmdbd on the test cluster, so ``sacct`` cannot answer and the
+runs pass ``--slurm-status-command squeue`` (the cluster keeps finished jobs visible to squeue
+for ``MinJobAge=600`` s); ``--slurm-init-seconds-before-status-checks 5`` only makes them faster.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from slurm_cluster import SlurmCluster, unavailable_reason
+from workflow_helpers import REPO_ROOT, SNAKEMAKE, run_snakemake, write_tiny_config
+
+PROFILE = REPO_ROOT / "profiles" / "slurm"
+# Rules that must ask for a GPU and rules that must not (others, e.g. a GPU-side attack rule,
+# may do either, but consistently with the config).
+GPU_RULES = {"train", "evaluate"}
+CPU_RULES = {"prepare_data", "metrics", "aggregate", "figures"}
+
+# Small requests that fit any test machine: the node is the machine itself plus one fake GPU.
+TEST_RESOURCES = {
+    "train": {"gpu": 1, "cpus": 1, "mem_mb": 1000, "runtime": 10},
+    "evaluate": {"gpu": 1, "cpus": 1, "mem_mb": 1000, "runtime": 10},
+    "cpu": {"cpus": 1, "mem_mb": 1000, "runtime": 10},
+    "gpu_model": None,
+}
+# One cell, two training segments (epochs 0 -> 2 -> 4), evaluated at epochs 0 and 4: the
+# shortest chain that has a resume point between two segments. Every SLURM job costs two
+# Snakemake start-ups on top of its work, so the grid is kept to the minimum.
+CELL = "results/runs/digits/mlp/ce/pgd-linf/seed1"
+SLURM_TINY = {
+    "grid": {"dataset": ["digits"], "model": ["mlp"], "loss": ["ce"], "adversary": ["pgd-linf"], "seed": [1]},
+    "training": {"epochs": 4, "checkpoints": [2, 4], "batch_size": 128},
+    "evaluation": {
+        "splits": ["train", "test"],
+        "perturbations": {"clean": {}, "pgd": {}},
+        "epochs": [4],
+        "batch_size": 500,
+    },
+    "resources": TEST_RESOURCES,
+}
+TABLES = ("metrics.parquet", "training.parquet", "summary.parquet", "summary.md", "summary.csv")
+
+
+# ----------------------------------------------------------------------------- helpers
+def rule_of(job: dict[str, str]) -> str:
+    """The Snakemake rule of a SLURM job, from the comment the plugin gives it:
+    ``rule_<name>`` or ``rule_<name>_wildcards_<values>`` (``group_...`` for job groups)."""
+    comment = job.get("Comment", "")
+    return comment.removeprefix("rule_").split("_wildcards_")[0]
+
+
+def snakemake_on_slurm(workdir: Path, configfile: Path, *extra: str) -> list[str]:
+    """The user's command (`snakemake --cores 8 --profile slurm`) plus what the test cluster needs."""
+    return [
+        SNAKEMAKE, "--profile", str(PROFILE),
+        "--snakefile", str(REPO_ROOT / "Snakefile"), "--directory", str(workdir),
+        "--configfile", str(configfile), "--cores", "8",
+        "--default-resources", f"slurm_partition={SlurmCluster.partition}", "slurm_account=ncrobust",
+        "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5",
+        "--slurm-keep-successful-logs",
+        *extra,
+    ]
+
+
+def wait_for_job(cluster: SlurmCluster, proc: subprocess.Popen, match, timeout: float = 600) -> dict[str, str]:
+    """Poll the controller until a job for which ``match(job)`` holds is RUNNING."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"snakemake ended ({proc.returncode}) before the awaited job ran")
+        for job in cluster.jobs():
+            if job.get("JobState") == "RUNNING" and match(job):
+                return job
+        time.sleep(0.3)
+    raise AssertionError(f"no matching job ran within {timeout} s:\n{cluster.logs()}")
+
+
+def job_state(cluster: SlurmCluster, job_id: str) -> str:
+    return next(j["JobState"] for j in cluster.jobs() if j["JobId"] == job_id)
+
+
+def sorted_frame(path: Path) -> pd.DataFrame:
+    df = pd.read_parquet(path)
+    return df.sort_values(list(df.columns)).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with SlurmCluster() as c:
+        yield c
+
+
+# ---------------------------------------------------------------- without a cluster
+def test_profile_settings():
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    assert profile["executor"] == "slurm"
+    assert profile["jobs"] == 100 and profile["retries"] == 1 and profile["latency-wait"] == 60
+    assert profile["slurm-requeue"] is True
+    assert profile["slurm-status-command"] in {"sacct", "squeue"}
+    # The two values a user edits; GPUs, CPUs, memory and time come from the workflow's config.
+    assert set(profile["default-resources"]) == {"slurm_partition", "slurm_account"}
+    assert not {"set-resources", "resources", "set-threads", "slurm-extra"} & set(profile)
+
+
+def test_slurm_link_points_to_the_profile():
+    link = REPO_ROOT / "slurm"
+    assert link.is_symlink() and link.resolve() == PROFILE.resolve()
+
+
+def test_profile_resolves_from_repository_root():
+    """`snakemake --cores 8 --profile slurm -n` from the root: the link finds the profile; a dry
+    run needs no sbatch (it runs on machines without SLURM, too)."""
+    proc = subprocess.run([SNAKEMAKE, "--cores", "8", "--profile", "slurm", "-n"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "slurm_partition=" in out and "slurm_account=" in out  # the profile's default-resources
+    assert "This was a dry-run" in out
+
+
+def test_gpu_requests_go_to_train_and_evaluate_only(tmp_path):
+    """The resources every rule hands to the plugin (dry run): gpu (and gpu_model) for train and
+    evaluate, none elsewhere; CPUs, memory and runtime from the config."""
+    resources = dict(TEST_RESOURCES, gpu_model="a100")
+    config = write_tiny_config(tmp_path, **dict(SLURM_TINY, resources=resources))
+    proc = subprocess.run([SNAKEMAKE, "--profile", str(PROFILE), "--snakefile", str(REPO_ROOT / "Snakefile"),
+                           "--directory", str(tmp_path), "--configfile", str(config), "--cores", "8", "-n"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seen = {}
+    rule = None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        line = line.strip()
+        if line.startswith("rule ") and line.endswith(":"):
+            rule = line[5:-1]
+        elif line.startswith("resources:") and rule and rule != "all":
+            items = (item.strip().split("=", 1) for item in line[len("resources:"):].split(", ") if "=" in item)
+            seen.setdefault(rule, []).append(dict(items))
+    assert GPU_RULES | CPU_RULES <= set(seen)
+    for rule, jobs in seen.items():
+        for res in jobs:
+            assert res.get("runtime") == "10" and res.get("mem_mb") == "1000" and res.get("cpus_per_task") == "1", (rule, res)
+            if rule in GPU_RULES or (rule not in CPU_RULES and "gpu" in res):
+                assert res.get("gpu") == "1" and res.get("gpu_model") == "a100", (rule, res)
+            else:
+                assert "gpu" not in res and "gpu_model" not in res, (rule, res)
+
+
+# -------------------------------------------------------------------- on the cluster
+TOY_SNAKEFILE = """
+rule all:
+    input: "cpu.txt"
+
+rule on_gpu:
+    output: "gpu.txt"
+    resources: gpu=1, cpus_per_task=1, mem_mb=200, runtime=5
+    shell: "echo CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES > {output}"
+
+rule on_cpu:
+    input: "gpu.txt"
+    output: "cpu.txt"
+    resources: cpus_per_task=1, mem_mb=200, runtime=5
+    shell: "cat {input} > {output}; echo CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}} >> {output}"
+"""
+
+
+@pytest.mark.slurm
+def test_toy_workflow_gpu_request(cluster, tmp_path):
+    """Two rules through the profile: `gpu=1` becomes `--gpus=1` (the job gets the node's GPU),
+    a rule without it asks for none."""
+    (tmp_path / "Snakefile").write_text(TOY_SNAKEFILE)
+    cmd = [SNAKEMAKE, "--profile", str(PROFILE), "--directory", str(tmp_path), "--cores", "8",
+           "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
+           "--slurm-keep-successful-logs"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cluster.env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:] + cluster.logs()
+    assert (tmp_path / "cpu.txt").read_text().splitlines() == ["CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES="]
+    jobs = {rule_of(j): j for j in cluster.jobs() if j.get("WorkDir") == str(tmp_path)}
+    assert set(jobs) == {"on_gpu", "on_cpu"}
+    assert jobs["on_gpu"]["TresPerJob"] == "gres:gpu:1" and cluster.requests_gpu(jobs["on_gpu"])
+    assert not cluster.requests_gpu(jobs["on_cpu"])
+    assert all(j["JobState"] == "COMPLETED" and j["Partition"] == cluster.partition for j in jobs.values())
+    # SLURM's log of each job: .snakemake/slurm_logs/rule_<name>/[<wildcards>/]<jobid>.log
+    # (kept for successful jobs only with --slurm-keep-successful-logs).
+    for rule, job in jobs.items():
+        assert (tmp_path / ".snakemake/slurm_logs" / f"rule_{rule}" / f"{job['JobId']}.log").is_file()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_workflow_on_slurm_survives_preemption_and_cancellation(cluster, tmp_path):
+    """The tiny workflow through `--profile slurm` on the cluster, with two interruptions:
+
+    1. the first training segment is requeued while it runs (what preemption does with
+       `slurm-requeue`): SLURM runs it again and Snakemake, still waiting, goes on;
+    2. the second training segment is cancelled (`scancel`) while it runs: the run fails
+       (`--retries 0`), the first segment's checkpoint stays, and rerunning the same command
+       finishes the workflow from it.
+
+    The metrics table is then identical to that of an uninterrupted local run (CPU: same bits).
+    """
+    ref_dir, run_dir = tmp_path / "local", tmp_path / "slurm"
+    ref_config = write_tiny_config(ref_dir, **SLURM_TINY)
+    config = write_tiny_config(run_dir, **SLURM_TINY)
+
+    # The uninterrupted reference, locally, while the cluster run waits on its jobs.
+    reference: dict = {}
+    local = threading.Thread(target=lambda: reference.update(proc=run_snakemake(ref_dir, configfile=ref_config, check=False)))
+    local.start()
+
+    def in_run(job):
+        return job.get("WorkDir") == str(run_dir)
+
+    def train_segment(epoch):
+        return lambda job: in_run(job) and rule_of(job) == "train" and job["Comment"].endswith(f"_{epoch}")
+
+    log = open(tmp_path / "first_run.log", "w")
+    first = subprocess.Popen(snakemake_on_slurm(run_dir, config, "--retries", "0"), env=cluster.env,
+                             stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        # 1. Preemption: requeue the running first segment, and let it start again at once
+        #    (SLURM holds a requeued job back for two minutes by default).
+        seg1 = wait_for_job(cluster, first, train_segment(2))
+        cluster.run("scontrol", "requeue", seg1["JobId"])
+        deadline = time.monotonic() + 60
+        while job_state(cluster, seg1["JobId"]) != "PENDING" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        cluster.run("scontrol", "update", f"JobId={seg1['JobId']}", "StartTime=now")
+        # 2. Cancellation: scancel the running second segment.
+        seg2 = wait_for_job(cluster, first, train_segment(4))
+        cluster.run("scancel", seg2["JobId"])
+        first.wait(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        log.close()
+    first_log = (tmp_path / "first_run.log").read_text()
+    assert first.returncode != 0, first_log[-4000:]
+    assert job_state(cluster, seg2["JobId"]) == "CANCELLED"
+    seg1_job = next(j for j in cluster.jobs() if j["JobId"] == seg1["JobId"])
+    assert seg1_job["JobState"] == "COMPLETED" and int(seg1_job.get("Restarts", "0")) >= 1
+    assert (run_dir / CELL / "checkpoints/epoch2.pt").exists()  # the resume point
+    assert not (run_dir / CELL / "checkpoints/epoch4.pt").exists()  # no partial output
+
+    # Resume: the same command again.
+    second = subprocess.run(snakemake_on_slurm(run_dir, config), env=cluster.env, capture_output=True,
+                            text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-4000:] + cluster.logs()
+
+    # Every output of `rule all` is there: a dry run finds nothing to do.
+    dry = subprocess.run(snakemake_on_slurm(run_dir, config, "-n"), env=cluster.env, capture_output=True, text=True)
+    assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
+    for name in TABLES:
+        assert (run_dir / "results/tables" / name).stat().st_size > 0
+    assert list((run_dir / "results/figures").glob("*.png"))
+
+    # GPUs for train and evaluate, none for the rest; every job in the partition and account.
+    jobs = [j for j in cluster.jobs() if in_run(j)]
+    rules = {rule_of(j) for j in jobs}
+    assert GPU_RULES | CPU_RULES <= rules
+    for job in jobs:
+        if rule_of(job) in GPU_RULES:
+            assert cluster.requests_gpu(job) and job["TresPerJob"] == "gres:gpu:1", job
+        elif rule_of(job) in CPU_RULES:
+            assert not cluster.requests_gpu(job), job
+        assert job["Partition"] == cluster.partition and job["Account"] == "ncrobust"
+
+    local.join(timeout=900)
+    ref = reference["proc"]
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    pd.testing.assert_frame_equal(
+        sorted_frame(run_dir / "results/tables/metrics.parquet"),
+        sorted_frame(ref_dir / "results/tables/metrics.parquet"),
+        check_exact=True,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover - a manual check: python tests/test_slurm.py
+    sys.exit(pytest.main([__file__, "-v", "-rs"]))
