@@ -8,7 +8,8 @@ from ncrobust.losses import LOSSES, get_loss
 def test_mse_is_squared_distance_to_one_hot():
     logits = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
     y = torch.tensor([0, 2])
-    assert get_loss("mse")(logits, y, reduction="none").tolist() == pytest.approx([0.0, 0.25 + 0.25 + 1.0])
+    assert get_loss("mse")(logits, y, reduction="none").tolist() == pytest.approx([0.0, (0.25 + 0.25 + 1.0) / 3])
+    assert get_loss("mse")(logits, y).item() == pytest.approx(F.mse_loss(logits, F.one_hot(y, 3).float()).item())
 
 
 def test_focal_with_gamma_zero_is_cross_entropy_and_smoothing_zero_too():

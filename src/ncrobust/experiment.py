@@ -8,33 +8,11 @@ every stage reads the config the same way and an output depends only on its conf
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
-
 import torch
 
 from .attacks import ThreatModel
+from .cell import ADVERSARIES, Cell, adversary_kind  # noqa: F401  (re-exported)
 from .models import create_model
-
-ADVERSARIES = ("st", "pgd-linf", "pgd-l2", "trades-linf", "trades-l2")
-
-
-@dataclass(frozen=True)
-class Cell:
-    dataset: str
-    model: str
-    loss: str
-    adversary: str
-    seed: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def adversary_kind(adversary: str) -> str:
-    """``st``, ``pgd`` or ``trades``."""
-    if adversary not in ADVERSARIES:
-        raise ValueError(f"unknown adversary {adversary!r}; allowed: {', '.join(ADVERSARIES)}")
-    return adversary.split("-")[0]
 
 
 def threat_model(config: dict, cell: Cell) -> ThreatModel:

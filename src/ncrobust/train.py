@@ -185,10 +185,7 @@ def train_segment(
                     )
                     robust_logits = net(x_adv)
                     loss = recipe.loss(robust_logits, yb)
-                    with torch.no_grad():
-                        model.eval()
-                        clean_logits = net(xb)
-                        model.train()
+                    clean_logits = None  # clean train accuracy: one eval-mode pass at the end of the epoch
                 else:  # trades
                     x_adv = trades_kl(net, xb, norm=t.norm, eps=t.eps, step_size=t.step_size, steps=t.steps, generator=gen)
                     model.train()
@@ -208,14 +205,15 @@ def train_segment(
             optimizer.step()
             iteration += 1
             sums["loss"] += loss.item() * len(idx)
-            sums["clean_correct"] += (clean_logits.argmax(1) == yb).sum().item()
+            if clean_logits is not None:
+                sums["clean_correct"] += (clean_logits.argmax(1) == yb).sum().item()
             if robust_logits is not None:
                 sums["robust_correct"] += (robust_logits.argmax(1) == yb).sum().item()
         row = {
             "epoch": epoch,
             "lr": lr,
             "loss": sums["loss"] / n,
-            "train_accuracy": sums["clean_correct"] / n,
+            "train_accuracy": sums["clean_correct"] / n if kind != "pgd" else accuracy(model, x_train, y_train),
             "train_robust_accuracy": sums["robust_correct"] / n if kind != "st" else float("nan"),
             "test_accuracy": (
                 accuracy(model, x_test, y_test) if recipe.log_test_accuracy and x_test is not None else float("nan")

@@ -5,7 +5,7 @@ import sys
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from ncrobust.config import ConfigError, validate_config
-from ncrobust.experiment import Cell
+from ncrobust.cell import Cell
 
 try:
     config = validate_config(config, base_dir=Path.cwd())
