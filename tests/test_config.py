@@ -9,6 +9,9 @@ from ncrobust.config import ConfigError, validate_config
 from workflow_helpers import REPO_ROOT, run_snakemake, tiny_config, write_tiny_config
 
 
+_DELETE = object()
+
+
 def _with(path: str, value):
     config = tiny_config()
     keys = path.split(".")
@@ -21,8 +24,6 @@ def _with(path: str, value):
         node[keys[-1]] = value
     return config
 
-
-_DELETE = object()
 
 BAD = [
     ("grid.dataset", ["svhn"], r"grid\.dataset\.0 = 'svhn': not allowed; allowed: digits"),
@@ -44,11 +45,25 @@ BAD = [
     ("evaluation.perturbations", {"clean": {}, "fgsm": {}}, r"evaluation\.perturbations = 'fgsm': not allowed; allowed: clean, pgd, pgd-targeted"),
     ("evaluation.splits", ["val"], r"evaluation\.splits\.0 = 'val': not allowed; allowed: train, test"),
     ("device", "tpu", r"device = 'tpu': not allowed; allowed: auto, cpu, cuda"),
+    ("training.optimizer", {"lr": -0.1}, r"training\.optimizer\.lr = -0\.1: must be > 0"),
+    ("training.optimizer", {"momentum": 1.5}, r"training\.optimizer\.momentum = 1\.5: must be <= 1"),
+    ("training.trades_beta", -1, r"training\.trades_beta = -1: must be >= 0"),
+    ("training.schedule", {"milestones": [0.5], "factors": [0.1, 0.01]}, r"training\.schedule\.factors = \[0\.1, 0\.01\]: needs one factor per milestone"),
+    ("evaluation.perturbations", {"clean": {}, "pgd": {"restarts": 0}}, r"evaluation\.perturbations\.pgd\.restarts = 0: must be >= 1"),
+    ("evaluation.epochs", [0, 3], r"evaluation\.epochs: 3 is not a checkpoint epoch; allowed: \[0, 2, 4\]"),
+    ("evaluation.feature_dtype", "int8", r"evaluation\.feature_dtype = 'int8': not allowed; allowed: float16, float32"),
+    ("evaluation.strong", {"attacks": ["fab"]}, r"evaluation\.strong\.attacks\.0 = 'fab': not allowed; allowed: pgd-strong, apgd-ce, apgd-t"),
+    ("resources", {"train": {"gpu": -1}}, r"resources\.train\.gpu = -1: must be >= 0"),
+    ("threads", 0, r"threads = 0: must be >= 1"),
+    ("grid.seed", ["one"], r"grid\.seed\.0 = 'one': must be of type integer"),
+    ("grid", _DELETE, r"missing key grid"),
+    ("datasets", {}, r"grid\.dataset = 'digits': no entry datasets\.digits"),
 ]
 
 
 @pytest.mark.parametrize("path,value,message", BAD, ids=[b[0] + ":" + str(i) for i, b in enumerate(BAD)])
 def test_bad_config_is_one_clear_line(path, value, message):
+    assert len(BAD) >= 25
     with pytest.raises(ConfigError, match=message) as info:
         validate_config(_with(path, value))
     assert "\n" not in str(info.value)
