@@ -112,11 +112,11 @@ def _constant_setting(frame: pd.DataFrame) -> str:
     return " / ".join(parts)
 
 
-def _seeds_note(frame: pd.DataFrame) -> str:
+def _seeds_note(frame: pd.DataFrame, *, band: bool = True) -> str:
     n = frame["seed"].nunique() if "seed" in frame.columns and len(frame) else 0
     if n <= 1:
-        return "1 seed (no band)"
-    return f"mean over {n} seeds, 95% CI band"
+        return "1 seed (no band)" if band else "1 seed"
+    return f"mean over {n} seeds, 95% CI band" if band else f"mean over {n} seeds"
 
 
 def _final(frame: pd.DataFrame) -> pd.DataFrame:
@@ -452,7 +452,7 @@ def leap_heatmap(metrics: pd.DataFrame, path: str | Path, split: str = "train") 
     fig.suptitle(
         f"Leap matrix L[y, k] of perturbed penultimate features ({split} split, final epoch)\n"
         f"diagonal = stays at its own clean vertex; pgd-targeted aims at (y+1) mod C"
-        f"{'; numbers in % (≥ 5 shown)' if annotate else ''}\n{_constant_setting(m)} · {_seeds_note(m)}",
+        f"{'; numbers in % (≥ 5 shown)' if annotate else ''}\n{_constant_setting(m)} · {_seeds_note(m, band=False)}",
         fontsize=10,
     )
     _save(fig, path)
