@@ -235,6 +235,27 @@ def _bottom_labels(axes, xlabel: str) -> None:
             ax.xaxis.set_tick_params(labelbottom=True)
 
 
+def _metric_panels(axes, m, rows, cols, *, x, perts, palette, settings, dashes, markers, linear_ylim=None) -> None:
+    """One panel per (row ``(metric, label, log)``, adversary column): lines against ``x`` coloured
+    by perturbation. Log rows drop non-positive values; linear rows get ``linear_ylim`` if given."""
+    for i, (metric, label, log) in enumerate(rows):
+        for j, adv in enumerate(cols):
+            ax = axes[i, j]
+            d = m[(m["metric"] == metric) & (m["adversary"] == adv)]
+            if log:
+                d = d[d["value"] > 0]
+            if d.empty:
+                _empty_panel(ax)
+                continue
+            _lines(ax, d, x=x, hue="perturbation", hue_order=perts, palette=palette, settings=settings, dashes=dashes, markers=markers)
+            if log:
+                _log_y(ax)
+            elif linear_ylim is not None:
+                ax.set_ylim(*linear_ylim)
+            ax.set_ylabel(label if j == 0 else "")
+            ax.set_xlabel("")
+
+
 def _col_titles(axes, cols, prefix: str = "") -> None:
     for j, col in enumerate(cols):
         axes[0, j].set_title(f"{prefix}{col}", fontsize=11, weight="bold")
@@ -258,29 +279,16 @@ def nc_vs_epoch(metrics: pd.DataFrame, path: str | Path, split: str = "train") -
     if m.empty:
         return _placeholder(path, "Neural Collapse against epoch", f"no NC metrics of the penultimate layer on the {split} split")
     m = _with_setting(m, varying)
-    rows = [k for k in NC_METRICS if k in set(m["metric"])]
+    rows = [(k, *NC_METRICS[k]) for k in NC_METRICS if k in set(m["metric"])]
     cols = _present(m["adversary"], ADVERSARY_ORDER)
     perts = _present(m["perturbation"], PERTURBATION_ORDER)
     palette = _palette(perts, PERTURBATION_PALETTE)
     settings = sorted(m["setting"].unique())
     dashes, markers = _style_maps(settings)
     fig, axes = _grid(len(rows), len(cols))
-    for i, metric in enumerate(rows):
-        label, log = NC_METRICS[metric]
-        for j, adv in enumerate(cols):
-            ax = axes[i, j]
-            d = m[(m["metric"] == metric) & (m["adversary"] == adv)]
-            if log:
-                d = d[d["value"] > 0]
-            if d.empty:
-                _empty_panel(ax)
-                continue
-            _lines(ax, d, x="epoch", hue="perturbation", hue_order=perts, palette=palette, settings=settings, dashes=dashes, markers=markers)
-            if log:
-                _log_y(ax)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlabel("epoch" if i == len(rows) - 1 else "")
-            ax.set_ylabel(label if j == 0 else "")
+    _metric_panels(axes, m, rows, cols, x="epoch", perts=perts, palette=palette, settings=settings, dashes=dashes, markers=markers)
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _bottom_labels(axes, "epoch")
     _col_titles(axes, cols, "trained with ")
     _legend(fig, "evaluated on", perts, palette, settings, dashes, markers)
@@ -491,22 +499,10 @@ def layerwise(metrics: pd.DataFrame, path: str | Path, split: str = "train") -> 
     tap_names = next(iter(orders.values()))
     depth_max = max(len(o) for o in orders.values())
     fig, axes = _grid(len(rows), len(cols), width=max(PANEL_WIDTH, 0.45 * depth_max + 1.2))
-    for i, (metric, label, log) in enumerate(rows):
-        for j, adv in enumerate(cols):
-            ax = axes[i, j]
-            d = m[(m["metric"] == metric) & (m["adversary"] == adv)]
-            if log:
-                d = d[d["value"] > 0]
-            if d.empty:
-                _empty_panel(ax)
-                continue
-            _lines(ax, d, x="depth", hue="perturbation", hue_order=perts, palette=palette, settings=settings, dashes=dashes, markers=markers)
-            if log:
-                _log_y(ax)
-            else:
-                ax.set_ylim(-0.02, 1.02)
-            ax.set_ylabel(label if j == 0 else "")
-            ax.set_xlabel("")
+    _metric_panels(
+        axes, m, rows, cols, x="depth", perts=perts, palette=palette, settings=settings, dashes=dashes, markers=markers,
+        linear_ylim=(-0.02, 1.02),
+    )
     ax0 = next((ax for ax in axes.flat if ax.axison), axes[0, 0])
     ax0.set_xticks(range(1, depth_max + 1))  # shared x: every panel gets these ticks
     if same_taps:
