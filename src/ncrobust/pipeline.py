@@ -25,9 +25,14 @@ AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def setup(config: dict, threads: int | None = None) -> torch.device:
-    """Threads, deterministic CPU kernels and the device for one job."""
+    """Threads, deterministic kernels (warn where none exists) and the device for one job.
+
+    ``set_deterministic_debug_mode("warn")`` is ``use_deterministic_algorithms(True, warn_only=True)``
+    without its import of ``torch._inductor`` (1.6 s, paid by every job); a compiled model sets
+    inductor's own flag in :func:`ncrobust.train.train_segment`.
+    """
     torch.set_num_threads(threads or config.get("threads", 1))
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_deterministic_debug_mode("warn")
     return resolve_device(config.get("device", "auto"))
 
 
