@@ -186,18 +186,33 @@ def test_project_small_split_and_errors():
         project({"num_classes": C, "results": {"train/pgd": blob["results"]["train/pgd"]}}, splits=["train"])
 
 
-def test_projection_cell_writes_a_tagged_table(tmp_path):
+def test_projection_table_is_tagged_with_the_cell_and_epoch():
     from ncrobust.experiment import Cell
-    from ncrobust.io import save_torch
-    from ncrobust.pipeline import projection_cell
+    from ncrobust.pipeline import projection_table
 
-    save_torch(synthetic_evaluation(n=60), tmp_path / "features.pt")
     cell = Cell("digits", "mlp", "ce", "st", 2)
-    projection_cell(cell, str(tmp_path / "features.pt"), str(tmp_path / "projection.parquet"), max_points=50)
-    f = pd.read_parquet(tmp_path / "projection.parquet")
+    f = projection_table(synthetic_evaluation(n=60), cell, max_points=50)
     assert set(PROJECTION_COLUMNS) <= set(f.columns)
     assert set(f["adversary"]) == {"st"} and set(f["seed"]) == {2} and set(f["epoch"]) == {10}
     assert (f[f["kind"] == "sample"].groupby(["split", "perturbation"]).size() == 50).all()
+
+
+def test_figures_drawn_in_parallel_equal_the_serial_ones(tmp_path):
+    """``workers > 1`` forks one process per figure; the files are the same as drawn one by one."""
+    names = ["nc_vs_epoch", "accuracy", "simplex"]
+    serial = {name: str(tmp_path / "serial" / f"{name}.png") for name in names}
+    parallel = {name: str(tmp_path / "parallel" / f"{name}.png") for name in names}
+    for outputs, workers in ((serial, 1), (parallel, 3)):
+        (tmp_path / ("serial" if workers == 1 else "parallel")).mkdir()
+        render(synthetic_metrics(), synthetic_training(), outputs, projection=synthetic_projection(), workers=workers)
+    for name in names:
+        assert open(serial[name], "rb").read() == open(parallel[name], "rb").read(), name
+
+
+def test_an_error_in_a_parallel_figure_reaches_the_caller(tmp_path):
+    outputs = {name: str(tmp_path / f"{name}.png") for name in ("accuracy", "simplex")}
+    with pytest.raises(KeyError, match="split"):  # the simplex figure needs the projection's columns
+        render(synthetic_metrics(), synthetic_training(), outputs, projection=pd.DataFrame({"x": [1.0]}), workers=2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,7 +296,7 @@ def test_report_includes_every_figure_and_table(tmp_path):
         "splits": ["train", "test"], "perturbations": {"clean": {}, "pgd": {}, "pgd-targeted": {}}, "batch_size": 500,
     }, training={"epochs": 2, "checkpoints": [2], "batch_size": 128})
     run_snakemake(tmp_path, configfile=config)
-    assert sorted(p.name for p in (tmp_path / "results/runs/digits/mlp/ce/st/seed1/projection").iterdir()) == ["epoch2.parquet"]
+    assert sorted(p.name for p in (tmp_path / "results/runs/digits/mlp/ce/st/seed1/projection").iterdir()) == ["epoch0.parquet", "epoch2.parquet"]
     run_snakemake(tmp_path, "--report", "results/report.html", configfile=config)
     html = (tmp_path / "results/report.html").read_text(errors="replace")
     assert len(html) > 100_000

@@ -29,7 +29,7 @@ PROFILE = REPO_ROOT / "profiles" / "slurm"
 # Rules that must ask for a GPU and rules that must not (others, e.g. a GPU-side attack rule,
 # may do either, but consistently with the config).
 GPU_RULES = {"train", "evaluate"}
-CPU_RULES = {"prepare_data", "metrics", "aggregate", "figures"}
+CPU_RULES = {"prepare_data", "aggregate", "figures"}
 
 # Small requests that fit any test machine: the node is the machine itself plus one fake GPU.
 TEST_RESOURCES = {

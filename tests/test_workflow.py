@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from ncrobust.tables import METRIC_COLUMNS
-from workflow_helpers import run_snakemake, write_tiny_config
+from workflow_helpers import run_snakemake, tiny_config, write_tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -75,11 +75,29 @@ def test_summary_has_one_row_per_cell_group(tiny_run):
     assert md.startswith("| dataset | model | loss | adversary |") and "pgd-linf" in md
 
 
-def test_features_are_temporary_and_every_job_has_a_log(tiny_run):
+def test_no_features_files_by_default_and_every_job_has_a_log(tiny_run):
     workdir, _ = tiny_run
-    assert not list((workdir / CELL).glob("features/*.pt"))
+    assert not (workdir / CELL / "features").exists()
+    assert sorted(p.name for p in (workdir / CELL / "projection").iterdir()) == [f"epoch{e}.parquet" for e in (0, 2, 4)]
     logs = sorted(p.name for p in (workdir / CELL / "logs").iterdir())
-    assert "train_epoch2.log" in logs and "evaluate_epoch4.log" in logs and "metrics_epoch0.log" in logs
+    assert logs == ["evaluate_epoch0.log", "evaluate_epoch2.log", "evaluate_epoch4.log", "init.log",
+                    "robustness_epoch4.log", "train_epoch2.log", "train_epoch4.log"]
+
+
+def test_kept_features_give_back_the_metrics_table(tmp_path):
+    """With ``keep_features: true`` the features file is an output of ``evaluate``, and the metrics
+    recomputed from it equal the table the job wrote (a new metric can be run on kept features)."""
+    from ncrobust.experiment import Cell
+    from ncrobust.io import load_torch
+    from ncrobust.tables import metrics_frame
+
+    evaluation = {**tiny_config()["evaluation"], "keep_features": True}
+    config = write_tiny_config(tmp_path, evaluation=evaluation)
+    run_snakemake(tmp_path, f"{CELL}/features/epoch0.pt", configfile=config)
+    blob = load_torch(tmp_path / CELL / "features/epoch0.pt")
+    assert set(blob["results"]) == {f"{s}/{p}" for s in ("train", "test") for p in evaluation["perturbations"]}
+    recomputed = metrics_frame(blob, Cell("digits", "mlp", "ce", "pgd-linf", 1), 0)
+    pd.testing.assert_frame_equal(recomputed, pd.read_parquet(tmp_path / CELL / "metrics/epoch0.parquet"))
 
 
 def test_a_finished_workflow_has_nothing_to_do(tiny_run):
@@ -93,7 +111,7 @@ def test_one_cell_target_lists_only_that_cells_jobs(tmp_path):
     proc = run_snakemake(tmp_path, "-n", f"{CELL}/metrics/epoch4.parquet", configfile=config)
     out = proc.stdout
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M))
-    assert counts == {"prepare_data": "1", "init_model": "1", "train": "2", "evaluate": "1", "metrics": "1", "total": "6"}
+    assert counts == {"prepare_data": "1", "init_model": "1", "train": "2", "evaluate": "1", "total": "5"}
     assert "/st/" not in out
 
 

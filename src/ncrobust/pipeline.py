@@ -110,21 +110,48 @@ def train_cell(config: dict, cell: Cell, data_path: str, previous: str, epoch: i
     save_torch({**new, "cell": cell.as_dict()}, checkpoint_out)
 
 
-def evaluate_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, output: str) -> None:
-    """Features and layer statistics of one checkpoint under every perturbation."""
+def evaluate_cell(
+    config: dict, cell: Cell, data_path: str, checkpoint: str, metrics_out: str, projection_out: str,
+    features_out: str | None = None, *, max_points: int = 300,
+) -> None:
+    """Evaluate one checkpoint under every perturbation and write its metrics table, its simplex
+    projection and (when ``features_out`` is given) the features themselves.
+
+    One job rather than evaluate -> metrics: the metrics are seconds of arithmetic on what this job
+    already holds in memory, while a separate job re-imports torch, re-reads a features file (322 MB
+    per CIFAR checkpoint) and, on a cluster, waits in the queue again.
+    """
     device = setup(config)
     data = load_dataset(data_path)
     ckpt = load_torch(checkpoint, map_location=device)
     model = build_model(config, cell, data).to(device)
     model.load_state_dict(ckpt["model"])
     ev = config["evaluation"]
+    epoch = int(ckpt["epoch"])
     result = evaluate(
         model, data, threat=threat_model(config, cell), perturbations=ev["perturbations"], splits=ev["splits"],
-        seed=cell.seed, epoch=int(ckpt["epoch"]), batch_size=ev["batch_size"], layerwise=ev["layerwise"],
+        seed=cell.seed, epoch=epoch, batch_size=ev["batch_size"], layerwise=ev["layerwise"],
         feature_dtype=getattr(torch, ev["feature_dtype"]), device=device,
         loss=get_loss(cell.loss, **config.get("losses", {}).get(cell.loss, {})),
     )
-    save_torch({**result, "epoch": int(ckpt["epoch"]), "cell": cell.as_dict()}, output)
+    blob = {**result, "epoch": epoch, "cell": cell.as_dict()}
+    if features_out:
+        save_torch(blob, features_out)
+    write_parquet(metrics_frame(blob, cell, epoch), metrics_out)
+    write_parquet(projection_table(blob, cell, max_points=max_points), projection_out)
+
+
+def projection_table(blob: dict, cell: Cell, *, max_points: int = 300) -> pd.DataFrame:
+    """Clean, pgd and pgd-targeted penultimate features of one evaluation (:func:`evaluate`'s
+    output) projected on the plane of its clean simplex (:func:`ncrobust.projection.project`),
+    tagged with the cell and epoch; the subsample is seeded by the cell's seed."""
+    from .projection import project
+
+    frame = project(blob, max_points=max_points, seed=cell.seed)
+    for column, value in cell.as_dict().items():
+        frame[column] = value
+    frame["epoch"] = int(blob["epoch"])
+    return frame
 
 
 def robustness_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, output: str) -> None:
@@ -152,13 +179,6 @@ def robustness_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, o
     write_parquet(frame[ROBUSTNESS_COLUMNS], output)
 
 
-def metrics_cell(cell: Cell, features: str, output: str) -> None:
-    """The long-format metrics table of one evaluated checkpoint."""
-    torch.set_num_threads(1)
-    blob = load_torch(features)
-    write_parquet(metrics_frame(blob, cell, int(blob["epoch"])), output)
-
-
 def aggregate(
     metrics: list[str], training: list[str], robustness: list[str], out_metrics: str, out_training: str,
     out_robustness: str, out_summary: str, out_summary_md: str, out_summary_csv: str,
@@ -175,25 +195,12 @@ def aggregate(
     write_text(summary_markdown(s), out_summary_md)
 
 
-def projection_cell(cell: Cell, features: str, output: str, *, max_points: int = 300) -> None:
-    """Clean, pgd and pgd-targeted penultimate features of one evaluated checkpoint projected on the
-    plane of its clean simplex (:func:`ncrobust.projection.project`), tagged with the cell and epoch;
-    the subsample is seeded by the cell's seed."""
-    from .projection import project
-
-    torch.set_num_threads(1)
-    blob = load_torch(features)
-    frame = project(blob, max_points=max_points, seed=cell.seed)
-    for column, value in cell.as_dict().items():
-        frame[column] = value
-    frame["epoch"] = int(blob["epoch"])
-    write_parquet(frame, output)
-
-
-def figures(metrics: str, training: str, outputs: dict[str, str], projections: list[str] | tuple[str, ...] = ()) -> None:
-    """Render every figure named in ``outputs`` (figure name -> PNG path; a PDF is written beside).
-    ``projections`` are the per-cell projection tables of the ``simplex`` figure."""
+def figures(
+    metrics: str, training: str, outputs: dict[str, str], projections: list[str] | tuple[str, ...] = (), *, workers: int = 1
+) -> None:
+    """Render every figure named in ``outputs`` (figure name -> PNG path; a PDF is written beside),
+    ``workers`` at a time. ``projections`` are the per-cell projection tables of the ``simplex`` figure."""
     from .plots import render
 
     projection = concat(list(projections)) if projections else None
-    render(read_parquet(metrics), read_parquet(training), outputs, projection=projection)
+    render(read_parquet(metrics), read_parquet(training), outputs, projection=projection, workers=workers)

@@ -3,16 +3,15 @@ rule evaluate:
         data=f"{RESULTS}/data/{{dataset}}.pt",
         checkpoint=RUN + "/checkpoints/epoch{epoch}.pt",
     output:
-        features=(
-            RUN + "/features/epoch{epoch}.pt"
-            if config["evaluation"]["keep_features"]
-            else temp(RUN + "/features/epoch{epoch}.pt")
-        ),
+        metrics=RUN + "/metrics/epoch{epoch}.parquet",
+        projection=RUN + "/projection/epoch{epoch}.parquet",
+        **({"features": RUN + "/features/epoch{epoch}.pt"} if config["evaluation"]["keep_features"] else {}),
     log:
         RUN + "/logs/evaluate_epoch{epoch}.log",
     params:
         config=config,
         cell=cell_of,
+        max_points=300,
     threads: config["threads"]
     resources:
         **job_resources("evaluate"),

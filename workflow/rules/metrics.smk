@@ -1,34 +1,3 @@
-rule metrics:
-    input:
-        features=RUN + "/features/epoch{epoch}.pt",
-    output:
-        RUN + "/metrics/epoch{epoch}.parquet",
-    log:
-        RUN + "/logs/metrics_epoch{epoch}.log",
-    params:
-        cell=cell_of,
-    resources:
-        **job_resources("cpu"),
-    script:
-        "../scripts/metrics.py"
-
-
-rule projection:
-    input:
-        features=RUN + "/features/epoch{epoch}.pt",
-    output:
-        RUN + "/projection/epoch{epoch}.parquet",
-    log:
-        RUN + "/logs/projection_epoch{epoch}.log",
-    params:
-        cell=cell_of,
-        max_points=300,
-    resources:
-        **job_resources("cpu"),
-    script:
-        "../scripts/projection.py"
-
-
 rule aggregate:
     input:
         metrics=metrics_files(),

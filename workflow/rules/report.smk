@@ -10,6 +10,7 @@ rule figures:
         },
     log:
         f"{RESULTS}/logs/figures.log",
+    threads: 4  # one process per figure (Snakemake caps this at --cores)
     resources:
         **job_resources("cpu"),
     script:

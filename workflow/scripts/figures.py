@@ -2,4 +2,7 @@ from ncrobust.io import job_log
 from ncrobust.pipeline import figures
 
 with job_log(snakemake.log[0]):
-    figures(snakemake.input.metrics, snakemake.input.training, dict(snakemake.output.items()), list(snakemake.input.projections))
+    figures(
+        snakemake.input.metrics, snakemake.input.training, dict(snakemake.output.items()),
+        list(snakemake.input.projections), workers=snakemake.threads,
+    )
