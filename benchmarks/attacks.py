@@ -5,7 +5,7 @@ and batch, and where the time of one PGD step goes.
 
 Two settings: (a) the digits MLP (create_model("mlp", depth=2, width=64), untrained: the cost does
 not depend on the weights; batch 512 of 1x8x8 sklearn digits), (b) PreActResNet18 on 3x32x32
-(batch 64 on the CPU, 16 with --quick, 256 on a GPU; random images). Both attacks get the model in
+(batch 16 on the CPU, 256 on a GPU; random images). Both attacks get the model in
 eval mode, the same eps 8/255, step 2/255, 10 steps, random start. Runs alternate (ours, theirs,
 theirs, ours, ...) and repeat; the table gives the median examples/s and the ratio
 ours / torchattacks (>= 1 means ours is at least as fast), from wall time and from process CPU time
@@ -104,7 +104,10 @@ def compare(model, x, y, repeats, device, calls_per_sample=1, warmup_s=0.0):
     def rate(times, i):
         return n / statistics.median(t[i] for t in times)
 
-    return rate(t_ours, 0), rate(t_theirs, 0), rate(t_ours, 1), rate(t_theirs, 1)
+    # paired: the ratio within each round (ours and theirs back to back), then the median over
+    # rounds; a machine whose speed drifts over minutes moves both members of a pair alike
+    paired = statistics.median(theirs[0] / ours[0] for ours, theirs in zip(t_ours, t_theirs))
+    return rate(t_ours, 0), rate(t_theirs, 0), rate(t_ours, 1), rate(t_theirs, 1), paired
 
 
 def profile_step(model, x, y, n_steps, device):
@@ -152,8 +155,8 @@ def main() -> None:
     # samples give a median that bursts of load on a shared machine do not move; the CPU ResNet is
     # ~1 s per step on 2 cores, so few repeats there.
     mlp_plan = (41, 1, 50, 2.0) if args.quick else (101, 1, 200, 3.0)
-    rn_plan = ((3, 1, 3, 0.0) if args.quick else (3, 1, 4, 0.0)) if cpu else (7, 1, 20, 2.0)
-    rn_batch = (16 if args.quick else 64) if cpu else 256
+    rn_plan = ((3, 1, 3, 0.0) if args.quick else (15, 1, 4, 0.0)) if cpu else (7, 1, 20, 2.0)
+    rn_batch = 16 if cpu else 256
 
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
           f"PGD-10 linf eps 8/255 step 2/255, random start, eval mode; median over alternating repeats")
@@ -168,13 +171,14 @@ def main() -> None:
 
     print()
     print(f"| {'setting':<28} | {'batch':>5} | {'repeats':>7} | {'ours ex/s':>10} | {'torchattacks ex/s':>17} "
-          f"| {'ours/ta':>7} | {'ours/ta (CPU time)':>18} |")
-    print(f"|{'-' * 30}|{'-' * 7}|{'-' * 9}|{'-' * 12}|{'-' * 19}|{'-' * 9}|{'-' * 20}|")
-    for name, n, repeats, ours, theirs, ours_cpu, theirs_cpu, _ in rows:
+          f"| {'ours/ta':>7} | {'ours/ta (CPU time)':>18} | {'ours/ta (paired)':>16} |")
+    print(f"|{'-' * 30}|{'-' * 7}|{'-' * 9}|{'-' * 12}|{'-' * 19}|{'-' * 9}|{'-' * 20}|{'-' * 18}|")
+    for name, n, repeats, ours, theirs, ours_cpu, theirs_cpu, paired, _ in rows:
         print(f"| {name:<28} | {n:>5} | {repeats:>7} | {ours:>10.1f} | {theirs:>17.1f} | {ours / theirs:>7.3f} "
-              f"| {ours_cpu / theirs_cpu:>18.3f} |")
-    print("(ex/s from the median wall time per call; the last column uses the process CPU time per call instead,")
-    print(" which is less sensitive to other processes on a shared machine. Wall time per setting: "
+              f"| {ours_cpu / theirs_cpu:>18.3f} | {paired:>16.3f} |")
+    print("(ex/s from the median wall time per call; 'CPU time' uses the process CPU time per call instead, which")
+    print(" is less sensitive to other processes on a shared machine; 'paired' is the median over rounds of the")
+    print(" ratio within a round (the two calls back to back). Wall time per setting: "
           f"{', '.join(f'{r[0]} {r[-1]:.0f} s' for r in rows)}.)")
 
     print()

@@ -10,12 +10,16 @@ on a GPU also channels_last and bf16 autocast.
     .venv/bin/python benchmarks/train_throughput.py            # PreActResNet18, CIFAR-shaped data
     .venv/bin/python benchmarks/train_throughput.py --quick    # a narrow net, for a smoke test
 
-Prints images/s of one `st` and one `pgd-linf` epoch for both, and the ratio ours / baseline.
+Prints images/s of one `st` and one `pgd-linf` epoch for both (median over rounds that run the
+two back to back in alternating order) and the ratio ours / baseline, also as the median of the
+ratios within a round. An epoch of ours is a whole ``train_segment`` call: loading the
+checkpoint state and snapshotting it at the end are counted.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -67,27 +71,30 @@ def build(name: str, width: int | None, normalise_inside: bool):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="narrow network and few images (smoke test)")
-    parser.add_argument("--images", type=int, default=None, help="images per epoch")
+    parser.add_argument("--images", type=int, default=None, help="images per epoch (default: CPU st 512, pgd-linf 128; GPU 10240)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (ours and baseline back to back, alternating order)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="ours; default bf16 on GPU, fp32 on CPU")
     args = parser.parse_args()
     device = torch.device(args.device)
     width = 16 if args.quick else None
-    n = args.images or (128 if args.quick else (256 if device.type == "cpu" else 10240))
     batch = 128
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(n, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    print(f"device {device}, {n} images of 3x32x32, batch {batch}, PreActResNet18{' (width 16)' if width else ''}, ours in {precision}")
-    print(f"{'adversary':<10} {'baseline img/s':>15} {'ours img/s':>12} {'ratio':>7}")
+    print(f"device {device}, {torch.get_num_threads()} threads, 3x32x32 images, batch {batch}, "
+          f"PreActResNet18{' (width 16)' if width else ''}, ours in {precision}; {args.repeats} rounds")
+    print(f"{'adversary':<10} {'images':>6} {'baseline img/s':>15} {'ours img/s':>12} {'ratio':>7} {'ratio (paired)':>15}")
     for adversary in ("st", "pgd-linf"):
-        times = {}
+        default_n = (128 if args.quick else (512 if adversary == "st" else 128)) if device.type == "cpu" else 10240
+        n = args.images or default_n
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(n, 3, 32, 32, generator=g)
+        y = torch.randint(0, 10, (n,), generator=g)
+        runs = {}
         for who in ("baseline", "ours"):
             model = build("preact_resnet18", width, normalise_inside=who == "ours")
             if who == "baseline":
                 model = model.to(device)
-                run = lambda: paper_style_epoch(model, x, y, adversary, batch, device)  # noqa: E731
+                runs[who] = lambda model=model: paper_style_epoch(model, x, y, adversary, batch, device)
             else:
                 model, xd, yd = place(model, device, x, y)
                 recipe = Recipe(
@@ -96,17 +103,23 @@ def main() -> None:
                     autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
                 )
                 ckpt = initial_checkpoint(model, recipe)
-                run = lambda: train_segment(model, ckpt, xd, yd, recipe=recipe, end_epoch=1, seed=0)  # noqa: E731
-            run()  # warm-up (allocator, cudnn autotune)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            run()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[who] = time.perf_counter() - start
-        base, ours = n / times["baseline"], n / times["ours"]
-        print(f"{adversary:<10} {base:>15.1f} {ours:>12.1f} {ours / base:>7.2f}")
+                runs[who] = lambda model=model, xd=xd, yd=yd, recipe=recipe, ckpt=ckpt: train_segment(
+                    model, ckpt, xd, yd, recipe=recipe, end_epoch=1, seed=0
+                )
+            runs[who]()  # warm-up (allocator, cudnn autotune, lazy imports)
+        times = {"baseline": [], "ours": []}
+        for r in range(args.repeats):
+            for who in ("ours", "baseline") if r % 2 == 0 else ("baseline", "ours"):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                runs[who]()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[who].append(time.perf_counter() - start)
+        base, ours = n / statistics.median(times["baseline"]), n / statistics.median(times["ours"])
+        paired = statistics.median(b / o for b, o in zip(times["baseline"], times["ours"]))
+        print(f"{adversary:<10} {n:>6} {base:>15.1f} {ours:>12.1f} {ours / base:>7.2f} {paired:>15.2f}")
 
 
 if __name__ == "__main__":
