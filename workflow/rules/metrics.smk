@@ -1,3 +1,5 @@
+# The metric tables of the whole grid. Each checkpoint's metrics file is written by rule evaluate
+# (evaluate.smk), in the job that ran the attacks: see ncrobust.pipeline.evaluate_cell.
 rule aggregate:
     input:
         metrics=metrics_files(),
