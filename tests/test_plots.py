@@ -197,15 +197,27 @@ def test_projection_table_is_tagged_with_the_cell_and_epoch():
     assert (f[f["kind"] == "sample"].groupby(["split", "perturbation"]).size() == 50).all()
 
 
-def test_figures_drawn_in_parallel_equal_the_serial_ones(tmp_path):
-    """``workers > 1`` forks one process per figure; the files are the same as drawn one by one."""
+def test_figures_drawn_in_parallel_equal_the_serial_ones(tmp_path, monkeypatch):
+    """``workers > 1`` draws the figures in other processes; the files are the same as drawn one by one."""
+    import os
+
     names = ["nc_vs_epoch", "accuracy", "simplex"]
+    drawn_by = tmp_path / "pids"
+    drawn_by.mkdir()
+    for name in names:  # record which process draws each figure (forked workers inherit the patch)
+        def draw(*args, _draw=FIGURES[name], _name=name):
+            (drawn_by / f"{_name}-{os.getpid()}").touch()
+            return _draw(*args)
+
+        monkeypatch.setitem(FIGURES, name, draw)
     serial = {name: str(tmp_path / "serial" / f"{name}.png") for name in names}
     parallel = {name: str(tmp_path / "parallel" / f"{name}.png") for name in names}
     for outputs, workers in ((serial, 1), (parallel, 3)):
         (tmp_path / ("serial" if workers == 1 else "parallel")).mkdir()
         render(synthetic_metrics(), synthetic_training(), outputs, projection=synthetic_projection(), workers=workers)
+    pids = {name: {int(p.name.rsplit("-", 1)[1]) for p in drawn_by.glob(f"{name}-*")} for name in names}
     for name in names:
+        assert os.getpid() in pids[name] and len(pids[name]) == 2, pids  # once here, once in a worker
         assert open(serial[name], "rb").read() == open(parallel[name], "rb").read(), name
 
 
