@@ -15,6 +15,7 @@ Each figure is written as PNG and as PDF beside it.
 from __future__ import annotations
 
 import concurrent.futures
+from dataclasses import dataclass
 import functools
 import multiprocessing
 import re
@@ -193,22 +194,42 @@ def _style_maps(settings: list[str]) -> tuple[dict, dict]:
     return dashes, markers
 
 
-def _lines(ax, data: pd.DataFrame, *, x: str, hue: str, hue_order, palette, settings, dashes, markers, **kwargs) -> None:
-    """Mean over seeds with a min-max band over seeds, one line per (hue, setting)."""
-    several = len(settings) > 1
+@dataclass(frozen=True)
+class _Styles:
+    """Colours per perturbation and line styles per setting of one figure, shared by its panels
+    and its legend."""
+
+    perts: list[str]
+    palette: dict
+    settings: list[str]
+    dashes: dict
+    markers: dict
+
+
+def _perturbation_styles(m: pd.DataFrame) -> _Styles:
+    perts = _present(m["perturbation"], PERTURBATION_ORDER)
+    settings = sorted(m["setting"].unique())
+    dashes, markers = _style_maps(settings)
+    return _Styles(perts, _palette(perts, PERTURBATION_PALETTE), settings, dashes, markers)
+
+
+def _lines(ax, data: pd.DataFrame, *, x: str, styles: _Styles, **kwargs) -> None:
+    """Mean over seeds with a min-max band over seeds, one line per (perturbation, setting)."""
+    several = len(styles.settings) > 1
     sns.lineplot(
-        data=data, x=x, y="value", hue=hue, hue_order=hue_order, palette=palette,
-        style="setting" if several else None, style_order=settings if several else None,
-        dashes=dashes if several else True, markers=markers if several else None,
+        data=data, x=x, y="value", hue="perturbation", hue_order=styles.perts, palette=styles.palette,
+        style="setting" if several else None, style_order=styles.settings if several else None,
+        dashes=styles.dashes if several else True, markers=styles.markers if several else None,
         marker=None if several else "o", markersize=4,
         errorbar=("pi", 100), err_kws={"alpha": 0.18, "linewidth": 0}, ax=ax, legend=False,
         **kwargs,
     )
 
 
-def _legend(fig, hue_title: str, hue_values, palette, settings, dashes, markers, extra: list | None = None) -> None:
-    handles = [Line2D([], [], color=palette[v], marker="o", markersize=4, label=str(v)) for v in hue_values]
-    labels = [str(v) for v in hue_values]
+def _legend(fig, hue_title: str, styles: _Styles, extra: list | None = None) -> None:
+    palette, settings, dashes, markers = styles.palette, styles.settings, styles.dashes, styles.markers
+    handles = [Line2D([], [], color=palette[v], marker="o", markersize=4, label=str(v)) for v in styles.perts]
+    labels = [str(v) for v in styles.perts]
     handles.insert(0, Line2D([], [], linestyle="none", label=hue_title))
     labels.insert(0, hue_title)
     if len(settings) > 1:
@@ -238,7 +259,7 @@ def _bottom_labels(axes, xlabel: str) -> None:
             ax.xaxis.set_tick_params(labelbottom=True)
 
 
-def _metric_panels(axes, m, rows, cols, *, x, perts, palette, settings, dashes, markers, linear_ylim=None) -> None:
+def _metric_panels(axes, m, rows, cols, *, x, styles: _Styles, linear_ylim=None) -> None:
     """One panel per (row ``(metric, label, log)``, adversary column): lines against ``x`` coloured
     by perturbation. Log rows drop non-positive values; linear rows get ``linear_ylim`` if given."""
     for i, (metric, label, log) in enumerate(rows):
@@ -250,7 +271,7 @@ def _metric_panels(axes, m, rows, cols, *, x, perts, palette, settings, dashes, 
             if d.empty:
                 _empty_panel(ax)
                 continue
-            _lines(ax, d, x=x, hue="perturbation", hue_order=perts, palette=palette, settings=settings, dashes=dashes, markers=markers)
+            _lines(ax, d, x=x, styles=styles)
             if log:
                 _log_y(ax)
             elif linear_ylim is not None:
@@ -284,17 +305,14 @@ def nc_vs_epoch(metrics: pd.DataFrame, path: str | Path, split: str = "train") -
     m = _with_setting(m, varying)
     rows = [(k, *NC_METRICS[k]) for k in NC_METRICS if k in set(m["metric"])]
     cols = _present(m["adversary"], ADVERSARY_ORDER)
-    perts = _present(m["perturbation"], PERTURBATION_ORDER)
-    palette = _palette(perts, PERTURBATION_PALETTE)
-    settings = sorted(m["setting"].unique())
-    dashes, markers = _style_maps(settings)
+    styles = _perturbation_styles(m)
     fig, axes = _grid(len(rows), len(cols))
-    _metric_panels(axes, m, rows, cols, x="epoch", perts=perts, palette=palette, settings=settings, dashes=dashes, markers=markers)
+    _metric_panels(axes, m, rows, cols, x="epoch", styles=styles)
     for ax in axes.flat:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _bottom_labels(axes, "epoch")
     _col_titles(axes, cols, "trained with ")
-    _legend(fig, "evaluated on", perts, palette, settings, dashes, markers)
+    _legend(fig, "evaluated on", styles)
     _title(fig, f"Neural Collapse of the penultimate features ({split} split)\nclean vs perturbed; lower = more collapse", m)
     _save(fig, path)
 
@@ -323,10 +341,7 @@ def accuracy_curves(metrics: pd.DataFrame, path: str | Path, training: pd.DataFr
     m = _with_setting(m, varying)
     rows = _present(m["split"], SPLIT_ORDER)
     cols = _present(m["adversary"], ADVERSARY_ORDER)
-    perts = _present(m["perturbation"], PERTURBATION_ORDER)
-    palette = _palette(perts, PERTURBATION_PALETTE)
-    settings = sorted(m["setting"].unique())
-    dashes, markers = _style_maps(settings)
+    styles = _perturbation_styles(m)
     log_columns = {"train": [("train_accuracy", "clean"), ("train_robust_accuracy", "pgd")], "test": [("test_accuracy", "clean")]}
     t = None
     if training is not None and len(training) and "epoch" in training.columns:
@@ -340,7 +355,7 @@ def accuracy_curves(metrics: pd.DataFrame, path: str | Path, training: pd.DataFr
             if d.empty:
                 _empty_panel(ax)
                 continue
-            _lines(ax, d, x="epoch", hue="perturbation", hue_order=perts, palette=palette, settings=settings, dashes=dashes, markers=markers)
+            _lines(ax, d, x="epoch", styles=styles)
             if t is not None:
                 for column, colour_of in log_columns.get(split, []):
                     if column not in t.columns:
@@ -349,10 +364,11 @@ def accuracy_curves(metrics: pd.DataFrame, path: str | Path, training: pd.DataFr
                     if tl.empty:
                         continue
                     tl = tl.rename(columns={column: "value"})
+                    several = len(styles.settings) > 1
                     sns.lineplot(
-                        data=tl, x="epoch", y="value", style="setting" if len(settings) > 1 else None,
-                        style_order=settings if len(settings) > 1 else None, dashes=dashes if len(settings) > 1 else True,
-                        color=palette.get(colour_of, "0.5"), linewidth=0.8, alpha=0.55, errorbar=None, ax=ax, legend=False,
+                        data=tl, x="epoch", y="value", style="setting" if several else None,
+                        style_order=styles.settings if several else None, dashes=styles.dashes if several else True,
+                        color=styles.palette.get(colour_of, "0.5"), linewidth=0.8, alpha=0.55, errorbar=None, ax=ax, legend=False,
                     )
                     drew_log = True
             ax.set_ylim(-0.02, 1.02)
@@ -362,7 +378,7 @@ def accuracy_curves(metrics: pd.DataFrame, path: str | Path, training: pd.DataFr
     _bottom_labels(axes, "epoch")
     _col_titles(axes, cols, "trained with ")
     extra = [Line2D([], [], color="0.4", linewidth=0.8, alpha=0.7, label="thin: per-epoch training log\n(robust = training attack)")] if drew_log else []
-    _legend(fig, "evaluated on", perts, palette, settings, dashes, markers, extra)
+    _legend(fig, "evaluated on", styles, extra)
     _title(fig, "Network accuracy against the true labels, clean and under attack", m)
     _save(fig, path)
 
@@ -378,10 +394,7 @@ def alignment_angle(metrics: pd.DataFrame, path: str | Path) -> None:
     m = _with_setting(m, varying)
     rows = _present(m["split"], SPLIT_ORDER)
     cols = _present(m["adversary"], ADVERSARY_ORDER)
-    perts = _present(m["perturbation"], PERTURBATION_ORDER)
-    palette = _palette(perts, PERTURBATION_PALETTE)
-    settings = sorted(m["setting"].unique())
-    dashes, markers = _style_maps(settings)
+    styles = _perturbation_styles(m)
     fig, axes = _grid(len(rows), len(cols), sharey=True)
     top = float(m["value"].max())
     for i, split in enumerate(rows):
@@ -391,14 +404,14 @@ def alignment_angle(metrics: pd.DataFrame, path: str | Path) -> None:
             if d.empty:
                 _empty_panel(ax)
                 continue
-            _lines(ax, d, x="epoch", hue="perturbation", hue_order=perts, palette=palette, settings=settings, dashes=dashes, markers=markers)
+            _lines(ax, d, x="epoch", styles=styles)
             ax.set_ylim(0, max(5.0, 1.08 * top))
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("epoch" if i == len(rows) - 1 else "")
             ax.set_ylabel(f"{split} split\nangle (degrees)" if j == 0 else "")
     _bottom_labels(axes, "epoch")
     _col_titles(axes, cols, "trained with ")
-    _legend(fig, "perturbation", perts, palette, settings, dashes, markers)
+    _legend(fig, "perturbation", styles)
     _title(fig, "Angle between clean and perturbed class means (centred, mean over classes)\n0° = perturbed simplex aligned with the clean one", m)
     _save(fig, path)
 
@@ -494,17 +507,13 @@ def layerwise(metrics: pd.DataFrame, path: str | Path, split: str = "train") -> 
     ]
     rows = [r for r in rows if r[0] in set(m["metric"])]
     cols = _present(m["adversary"], ADVERSARY_ORDER)
-    perts = _present(m["perturbation"], PERTURBATION_ORDER)
-    palette = _palette(perts, PERTURBATION_PALETTE)
-    settings = sorted(m["setting"].unique())
-    dashes, markers = _style_maps(settings)
+    styles = _perturbation_styles(m)
     same_taps = len({tuple(o) for o in orders.values()}) == 1
     tap_names = next(iter(orders.values()))
     depth_max = max(len(o) for o in orders.values())
     fig, axes = _grid(len(rows), len(cols), width=max(PANEL_WIDTH, 0.45 * depth_max + 1.2))
     _metric_panels(
-        axes, m, rows, cols, x="depth", perts=perts, palette=palette, settings=settings, dashes=dashes, markers=markers,
-        linear_ylim=(-0.02, 1.02),
+        axes, m, rows, cols, x="depth", styles=styles, linear_ylim=(-0.02, 1.02),
     )
     ax0 = next((ax for ax in axes.flat if ax.axison), axes[0, 0])
     ax0.set_xticks(range(1, depth_max + 1))  # shared x: every panel gets these ticks
@@ -516,7 +525,7 @@ def layerwise(metrics: pd.DataFrame, path: str | Path, split: str = "train") -> 
     _bottom_labels(axes, "layer (input → output)" if same_taps else "depth: tap index (penultimate last)")
     ax0.set_xlim(0.7, depth_max + 0.3)
     _col_titles(axes, cols, "trained with ")
-    _legend(fig, "evaluated on", perts, palette, settings, dashes, markers)
+    _legend(fig, "evaluated on", styles)
     epochs = "/".join(map(str, sorted(m["epoch"].unique())))
     note = "" if depth_max > 1 else " · only the penultimate layer (evaluation.layerwise is off?)"
     _title(fig, f"Collapse through depth ({split} split, final epoch {epochs}){note}", m)
