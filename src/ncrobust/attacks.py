@@ -156,6 +156,15 @@ def _check_batch_size(batch_size) -> None:
         raise ValueError(f"batch_size must be None or an integer >= 1, got {batch_size!r}")
 
 
+def _check_batch(x, y, num_classes, batch_size) -> None:
+    """The inputs of every registry attack: images in [0, 1], labels in range, a valid chunk size."""
+    _check_num_classes(num_classes)
+    _check_batch_size(batch_size)
+    _check_images(x)
+    _check_labels_shape(x, y)
+    _check_labels_range(y, num_classes)
+
+
 def _cross_entropy_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y, reduction="sum")
 
@@ -485,12 +494,8 @@ def perturb(
         raise ValueError(f"unknown perturbation {name!r}; allowed: {', '.join(PERTURBATIONS)}")
     if not isinstance(threat, ThreatModel):
         raise ValueError(f"threat must be a ThreatModel, got {type(threat).__name__}")
-    _check_num_classes(num_classes)
-    _check_batch_size(batch_size)
     _check_restarts(restarts)
-    _check_images(x)
-    _check_labels_shape(x, y)
-    _check_labels_range(y, num_classes)
+    _check_batch(x, y, num_classes, batch_size)
     eps_ = threat.eps if eps is None else eps
     _check_eps(eps_)
     if name == "clean":
@@ -568,11 +573,7 @@ def strong_attack(
         raise ValueError(f"threat must be a ThreatModel, got {type(threat).__name__}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    _check_num_classes(num_classes)
-    _check_batch_size(batch_size)
-    _check_images(x)
-    _check_labels_shape(x, y)
-    _check_labels_range(y, num_classes)
+    _check_batch(x, y, num_classes, batch_size)
     y = y.to(x.device)
     x = x.detach()
     if name == "pgd-strong":
