@@ -49,7 +49,7 @@ from torch import nn
 LossFn = Callable[..., torch.Tensor]
 
 NORMS = ("linf", "l2")
-PERTURBATIONS = ("clean", "pgd", "pgd-targeted", "gaussian", "sign")
+PERTURBATIONS = ("clean", "pgd", "pgd-targeted", "gaussian", "sign", "trades-kl")
 STRONG_ATTACKS = ("pgd-strong", "apgd-ce", "apgd-t")
 
 # pgd-strong: 5 restarts of 50 steps with step eps/4 (both norms). Large steps move far in few
@@ -422,18 +422,39 @@ def trades_kl(
 # --------------------------------------------------------------------------------------------
 
 
-def gaussian(x: torch.Tensor, *, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``clamp(x + eps * N(0, I), 0, 1)`` (Su et al.'s Gaussian-noise evaluation; not norm-bounded)."""
-    _check_eps(eps)
-    _check_images(x)
-    return _noise("randn", x, generator).mul_(float(eps)).add_(x.detach()).clamp_(0.0, 1.0)
+def _sized_noise(kind: str, x: torch.Tensor, eps: float, norm: str, generator) -> torch.Tensor:
+    """Noise of the threat model's size in its own norm: ``linf`` per pixel (``eps * z``), ``l2`` a
+    random direction ``z / ||z||_2`` of length ``eps`` per example (``z`` Gaussian, or its signs)."""
+    z = _noise("randn", x, generator)
+    if kind == "sign":
+        z.sign_()
+    if norm == "l2":
+        z.mul_(_bcast(_l2_norms(z).clamp_min_(_NORM_FLOOR).reciprocal_(), z))
+    return z.mul_(float(eps)).add_(x.detach()).clamp_(0.0, 1.0)
 
 
-def random_sign(x: torch.Tensor, *, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``clamp(x + eps * sign(N(0, I)), 0, 1)``: a random corner of the l_inf ball of radius ``eps``."""
+def gaussian(x: torch.Tensor, *, eps: float, norm: str = "linf", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gaussian noise of the threat model's size, clamped to [0, 1].
+
+    ``linf``: ``x + eps * N(0, I)``, a per-pixel standard deviation of ``eps`` (Su et al.'s evaluation
+    uses 8/255 per pixel; not norm-bounded). ``l2``: ``x + eps * z / ||z||_2`` with ``z ~ N(0, I)``, a
+    uniformly random direction of l2 length ``eps`` (per-pixel eps would be ``sqrt(D)`` times the
+    budget: an l2 norm of 20 for 128/255 on CIFAR).
+    """
+    _check_norm(norm)
     _check_eps(eps)
     _check_images(x)
-    return _noise("randn", x, generator).sign_().mul_(float(eps)).add_(x.detach()).clamp_(0.0, 1.0)
+    return _sized_noise("gaussian", x, eps, norm, generator)
+
+
+def random_sign(x: torch.Tensor, *, eps: float, norm: str = "linf", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random-sign noise of the threat model's size, clamped to [0, 1]: ``linf`` a random corner
+    ``x + eps * sign(z)`` of the ball; ``l2`` the same direction scaled to l2 length ``eps``
+    (``eps / sqrt(D)`` per pixel)."""
+    _check_norm(norm)
+    _check_eps(eps)
+    _check_images(x)
+    return _sized_noise("sign", x, eps, norm, generator)
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,7 +505,9 @@ def perturb(
     - ``clean``: ``x`` unchanged (detached).
     - ``pgd``: untargeted PGD in eval mode with the threat's norm, eps, step size and steps.
     - ``pgd-targeted``: targeted PGD to ``target_labels(y, num_classes)``; ``y`` holds true labels.
-    - ``gaussian`` / ``sign``: :func:`gaussian` / :func:`random_sign` with radius ``threat.eps``.
+    - ``gaussian`` / ``sign``: :func:`gaussian` / :func:`random_sign` of size ``threat.eps`` in the
+      threat's norm (per pixel for ``linf``, the l2 length for ``l2``).
+    - ``trades-kl``: TRADES's KL inner maximisation (:func:`trades_kl`) against the model itself.
 
     ``steps``, ``step_size``, ``restarts`` and ``eps`` override the threat's values for this call.
     ``batch_size`` processes ``x`` in chunks of that many examples (bounded memory for any split
@@ -500,12 +523,13 @@ def perturb(
     _check_eps(eps_)
     if name == "clean":
         return x.detach()
-    if name == "gaussian":
-        return _chunked(lambda xb, _: gaussian(xb, eps=eps_, generator=generator), x, None, batch_size)
-    if name == "sign":
-        return _chunked(lambda xb, _: random_sign(xb, eps=eps_, generator=generator), x, None, batch_size)
+    if name in ("gaussian", "sign"):
+        return _chunked(lambda xb, _: _sized_noise(name, xb, eps_, threat.norm, generator), x, None, batch_size)
     t = ThreatModel(threat.norm, eps_, threat.step_size if step_size is None else step_size,
                     threat.steps if steps is None else steps)
+    if name == "trades-kl":
+        return _chunked(lambda xb, _: trades_kl(model, xb, norm=t.norm, eps=t.eps, step_size=t.step_size, steps=t.steps,
+                                                generator=generator, autocast_dtype=autocast_dtype), x, None, batch_size)
     targeted = name == "pgd-targeted"
     labels = target_labels(y, num_classes) if targeted else y
 
@@ -553,12 +577,14 @@ def strong_attack(
     num_classes: int,
     seed: int,
     batch_size: int | None = None,
+    loss: LossFn | str | None = None,
 ) -> torch.Tensor:
     """A stronger untargeted evaluation attack, in eval mode, under ``threat``'s norm and eps.
 
     - ``pgd-strong``: :func:`pgd` with ``PGD_STRONG_RESTARTS`` = 5 restarts of ``PGD_STRONG_STEPS``
       = 50 steps of size ``eps / 4`` (both norms), worst case per example kept; the random starts
-      come from ``torch.Generator(x.device).manual_seed(seed)``.
+      come from ``torch.Generator(x.device).manual_seed(seed)``; it ascends ``loss`` (cross-entropy
+      by default; the workflow passes the cell's loss, as for the evaluation's ``pgd``).
     - ``apgd-ce``: ``torchattacks.APGD`` with AutoAttack's standard settings: 100 iterations (the
       torchattacks default is 10), 1 restart, ``rho = 0.75``, CE loss, ``seed``.
     - ``apgd-t``: ``torchattacks.APGDT`` (targeted DLR loss): 100 iterations, 1 restart, 9 target
@@ -583,7 +609,7 @@ def strong_attack(
 
         def run(xb, yb):
             return pgd(model, xb, yb, norm=threat.norm, eps=threat.eps, step_size=PGD_STRONG_STEP_FRACTION * threat.eps,
-                       steps=PGD_STRONG_STEPS, restarts=PGD_STRONG_RESTARTS, generator=generator, train_mode=False)
+                       steps=PGD_STRONG_STEPS, restarts=PGD_STRONG_RESTARTS, generator=generator, train_mode=False, loss=loss)
 
         return _chunked(run, x, y, batch_size)
     if x.ndim != 4:

@@ -113,6 +113,7 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
         needed = {a.split("-")[1] for a in config["grid"]["adversary"] if a != "st"}
         if "st" in config["grid"]["adversary"]:
             needed.add(datasets[ds]["norm"])
+            needed.update(config["evaluation"].get("norms", []))
         for norm in sorted(needed):
             if norm not in threat:
                 raise ConfigError(f"datasets.{ds}.threat has no {norm!r} threat model; needed by the grid's adversaries")

@@ -12,11 +12,10 @@ import torch
 from tqdm import tqdm
 
 from . import data as datasets
-from .experiment import Cell, build_model, resolve_device, threat_model
-from .features import evaluate
+from .evaluation import evaluate_checkpoint
+from .experiment import Cell, build_model, cell_loss, evaluation_plan, resolve_device, threat_model
 from .io import CorruptFileError, load_torch, read_parquet, save_torch, write_parquet, write_text
-from .losses import get_loss
-from .tables import ROBUSTNESS_COLUMNS, concat, metrics_frame, summary, summary_markdown, training_frame
+from .tables import ROBUSTNESS_COLUMNS, metrics_frame, stack, summary, summary_markdown, tag, training_frame
 from .train import Recipe, Schedule, initial_checkpoint, train_segment
 
 log = logging.getLogger("ncrobust")
@@ -65,11 +64,10 @@ def prepare_data(config: dict, dataset: str, output: str) -> None:
 
 def recipe(config: dict, cell: Cell) -> Recipe:
     t = config["training"]
-    loss_options = config.get("losses", {}).get(cell.loss, {})
     schedule = t["schedule"]
     return Recipe(
         adversary=cell.adversary,
-        loss=get_loss(cell.loss, **loss_options),
+        loss=cell_loss(config, cell),
         threat=threat_model(config, cell),
         epochs=t["epochs"],
         batch_size=t["batch_size"],
@@ -114,44 +112,25 @@ def evaluate_cell(
     config: dict, cell: Cell, data_path: str, checkpoint: str, metrics_out: str, projection_out: str,
     features_out: str | None = None, *, max_points: int = 300,
 ) -> None:
-    """Evaluate one checkpoint under every perturbation and write its metrics table, its simplex
-    projection and (when ``features_out`` is given) the features themselves.
+    """Evaluate one checkpoint (:func:`ncrobust.evaluation.evaluate_checkpoint`) and write its
+    metrics table, its simplex projection and (when ``features_out`` is given) the features.
 
-    One job rather than evaluate -> metrics: the metrics are seconds of arithmetic on what this job
-    already holds in memory, while a separate job re-imports torch, re-reads a features file (322 MB
-    per CIFAR checkpoint) and, on a cluster, waits in the queue again.
+    One job rather than evaluate -> metrics: the metrics are computed while the attacked inputs
+    stream through the model, instead of a second job re-reading a features file (322 MB per
+    CIFAR checkpoint) after another queue wait.
     """
     device = setup(config)
     data = load_dataset(data_path)
     ckpt = load_torch(checkpoint, map_location=device)
     model = build_model(config, cell, data).to(device)
     model.load_state_dict(ckpt["model"])
-    ev = config["evaluation"]
     epoch = int(ckpt["epoch"])
-    result = evaluate(
-        model, data, threat=threat_model(config, cell), perturbations=ev["perturbations"], splits=ev["splits"],
-        seed=cell.seed, epoch=epoch, batch_size=ev["batch_size"], layerwise=ev["layerwise"],
-        feature_dtype=getattr(torch, ev["feature_dtype"]), device=device,
-        loss=get_loss(cell.loss, **config.get("losses", {}).get(cell.loss, {})),
-    )
-    blob = {**result, "epoch": epoch, "cell": cell.as_dict()}
+    plan = evaluation_plan(config, cell, keep_features=features_out is not None, projection_points=max_points)
+    result = evaluate_checkpoint(model, data, plan, seed=cell.seed, epoch=epoch, device=device)
     if features_out:
-        save_torch(blob, features_out)
-    write_parquet(metrics_frame(blob, cell, epoch), metrics_out)
-    write_parquet(projection_table(blob, cell, max_points=max_points), projection_out)
-
-
-def projection_table(blob: dict, cell: Cell, *, max_points: int = 300) -> pd.DataFrame:
-    """Clean, pgd and pgd-targeted penultimate features of one evaluation (:func:`evaluate`'s
-    output) projected on the plane of its clean simplex (:func:`ncrobust.projection.project`),
-    tagged with the cell and epoch; the subsample is seeded by the cell's seed."""
-    from .projection import project
-
-    frame = project(blob, max_points=max_points, seed=cell.seed)
-    for column, value in cell.as_dict().items():
-        frame[column] = value
-    frame["epoch"] = int(blob["epoch"])
-    return frame
+        save_torch({**result.features, "cell": cell.as_dict()}, features_out)
+    write_parquet(metrics_frame(result.metrics, cell, epoch), metrics_out)
+    write_parquet(tag(result.projection, cell, epoch), projection_out)
 
 
 def robustness_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, output: str) -> None:
@@ -168,15 +147,13 @@ def robustness_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, o
     if strong["max_samples"] and len(x) > strong["max_samples"]:  # the first samples, as RobustBench does
         x, y = x[: strong["max_samples"]], y[: strong["max_samples"]]
     model, x, y = place(model, device, x, y)
+    threat = threat_model(config, cell)
     rows = strong_evaluation(
-        model, x, y, threat=threat_model(config, cell), num_classes=len(data["classes"]), attacks=strong["attacks"],
-        seed=cell.seed, batch_size=config["evaluation"]["batch_size"],
+        model, x, y, threat=threat, num_classes=len(data["classes"]), attacks=strong["attacks"],
+        seed=cell.seed, batch_size=config["evaluation"]["batch_size"], loss=cell_loss(config, cell), loss_name=cell.loss,
     )
-    frame = pd.DataFrame(rows)
-    for column, value in cell.as_dict().items():
-        frame[column] = value
-    frame["epoch"], frame["split"] = int(ckpt["epoch"]), strong["split"]
-    write_parquet(frame[ROBUSTNESS_COLUMNS], output)
+    frame = pd.DataFrame(rows).assign(split=strong["split"], norm=threat.norm)
+    write_parquet(tag(frame, cell, int(ckpt["epoch"]))[ROBUSTNESS_COLUMNS], output)
 
 
 def aggregate(
@@ -184,10 +161,10 @@ def aggregate(
     out_robustness: str, out_summary: str, out_summary_md: str, out_summary_csv: str,
 ) -> None:
     """All cells into one table each, plus the final-epoch summary (Parquet, Markdown, CSV)."""
-    m = concat(metrics)
+    m = stack([read_parquet(p) for p in metrics])
     write_parquet(m, out_metrics)
-    write_parquet(concat(training), out_training)
-    r = concat(robustness)
+    write_parquet(stack([read_parquet(p) for p in training]), out_training)
+    r = stack([read_parquet(p) for p in robustness])
     write_parquet(r, out_robustness)
     s = summary(m, r)
     write_parquet(s, out_summary)
@@ -202,5 +179,5 @@ def figures(
     ``workers`` at a time. ``projections`` are the per-cell projection tables of the ``simplex`` figure."""
     from .plots import render
 
-    projection = concat(list(projections)) if projections else None
+    projection = stack([read_parquet(p) for p in projections]) if projections else None
     render(read_parquet(metrics), read_parquet(training), outputs, projection=projection, workers=workers)
