@@ -428,8 +428,8 @@ def leap_heatmap(m: pd.DataFrame, path: str | Path, split: str = "train"):
         bar.set_label("L[y, k]: share of class y")
     fig.suptitle(
         f"Leap matrix L[y, k] of perturbed penultimate features ({split} split, final epoch)\n"
-        f"diagonal = stays at its own clean vertex; pgd-targeted aims at (y+1) mod C"
-        f"{'; numbers in % (≥ 5 shown)' if annotate else ''}\n{_constant_setting(m)} · {_seeds_note(m, band=False)}",
+        f"diagonal = at the clean vertex of its own class (pgd) or of its target (pgd-targeted, rows = targets)"
+        f"{'; numbers in % (≥ 5 shown)' if annotate else ''}\n{_seeds_note(m, band=False)}",
         fontsize=10,
     )
     return _save(fig, path)

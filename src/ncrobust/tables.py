@@ -93,10 +93,12 @@ def scalars(metrics: pd.DataFrame) -> pd.DataFrame:
     return metrics[metrics["class"].isna() & metrics["row"].isna()]
 
 
-def own_threat(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows under each cell's own threat model (its clean rows' norm): drops the extra norms an
-    ``st`` cell may be evaluated under (``evaluation.norms``). Works on metrics and projections."""
-    own = frame[frame["perturbation"] == "clean"].groupby(CELL_COLUMNS)["norm"].first().rename("own_norm")
+def own_threat(frame: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Rows under each cell's own threat model (the norm of its clean rows in ``reference``, by
+    default ``frame``): drops the extra norms an ``st`` cell may be evaluated under
+    (``evaluation.norms``). Works on metrics and projections."""
+    reference = frame if reference is None else reference
+    own = reference[reference["perturbation"] == "clean"].groupby(CELL_COLUMNS)["norm"].first().rename("own_norm")
     merged = frame.join(own, on=CELL_COLUMNS)
     return frame[(merged["norm"] == merged["own_norm"]).to_numpy()]
 
@@ -225,9 +227,9 @@ def leap_matrices(metrics: pd.DataFrame, split: str = "train", perturbations=("p
     """The leap matrix ``L[row, col]`` at each cell's final epoch, mean over seeds: one row per
     (setting, adversary, perturbation, row, col), with the epochs it averages."""
     m = metrics[(metrics["layer"] == "penultimate") & (metrics["metric"] == "leap") & (metrics["split"] == split)]
-    m = final_epoch(own_threat(m[m["perturbation"].isin(perturbations)]))
+    m = final_epoch(own_threat(m[m["perturbation"].isin(perturbations)], metrics))
     m = with_setting(m, varying_settings(metrics))
-    keys = ["setting", "adversary", "perturbation", "row", "col"]
+    keys = ["setting", "adversary", "perturbation", "row", "col"]  # setting names dataset/model/loss when they vary
     if m.empty:
         return pd.DataFrame(columns=[*keys, "value", "epochs", "seeds"])
     out = m.groupby(keys, observed=True).agg(value=("value", "mean"), seeds=("seed", "nunique")).reset_index()
