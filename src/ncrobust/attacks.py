@@ -335,19 +335,22 @@ def pgd(
     ``autocast_dtype`` (e.g. ``torch.bfloat16`` on a GPU) wraps the attack's forward passes in
     ``torch.autocast``. Returns detached inputs in [0, 1] within the ball, dtype/device of ``x``.
     """
-    ThreatModel(norm, eps, step_size, steps)
+    threat = ThreatModel(norm, float(eps), float(step_size), steps)
     _check_restarts(restarts)
     _check_images(x)
     _check_labels_shape(x, y)
-    loss_fn = _resolve_loss(loss)
-    y = y.to(x.device)
-    x = x.detach()
-    eps = float(eps)
-    step_size = float(step_size)
-    kw = dict(norm=norm, eps=eps, step_size=step_size, steps=steps, random_start=random_start,
+    return _pgd(model, x.detach(), y.to(x.device), threat, random_start=random_start, restarts=restarts, targeted=targeted,
+                loss_fn=_resolve_loss(loss), generator=generator, train_mode=train_mode, autocast_dtype=autocast_dtype,
+                check_labels=True)
+
+
+def _pgd(model, x, y, threat: ThreatModel, *, random_start, restarts, targeted, loss_fn, generator, train_mode,
+         autocast_dtype, check_labels) -> torch.Tensor:
+    """:func:`pgd` on validated arguments (the registry validates once per call, not per chunk)."""
+    kw = dict(norm=threat.norm, eps=threat.eps, step_size=threat.step_size, steps=threat.steps, random_start=random_start,
               targeted=targeted, loss_fn=loss_fn, generator=generator, autocast_dtype=autocast_dtype)
     with _model_mode(model, train_mode):
-        best = _pgd_run(model, x, y, check_labels=True, **kw)
+        best = _pgd_run(model, x, y, check_labels=check_labels, **kw)
         if restarts == 1:
             return best
         sign = -1.0 if targeted else 1.0  # maximise sign * loss
@@ -388,11 +391,14 @@ def trades_kl(
     perturbation to the eps-ball. ``softmax(model(x))`` is a constant in eval mode and is computed
     once. The model's modes are restored afterwards.
     """
-    ThreatModel(norm, eps, step_size, steps)
+    threat = ThreatModel(norm, float(eps), float(step_size), steps)
     _check_images(x)
-    x = x.detach()
-    eps = float(eps)
-    step_size = float(step_size)
+    return _trades_kl(model, x.detach(), threat, generator=generator, autocast_dtype=autocast_dtype)
+
+
+def _trades_kl(model, x, threat: ThreatModel, *, generator, autocast_dtype) -> torch.Tensor:
+    """:func:`trades_kl` on validated arguments."""
+    norm, eps, step_size, steps = threat.norm, threat.eps, threat.step_size, threat.steps
     x_adv = _noise("randn", x, generator).mul_(0.001).add_(x)
     bounds = _linf_bounds(x, eps) if norm == "linf" else None
     with _model_mode(model, False):
@@ -527,16 +533,17 @@ def perturb(
         return _chunked(lambda xb, _: _sized_noise(name, xb, eps_, threat.norm, generator), x, None, batch_size)
     t = ThreatModel(threat.norm, eps_, threat.step_size if step_size is None else step_size,
                     threat.steps if steps is None else steps)
+    x = x.detach()
     if name == "trades-kl":
-        return _chunked(lambda xb, _: trades_kl(model, xb, norm=t.norm, eps=t.eps, step_size=t.step_size, steps=t.steps,
-                                                generator=generator, autocast_dtype=autocast_dtype), x, None, batch_size)
+        return _chunked(lambda xb, _: _trades_kl(model, xb, t, generator=generator, autocast_dtype=autocast_dtype),
+                        x, None, batch_size)
     targeted = name == "pgd-targeted"
-    labels = target_labels(y, num_classes) if targeted else y
+    labels = (y + 1) % num_classes if targeted else y  # target_labels, on labels checked above
+    loss_fn = _resolve_loss(loss)
 
     def run(xb, yb):
-        return pgd(model, xb, yb, norm=t.norm, eps=t.eps, step_size=t.step_size, steps=t.steps,
-                   restarts=restarts, targeted=targeted, loss=loss, generator=generator, train_mode=False,
-                   autocast_dtype=autocast_dtype)
+        return _pgd(model, xb, yb.to(xb.device), t, random_start=True, restarts=restarts, targeted=targeted, loss_fn=loss_fn,
+                    generator=generator, train_mode=False, autocast_dtype=autocast_dtype, check_labels=False)
 
     return _chunked(run, x, labels, batch_size)
 
