@@ -154,18 +154,23 @@ def _measure(
 
 class _Keep:
     """Pass 1's penultimate features of the projection subsample (and, with ``everything``, all
-    features and logits), gathered batch by batch with host-side index arithmetic (no syncs)."""
+    features and logits). The subsample's positions within each batch are sent to the device
+    before the loop (a host-to-device copy inside it would wait for the GPU)."""
 
-    def __init__(self, index: np.ndarray, device, everything: bool) -> None:
-        self.index, self.device, self.everything = index, device, everything
+    def __init__(self, index: np.ndarray, n: int, batch_size: int, device, everything: bool) -> None:
+        self.local = {
+            sl.start: torch.as_tensor(index[(index >= sl.start) & (index < sl.stop)] - sl.start, device=device)
+            for sl in _batches(n, batch_size)
+        }
+        self.everything = everything
         self.sample: list[torch.Tensor] = []
         self.features: list[torch.Tensor] = []
         self.logits: list[torch.Tensor] = []
 
     def __call__(self, sl: slice, logits: torch.Tensor, penultimate: torch.Tensor) -> None:
-        local = self.index[(self.index >= sl.start) & (self.index < sl.stop)] - sl.start
+        local = self.local[sl.start]
         if len(local):
-            self.sample.append(penultimate[torch.as_tensor(local, device=self.device)])
+            self.sample.append(penultimate[local])
         if self.everything:
             self.features.append(penultimate)
             self.logits.append(logits)
@@ -233,7 +238,7 @@ def evaluate_checkpoint(
     feature_dtype = FEATURE_DTYPES[plan.feature_dtype]
 
     def measure(x, labels, groups, targets, keys, reference, plane, index):
-        keep = _Keep(index, x.device, plan.keep_features)
+        keep = _Keep(index, len(x), plan.batch_size, x.device, plan.keep_features)
         stats, predictions = _measure(
             _model_forward(model, x, layers), len(x), groups, layers, num_classes, plan.batch_size, reference, keep
         )
