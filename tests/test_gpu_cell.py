@@ -30,4 +30,4 @@ def test_projection_is_cells_times_epochs_evaluations_and_strong_evaluation(tmp_
     cells = 2 * 2 * 1 * 3 * 3  # datasets x models x losses x adversaries x seeds
     assert hours == pytest.approx(cells * (400 * 1.0 + len(paper["evaluation"]["epochs"]) * 10.0 + 100.0) / 3600)
     with pytest.raises(ValueError, match="no measurement for vgg11_bn"):
-        gpu_cell.projected_hours(paper, {k: v for k, v in epoch_s.items() if k[0] != "vgg11_bn"}, {}, {})
+        gpu_cell.projected_hours(paper, epoch_s, {"preact_resnet18": 10.0}, {m: 100.0 for m in gpu_cell.MODELS})
