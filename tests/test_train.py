@@ -329,3 +329,23 @@ def test_cuda_graph_training_equals_eager_training_on_gpu(digits, adversary):
     for a, b in zip(eager_rows, graphed_rows):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["train_accuracy"] == pytest.approx(b["train_accuracy"], abs=2 / len(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("adversary", ["st", "pgd-linf", "trades-linf"])
+def test_training_step_makes_no_host_synchronisation_on_gpu(digits, adversary):
+    from ncrobust.train import TrainStep, make_optimizer
+
+    cell, model, recipe, x, y = _setup(digits, adversary, epochs=1, model="convnet")
+    model, x, y = model.cuda(), x[:256].cuda(), y[:256].cuda()
+    step = TrainStep(model, make_optimizer(model, recipe), recipe, num_classes=10, n_train=256, device=x.device)
+    gen = torch.Generator(x.device).manual_seed(0)
+    step(x, y, draw_attack_noise(step.kind, recipe.threat, x, gen))  # first step: momentum buffers, lazy init
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            step(x, y, draw_attack_noise(step.kind, recipe.threat, x, gen))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert step.epoch_log(y)["first_bad_step"] == -1

@@ -356,7 +356,6 @@ class TrainStep:
             if self.kind != "st":
                 self.adv_nc = StreamingCollapse(num_classes, d, device)
                 self.adv_features = torch.zeros(n_train, d, dtype=torch.float32, device=device)
-                self.positions = torch.arange(recipe.batch_size, device=device)
         self.reset()
 
     def reset(self) -> None:
@@ -368,7 +367,9 @@ class TrainStep:
             if nc is not None:
                 nc.reset()
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, noise: tuple[torch.Tensor, ...]) -> None:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, noise: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """One step; returns the adversarial penultimate features (float32) when they are tracked,
+        for :meth:`store_adversarial_features` (a graph's output is overwritten at every replay)."""
         recipe, model, t = self.recipe, self.model, self.recipe.threat
         self.optimizer.zero_grad()
         model.train(self.train_mode)
@@ -395,10 +396,17 @@ class TrainStep:
         loss.backward()
         self.optimizer.step()
         model.train()
-        self._log(x.shape[0], y, loss.detach(), clean_logits, robust_logits, h_clean, h_adv)
+        return self._log(x.shape[0], y, loss.detach(), clean_logits, robust_logits, h_clean, h_adv)
 
     @torch.no_grad()
-    def _log(self, n, y, loss, clean_logits, robust_logits, h_clean, h_adv) -> None:
+    def store_adversarial_features(self, offset: int, features: torch.Tensor | None) -> None:
+        """Keep a step's adversarial features at rows ``offset:offset + n`` of the epoch (a slice
+        with host integers: no index kernel, deterministic)."""
+        if features is not None and self.adv_features is not None:
+            self.adv_features[offset : offset + features.shape[0]].copy_(features)
+
+    @torch.no_grad()
+    def _log(self, n, y, loss, clean_logits, robust_logits, h_clean, h_adv) -> torch.Tensor | None:
         self.loss_sum.add_(loss.double() * n)
         newly_bad = ~torch.isfinite(loss) & (self.first_bad < 0)
         self.first_bad.copy_(torch.where(newly_bad, self.step_index, self.first_bad))
@@ -409,10 +417,11 @@ class TrainStep:
             self.robust_correct.add_((robust_logits.argmax(1) == y).sum())
         if self.clean_nc is not None:
             self.clean_nc.add(h_clean, y)
-        if self.adv_nc is not None:
-            self.adv_nc.add(h_adv, y)
-            self.adv_features.index_copy_(0, self.seen + self.positions[:n], h_adv.float())
         self.seen.add_(n)
+        if self.adv_nc is None:
+            return None
+        self.adv_nc.add(h_adv, y)
+        return h_adv.detach().float()
 
     def epoch_log(self, labels_in_order: torch.Tensor) -> dict:
         """The epoch's sums as numbers (one read-back, plus the NC arithmetic when tracked);
@@ -459,29 +468,30 @@ class CapturedStep:
         self.device = device
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: tuple[torch.Tensor, ...] = ()
+        self.output: torch.Tensor | None = None
         self.warm = 0
         self.stream = torch.cuda.Stream(device) if self.enabled else None
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, noise: tuple[torch.Tensor, ...]) -> None:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, noise: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
         if not self.enabled or x.shape[0] != self.batch_size:
-            self.step(x, y, noise)
-            return
+            return self.step(x, y, noise)
         if self.graph is None and self.warm < CUDA_GRAPH_WARMUP_STEPS:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
-                self.step(x, y, noise)
+                out = self.step(x, y, noise)
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
             self.warm += 1
-            return
+            return out
         if self.graph is None:
             self.static = tuple(t.clone() for t in (x, y, *noise))
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):  # records only; the replay below runs this batch
-                self.step(self.static[0], self.static[1], self.static[2:])
+                self.output = self.step(self.static[0], self.static[1], self.static[2:])
         else:
             for buffer, value in zip(self.static, (x, y, *noise)):
                 buffer.copy_(value)
         self.graph.replay()
+        return self.output
 
 
 def train_segment(
@@ -539,7 +549,7 @@ def train_segment(
             optimizer.lr = recipe.schedule.lr(recipe.lr, iteration, total)
             idx = order[s * recipe.batch_size : (s + 1) * recipe.batch_size]
             xb, yb = x_train[idx], y_train[idx]
-            run(xb, yb, draw_attack_noise(kind, recipe.threat, xb, gen))
+            step.store_adversarial_features(s * recipe.batch_size, run(xb, yb, draw_attack_noise(kind, recipe.threat, xb, gen)))
             iteration += 1
         log = step.epoch_log(y_train[order])
         if log["first_bad_step"] >= 0:

@@ -15,7 +15,7 @@ State per stream (paper notation, see :mod:`ncrobust.collapse`), all float64 on 
 with a shift ``s`` (the mean of the stream's first batch) that keeps the second moment well
 conditioned: features after a ReLU have a large common mean, and ``sum h h^T - N mu mu^T`` about
 zero would cancel most of its digits. Per-class sums are one-hot matrix products (deterministic on
-a GPU, unlike ``index_add_``). At the end of the epoch :meth:`StreamingCollapse.compute` gives
+a GPU, unlike ``index_add_``, and free of host synchronisation). At the end of the epoch :meth:`StreamingCollapse.compute` gives
 
 - ``Sigma_W = (second - sum_c N_c m_c m_c^T) / N`` with ``m_c = sums_c / N_c`` (shift-free),
 - ``M~`` = the centred class means, ``Sigma_B = M~^T M~ / C``,
@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 _F64 = torch.float64
 
@@ -52,6 +51,7 @@ class StreamingCollapse:
         self.sums = torch.zeros(num_classes, dim, dtype=_F64, device=device)  # sum (h - s) per class: [C, d]
         self.second = torch.zeros(dim, dim, dtype=_F64, device=device)  # sum (h - s)(h - s)^T: [d, d]
         self.shift = torch.zeros(dim, dtype=_F64, device=device)  # s: [d]
+        self.classes = torch.arange(num_classes, device=device)  # for one-hot rows without F.one_hot's checks
 
     def reset(self) -> None:
         for t in (self.counts, self.sums, self.second, self.shift):
@@ -64,7 +64,7 @@ class StreamingCollapse:
         first = self.counts.sum() == 0  # the shift is the first batch's mean (decided on the device)
         self.shift.copy_(torch.where(first, h.mean(dim=0), self.shift))
         z = h - self.shift  # [n, d]
-        one_hot = F.one_hot(labels, self.num_classes).to(_F64)  # [n, C]
+        one_hot = (labels[:, None] == self.classes).to(_F64)  # [n, C]
         self.counts.add_(one_hot.sum(dim=0))
         self.sums.addmm_(one_hot.T, z)
         self.second.addmm_(z.T, z)
