@@ -10,7 +10,7 @@ from ncrobust.experiment import Cell, build_model
 from ncrobust.losses import get_loss
 from ncrobust import attacks
 from ncrobust.train import (
-    SGD, NonFiniteLossError, Recipe, Schedule, draw_attack_noise, initial_checkpoint, pgd_from_noise, trades_from_noise,
+    COLLAPSE_LOG_COLUMNS, SGD, NonFiniteLossError, Recipe, Schedule, draw_attack_noise, initial_checkpoint, pgd_from_noise, trades_from_noise,
     train_segment,
 )
 
@@ -58,7 +58,7 @@ def test_training_lowers_the_loss(digits):
 
 
 def test_adversarial_training_logs_robust_accuracy(digits):
-    cell, model, recipe, x, y = _setup(digits, "pgd-linf", epochs=2)
+    cell, model, recipe, x, y = _setup(digits, "pgd-linf", epochs=2, track_collapse=True)
     _, rows = train_segment(model, initial_checkpoint(model, recipe), x, y, recipe=recipe, end_epoch=2, seed=1)
     assert 0.0 <= rows[-1]["train_robust_accuracy"] <= rows[-1]["train_accuracy"] + 0.05
 
@@ -283,21 +283,25 @@ def test_with_a_zero_radius_the_adversarial_log_equals_the_clean_log(digits):
     """train_accuracy and train_robust_accuracy (and the clean and adversarial NC statistics) have
     one definition: with eps = 0 the adversarial batch is the clean batch, so they coincide."""
     zero = ThreatModel(norm="linf", eps=0.0, step_size=0.01, steps=2)
-    cell, model, recipe, x, y = _setup(digits, "pgd-linf", epochs=1, model="convnet", threat=zero)
+    cell, model, recipe, x, y = _setup(digits, "pgd-linf", epochs=1, model="convnet", threat=zero, track_collapse=True)
     _, (row,) = train_segment(model, initial_checkpoint(model, recipe), x, y, recipe=recipe, end_epoch=1, seed=1)
     assert row["train_accuracy"] == row["train_robust_accuracy"] > 0.3
     assert row["nc1_adv"] == pytest.approx(row["nc1_clean"], rel=1e-9)
+    assert row["ncc_accuracy_adv"] == row["ncc_accuracy_clean"] == row["ncc_accuracy_clean_means_adv"]
     assert 0.3 < row["ncc_accuracy_clean_means_adv"] <= 1.0
 
 
 def test_log_has_streaming_collapse_columns(digits):
-    cell, model, recipe, x, y = _setup(digits, "pgd-linf", epochs=2)
+    cell, model, recipe, x, y = _setup(digits, "pgd-linf", epochs=2, track_collapse=True)
     _, rows = train_segment(model, initial_checkpoint(model, recipe), x, y, recipe=recipe, end_epoch=2, seed=1)
     for row in rows:
-        assert all(math.isfinite(row[c]) and row[c] > 0 for c in ("nc1_clean", "nc1_adv", "nc1_trace_ratio_clean", "nc1_trace_ratio_adv"))
-    cell, model, recipe, x, y = _setup(digits, "st", epochs=1, track_collapse=False)
+        assert all(math.isfinite(row[c]) and row[c] > 0 for c in COLLAPSE_LOG_COLUMNS)
+    cell, model, recipe, x, y = _setup(digits, "st", epochs=1, track_collapse=True)
     _, (row,) = train_segment(model, initial_checkpoint(model, recipe), x, y, recipe=recipe, end_epoch=1, seed=1)
-    assert math.isnan(row["nc1_clean"]) and math.isnan(row["ncc_accuracy_clean_means_adv"])
+    assert math.isfinite(row["nc1_clean"]) and math.isnan(row["nc1_adv"]) and math.isnan(row["ncc_accuracy_clean_means_adv"])
+    cell, model, recipe, x, y = _setup(digits, "pgd-linf", epochs=1)  # off by default
+    _, (row,) = train_segment(model, initial_checkpoint(model, recipe), x, y, recipe=recipe, end_epoch=1, seed=1)
+    assert all(math.isnan(row[c]) for c in COLLAPSE_LOG_COLUMNS)
 
 
 def test_pipeline_rejects_compile_with_the_reason(digits):

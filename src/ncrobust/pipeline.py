@@ -97,7 +97,7 @@ def recipe(config: dict, cell: Cell) -> Recipe:
         autocast_dtype=AUTOCAST[config.get("precision", "fp32")],
         trades_bn=t.get("trades_bn", "train"),
         pgd_clean_bn_pass=t.get("pgd_clean_bn_pass", False),
-        track_collapse=t.get("track_collapse", True),
+        track_collapse=t.get("track_collapse", False),
         cuda_graph=t.get("cuda_graph", True),
     )
 

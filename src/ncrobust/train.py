@@ -36,7 +36,7 @@ from torch import nn
 from .attacks import _NORM_FLOOR, ThreatModel, _bcast, _l2_norms, _linf_bounds, _step_
 from .experiment import adversary_kind, generator, stream_seed
 from .losses import LossFn
-from .train_collapse import StreamingCollapse, ncc_accuracy
+from .train_collapse import EpochFeatures, ncc_accuracy
 
 TRADES_BN = ("train", "eval")
 CUDA_GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN autotuning, lazy init)
@@ -103,7 +103,7 @@ class Recipe:
     autocast_dtype: torch.dtype | None = None
     trades_bn: str = "train"
     pgd_clean_bn_pass: bool = False
-    track_collapse: bool = True
+    track_collapse: bool = False
     cuda_graph: bool = True
 
     def __post_init__(self) -> None:
@@ -345,17 +345,17 @@ class TrainStep:
         self.loss_sum, self.bad_loss = zeros(torch.float64), zeros(torch.float32)
         self.clean_correct, self.robust_correct, self.seen = zeros(torch.int64), zeros(torch.int64), zeros(torch.int64)
         self.step_index, self.first_bad = zeros(torch.int64), zeros(torch.int64)
-        self.clean_nc = self.adv_nc = self.adv_features = None
+        self.num_classes = num_classes
+        self.clean_features = self.adv_features = None
         if recipe.track_collapse:
             classifier = getattr(model, "classifier", None)
             if not hasattr(model, "forward_features") or not isinstance(classifier, nn.Linear):
                 raise ValueError("training.track_collapse needs a model with forward_features() and a Linear classifier "
                                  "(every ncrobust model has them); set training.track_collapse: false for this one")
             d = classifier.in_features
-            self.clean_nc = StreamingCollapse(num_classes, d, device)
+            self.clean_features = EpochFeatures(n_train, d, device)
             if self.kind != "st":
-                self.adv_nc = StreamingCollapse(num_classes, d, device)
-                self.adv_features = torch.zeros(n_train, d, dtype=torch.float32, device=device)
+                self.adv_features = EpochFeatures(n_train, d, device)
         self.reset()
 
     def reset(self) -> None:
@@ -363,13 +363,10 @@ class TrainStep:
         for t in (self.loss_sum, self.bad_loss, self.clean_correct, self.robust_correct, self.seen, self.step_index):
             t.zero_()
         self.first_bad.fill_(-1)
-        for nc in (self.clean_nc, self.adv_nc):
-            if nc is not None:
-                nc.reset()
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, noise: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
-        """One step; returns the adversarial penultimate features (float32) when they are tracked,
-        for :meth:`store_adversarial_features` (a graph's output is overwritten at every replay)."""
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, noise: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, ...]:
+        """One step; returns its clean and adversarial penultimate features (float32, None where
+        not tracked) for :meth:`store_features` (a graph's outputs are overwritten at every replay)."""
         recipe, model, t = self.recipe, self.model, self.recipe.threat
         self.optimizer.zero_grad()
         model.train(self.train_mode)
@@ -398,15 +395,14 @@ class TrainStep:
         model.train()
         return self._log(x.shape[0], y, loss.detach(), clean_logits, robust_logits, h_clean, h_adv)
 
-    @torch.no_grad()
-    def store_adversarial_features(self, offset: int, features: torch.Tensor | None) -> None:
-        """Keep a step's adversarial features at rows ``offset:offset + n`` of the epoch (a slice
-        with host integers: no index kernel, deterministic)."""
-        if features is not None and self.adv_features is not None:
-            self.adv_features[offset : offset + features.shape[0]].copy_(features)
+    def store_features(self, offset: int, features: tuple[torch.Tensor | None, ...]) -> None:
+        """Keep a step's outputs at rows ``offset : offset + n`` of the epoch's feature stores."""
+        for store, h in zip((self.clean_features, self.adv_features), features):
+            if store is not None:
+                store.store(offset, h)
 
     @torch.no_grad()
-    def _log(self, n, y, loss, clean_logits, robust_logits, h_clean, h_adv) -> torch.Tensor | None:
+    def _log(self, n, y, loss, clean_logits, robust_logits, h_clean, h_adv) -> tuple[torch.Tensor | None, ...]:
         self.loss_sum.add_(loss.double() * n)
         newly_bad = ~torch.isfinite(loss) & (self.first_bad < 0)
         self.first_bad.copy_(torch.where(newly_bad, self.step_index, self.first_bad))
@@ -415,13 +411,10 @@ class TrainStep:
         self.clean_correct.add_((clean_logits.argmax(1) == y).sum())
         if robust_logits is not None:
             self.robust_correct.add_((robust_logits.argmax(1) == y).sum())
-        if self.clean_nc is not None:
-            self.clean_nc.add(h_clean, y)
         self.seen.add_(n)
-        if self.adv_nc is None:
-            return None
-        self.adv_nc.add(h_adv, y)
-        return h_adv.detach().float()
+        return tuple(
+            None if store is None else h.float() for store, h in ((self.clean_features, h_clean), (self.adv_features, h_adv))
+        )
 
     def epoch_log(self, labels_in_order: torch.Tensor) -> dict:
         """The epoch's sums as numbers (one read-back, plus the NC arithmetic when tracked);
@@ -438,21 +431,24 @@ class TrainStep:
             "first_bad_step": int(first_bad),
             "bad_loss": bad_loss,
         }
-        nan = math.nan
-        if first_bad >= 0:  # the job stops; NaN features would only make the NC arithmetic fail
+        row.update(dict.fromkeys(COLLAPSE_LOG_COLUMNS, math.nan))
+        if first_bad >= 0 or self.clean_features is None:  # a diverged epoch stops the job anyway
             return row
-        clean_nc = self.clean_nc.compute() if self.clean_nc is not None else {"nc1": nan, "nc1_trace_ratio": nan}
-        adv_nc = self.adv_nc.compute() if self.adv_nc is not None else {"nc1": nan, "nc1_trace_ratio": nan}
-        row["nc1_clean"], row["nc1_trace_ratio_clean"] = clean_nc["nc1"], clean_nc["nc1_trace_ratio"]
-        row["nc1_adv"], row["nc1_trace_ratio_adv"] = adv_nc["nc1"], adv_nc["nc1_trace_ratio"]
-        row["ncc_accuracy_clean_means_adv"] = (
-            ncc_accuracy(self.adv_features[: int(seen)], labels_in_order[: int(seen)], self.clean_nc.class_means())
-            if self.adv_nc is not None else nan
-        )
+        C = self.num_classes
+        for stream, store in (("clean", self.clean_features), ("adv", self.adv_features)):
+            if store is not None:
+                for name, value in store.metrics(labels_in_order, C).items():
+                    row[f"{name}_{stream}"] = value
+        if self.adv_features is not None:
+            clean_means = self.clean_features.class_means(labels_in_order, C)
+            row["ncc_accuracy_clean_means_adv"] = ncc_accuracy(self.adv_features.features, labels_in_order, clean_means)
         return row
 
 
-COLLAPSE_LOG_COLUMNS = ("nc1_clean", "nc1_trace_ratio_clean", "nc1_adv", "nc1_trace_ratio_adv", "ncc_accuracy_clean_means_adv")
+COLLAPSE_LOG_COLUMNS = (
+    "nc1_clean", "nc1_trace_ratio_clean", "ncc_accuracy_clean",
+    "nc1_adv", "nc1_trace_ratio_adv", "ncc_accuracy_adv", "ncc_accuracy_clean_means_adv",
+)
 
 
 class CapturedStep:
@@ -468,11 +464,11 @@ class CapturedStep:
         self.device = device
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: tuple[torch.Tensor, ...] = ()
-        self.output: torch.Tensor | None = None
+        self.output: tuple[torch.Tensor | None, ...] = ()
         self.warm = 0
         self.stream = torch.cuda.Stream(device) if self.enabled else None
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, noise: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, noise: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, ...]:
         if not self.enabled or x.shape[0] != self.batch_size:
             return self.step(x, y, noise)
         if self.graph is None and self.warm < CUDA_GRAPH_WARMUP_STEPS:
@@ -549,7 +545,7 @@ def train_segment(
             optimizer.lr = recipe.schedule.lr(recipe.lr, iteration, total)
             idx = order[s * recipe.batch_size : (s + 1) * recipe.batch_size]
             xb, yb = x_train[idx], y_train[idx]
-            step.store_adversarial_features(s * recipe.batch_size, run(xb, yb, draw_attack_noise(kind, recipe.threat, xb, gen)))
+            step.store_features(s * recipe.batch_size, run(xb, yb, draw_attack_noise(kind, recipe.threat, xb, gen)))
             iteration += 1
         log = step.epoch_log(y_train[order])
         if log["first_bad_step"] >= 0:

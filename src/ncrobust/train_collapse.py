@@ -1,30 +1,19 @@
-"""Neural Collapse of the training stream: penultimate NC statistics accumulated during training.
+"""Neural Collapse of the training stream: penultimate NC of every epoch's training batches.
 
 Su et al. 2024 plot NC of adversarially trained networks on the adversarial examples made during
 training, every epoch. Re-attacking a checkpoint (``ncrobust.features``) gives that only at the
-checkpoint epochs and with the final model; here the features that the training step computes
-anyway are summed on the device as they stream by, so a per-epoch curve costs a few small float64
-matrix products per batch and no host synchronisation.
+checkpoint epochs; here the penultimate features that the training step computes anyway (clean and
+adversarial, BatchNorm in the mode of the step, the model changing within the epoch) are kept on
+the device as they stream by, and the epoch's metrics come from :func:`ncrobust.collapse.nc_metrics`
+at its end: one NC implementation for the whole project, exact, with no host synchronisation per
+step.
 
-State per stream (paper notation, see :mod:`ncrobust.collapse`), all float64 on the device:
-
-- ``counts`` [C]: ``N_c``;
-- ``sums`` [C, d]: ``sum_{y_i=c} (h_i - s)``;
-- ``second`` [d, d]: ``sum_i (h_i - s)(h_i - s)^T``;
-
-with a shift ``s`` (the mean of the stream's first batch) that keeps the second moment well
-conditioned: features after a ReLU have a large common mean, and ``sum h h^T - N mu mu^T`` about
-zero would cancel most of its digits. Per-class sums are one-hot matrix products (deterministic on
-a GPU, unlike ``index_add_``, and free of host synchronisation). At the end of the epoch :meth:`StreamingCollapse.compute` gives
-
-- ``Sigma_W = (second - sum_c N_c m_c m_c^T) / N`` with ``m_c = sums_c / N_c`` (shift-free),
-- ``M~`` = the centred class means, ``Sigma_B = M~^T M~ / C``,
-- ``nc1 = tr(Sigma_W Sigma_B^+) / C`` with ``Sigma_B^+`` truncated to rank ``min(C-1, d)`` and
-  numpy's numerical-rank rule, and ``nc1_trace_ratio = tr(Sigma_W) / tr(Sigma_B)``: the same
-  definitions as :func:`ncrobust.collapse.nc_metrics` (tested against it).
-
-:func:`ncc_accuracy` classifies features by the nearest of given class means (the epoch's clean
-means for the adversarial features: Su et al.'s "NCC with clean means").
+Why keep the features rather than sum moments: the epoch's NC1 needs ``Sigma_W`` only projected on
+the span of the class means (``collapse`` module docstring), which costs ``O(N d C)`` once the means
+are known, while a streaming ``sum h h^T`` costs ``O(N d^2)`` (50x more at d = 512, C = 10: a
+third of a small CPU training step); and the NCC accuracy of the adversarial features with the
+epoch's clean means needs the features after the means exist anyway. Memory: ``N x d`` float32 per
+stream on the training device (50,000 x 512: 102 MB; two streams for adversarial training).
 """
 
 from __future__ import annotations
@@ -33,78 +22,50 @@ import math
 
 import torch
 
+from .collapse import nc_metrics
+
 _F64 = torch.float64
 
 
-class StreamingCollapse:
-    """Penultimate NC1 statistics of a stream of ``(features [n, d], labels [n])`` batches.
+class EpochFeatures:
+    """The penultimate features of one epoch's training stream, in the order they were trained on.
 
-    :meth:`add` makes no host synchronisation (it can run inside a captured CUDA graph: it only
-    updates its tensors in place); :meth:`reset` zeroes them in place for the next epoch.
+    :meth:`store` copies a batch at host-known rows (a slice: no index kernel, no synchronisation);
+    :meth:`metrics` turns the epoch into numbers (once per epoch, synchronising).
     """
 
-    def __init__(self, num_classes: int, dim: int, device: torch.device | str) -> None:
-        if num_classes < 2 or dim < 1:
-            raise ValueError(f"StreamingCollapse needs num_classes >= 2 and dim >= 1, got {num_classes}, {dim}")
-        self.num_classes, self.dim = num_classes, dim
-        self.counts = torch.zeros(num_classes, dtype=_F64, device=device)  # N_c: [C]
-        self.sums = torch.zeros(num_classes, dim, dtype=_F64, device=device)  # sum (h - s) per class: [C, d]
-        self.second = torch.zeros(dim, dim, dtype=_F64, device=device)  # sum (h - s)(h - s)^T: [d, d]
-        self.shift = torch.zeros(dim, dtype=_F64, device=device)  # s: [d]
-        self.classes = torch.arange(num_classes, device=device)  # for one-hot rows without F.one_hot's checks
-
-    def reset(self) -> None:
-        for t in (self.counts, self.sums, self.second, self.shift):
-            t.zero_()
+    def __init__(self, n: int, dim: int, device: torch.device | str) -> None:
+        if n < 1 or dim < 1:
+            raise ValueError(f"EpochFeatures needs n >= 1 and dim >= 1, got {n}, {dim}")
+        self.features = torch.zeros(n, dim, dtype=torch.float32, device=device)  # [N, d]
 
     @torch.no_grad()
-    def add(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """Fold in one batch: ``features`` [n, d] (any float dtype), ``labels`` [n] in [0, C)."""
-        h = features.detach().to(_F64)
-        first = self.counts.sum() == 0  # the shift is the first batch's mean (decided on the device)
-        self.shift.copy_(torch.where(first, h.mean(dim=0), self.shift))
-        z = h - self.shift  # [n, d]
-        one_hot = (labels[:, None] == self.classes).to(_F64)  # [n, C]
-        self.counts.add_(one_hot.sum(dim=0))
-        self.sums.addmm_(one_hot.T, z)
-        self.second.addmm_(z.T, z)
+    def store(self, offset: int, features: torch.Tensor) -> None:
+        """Rows ``offset : offset + len(features)`` of the epoch."""
+        self.features[offset : offset + features.shape[0]].copy_(features)
 
-    def class_means(self) -> torch.Tensor:
-        """The class means ``mu_c`` [C, d] (float64; NaN rows for classes not seen)."""
-        return self.sums / self.counts[:, None] + self.shift
+    def metrics(self, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+        """``nc1``, ``nc1_trace_ratio`` and ``ncc_accuracy`` of the epoch (``labels`` [N] in the
+        stored order); NaN when a class has no sample or a feature is not finite (a partial or
+        diverged stream: the training log must not stop the job for it)."""
+        counts = torch.bincount(labels, minlength=num_classes)
+        if len(counts) != num_classes or not bool((counts > 0).all()) or not bool(torch.isfinite(self.features).all()):
+            return {"nc1": math.nan, "nc1_trace_ratio": math.nan, "ncc_accuracy": math.nan}
+        m = nc_metrics(self.features, labels, num_classes=num_classes)
+        return {k: m[k] for k in ("nc1", "nc1_trace_ratio", "ncc_accuracy")}
 
-    def compute(self) -> dict[str, float]:
-        """``nc1`` and ``nc1_trace_ratio`` of everything added since the last reset; NaN when a
-        class has no sample (a metric of a partial stream would not be comparable)."""
-        return _nc1_from_moments(self.counts, self.sums, self.second)
-
-
-def _nc1_from_moments(counts: torch.Tensor, sums: torch.Tensor, second: torch.Tensor) -> dict[str, float]:
-    C, d = sums.shape
-    if not bool((counts > 0).all()):
-        return {"nc1": math.nan, "nc1_trace_ratio": math.nan}
-    N = counts.sum()
-    m = sums / counts[:, None]  # shifted class means: [C, d]
-    sigma_W = (second - (m.T * counts) @ m) / N  # [d, d]
-    mu_G = (counts / N) @ m  # shifted global mean: [d]
-    Mc = m - mu_G  # M~ (the shift cancels): [C, d]
-    _, S, Vh = torch.linalg.svd(Mc, full_matrices=False)
-    tol = float(S.max()) * max(C, d) * torch.finfo(_F64).eps
-    r = min(int((S > tol).sum()), C - 1, d)
-    U = Vh[:r].T  # eigenvectors of Sigma_B: [d, r]
-    lam = S[:r] ** 2 / C  # its eigenvalues: [r]
-    projected = torch.linalg.vecdot(U.T @ sigma_W, U.T)  # diag(U^T Sigma_W U): [r]
-    tr_B = float((Mc * Mc).sum()) / C
-    return {
-        "nc1": float((projected / lam).sum()) / C,
-        "nc1_trace_ratio": float(torch.trace(sigma_W)) / tr_B,
-    }
+    def class_means(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """``mu_c`` [C, d] in float64 (NaN rows for classes without a sample)."""
+        one_hot = (labels[:, None] == torch.arange(num_classes, device=labels.device)).to(_F64)  # [N, C]
+        return (one_hot.T @ self.features.to(_F64)) / one_hot.sum(dim=0)[:, None]
 
 
 @torch.no_grad()
 def ncc_accuracy(features: torch.Tensor, labels: torch.Tensor, means: torch.Tensor, *, block: int = 8192) -> float:
     """Share of ``features`` [N, d] whose nearest (Euclidean) row of ``means`` [C, d] is their
-    label: ``argmin_c ||h - mu_c||^2 = argmax_c (h . mu_c - ||mu_c||^2 / 2)``, in float64."""
+    label: ``argmin_c ||h - mu_c||^2 = argmax_c (h . mu_c - ||mu_c||^2 / 2)``, in float64. With
+    the clean class means and adversarial features: Su et al.'s "NCC accuracy with clean means".
+    NaN when a mean is not finite (a class without a sample)."""
     if features.ndim != 2 or means.ndim != 2 or features.shape[1] != means.shape[1]:
         raise ValueError(f"ncc_accuracy needs features [N, d] and means [C, d], got {tuple(features.shape)}, {tuple(means.shape)}")
     if len(features) == 0 or not bool(torch.isfinite(means).all()):
