@@ -85,7 +85,7 @@ class Recipe:
     running statistics never move). ``pgd_clean_bn_pass``: the clean forward pass that every PGD-AT
     step makes (for the log) also feeds BatchNorm's running statistics, as Su et al.'s and Rice et
     al.'s code (otherwise it uses batch statistics without updating them). ``track_collapse``:
-    streaming NC statistics of the epoch's clean and adversarial batches in the log.
+    per-epoch NC of the epoch's clean and adversarial training features in the log.
     ``cuda_graph``: capture the full-batch step in a CUDA graph (ignored on the CPU).
     """
 
@@ -331,8 +331,10 @@ class TrainStep:
       statistics, or running statistics for TRADES with ``trades_bn: eval``); a PGD step makes a
       clean forward pass for it (it feeds the running statistics only with ``pgd_clean_bn_pass``);
     - ``train_robust_accuracy``: the same on the training-time adversarial examples (NaN for st);
-    - with ``track_collapse``: NC1 of the clean and of the adversarial penultimate features of the
-      epoch, and the NCC accuracy of the adversarial features with the epoch's clean class means.
+    - with ``track_collapse`` (:data:`COLLAPSE_LOG_COLUMNS`): NC1, NC1 trace ratio and NCC accuracy
+      of the epoch's clean and of its adversarial penultimate features (the step keeps them in
+      :class:`~ncrobust.train_collapse.EpochFeatures`), and the NCC accuracy of the adversarial
+      features with the epoch's clean class means.
     """
 
     def __init__(self, model: nn.Module, optimizer: SGD, recipe: Recipe, *, num_classes: int, n_train: int,
