@@ -316,15 +316,23 @@ def test_pipeline_rejects_compile_with_the_reason(digits):
 # GPU only: the captured step equals the eager one
 
 
+PAPER_SWITCHES = {"pgd_clean_bn_pass": True, "trades_bn": "eval", "track_collapse": True}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("adversary", ["st", "pgd-linf", "trades-linf"])
-def test_cuda_graph_training_equals_eager_training_on_gpu(digits, adversary):
+@pytest.mark.parametrize("adversary, switches", [
+    ("st", {}), ("pgd-linf", {}), ("trades-linf", {}),
+    ("st", PAPER_SWITCHES), ("pgd-linf", PAPER_SWITCHES), ("trades-linf", PAPER_SWITCHES),
+])
+def test_cuda_graph_training_equals_eager_training_on_gpu(digits, adversary, switches):
+    """Digits at batch 256: 5 full batches and a partial one per epoch, so epoch 1 has 3 warm-up
+    steps, the capture and a replay, epoch 2 only replays; the partial batch runs eagerly."""
     from ncrobust.pipeline import setup
 
     setup({"device": "cuda"}, deterministic=True)
     results = {}
     for graphed in (False, True):
-        cell, model, recipe, x, y = _setup(digits, adversary, epochs=2, model="convnet", cuda_graph=graphed)
+        cell, model, recipe, x, y = _setup(digits, adversary, epochs=2, model="convnet", cuda_graph=graphed, **switches)
         model, x, y = model.cuda(), x.cuda(), y.cuda()
         results[graphed] = train_segment(model, initial_checkpoint(model, recipe), x, y, recipe=recipe, end_epoch=2, seed=1)
     (eager, eager_rows), (graphed, graphed_rows) = results[False], results[True]
@@ -333,6 +341,7 @@ def test_cuda_graph_training_equals_eager_training_on_gpu(digits, adversary):
     for a, b in zip(eager_rows, graphed_rows):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["train_accuracy"] == pytest.approx(b["train_accuracy"], abs=2 / len(x))
+        assert (a["nc1_clean"] == pytest.approx(b["nc1_clean"], rel=1e-4)) if switches else math.isnan(b["nc1_clean"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
