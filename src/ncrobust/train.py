@@ -371,7 +371,8 @@ class TrainStep:
         not tracked) for :meth:`store_features` (a graph's outputs are overwritten at every replay)."""
         recipe, model, t = self.recipe, self.model, self.recipe.threat
         self.optimizer.zero_grad()
-        model.train(self.train_mode)
+        if model.training != self.train_mode:  # Module.train walks every submodule: only when it changes
+            model.train(self.train_mode)
         robust_logits = h_adv = None
         with _autocast(x, recipe.autocast_dtype):
             if self.kind == "st":
@@ -394,7 +395,6 @@ class TrainStep:
                 loss = recipe.loss(clean_logits, y) + recipe.trades_beta * kl
         loss.backward()
         self.optimizer.step()
-        model.train()
         return self._log(x.shape[0], y, loss.detach(), clean_logits, robust_logits, h_clean, h_adv)
 
     def store_features(self, offset: int, features: tuple[torch.Tensor | None, ...]) -> None:
