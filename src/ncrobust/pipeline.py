@@ -23,15 +23,24 @@ log = logging.getLogger("ncrobust")
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def setup(config: dict, threads: int | None = None) -> torch.device:
-    """Threads, deterministic kernels (warn where none exists) and the device for one job.
+def setup(config: dict, threads: int | None = None, *, deterministic: bool = True) -> torch.device:
+    """Threads, kernel determinism and the device for one job.
 
-    ``set_deterministic_debug_mode("warn")`` is ``use_deterministic_algorithms(True, warn_only=True)``
-    without its import of ``torch._inductor`` (1.6 s, paid by every job); a compiled model sets
-    inductor's own flag in :func:`ncrobust.train.train_segment`.
+    ``deterministic``: deterministic kernels (warn where none exists), cuDNN autotuning off and a
+    fixed cuBLAS workspace, so that on a GPU a rerun and a chain of segments give the same bits.
+    Off: cuDNN autotuning on and no determinism (faster on a GPU: see the README; a no-op on the
+    CPU, whose kernels are deterministic anyway). ``set_deterministic_debug_mode("warn")`` is
+    ``use_deterministic_algorithms(True, warn_only=True)`` without its import of
+    ``torch._inductor`` (1.6 s, paid by every job). Nothing here is global to the GPU: two jobs
+    can share one (memory is allocated on demand by each process).
     """
     torch.set_num_threads(threads or config.get("threads", 1))
-    torch.set_deterministic_debug_mode("warn")
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, i.e. later
+        torch.set_deterministic_debug_mode("warn")
+    else:
+        torch.set_deterministic_debug_mode("default")
+    torch.backends.cudnn.benchmark = not deterministic
     return resolve_device(config.get("device", "auto"))
 
 
@@ -78,23 +87,31 @@ def recipe(config: dict, cell: Cell) -> Recipe:
         trades_beta=t["trades_beta"],
         log_test_accuracy=t["log_test_accuracy"],
         autocast_dtype=AUTOCAST[config.get("precision", "fp32")],
-        compile=config.get("compile", False),
+        trades_bn=t.get("trades_bn", "train"),
+        pgd_clean_bn_pass=t.get("pgd_clean_bn_pass", False),
+        track_collapse=t.get("track_collapse", False),
+        cuda_graph=t.get("cuda_graph", True),
     )
+
+
+def _deterministic(config: dict) -> bool:
+    return config["training"].get("deterministic", True)
 
 
 def init_cell(config: dict, cell: Cell, data_path: str, output: str) -> None:
     """Epoch 0: the seeded initialisation."""
-    setup(config)
+    setup(config, deterministic=_deterministic(config))
     data = load_dataset(data_path)
     model = build_model(config, cell, data)
     save_torch({**initial_checkpoint(model, recipe(config, cell)), "cell": cell.as_dict()}, output)
 
 
 def train_cell(config: dict, cell: Cell, data_path: str, previous: str, epoch: int, checkpoint_out: str, log_out: str) -> None:
-    """Train from the previous checkpoint to ``epoch``; write the checkpoint and the epoch log."""
-    device = setup(config)
+    """Train from the previous checkpoint to ``epoch``; write the checkpoint and the epoch log
+    (with the streaming NC columns of :data:`ncrobust.train.COLLAPSE_LOG_COLUMNS`)."""
+    device = setup(config, deterministic=_deterministic(config))
     data = load_dataset(data_path)
-    ckpt = load_torch(previous, map_location=device)
+    ckpt = load_torch(previous, map_location=device)  # train_segment copies every tensor to where it is used
     model, x_train, y_train, x_test, y_test = place(
         build_model(config, cell, data), device, *datasets.as_float(data, "train"), *datasets.as_float(data, "test")
     )
@@ -102,7 +119,7 @@ def train_cell(config: dict, cell: Cell, data_path: str, previous: str, epoch: i
     with tqdm(total=epoch - start, desc=f"train {cell.adversary} seed{cell.seed} {start}->{epoch}", mininterval=5, ascii=True) as bar:
         new, rows = train_segment(
             model, ckpt, x_train, y_train, recipe=recipe(config, cell), end_epoch=epoch, seed=cell.seed,
-            x_test=x_test, y_test=y_test, progress=bar,
+            x_test=x_test, y_test=y_test, num_classes=len(data["classes"]), progress=bar,
         )
     write_parquet(training_frame(rows, cell), log_out)
     save_torch({**new, "cell": cell.as_dict()}, checkpoint_out)

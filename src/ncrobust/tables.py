@@ -17,12 +17,14 @@ import pandas as pd
 
 from .cell import Cell
 from .evaluation import RESULT_COLUMNS
+from .train import COLLAPSE_LOG_COLUMNS
 
 CELL_COLUMNS = ["dataset", "model", "loss", "adversary", "seed"]
 SETTING_COLUMNS = ["dataset", "model", "loss"]
 METRIC_COLUMNS = [*CELL_COLUMNS, "epoch", *RESULT_COLUMNS]
 ROBUSTNESS_COLUMNS = [*CELL_COLUMNS, "epoch", "split", "norm", "attack", "attack_loss", "robust_accuracy", "samples"]
-TRAINING_COLUMNS = [*CELL_COLUMNS, "epoch", "lr", "loss_value", "train_accuracy", "train_robust_accuracy", "test_accuracy", "seconds"]
+TRAINING_COLUMNS = [*CELL_COLUMNS, "epoch", "lr", "loss_value", "train_accuracy", "train_robust_accuracy", "test_accuracy",
+                    *COLLAPSE_LOG_COLUMNS, "seconds"]
 
 # Final-epoch summary: (split, perturbation, layer, metric) -> column name (the cell's own threat model).
 SUMMARY_METRICS = {
@@ -67,8 +69,8 @@ def metrics_frame(results: pd.DataFrame, cell: Cell, epoch: int) -> pd.DataFrame
 
 
 def training_frame(rows: list[dict], cell: Cell) -> pd.DataFrame:
-    """One row per epoch of a training segment, tagged with the cell; columns beyond the
-    standard ones (e.g. training-time collapse statistics) are kept after them."""
+    """One row per epoch of a training segment, tagged with the cell (NaN for a column the rows
+    lack, e.g. the collapse columns with ``track_collapse`` off); other columns are kept after them."""
     frame = pd.DataFrame(rows).rename(columns={"loss": "loss_value"})
     for column in TRAINING_COLUMNS[len(CELL_COLUMNS):]:
         if column not in frame.columns:
