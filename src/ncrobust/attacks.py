@@ -228,20 +228,33 @@ def _l2_norms(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t.flatten(1), dim=1)
 
 
-def _random_start(x: torch.Tensor, norm: str, eps: float, generator) -> torch.Tensor:
+def draw_start(kind: str, x: torch.Tensor, norm: str, eps: float, generator) -> tuple[torch.Tensor, ...]:
+    """The random draws that start one attack on ``x``, from ``generator`` (the global RNG if None):
+    ``pgd``: a uniform offset in the l_inf ball, or a Gaussian direction and a uniform radius for
+    l_2 (Rice et al.); ``trades``: Gaussian noise (TRADES' start). Drawing apart from the iterations
+    lets a captured training step take them as inputs (:mod:`ncrobust.train`)."""
+    if kind == "trades":
+        return (_noise("randn", x, generator),)
     if norm == "linf":
         if generator is None or generator.device == x.device:
-            delta = torch.empty_like(x).uniform_(-eps, eps, generator=generator)
-        else:
-            delta = _noise("rand", x, generator).mul_(2 * eps).sub_(eps)  # U[-eps, eps)
+            return (torch.empty_like(x).uniform_(-eps, eps, generator=generator),)
+        return (_noise("rand", x, generator).mul_(2 * eps).sub_(eps),)  # U[-eps, eps)
+    direction = _noise("randn", x, generator)
+    if generator is None:
+        radius = torch.rand(x.shape[0], dtype=x.dtype, device=x.device)
     else:
-        delta = _noise("randn", x, generator)
+        radius = torch.rand(x.shape[0], generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
+    return direction, radius
+
+
+def pgd_start(x: torch.Tensor, noise: tuple[torch.Tensor, ...], norm: str, eps: float) -> torch.Tensor:
+    """PGD's random start from :func:`draw_start` (``noise`` is consumed), in the ball and [0, 1]."""
+    if norm == "linf":
+        (delta,) = noise
+    else:
+        delta, radius = noise
         n = _l2_norms(delta).clamp_min_(_NORM_FLOOR)
-        if generator is None:
-            r = torch.rand(x.shape[0], dtype=x.dtype, device=x.device)
-        else:
-            r = torch.rand(x.shape[0], generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
-        delta.mul_(_bcast(r.mul_(eps).div_(n), x))
+        delta.mul_(_bcast(radius.mul(eps).div_(n), x))
     return delta.add_(x).clamp_(0.0, 1.0)
 
 
@@ -282,7 +295,15 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -> tor
 def _pgd_run(model, x, y, *, norm, eps, step_size, steps, random_start, targeted, loss_fn, generator,
              autocast_dtype, check_labels) -> torch.Tensor:
     """One restart of PGD; the model is already in the wanted mode."""
-    x_adv = _random_start(x, norm, eps, generator) if random_start else x.clone()
+    x_adv = pgd_start(x, draw_start("pgd", x, norm, eps, generator), norm, eps) if random_start else x.clone()
+    return pgd_from_start(model, x, y, x_adv, norm=norm, eps=eps, step_size=step_size, steps=steps, targeted=targeted,
+                          loss_fn=loss_fn, autocast_dtype=autocast_dtype, check_labels=check_labels)
+
+
+def pgd_from_start(model, x, y, x_adv, *, norm, eps, step_size, steps, targeted=False, loss_fn=F.cross_entropy,
+                   autocast_dtype=None, check_labels=False) -> torch.Tensor:
+    """PGD's iterations from the start ``x_adv`` (consumed), in the model's current mode, on
+    validated arguments: the body that :func:`pgd` and the captured training step share."""
     x_adv.requires_grad_(True)
     bounds = _linf_bounds(x, eps) if norm == "linf" else None
     summed = _summed(loss_fn)
@@ -398,28 +419,39 @@ def trades_kl(
 
 def _trades_kl(model, x, threat: ThreatModel, *, generator, autocast_dtype) -> torch.Tensor:
     """:func:`trades_kl` on validated arguments."""
-    norm, eps, step_size, steps = threat.norm, threat.eps, threat.step_size, threat.steps
-    x_adv = _noise("randn", x, generator).mul_(0.001).add_(x)
-    bounds = _linf_bounds(x, eps) if norm == "linf" else None
     with _model_mode(model, False):
-        with torch.no_grad(), _autocast(x, autocast_dtype):
-            p_nat = F.softmax(model(x).float(), dim=1)
-        x_adv.requires_grad_(True)
-        for _ in range(steps):
-            with torch.enable_grad():
-                with _autocast(x, autocast_dtype):
-                    logits = model(x_adv)
-                kl = F.kl_div(F.log_softmax(logits.float(), dim=1), p_nat, reduction="sum")
-                (grad,) = torch.autograd.grad(kl, x_adv)
-            if norm == "linf":
-                _step_(x_adv, grad, x, bounds, norm=norm, eps=eps, step_size=step_size)
-            else:
-                with torch.no_grad():
-                    scale = _l2_norms(grad)
-                    scale = torch.where(scale > 0, step_size / scale.clamp_min(_NORM_FLOOR), 0.0)
-                    delta = x_adv.addcmul_(grad, _bcast(scale, x)).clamp_(0.0, 1.0).sub_(x)
-                    factor = torch.clamp(eps / _l2_norms(delta).clamp_min_(_NORM_FLOOR), max=1.0)
-                    delta.mul_(_bcast(factor, x)).add_(x).clamp_(0.0, 1.0)
+        return trades_from_start(model, x, trades_start(x, draw_start("trades", x, threat.norm, threat.eps, generator)), threat,
+                                 autocast_dtype=autocast_dtype)
+
+
+def trades_start(x: torch.Tensor, noise: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """TRADES' start ``x + 0.001 * z`` from :func:`draw_start` (``noise`` is consumed)."""
+    return noise[0].mul_(0.001).add_(x)
+
+
+def trades_from_start(model, x, x_adv, threat: ThreatModel, *, autocast_dtype=None) -> torch.Tensor:
+    """TRADES' KL iterations from ``x_adv`` (consumed) in the model's current mode: the body that
+    :func:`trades_kl` (in eval mode) and the captured training step share."""
+    norm, eps, step_size, steps = threat.norm, threat.eps, threat.step_size, threat.steps
+    bounds = _linf_bounds(x, eps) if norm == "linf" else None
+    with torch.no_grad(), _autocast(x, autocast_dtype):
+        p_nat = F.softmax(model(x).float(), dim=1)
+    x_adv.requires_grad_(True)
+    for _ in range(steps):
+        with torch.enable_grad():
+            with _autocast(x, autocast_dtype):
+                logits = model(x_adv)
+            kl = F.kl_div(F.log_softmax(logits.float(), dim=1), p_nat, reduction="sum")
+            (grad,) = torch.autograd.grad(kl, x_adv)
+        if norm == "linf":
+            _step_(x_adv, grad, x, bounds, norm=norm, eps=eps, step_size=step_size)
+        else:  # a zero gradient gives no step
+            with torch.no_grad():
+                scale = _l2_norms(grad)
+                scale = torch.where(scale > 0, step_size / scale.clamp_min(_NORM_FLOOR), 0.0)
+                delta = x_adv.addcmul_(grad, _bcast(scale, x)).clamp_(0.0, 1.0).sub_(x)
+                factor = torch.clamp(eps / _l2_norms(delta).clamp_min_(_NORM_FLOOR), max=1.0)
+                delta.mul_(_bcast(factor, x)).add_(x).clamp_(0.0, 1.0)
     return x_adv.detach()
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import _NORM_FLOOR, ThreatModel, _bcast, _l2_norms, _linf_bounds, _step_
+from .attacks import ThreatModel, draw_start, pgd_from_start, pgd_start, trades_from_start, trades_start
 from .experiment import adversary_kind, generator, stream_seed
 from .losses import LossFn
 from .train_collapse import EpochFeatures, ncc_accuracy
@@ -232,67 +232,23 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
 
 
 def draw_attack_noise(kind: str, threat: ThreatModel, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """The random draws of one step's attack from ``gen``, made as :func:`ncrobust.attacks.pgd`
-    (uniform start in the l_inf ball; Gaussian direction and uniform radius for l_2) and
-    :func:`ncrobust.attacks.trades_kl` (Gaussian start) make them: same calls, same order."""
-    if kind == "pgd":
-        if threat.norm == "linf":
-            if gen.device == x.device:
-                return (torch.empty_like(x).uniform_(-threat.eps, threat.eps, generator=gen),)
-            u = torch.rand(x.shape, generator=gen, dtype=x.dtype, device=gen.device).to(x.device)
-            return (u.mul_(2 * threat.eps).sub_(threat.eps),)
-        direction = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=gen.device).to(x.device)
-        radius = torch.rand(x.shape[0], generator=gen, dtype=x.dtype, device=gen.device).to(x.device)
-        return direction, radius
-    if kind == "trades":
-        return (torch.randn(x.shape, generator=gen, dtype=x.dtype, device=gen.device).to(x.device),)
-    return ()
+    """One step's attack draws from ``gen`` (:func:`ncrobust.attacks.draw_start`; none for ``st``),
+    drawn outside the step so that a captured step takes them as inputs."""
+    return draw_start(kind, x, threat.norm, threat.eps, gen) if kind in ("pgd", "trades") else ()
 
 
 def pgd_from_noise(model, x, y, noise, *, threat: ThreatModel, loss: LossFn) -> torch.Tensor:
     """:func:`ncrobust.attacks.pgd` (one restart, untargeted, in the model's current mode) from the
     draws of :func:`draw_attack_noise`, without input checks (they read values back to the host).
     Bit-identical to ``attacks.pgd(..., generator=gen, train_mode=...)`` (tested)."""
-    eps = float(threat.eps)
-    if threat.norm == "linf":
-        x_adv = (noise[0] + x).clamp_(0.0, 1.0)
-    else:
-        direction, radius = noise
-        n = _l2_norms(direction).clamp_min_(_NORM_FLOOR)
-        x_adv = (direction * _bcast(radius * eps / n, x)).add_(x).clamp_(0.0, 1.0)
-    x_adv.requires_grad_(True)
-    bounds = _linf_bounds(x, eps) if threat.norm == "linf" else None
-    for _ in range(threat.steps):
-        with torch.enable_grad():
-            attack_loss = loss(model(x_adv), y, reduction="none").sum()
-            (grad,) = torch.autograd.grad(attack_loss, x_adv)
-        _step_(x_adv, grad, x, bounds, norm=threat.norm, eps=eps, step_size=float(threat.step_size))
-    return x_adv.detach()
+    return pgd_from_start(model, x, y, pgd_start(x, noise, threat.norm, threat.eps), norm=threat.norm, eps=threat.eps,
+                          step_size=threat.step_size, steps=threat.steps, loss_fn=loss)
 
 
 def trades_from_noise(model, x, noise, *, threat: ThreatModel) -> torch.Tensor:
     """:func:`ncrobust.attacks.trades_kl` (in the model's current mode, eval for TRADES) from the
     draw of :func:`draw_attack_noise`, without input checks. Bit-identical to it (tested)."""
-    eps, step_size = float(threat.eps), float(threat.step_size)
-    x_adv = noise[0].mul(0.001).add_(x)
-    bounds = _linf_bounds(x, eps) if threat.norm == "linf" else None
-    with torch.no_grad():
-        p_nat = F.softmax(model(x).float(), dim=1)
-    x_adv.requires_grad_(True)
-    for _ in range(threat.steps):
-        with torch.enable_grad():
-            kl = F.kl_div(F.log_softmax(model(x_adv).float(), dim=1), p_nat, reduction="sum")
-            (grad,) = torch.autograd.grad(kl, x_adv)
-        if threat.norm == "linf":
-            _step_(x_adv, grad, x, bounds, norm="linf", eps=eps, step_size=step_size)
-        else:  # attacks.trades_kl's l2 step: a zero gradient gives no step
-            with torch.no_grad():
-                scale = _l2_norms(grad)
-                scale = torch.where(scale > 0, step_size / scale.clamp_min(_NORM_FLOOR), 0.0)
-                delta = x_adv.addcmul_(grad, _bcast(scale, x)).clamp_(0.0, 1.0).sub_(x)
-                factor = torch.clamp(eps / _l2_norms(delta).clamp_min_(_NORM_FLOOR), max=1.0)
-                delta.mul_(_bcast(factor, x)).add_(x).clamp_(0.0, 1.0)
-    return x_adv.detach()
+    return trades_from_start(model, x, trades_start(x, noise), threat)
 
 
 @contextlib.contextmanager
