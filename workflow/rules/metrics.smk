@@ -1,6 +1,7 @@
 # The metric tables of the whole grid. Each checkpoint's metrics file is written by rule evaluate
 # (evaluate.smk), in the job that ran the attacks: see ncrobust.pipeline.evaluate_cell.
 rule aggregate:
+    """Gather every cell's metrics, training logs and robustness into the tables and the summary."""
     input:
         metrics=metrics_files(),
         training=training_logs(),

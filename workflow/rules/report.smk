@@ -1,4 +1,5 @@
 rule figures:
+    """Draw every figure of the study from the tables and the simplex projections."""
     input:
         metrics=f"{RESULTS}/tables/metrics.parquet",
         training=f"{RESULTS}/tables/training.parquet",
