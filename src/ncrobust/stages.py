@@ -34,6 +34,9 @@ TRAINING_IGNORED = frozenset({"checkpoints"})
 exist (and so each segment's input file, which Snakemake compares on its own), not what epoch e's
 weights are: resuming is bit-identical to an uninterrupted run."""
 
+TRAINING_USED_BY = {"trades_beta": "trades"}
+"""``training`` keys that only one adversary kind reads: in the slices of that kind's cells only."""
+
 EVALUATION_IGNORED = {
     # which checkpoints are evaluated (one file per epoch), and whether the features file is also
     # written (an output of its own): neither changes a metric; `strong` is the robustness stage's
@@ -74,7 +77,11 @@ def _model_and_loss(config: dict, cell: Cell) -> dict:
 
 
 def _training(config: dict, cell: Cell) -> dict:
-    training = {k: v for k, v in config["training"].items() if k not in TRAINING_IGNORED}
+    kind = adversary_kind(cell.adversary)
+    training = {
+        k: v for k, v in config["training"].items()
+        if k not in TRAINING_IGNORED and TRAINING_USED_BY.get(k, kind) == kind
+    }
     sliced = {**_model_and_loss(config, cell), "training": training, "precision": config["precision"]}
     if adversary_kind(cell.adversary) != "st":  # standard training never attacks
         sliced = merge(sliced, cell_threat(config, cell))
@@ -93,8 +100,9 @@ def stage_slice(stage: str, config: dict, *, cell: Cell | None = None, dataset: 
     - ``prepare_data``: the dataset's loader options.
     - ``init_model``: the model's options (the seed and the dataset's shapes come with the
       output path and the data file).
-    - ``train``: model and loss options, ``training`` (but the checkpoint epochs), ``precision``,
-      and the cell's threat model unless the cell is ``st``.
+    - ``train``: model and loss options, ``training`` (but the checkpoint epochs, and the keys of
+      other adversaries: :data:`TRAINING_USED_BY`), ``precision``, and the cell's threat model
+      unless the cell is ``st``.
     - ``evaluate``: that, the cell's threat model, and ``evaluation`` but the keys in
       :data:`EVALUATION_IGNORED`; ``robustness`` likewise, with its own ignored keys.
 
@@ -123,8 +131,9 @@ def job_config(stage: str, sliced: dict, config: dict, *, cell: Cell | None = No
     - ``init_model``: :func:`ncrobust.pipeline.init_cell` builds the whole training recipe to
       create the epoch-0 optimizer, which holds no state yet (momentum buffers are empty and the
       learning rate is set from the recipe at every training step);
-    - ``init_model`` and ``train`` of ``st`` cells: the recipe resolves the cell's threat model,
-      which standard training never uses.
+    - ``init_model`` and ``train``: the recipe resolves the cell's threat model, which standard
+      training never uses, and reads every key of :data:`TRAINING_USED_BY`, which other
+      adversaries never use.
 
     A stage that reads a key outside these fails with a ``KeyError`` instead of silently not
     rerunning when that key changes.
@@ -134,6 +143,7 @@ def job_config(stage: str, sliced: dict, config: dict, *, cell: Cell | None = No
         parts.append(_training(config, cell))
     if stage in ("init_model", "train"):
         parts.append(cell_threat(config, cell))
+        parts.append({"training": {k: config["training"][k] for k in TRAINING_USED_BY if k in config["training"]}})
     parts.append({key: config[key] for key in EXECUTION_KEYS if key in config})
     return merge(*parts)
 
