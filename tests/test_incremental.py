@@ -14,7 +14,7 @@ from workflow_helpers import run_snakemake, tiny_config
 pytestmark = pytest.mark.slow
 
 CELLS = ("st", "pgd-linf")
-FINAL = {("aggregate",), ("figures",), ("all",)}
+FINAL = {("aggregate",), ("figures",), ("report_page",), ("all",)}
 # The strong evaluation on 40 samples with PGD-10 only: the rule runs, in seconds.
 BASE = tiny_config(evaluation={**tiny_config()["evaluation"], "strong": {"attacks": [], "max_samples": 40}})
 

@@ -11,8 +11,12 @@ rule aggregate:
         training=f"{RESULTS}/tables/training.parquet",
         robustness=f"{RESULTS}/tables/robustness.parquet",
         summary=f"{RESULTS}/tables/summary.parquet",
-        summary_md=report(f"{RESULTS}/tables/summary.md", caption="../report/summary_md.rst", category="Tables"),
-        summary_csv=report(f"{RESULTS}/tables/summary.csv", caption="../report/summary.rst", category="Tables"),
+        summary_md=report(
+            f"{RESULTS}/tables/summary.md", caption="../report/summary_md.rst", category="Tables", labels={"table": "summary (Markdown)"}
+        ),
+        summary_csv=report(
+            f"{RESULTS}/tables/summary.csv", caption="../report/summary.rst", category="Tables", labels={"table": "summary (CSV)"}
+        ),
     log:
         f"{RESULTS}/logs/aggregate.log",
     resources:

@@ -6,7 +6,9 @@ rule figures:
         projections=projection_files(),
     output:
         **{
-            name: report(f"{RESULTS}/figures/{name}.png", caption=f"../report/{name}.rst", category="Figures")
+            name: report(
+                f"{RESULTS}/figures/{name}.png", caption=f"../report/{name}.rst", category="Figures", labels={"figure": name}
+            )
             for name in FIGURES
         },
     log:
@@ -16,3 +18,21 @@ rule figures:
         **job_resources("cpu"),
     script:
         "../scripts/figures.py"
+
+
+rule report_page:
+    """The report's front page: the summary table and every figure with its caption (workflow/report/workflow.rst)."""
+    input:
+        summary=f"{RESULTS}/tables/summary.md",
+        figures=[f"{RESULTS}/figures/{name}.png" for name in FIGURES],
+        captions=[str(Path(workflow.basedir) / "workflow" / "report" / f"{name}.rst") for name in FIGURES],
+    output:
+        f"{RESULTS}/report/front_page.html",
+    log:
+        f"{RESULTS}/logs/report_page.log",
+    params:
+        names=FIGURES,
+    resources:
+        **job_resources("cpu"),
+    script:
+        "../scripts/report_page.py"
