@@ -31,8 +31,9 @@ def markdown_table_html(text: str) -> str:
 def caption_html(rst: str) -> str:
     """A caption written in reStructuredText, as HTML."""
     from docutils.core import publish_parts
+    from docutils.writers.html4css1 import Writer  # the writer of Snakemake's own captions
 
-    return publish_parts(rst, writer_name="html")["body"]
+    return publish_parts(rst, writer=Writer())["body"]
 
 
 def front_page(

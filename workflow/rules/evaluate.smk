@@ -1,3 +1,5 @@
+# `snakemake --lint` asks for a conda env or container per rule: none, every rule runs in the
+# project's one Python environment (`pip install -e .`); see data.smk.
 rule evaluate:
     """Attack one checkpoint with every perturbation; write its NC metrics and simplex projection."""
     input:

@@ -1,3 +1,5 @@
+# `snakemake --lint` asks for a conda env or container per rule: none, every rule runs in the
+# project's one Python environment (`pip install -e .`); see data.smk.
 rule figures:
     """Draw every figure of the study from the tables and the simplex projections."""
     input:

@@ -1,3 +1,5 @@
+# `snakemake --lint` asks for a conda env or container per rule: none, every rule runs in the
+# project's one Python environment (`pip install -e .`); see data.smk.
 rule init_model:
     """Epoch 0 of a cell: the seeded initialisation of its model."""
     input:
