@@ -83,7 +83,7 @@ def _training(config: dict, cell: Cell) -> dict:
         if k not in TRAINING_IGNORED and TRAINING_USED_BY.get(k, kind) == kind
     }
     sliced = {**_model_and_loss(config, cell), "training": training, "precision": config["precision"]}
-    if adversary_kind(cell.adversary) != "st":  # standard training never attacks
+    if kind != "st":  # standard training never attacks
         sliced = merge(sliced, cell_threat(config, cell))
     return sliced
 
