@@ -166,3 +166,21 @@ def test_removing_a_cell_keeps_its_files_and_the_tables_hold_the_current_grid(fi
     assert (dropped.stat().st_mtime_ns, kept.stat().st_mtime_ns) == before
     for table in ("metrics", "training", "summary", "robustness"):
         assert set(pd.read_parquet(workdir / f"results/tables/{table}.parquet")["adversary"]) == {"st"}, table
+
+
+def test_report_opens_on_the_front_page_with_the_summary_and_every_figure(finished):
+    """`snakemake --report` on the finished run (here, because it needs one): the landing page is
+    the workflow description, which holds the summary table and each figure with its caption."""
+    import json
+
+    from workflow_helpers import REPO_ROOT
+
+    metadata = REPO_ROOT / "workflow/report/metadata.yaml"
+    run_snakemake(finished, "--report", "report.html", "--report-metadata", str(metadata), configfile=finished / "config.yaml")
+    page = (finished / "report.html").read_text()
+    assert re.search(r"var metadata = \{.+\};", page)  # non-empty metadata: Snakemake opens on the description
+    desc = json.loads(re.search(r"var workflow_desc = (\".*?\");\n", page, re.S).group(1))
+    assert "Grid of this run: dataset digits" in desc and "training adversary st, pgd-linf" in desc
+    assert desc.count("<tr>") == 1 + 2  # header and one row per (dataset, model, loss, adversary)
+    assert desc.count("<figure") == desc.count("data:image/png;base64,") == 7
+    assert "<strong>Leap matrix at the final epoch.</strong>" in desc
