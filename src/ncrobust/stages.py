@@ -53,7 +53,7 @@ def canonical(value):
         return {key: canonical(value[key]) for key in sorted(value, key=str)}
     if isinstance(value, (list, tuple)):
         return [canonical(v) for v in value]
-    return copy.deepcopy(value)
+    return value  # a YAML scalar: immutable
 
 
 def cell_threat(config: dict, cell: Cell) -> dict:
