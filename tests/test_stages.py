@@ -65,7 +65,8 @@ def _set(path, value):
 EDITS = {
     "threads": (_set("threads", 2), set()),
     "device": (_set("device", "auto"), set()),
-    "compile": (_set("compile", True), set()),
+    "cuda graph": (_set("training.cuda_graph", False), set()),
+    "deterministic kernels": (_set("training.deterministic", False), set()),
     "resources": (_set("resources", {"train": {"mem_mb": 9000, "gpu": 1}}), set()),
     "group_training": (_set("group_training", True), set()),
     "results path": (_set("results", "elsewhere"), set()),
@@ -88,6 +89,10 @@ EDITS = {
     "perturbations": (_set("evaluation.perturbations", {"clean": {}, "pgd": {"steps": 7}}), _all(["evaluate"])),
     "strong samples": (_set("evaluation.strong", {"max_samples": 50}), _all(["robustness"])),
     "unused loss options": (_set("losses", {"focal": {"gamma": 1.0}}), set()),
+    "extra norm for st": (_set("evaluation.norms", ["linf", "l2"]), {("evaluate", "st")}),
+    "training-time collapse": (_set("training.track_collapse", True), _all(["train", "evaluate", "robustness"])),
+    "authors' TRADES BN": (_set("training.trades_bn", "eval"), _all(["train", "evaluate", "robustness"], ["trades-linf"])),
+    "authors' clean BN pass": (_set("training.pgd_clean_bn_pass", True), _all(["train", "evaluate", "robustness"], ["pgd-linf"])),
 }
 
 
@@ -134,11 +139,13 @@ def test_job_config_is_the_slice_plus_execution_settings_and_inert_keys():
     from ncrobust.pipeline import recipe
 
     config = _config(threads=3, device="cpu")
+    config["training"]["cuda_graph"] = False
     for stage in CELL_STAGES:
         for cell in (ST, PGD, TRADES):
             sliced = stage_slice(stage, config, cell=cell)
             job = job_config(stage, sliced, config, cell=cell)
             assert job["threads"] == 3 and job["device"] == "cpu"
+            assert job["training"]["cuda_graph"] is False and "cuda_graph" not in sliced.get("training", {})
             assert merge(job, sliced) == job  # every value of the slice reaches the job unchanged
             if stage in ("init_model", "train"):  # the pipeline builds the cell's recipe from it
                 assert recipe(job, cell).trades_beta == config["training"]["trades_beta"]

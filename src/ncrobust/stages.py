@@ -25,7 +25,7 @@ from .cell import Cell, adversary_kind
 
 STAGES = ("prepare_data", "init_model", "train", "evaluate", "robustness")
 
-EXECUTION_KEYS = ("results", "data_root", "download", "device", "compile", "threads", "resources", "group_training")
+EXECUTION_KEYS = ("results", "data_root", "download", "device", "threads", "resources", "group_training")
 """Top-level keys that say where and how a job runs, never what it computes: in no slice.
 ``data_root`` and ``download`` say where a dataset comes from, not which one it is."""
 
@@ -34,16 +34,26 @@ TRAINING_IGNORED = frozenset({"checkpoints"})
 exist (and so each segment's input file, which Snakemake compares on its own), not what epoch e's
 weights are: resuming is bit-identical to an uninterrupted run."""
 
-TRAINING_USED_BY = {"trades_beta": "trades"}
+TRAINING_EXECUTION = frozenset({"cuda_graph", "deterministic"})
+"""``training`` keys that say how a GPU runs the same computation (a captured step, deterministic
+kernels): results agree to rounding, so changing them reruns nothing; :func:`job_config` hands
+them to every job."""
+
+TRAINING_USED_BY = {"trades_beta": "trades", "trades_bn": "trades", "pgd_clean_bn_pass": "pgd"}
 """``training`` keys that only one adversary kind reads: in the slices of that kind's cells only."""
 
 EVALUATION_IGNORED = {
     # which checkpoints are evaluated (one file per epoch), and whether the features file is also
     # written (an output of its own): neither changes a metric; `strong` is the robustness stage's
     "evaluate": frozenset({"epochs", "keep_features", "strong"}),
+    # extra threat models are attacked on `st` cells only (EVALUATION_USED_BY)
     # the strong evaluation reads only `strong`, `batch_size` and what later keys bring
-    "robustness": frozenset({"epochs", "keep_features", "splits", "perturbations", "layerwise", "feature_dtype"}),
+    "robustness": frozenset({"epochs", "keep_features", "splits", "perturbations", "layerwise", "feature_dtype", "norms"}),
 }
+
+
+EVALUATION_USED_BY = {"norms": "st"}
+"""``evaluation`` keys that only one adversary kind reads: in the slices of that kind's cells only."""
 
 
 def canonical(value):
@@ -80,7 +90,7 @@ def _training(config: dict, cell: Cell) -> dict:
     kind = adversary_kind(cell.adversary)
     training = {
         k: v for k, v in config["training"].items()
-        if k not in TRAINING_IGNORED and TRAINING_USED_BY.get(k, kind) == kind
+        if k not in TRAINING_IGNORED and k not in TRAINING_EXECUTION and TRAINING_USED_BY.get(k, kind) == kind
     }
     sliced = {**_model_and_loss(config, cell), "training": training, "precision": config["precision"]}
     if kind != "st":  # standard training never attacks
@@ -89,7 +99,11 @@ def _training(config: dict, cell: Cell) -> dict:
 
 
 def _evaluation(stage: str, config: dict, cell: Cell) -> dict:
-    evaluation = {k: v for k, v in config["evaluation"].items() if k not in EVALUATION_IGNORED[stage]}
+    kind = adversary_kind(cell.adversary)
+    evaluation = {
+        k: v for k, v in config["evaluation"].items()
+        if k not in EVALUATION_IGNORED[stage] and EVALUATION_USED_BY.get(k, kind) == kind
+    }
     return merge(_training(config, cell), cell_threat(config, cell), {"evaluation": evaluation})
 
 
@@ -145,6 +159,7 @@ def job_config(stage: str, sliced: dict, config: dict, *, cell: Cell | None = No
         parts.append(cell_threat(config, cell))
         parts.append({"training": {k: config["training"][k] for k in TRAINING_USED_BY if k in config["training"]}})
     parts.append({key: config[key] for key in EXECUTION_KEYS if key in config})
+    parts.append({"training": {k: config["training"][k] for k in TRAINING_EXECUTION if k in config["training"]}})
     return merge(*parts)
 
 
