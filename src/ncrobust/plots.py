@@ -522,7 +522,7 @@ def simplex(p: pd.DataFrame, path: str | Path, split: str = "train", perturbatio
         Line2D([], [], marker="o", linestyle="none", color="0.5", alpha=0.5, markersize=4, label="clean sample"),
         Line2D([], [], marker="x", linestyle="none", color="0.2", markersize=5, label="perturbed sample"),
         Line2D([], [], marker="o", linestyle="none", markerfacecolor="0.5", markeredgecolor="black", markersize=10, label="clean class mean\n(vertex, class index)"),
-        Line2D([], [], color="0.25", marker=">", markersize=4, lw=0.8, label="clean → perturbed\nmean of a class"),
+        Line2D([], [], color="0.25", marker=">", markersize=4, lw=0.8, label="clean → perturbed\nmean of a class\n(pgd-targeted: of the\nsamples sent to it)"),
         Line2D([], [], linestyle="none", label=" "),
         Line2D([], [], linestyle="none", label="colour = true class"),
     ]
