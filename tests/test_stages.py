@@ -89,6 +89,7 @@ EDITS = {
     "perturbations": (_set("evaluation.perturbations", {"clean": {}, "pgd": {"steps": 7}}), _all(["evaluate"])),
     "strong samples": (_set("evaluation.strong", {"max_samples": 50}), _all(["robustness"])),
     "unused loss options": (_set("losses", {"focal": {"gamma": 1.0}}), set()),
+    "loss defaults spelled out": (_set("losses", {"focal": {"gamma": 2.0}, "label_smoothing": {"smoothing": 0.1}}), set()),
     "extra norm for st": (_set("evaluation.norms", ["linf", "l2"]), {("evaluate", "st")}),
     "training-time collapse": (_set("training.track_collapse", True), _all(["train", "evaluate", "robustness"])),
     "authors' TRADES BN": (_set("training.trades_bn", "eval"), _all(["train", "evaluate", "robustness"], ["trades-linf"])),
