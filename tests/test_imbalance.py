@@ -103,3 +103,187 @@ def test_validate_checks_class_counts(balanced):
         data.validate(broken)
     old = {k: v for k, v in balanced.items() if k != "class_counts"}
     data.validate(old)  # files prepared before class_counts was recorded stay valid
+
+
+# --------------------------------------------------------------------------------------------
+# the metrics (LayerStats.imbalance_geometry, LayerStats.class_accuracy), closed-form cases
+
+from ncrobust.collapse import LayerStats, minority_classes  # noqa: E402
+
+
+def stats_of(H, y, predictions=None, C=None) -> LayerStats:
+    """Both passes of a LayerStats over ``H`` [N, d] with labels ``y``, in batches of 3."""
+    s = LayerStats(C or int(y.max()) + 1)
+    for i in range(0, len(y), 3):
+        s.accumulate_means(H[i : i + 3], y[i : i + 3])
+    s.finish_means()
+    for i in range(0, len(y), 3):
+        s.accumulate_scatter(H[i : i + 3], y[i : i + 3], None if predictions is None else predictions[i : i + 3])
+    return s
+
+
+def around(M, counts, spread=0.3):
+    """Samples whose class means are exactly the rows of ``M``: each class's samples are its mean
+    plus and minus the same offsets (an even count per class)."""
+    rows, labels = [], []
+    g = torch.Generator().manual_seed(0)
+    for c, n in enumerate(counts):
+        offsets = spread * torch.randn(n // 2, M.shape[1], generator=g, dtype=torch.float64)
+        rows += [M[c] + offsets, M[c] - offsets]
+        labels += [c] * (2 * (n // 2))
+    return torch.cat(rows), torch.tensor(labels)
+
+
+def test_orthogonal_frame_with_class_dependent_lengths():
+    """Means ``a_c e_c`` (Dang et al.'s bias-free imbalanced limit): mean |cos| 0; the centred
+    norms are ``||a_c e_c - mu_G||`` with ``mu_G = sum_c p_c a_c e_c``."""
+    a = torch.tensor([3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    counts = [8, 8, 2, 2]
+    M = torch.diag(a)
+    H, y = around(M, counts)
+    geometry = stats_of(H, y).imbalance_geometry(weight=2.0 * torch.diag(a))
+    assert geometry["orthogonality_M"] == pytest.approx(0.0, abs=1e-12)
+    assert geometry["orthogonality_W"] == pytest.approx(0.0, abs=1e-12)
+    p = torch.tensor(counts, dtype=torch.float64) / sum(counts)
+    mu_G = p * a
+    expected = [math.sqrt(float(((a[c] * torch.eye(4, dtype=torch.float64)[c] - mu_G) ** 2).sum())) for c in range(4)]
+    torch.testing.assert_close(geometry["mean_norm_per_class"], torch.tensor(expected, dtype=torch.float64))
+    torch.testing.assert_close(geometry["classifier_norm_per_class"], 2.0 * a)
+    assert "minority_cos_M" not in geometry and "minority_cos_W" not in geometry  # no minorities given
+
+
+@pytest.mark.parametrize("C", [3, 5, 10])
+def test_simplex_etf_has_mean_abs_cos_one_over_c_minus_one(C):
+    """A simplex ETF centred at the origin: every pair has cos -1/(C-1); equal norms."""
+    M = (torch.eye(C, dtype=torch.float64) - 1.0 / C) * math.sqrt(C / (C - 1))
+    H, y = around(M, [4] * C)
+    geometry = stats_of(H, y).imbalance_geometry(weight=M)
+    assert geometry["orthogonality_M"] == pytest.approx(1 / (C - 1), rel=1e-12)
+    assert geometry["orthogonality_W"] == pytest.approx(1 / (C - 1), rel=1e-12)
+    torch.testing.assert_close(geometry["mean_norm_per_class"], torch.ones(C, dtype=torch.float64))
+
+
+def test_minority_collapse():
+    """Minority rows on one direction (any lengths): minority cos 1; minority means at one point:
+    their centred means coincide, cos 1. Majorities on orthogonal axes do not enter."""
+    C, d = 5, 6
+    M = torch.zeros(C, d, dtype=torch.float64)
+    M[0, 0], M[1, 1], M[2, 2] = 4.0, 4.0, 4.0
+    M[3, 3] = M[4, 3] = 1.0  # the two minorities share their mean
+    counts = [10, 10, 10, 2, 2]
+    W = torch.eye(C, d, dtype=torch.float64)
+    W[3] = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    W[4] = 3.0 * W[3]
+    minority = minority_classes(torch.tensor(counts))
+    assert minority.tolist() == [False, False, False, True, True]
+    geometry = stats_of(*around(M, counts)).imbalance_geometry(W, minority)
+    assert geometry["minority_cos_W"] == pytest.approx(1.0, rel=1e-12)
+    assert geometry["minority_cos_M"] == pytest.approx(1.0, rel=1e-12)
+    # three minorities on an ETF of their own: cos -1/2
+    W3 = W.clone()
+    W3[2:] = torch.tensor([[1.0, 0, 0, 0, 0, 0], [-0.5, math.sqrt(3) / 2, 0, 0, 0, 0], [-0.5, -math.sqrt(3) / 2, 0, 0, 0, 0]],
+                          dtype=torch.float64)
+    three = minority_classes(torch.tensor([10, 10, 3, 3, 3]))
+    assert stats_of(*around(M, counts)).imbalance_geometry(W3, three)["minority_cos_W"] == pytest.approx(-0.5)
+
+
+def test_balanced_data_has_no_minority_metrics():
+    assert not minority_classes(torch.tensor([7, 7, 7])).any()
+    assert minority_classes(torch.tensor([9, 7, 7])).tolist() == [False, True, True]
+    M = torch.eye(3, dtype=torch.float64)
+    s = stats_of(*around(M, [4, 4, 4]))
+    one_minority = torch.tensor([False, False, True])
+    for mask in (minority_classes(torch.tensor([4, 4, 4])), one_minority):
+        assert not {"minority_cos_M", "minority_cos_W"} & set(s.imbalance_geometry(M, mask))
+    with pytest.raises(ValueError, match=r"minority must be a bool mask of shape \[3\]"):
+        s.imbalance_geometry(M, torch.tensor([0, 1, 1]))
+    with pytest.raises(ValueError, match="class_counts must be 1-D integers"):
+        minority_classes(torch.tensor([1.0, 2.0]))
+
+
+def test_per_class_accuracy_by_hand():
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    pred = torch.tensor([0, 1, 0, 1, 1, 0, 2, 1, 1])
+    H = torch.randn(9, 4, generator=torch.Generator().manual_seed(1))
+    s = stats_of(H, y, pred)
+    per_class = s.class_accuracy()["accuracy_per_class"]
+    torch.testing.assert_close(per_class, torch.tensor([2 / 3, 1.0, 1 / 4], dtype=torch.float64))
+    counts = torch.bincount(y).double()
+    assert float((per_class * counts).sum() / counts.sum()) == pytest.approx(s.prediction_metrics()["accuracy"])
+    with pytest.raises(ValueError, match="class_accuracy needs the network's predictions"):
+        stats_of(H, y).class_accuracy()
+
+
+# --------------------------------------------------------------------------------------------
+# the evaluation emits them
+
+
+@pytest.fixture(scope="module")
+def imbalanced_evaluation():
+    """A briefly trained bias-free deep linear network on step-imbalanced digits (ratio 10),
+    evaluated clean and under PGD, keeping the features."""
+    from ncrobust.attacks import ThreatModel
+    from ncrobust.data import as_float
+    from ncrobust.evaluation import EvaluationPlan, evaluate_checkpoint
+    from ncrobust.models import create_model
+
+    d = _digits(imbalance={"profile": "step", "ratio": 10})
+    torch.manual_seed(0)
+    model = create_model("deep_linear", num_classes=10, in_chans=1, image_size=8, mean=d["mean"], std=d["std"],
+                         depth=2, width=16, bias=False)
+    x, y = as_float(d, "train")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(40):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    plan = EvaluationPlan(threats=(ThreatModel("linf", 0.1, 0.025, 2),), perturbations={"clean": {}, "pgd": {}},
+                          splits=("train", "test"), batch_size=128, projection_points=0, keep_features=True)
+    return d, model.eval(), plan, evaluate_checkpoint(model, d, plan, seed=0, epoch=1)
+
+
+def test_evaluation_emits_the_imbalance_geometry(imbalanced_evaluation):
+    d, model, plan, result = imbalanced_evaluation
+    m = result.metrics
+    for split in ("train", "test"):
+        for pert in ("clean", "pgd"):
+            s = m[(m.split == split) & (m.perturbation == pert)]
+            pen = s[s.layer == "penultimate"]
+            counts = pen[pen.metric == "train_class_count"].sort_values("class")["value"].tolist()
+            assert counts == d["class_counts"].double().tolist()  # the train counts, on every set
+            for metric in ("minority_cos_W", "minority_cos_M", "orthogonality_W", "orthogonality_M"):
+                assert pen[pen.metric == metric]["class"].isna().sum() == 1, metric
+            per_class = pen[pen.metric == "accuracy_per_class"].sort_values("class")["value"].to_numpy()
+            n_c = np.bincount(d[f"y_{split}"].numpy(), minlength=10)
+            accuracy = float(pen[pen.metric == "accuracy"]["value"].iloc[0])
+            assert float((per_class * n_c).sum() / n_c.sum()) == pytest.approx(accuracy)
+            w_norms = pen[pen.metric == "classifier_norm_per_class"].sort_values("class")["value"].to_numpy()
+            np.testing.assert_allclose(w_norms, model.classifier.weight.detach().double().norm(dim=1).numpy())
+            for layer in ("layer1", "penultimate"):  # the means' geometry at every layer
+                at = s[s.layer == layer]
+                assert len(at[at.metric == "mean_norm_per_class"]) == 10
+                assert len(at[at.metric == "minority_cos_M"]) == 1
+            assert s[(s.layer == "layer1") & (s.metric == "minority_cos_W")].empty  # W belongs to the last layer
+
+
+def test_kept_features_give_the_same_imbalance_rows(imbalanced_evaluation):
+    from ncrobust.evaluation import penultimate_metrics
+
+    _, _, _, result = imbalanced_evaluation
+    recomputed = penultimate_metrics(result.features)
+    original = result.metrics[result.metrics.layer == "penultimate"].reset_index(drop=True)
+    names = ["train_class_count", "minority_cos_W", "accuracy_per_class", "mean_norm_per_class"]
+    a = original[original.metric.isin(names)].reset_index(drop=True)
+    b = recomputed[recomputed.metric.isin(names)].reset_index(drop=True)
+    assert len(a) == len(b) > 0
+    np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), rtol=1e-9)
+
+
+def test_without_class_counts_no_class_is_a_minority(imbalanced_evaluation):
+    from ncrobust.evaluation import evaluate_checkpoint
+
+    d, model, plan, _ = imbalanced_evaluation
+    old = {k: v for k, v in d.items() if k != "class_counts"}
+    m = evaluate_checkpoint(model, old, plan, seed=0, epoch=1).metrics
+    assert not m.metric.isin(["minority_cos_W", "minority_cos_M", "train_class_count"]).any()
+    assert m.metric.isin(["orthogonality_W", "accuracy_per_class"]).any()
