@@ -189,7 +189,10 @@ def test_minority_collapse():
 
 def test_balanced_data_has_no_minority_metrics():
     assert not minority_classes(torch.tensor([7, 7, 7])).any()
-    assert minority_classes(torch.tensor([9, 7, 7])).tolist() == [False, True, True]
+    assert not minority_classes(torch.tensor([137, 130, 134])).any()  # digits' own, nearly balanced split
+    assert minority_classes(torch.tensor([10, 5, 6, 1])).tolist() == [False, True, False, True]  # at most half the largest
+    steps = minority_classes(torch.tensor(imbalance_counts(130, 10, "step", 2)))
+    assert steps.tolist() == [False] * 5 + [True] * 5
     M = torch.eye(3, dtype=torch.float64)
     s = stats_of(*around(M, [4, 4, 4]))
     one_minority = torch.tensor([False, False, True])

@@ -39,7 +39,7 @@ Conventions (one definition each; the README repeats them):
   2023: 0 for the orthogonal frame of bias-free imbalanced training); ``minority_cos_M`` / ``_W`` =
   mean over minority pairs c != c' of ``cos`` of the centred means / the rows of W (Fang et al.
   2021's Minority Collapse: 1 when the minority classes collapse onto one direction); minorities
-  are the classes with fewer training samples than the largest (:func:`minority_classes`)
+  are the classes with at most half the training samples of the largest (:func:`minority_classes`)
 - ``nc4 = 1 - mean(NCC prediction == network argmax)``; ``ncc_accuracy`` and ``accuracy`` are
   the NCC prediction and the network argmax against the labels. The NCC (nearest class centre)
   prediction is the nearest *uncentred* class mean in Euclidean distance.
@@ -304,13 +304,14 @@ def _mean_cos(V: torch.Tensor) -> float:
 
 
 def minority_classes(class_counts: Any) -> torch.Tensor:
-    """The minority classes of a training set: those with fewer samples than the largest class
-    ([C] bool; all False for balanced data). For the ``step`` profile these are the minorities
-    of Cao et al.; for ``exponential`` every class but the head."""
+    """The minority classes of a training set ([C] bool): those with at most half the samples of
+    the largest class. For the ``step`` profile (ratio >= 2) these are exactly Cao et al.'s
+    minorities; for ``exponential`` the tail beyond half the head's count; a nearly balanced split
+    (digits: 130 to 137 per class) has none, as a balanced one."""
     counts = _tensor(class_counts, "class_counts")
     if counts.dim() != 1 or counts.dtype.is_floating_point or counts.dtype == torch.bool:
         raise ValueError(f"class_counts must be 1-D integers [C], got {counts.dtype} {list(counts.shape)}")
-    return counts < counts.max()
+    return 2 * counts <= counts.max()
 
 
 # --------------------------------------------------------------------------------------------
