@@ -3,14 +3,18 @@ dataset option, the imbalance geometry metrics against closed-form cases, and th
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from ncrobust import data
+from ncrobust import data, plots, tables
+from ncrobust.collapse import LayerStats, minority_classes
 from ncrobust.data import imbalance_counts
+from ncrobust.tables import METRIC_COLUMNS
 
 # --------------------------------------------------------------------------------------------
 # the dataset option
@@ -107,8 +111,6 @@ def test_validate_checks_class_counts(balanced):
 
 # --------------------------------------------------------------------------------------------
 # the metrics (LayerStats.imbalance_geometry, LayerStats.class_accuracy), closed-form cases
-
-from ncrobust.collapse import LayerStats, minority_classes  # noqa: E402
 
 
 def stats_of(H, y, predictions=None, C=None) -> LayerStats:
@@ -295,12 +297,6 @@ def test_without_class_counts_no_class_is_a_minority(imbalanced_evaluation):
 # --------------------------------------------------------------------------------------------
 # the figure: tables.imbalance_geometry + plots.imbalance
 
-import itertools  # noqa: E402
-
-import pandas as pd  # noqa: E402
-
-from ncrobust import plots, tables  # noqa: E402
-from ncrobust.tables import METRIC_COLUMNS  # noqa: E402
 
 VARIANT_COUNTS = {"base": [10, 10, 10, 10], "step10": [10, 10, 1, 1]}
 
