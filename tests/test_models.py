@@ -54,7 +54,7 @@ def forward_cache():
 
 def test_registry_names():
     names = list_models()
-    for name in ("mlp", "convnet", "preact_resnet18", "vgg11_bn", "wide_resnet", "wrn28_10", "wrn34_10"):
+    for name in ("mlp", "convnet", "deep_linear", "preact_resnet18", "vgg11_bn", "wide_resnet", "wrn28_10", "wrn34_10"):
         assert name in names
     with pytest.raises(ValueError, match="unknown model 'resnet1000'"):
         build("resnet1000")
@@ -97,6 +97,44 @@ def test_input_gradient_and_normalisation(name, forward_cache):
     assert grad.shape == x.shape and torch.isfinite(grad).all() and grad.abs().sum() > 0
     torch.testing.assert_close(model.normalize.mean.flatten(), torch.tensor(MEAN3))
     torch.testing.assert_close(model.normalize.std.flatten(), torch.tensor(STD3))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_bias_free_classifier(name, forward_cache):
+    """``bias=False`` (every model): the classifier has no bias, so the logits are ``W h`` exactly;
+    the default keeps the bias; a non-boolean is refused naming the option."""
+    assert forward_cache(name)[0].classifier.bias is not None
+    torch.manual_seed(0)
+    model = build(name, bias=False).eval()
+    assert model.classifier.bias is None
+    x = forward_cache(name)[1]
+    with torch.no_grad():
+        logits, taps = model(x, taps=True)
+    torch.testing.assert_close(logits, taps["penultimate"] @ model.classifier.weight.T, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="bias must be true or false"):
+        build(name, bias="no")
+
+
+def test_deep_linear_is_linear_with_taps_at_every_layer():
+    """No activation: the features are an affine map of the input (the normalisation is the only
+    shift), so affine combinations of inputs map to the same combinations of features."""
+    torch.manual_seed(0)
+    model = build("deep_linear", depth=4, width=16, bias=False).eval()
+    assert model.tap_names == ["layer1", "layer2", "layer3", "penultimate"]
+    assert not any(isinstance(m, (nn.BatchNorm1d, nn.ReLU)) for m in model.modules())
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(3 * 32 * 32, 16), (16, 16), (16, 16), (16, 16), (16, 10)]
+    assert n_params(model) == 3 * 32 * 32 * 16 + 3 * 16 * 16 + 16 * 10
+    x1, x2, x3 = torch.rand(3, 1, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    model = model.double()
+    with torch.no_grad():
+        combined = model(x1 + 0.5 * x2 - 0.5 * x3, taps=True)[1]
+        parts = [model(x, taps=True)[1] for x in (x1, x2, x3)]
+    for tap in model.tap_names:
+        torch.testing.assert_close(combined[tap], parts[0][tap] + 0.5 * parts[1][tap] - 0.5 * parts[2][tap])
+    with_bn = build("deep_linear", depth=2, width=8, batch_norm=True)
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in with_bn.modules()) == 2
+    assert build("deep_linear", depth=1, width=8).tap_names == ["penultimate"]
 
 
 def test_preact_resnet18_parameters():
@@ -232,6 +270,11 @@ def test_train_mode_taps_consistent():
         ("wide_resnet", {"widen_factor": 0}, "widen_factor"),
         ("wide_resnet", {"dropout": 1.0}, "dropout"),
         ("wrn28_10", {"depth": 34}, "wrn28_10 fixes depth"),
+        ("deep_linear", {"depth": 0}, "deep_linear option depth must be an integer >= 1"),
+        ("deep_linear", {"width": 2.5}, "deep_linear option width must be an integer >= 1"),
+        ("deep_linear", {"batch_norm": "off"}, "deep_linear option batch_norm must be true or false"),
+        ("deep_linear", {"activation": "relu"}, "model 'deep_linear': .*unexpected keyword argument 'activation'.*models.deep_linear"),
+        ("mlp", {"bais": False}, "model 'mlp': .*'bais'"),
     ],
 )
 def test_bad_options(name, kwargs, message):

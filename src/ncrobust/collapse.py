@@ -34,6 +34,12 @@ Conventions (one definition each; the README repeats them):
   ``|cos(v_c, v_c') + 1/(C-1)|`` for ``v = M~`` rows / ``W`` rows (W is not centred, as in Papyan)
 - ``nc3 = || W/||W||_F - M~/||M~||_F ||_F^2`` (W and the centred means both as [C, d] rows; this is
   Papyan's ``|| W^T/||W||_F - M/||M||_F ||`` with his d x C ``M``)
+- imbalance geometry (:meth:`LayerStats.imbalance_geometry`): ``orthogonality_M`` / ``_W`` = mean
+  over c != c' of ``|cos(v_c, v_c')|`` for the *uncentred* means / the rows of W (Dang et al.
+  2023: 0 for the orthogonal frame of bias-free imbalanced training); ``minority_cos_M`` / ``_W`` =
+  mean over minority pairs c != c' of ``cos`` of the centred means / the rows of W (Fang et al.
+  2021's Minority Collapse: 1 when the minority classes collapse onto one direction); minorities
+  are the classes with at most half the training samples of the largest (:func:`minority_classes`)
 - ``nc4 = 1 - mean(NCC prediction == network argmax)``; ``ncc_accuracy`` and ``accuracy`` are
   the NCC prediction and the network argmax against the labels. The NCC (nearest class centre)
   prediction is the nearest *uncentred* class mean in Euclidean distance.
@@ -57,6 +63,7 @@ __all__ = [
     "alignment",
     "class_means",
     "leap",
+    "minority_classes",
     "nc_metrics",
     "ncc_predict",
     "perturbation_metrics",
@@ -279,6 +286,34 @@ def _equiangle(V: torch.Tensor) -> float:
     return float((cos[off] + 1.0 / (C - 1)).abs().mean())
 
 
+def _cosines(V: torch.Tensor) -> torch.Tensor:
+    """``cos(v_c, v_c')`` over ordered pairs c != c' of the rows of ``V`` ([K, d], K >= 2): [K (K-1)]."""
+    Vn = V / torch.linalg.vector_norm(V, dim=1, keepdim=True)  # zero rows give nan, on purpose
+    off = ~torch.eye(V.shape[0], dtype=torch.bool, device=V.device)
+    return (Vn @ Vn.T)[off]
+
+
+def _mean_abs_cos(V: torch.Tensor) -> float:
+    """Mean over c != c' of ``|cos(v_c, v_c')|``: 0 for mutually orthogonal rows."""
+    return float(_cosines(V).abs().mean())
+
+
+def _mean_cos(V: torch.Tensor) -> float:
+    """Mean over c != c' of ``cos(v_c, v_c')``: 1 when the rows point the same way."""
+    return float(_cosines(V).mean())
+
+
+def minority_classes(class_counts: Any) -> torch.Tensor:
+    """The minority classes of a training set ([C] bool): those with at most half the samples of
+    the largest class. For the ``step`` profile (ratio >= 2) these are exactly Cao et al.'s
+    minorities; for ``exponential`` the tail beyond half the head's count; a nearly balanced split
+    (digits: 130 to 137 per class) has none, as a balanced one."""
+    counts = _tensor(class_counts, "class_counts")
+    if counts.dim() != 1 or counts.dtype.is_floating_point or counts.dtype == torch.bool:
+        raise ValueError(f"class_counts must be 1-D integers [C], got {counts.dtype} {list(counts.shape)}")
+    return 2 * counts <= counts.max()
+
+
 # --------------------------------------------------------------------------------------------
 # the accumulator: one definition of every metric, streamed or dense
 # --------------------------------------------------------------------------------------------
@@ -344,6 +379,7 @@ class LayerStats:
         self._confusion: torch.Tensor | None = None  # [C, C]: label y, nearest reference mean k
         self._with_predictions: bool | None = None
         self._net_correct: torch.Tensor | None = None  # network argmax == label
+        self._net_correct_per_class: torch.Tensor | None = None  # network argmax == label, per label: [C]
         self._own_agree: torch.Tensor | None = None  # NCC (own means) == network argmax
         self._ref_agree: torch.Tensor | None = None  # NCC (reference means) == network argmax
 
@@ -439,6 +475,7 @@ class LayerStats:
             if self._with_predictions:
                 zero = torch.zeros((), dtype=torch.int64, device=g.M.device)
                 self._net_correct, self._own_agree = zero.clone(), zero.clone()
+                self._net_correct_per_class = torch.zeros(self.num_classes, dtype=torch.int64, device=g.M.device)
                 self._ref_agree = zero.clone() if self._ref is not None else None
         elif self._with_predictions != (predictions is not None):
             raise ValueError("pass predictions for every batch of pass 2 or for none")
@@ -459,7 +496,9 @@ class LayerStats:
                 self._confusion += torch.bincount(yb * C + nearest, minlength=C * C)
             if predictions is not None:
                 pb = predictions[s:e]
-                self._net_correct += (pb == yb).sum()
+                hit = pb == yb
+                self._net_correct += hit.sum()
+                self._net_correct_per_class.index_add_(0, yb, hit.long())  # a bincount of the hits, no sync
                 self._own_agree += (own == pb).sum()
                 if self._ref is not None:
                     self._ref_agree += (nearest == pb).sum()
@@ -527,6 +566,55 @@ class LayerStats:
         out = {"accuracy": int(self._net_correct) / g.N, "nc4": 1.0 - int(self._own_agree) / g.N}
         if self._ref_agree is not None:
             out["leap_to_prediction"] = int(self._ref_agree) / g.N
+        return out
+
+    def class_accuracy(self) -> dict[str, torch.Tensor]:
+        """With predictions in pass 2: ``accuracy_per_class`` [C], the share of class-c samples
+        (grouped as in pass 2) whose network argmax is c; on a perturbed set the per-class robust
+        accuracy. Its count-weighted mean is ``accuracy``."""
+        g = self._scattered()
+        if not self._with_predictions:
+            raise ValueError("class_accuracy needs the network's predictions in pass 2 (accumulate_scatter(..., predictions))")
+        return {"accuracy_per_class": self._net_correct_per_class.to(_F64) / g.counts.to(_F64)}
+
+    def imbalance_geometry(self, weight: Any = None, minority: Any = None) -> dict[str, float | torch.Tensor]:
+        """The geometry that class imbalance and bias-free classifiers change (Dang et al. 2023,
+        Fang et al. 2021), after ``finish_means``:
+
+        - ``mean_norm_per_class`` [C]: ``||mu_c - mu_G||``, to plot against class size
+        - ``orthogonality_M``: mean over c != c' of ``|cos(mu_c, mu_c')|`` for the *uncentred*
+          means (0 for an orthogonal frame, 1/(C-1) for a simplex ETF centred at the origin)
+        - with ``minority`` ([C] bool, at least two True): ``minority_cos_M``, the mean over
+          minority pairs c != c' of ``cos(mu_c - mu_G, mu_c' - mu_G)`` (Minority Collapse of the
+          means: tends to 1); absent with fewer than two minorities (balanced data)
+        - with ``weight`` [C, d]: ``classifier_norm_per_class`` [C] (``||w_c||``),
+          ``orthogonality_W`` (the same mean |cos| for the rows ``w_c``) and, with minorities,
+          ``minority_cos_W`` (the mean cos between minority rows: Fang et al.'s Minority Collapse)
+
+        A zero-length vector gives ``nan`` in the cosines that involve it (never raises).
+        """
+        g = self._finished()
+        C = self.num_classes
+        out: dict[str, float | torch.Tensor] = {
+            "mean_norm_per_class": torch.linalg.vector_norm(g.Mc, dim=1),
+            "orthogonality_M": _mean_abs_cos(g.M),
+        }
+        mask = None
+        if minority is not None:
+            mask = _tensor(minority, "minority")
+            if mask.dtype != torch.bool or tuple(mask.shape) != (C,):
+                raise ValueError(f"minority must be a bool mask of shape [{C}], got {mask.dtype} {list(mask.shape)}")
+            mask = mask.to(g.M.device)
+            if int(mask.sum()) < 2:
+                mask = None
+        if mask is not None:
+            out["minority_cos_M"] = _mean_cos(g.Mc[mask])
+        if weight is not None:
+            W = _matrix(weight, tuple(g.M.shape), "weight", g.M.device)
+            out["classifier_norm_per_class"] = torch.linalg.vector_norm(W, dim=1)
+            out["orthogonality_W"] = _mean_abs_cos(W)
+            if mask is not None:
+                out["minority_cos_W"] = _mean_cos(W[mask])
         return out
 
     def reference_geometry(self) -> dict[str, float | torch.Tensor]:

@@ -4,7 +4,8 @@ Every dataset is prepared into one dict (``results/data/{name}.pt``)::
 
     {"name", "x_train", "y_train", "x_test", "y_test",  # images uint8 (N, C, H, W), labels int64
      "max_value",                                        # images in [0, 1] are x / max_value
-     "classes", "mean", "std"}                           # class names, per-channel normalisation
+     "classes", "mean", "std",                           # class names, per-channel normalisation
+     "class_counts"}                                     # training images per class, [C] int64
 
 Images are stored as integers and scaled to [0, 1] on load (``as_float``), so the file is small
 and exact; ``mean`` and ``std`` are computed on the training split (``channel_stats``).
@@ -21,7 +22,8 @@ on-disk layouts under ``root`` (the config key ``data_root``)::
 ``download=True`` lets torchvision fetch what is missing (machines with internet). Options of
 every loader: ``verify_checksums`` (default ``True``: the files must be the published originals,
 see each loader) and ``train_per_class`` (keep that many training images per class, drawn with
-``seed``; Su et al. keep 5,000 per class of MNIST). A missing, incomplete or corrupt dataset
+``seed``; Su et al. keep 5,000 per class of MNIST) and ``imbalance`` (a seeded long-tailed
+subsample of the training split, see :func:`imbalance_counts`; the test split stays as it is). A missing, incomplete or corrupt dataset
 raises :class:`DatasetNotFoundError` with one message naming the expected files and how to get
 them.
 """
@@ -112,6 +114,11 @@ def validate(data: Dataset) -> None:
             raise ValueError(f"y_{split} holds labels outside [0, {num_classes})")
     if len(data["mean"]) != data["x_train"].shape[1] or len(data["std"]) != data["x_train"].shape[1]:
         raise ValueError("mean and std must have one entry per channel")
+    if "class_counts" in data:  # optional: files prepared before it was recorded lack it
+        counts = data["class_counts"]
+        expected = torch.bincount(data["y_train"], minlength=num_classes)
+        if not isinstance(counts, torch.Tensor) or counts.dtype != torch.int64 or not torch.equal(counts, expected):
+            raise ValueError("class_counts must be the int64 [C] counts of y_train per class")
 
 
 def as_float(data: Dataset, split: str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,6 +155,74 @@ def per_class_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarra
         if len(idx) < per_class:
             raise ValueError(f"train_per_class={per_class} but class {c} has only {len(idx)} training samples")
         keep.append(rng.choice(idx, size=per_class, replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+IMBALANCE_PROFILES = ("step", "exponential")
+_IMBALANCE_STREAM = 0x1B  # second entropy word of the imbalance draw: a stream apart from seed's other draws
+
+
+def check_imbalance(imbalance) -> dict | None:
+    """The ``imbalance`` option, validated: ``None`` or ``{"profile": step|exponential, "ratio": R >= 1}``."""
+    if imbalance is None:
+        return None
+    if not isinstance(imbalance, dict):
+        raise ValueError(
+            f"imbalance must be a mapping {{profile: step|exponential, ratio: R}}, got {type(imbalance).__name__}"
+        )
+    unknown = sorted(set(imbalance) - {"profile", "ratio"})
+    if unknown:
+        raise ValueError(f"imbalance has no key {', '.join(map(str, unknown))}; its keys: profile, ratio")
+    missing = [k for k in ("profile", "ratio") if k not in imbalance]
+    if missing:
+        raise ValueError(f"imbalance lacks {', '.join(missing)}; give e.g. {{profile: step, ratio: 10}}")
+    profile, ratio = imbalance["profile"], imbalance["ratio"]
+    if profile not in IMBALANCE_PROFILES:
+        raise ValueError(f"imbalance.profile {profile!r} is unknown; allowed: {', '.join(IMBALANCE_PROFILES)}")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio < 1:
+        raise ValueError(f"imbalance.ratio must be a finite number >= 1 (n_max / n_min; 1 = balanced), got {ratio!r}")
+    return {"profile": profile, "ratio": float(ratio)}
+
+
+def imbalance_counts(n_max: int, num_classes: int, profile: str, ratio: float) -> list[int]:
+    """Training images kept per class for a long-tailed profile (Cao et al. 2019, LDAM's code):
+
+    - ``step``: the first ``C - C // 2`` classes keep ``n_max``, the last ``C // 2`` (the
+      minorities) ``floor(n_max / ratio)``;
+    - ``exponential``: class ``c`` keeps ``floor(n_max * ratio ** (-c / (C - 1)))``, so class 0
+      keeps ``n_max`` and class ``C-1`` ``floor(n_max / ratio)``.
+
+    Class index order decides who is a minority (deterministic, label order). A profile that
+    leaves a class without images raises (the ratio is too large for ``n_max``).
+    """
+    check_imbalance({"profile": profile, "ratio": ratio})
+    if num_classes < 2 or n_max < 1:
+        raise ValueError(f"imbalance needs at least 2 classes and n_max >= 1, got {num_classes} and {n_max}")
+    if profile == "step":
+        minorities = num_classes // 2
+        counts = [n_max] * (num_classes - minorities) + [int(n_max / ratio)] * minorities
+    else:
+        counts = [int(n_max * ratio ** (-c / (num_classes - 1))) for c in range(num_classes)]
+    if min(counts) < 1:
+        raise ValueError(
+            f"imbalance ratio {ratio:g} leaves a class without training images (n_max = {n_max}); "
+            f"use a ratio <= {n_max}"
+        )
+    return counts
+
+
+def imbalanced_subset(labels: np.ndarray, num_classes: int, imbalance: dict, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded long-tailed subsample of ``labels`` (:func:`imbalance_counts`).
+
+    ``n_max`` is the smallest class's count, so every class can give its share and the ratio
+    n_max / n_min is the configured one (up to the floor). The draw uses its own stream of
+    ``seed``, independent of ``train_per_class``'s.
+    """
+    imbalance = check_imbalance(imbalance)
+    available = np.bincount(labels, minlength=num_classes)
+    counts = imbalance_counts(int(available.min()), num_classes, imbalance["profile"], imbalance["ratio"])
+    rng = np.random.default_rng([seed, _IMBALANCE_STREAM])
+    keep = [rng.choice(np.flatnonzero(labels == c), size=n, replace=False) for c, n in enumerate(counts)]
     return np.sort(np.concatenate(keep))
 
 
@@ -194,11 +269,17 @@ def _prepared(
     *,
     max_value: int = 255,
     train_per_class: int | None = None,
+    imbalance: dict | None = None,
     seed: int = 0,
 ) -> Dataset:
-    """Assemble the prepared dict: optional per-class subsample of train, stats from train."""
+    """Assemble the prepared dict: optional per-class subsample of train, then optional long-tailed
+    subsample of it (the test split is never touched), stats and class counts from train."""
+    imbalance = check_imbalance(imbalance)
     if train_per_class is not None:
         keep = torch.from_numpy(per_class_subset(y_train.numpy(), train_per_class, seed))
+        x_train, y_train = x_train[keep], y_train[keep]
+    if imbalance is not None:
+        keep = torch.from_numpy(imbalanced_subset(y_train.numpy(), len(classes), imbalance, seed))
         x_train, y_train = x_train[keep], y_train[keep]
     mean, std = channel_stats(x_train, max_value)
     return {
@@ -211,6 +292,7 @@ def _prepared(
         "classes": [str(c) for c in classes],
         "mean": mean,
         "std": std,
+        "class_counts": torch.bincount(y_train.to(torch.int64), minlength=len(classes)),
     }
 
 
@@ -230,6 +312,7 @@ def _digits(
     test_fraction: float = 0.25,
     verify_checksums: bool = True,
     train_per_class: int | None = None,
+    imbalance: dict | None = None,
 ) -> Dataset:
     """scikit-learn's 8x8 handwritten digits (1,797 images, pixel values 0..16), stratified split.
 
@@ -251,6 +334,7 @@ def _digits(
         [str(c) for c in range(10)],
         max_value=16,
         train_per_class=train_per_class,
+        imbalance=imbalance,
         seed=seed,
     )
 
@@ -316,7 +400,8 @@ def _gunzip(src: Path, dst: Path) -> None:
 
 
 def _mnist_family(
-    name: str, tv_cls, *, root, download: bool, seed: int, verify_checksums: bool, train_per_class: int | None
+    name: str, tv_cls, *, root, download: bool, seed: int, verify_checksums: bool, train_per_class: int | None,
+    imbalance: dict | None = None,
 ) -> Dataset:
     from torchvision.datasets.utils import check_md5
 
@@ -368,12 +453,13 @@ def _mnist_family(
         _check_labels(name, raw / f"{prefix}-labels-idx1-ubyte", y, len(ds.classes))
         splits[split] = (x.unsqueeze(1), y)
     classes = [c.split(" - ")[0] for c in train.classes]  # MNIST's "0 - zero" -> "0"
-    return _prepared(name, *splits["train"], *splits["test"], classes, train_per_class=train_per_class, seed=seed)
+    return _prepared(name, *splits["train"], *splits["test"], classes, train_per_class=train_per_class, imbalance=imbalance, seed=seed)
 
 
 @register_dataset("mnist")
 def _mnist(
-    *, root=None, download=False, seed: int = 0, verify_checksums: bool = True, train_per_class: int | None = None
+    *, root=None, download=False, seed: int = 0, verify_checksums: bool = True, train_per_class: int | None = None,
+    imbalance: dict | None = None,
 ) -> Dataset:
     """MNIST (60,000 + 10,000 grey 28x28 digits), via ``torchvision.datasets.MNIST``.
 
@@ -384,13 +470,14 @@ def _mnist(
 
     return _mnist_family(
         "mnist", MNIST, root=root, download=download, seed=seed,
-        verify_checksums=verify_checksums, train_per_class=train_per_class,
+        verify_checksums=verify_checksums, train_per_class=train_per_class, imbalance=imbalance,
     )
 
 
 @register_dataset("fashion_mnist")
 def _fashion_mnist(
-    *, root=None, download=False, seed: int = 0, verify_checksums: bool = True, train_per_class: int | None = None
+    *, root=None, download=False, seed: int = 0, verify_checksums: bool = True, train_per_class: int | None = None,
+    imbalance: dict | None = None,
 ) -> Dataset:
     """Fashion-MNIST (60,000 + 10,000 grey 28x28 clothes), via ``torchvision.datasets.FashionMNIST``.
 
@@ -400,7 +487,7 @@ def _fashion_mnist(
 
     return _mnist_family(
         "fashion_mnist", FashionMNIST, root=root, download=download, seed=seed,
-        verify_checksums=verify_checksums, train_per_class=train_per_class,
+        verify_checksums=verify_checksums, train_per_class=train_per_class, imbalance=imbalance,
     )
 
 
@@ -424,7 +511,9 @@ def _cifar_reader(tv_cls):
     )
 
 
-def _cifar(name: str, tv_cls, *, root, download: bool, seed: int, verify_checksums: bool, train_per_class) -> Dataset:
+def _cifar(
+    name: str, tv_cls, *, root, download: bool, seed: int, verify_checksums: bool, train_per_class, imbalance=None
+) -> Dataset:
     from torchvision.datasets.utils import check_md5
 
     folder = tv_cls.base_folder
@@ -461,12 +550,13 @@ def _cifar(name: str, tv_cls, *, root, download: bool, seed: int, verify_checksu
             )
         _check_labels(name, base, y, len(ds.classes))
         splits[split] = (x, y)
-    return _prepared(name, *splits["train"], *splits["test"], train.classes, train_per_class=train_per_class, seed=seed)
+    return _prepared(name, *splits["train"], *splits["test"], train.classes, train_per_class=train_per_class, imbalance=imbalance, seed=seed)
 
 
 @register_dataset("cifar10")
 def _cifar10(
-    *, root=None, download=False, seed: int = 0, verify_checksums: bool = True, train_per_class: int | None = None
+    *, root=None, download=False, seed: int = 0, verify_checksums: bool = True, train_per_class: int | None = None,
+    imbalance: dict | None = None,
 ) -> Dataset:
     """CIFAR-10 (50,000 + 10,000 RGB 32x32), via ``torchvision.datasets.CIFAR10``.
 
@@ -476,13 +566,14 @@ def _cifar10(
 
     return _cifar(
         "cifar10", CIFAR10, root=root, download=download, seed=seed,
-        verify_checksums=verify_checksums, train_per_class=train_per_class,
+        verify_checksums=verify_checksums, train_per_class=train_per_class, imbalance=imbalance,
     )
 
 
 @register_dataset("cifar100")
 def _cifar100(
-    *, root=None, download=False, seed: int = 0, verify_checksums: bool = True, train_per_class: int | None = None
+    *, root=None, download=False, seed: int = 0, verify_checksums: bool = True, train_per_class: int | None = None,
+    imbalance: dict | None = None,
 ) -> Dataset:
     """CIFAR-100 (50,000 + 10,000 RGB 32x32, the 100 fine labels), via ``torchvision.datasets.CIFAR100``.
 
@@ -492,7 +583,7 @@ def _cifar100(
 
     return _cifar(
         "cifar100", CIFAR100, root=root, download=download, seed=seed,
-        verify_checksums=verify_checksums, train_per_class=train_per_class,
+        verify_checksums=verify_checksums, train_per_class=train_per_class, imbalance=imbalance,
     )
 
 
@@ -525,6 +616,7 @@ def _imagenette(
     seed: int = 0,
     verify_checksums: bool = True,
     train_per_class: int | None = None,
+    imbalance: dict | None = None,
     image_size: int = 160,
     num_threads: int | None = None,
 ) -> Dataset:
@@ -595,5 +687,5 @@ def _imagenette(
         splits[split] = (x, y)
         classes = [Imagenette._WNID_TO_CLASS[w][0] for w in ds.wnids]
     return _prepared(
-        "imagenette", *splits["train"], *splits["val"], classes, train_per_class=train_per_class, seed=seed
+        "imagenette", *splits["train"], *splits["val"], classes, train_per_class=train_per_class, imbalance=imbalance, seed=seed
     )

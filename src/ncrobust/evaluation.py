@@ -6,8 +6,11 @@ per-layer statistics (:class:`ncrobust.collapse.LayerStats`) are the reference (
 every perturbed set of that split, so they are computed once. The penultimate layer is one more
 layer of the same two streaming passes (pass 1: class sums; pass 2: within-class scatter, NCC with
 the own and the clean means, agreement with the network), plus the quantities that only the last
-layer has: NC2 / NC3 against the classifier, NC4, accuracy, the leap matrix and the alignment of
-the perturbed simplex with the clean one.
+layer has: NC2 / NC3 against the classifier, NC4, accuracy (overall and per class), the leap
+matrix and the alignment of the perturbed simplex with the clean one. Every layer also gets the
+imbalance geometry of its class means (``mean_norm_per_class``, ``orthogonality_M``,
+``minority_cos_M``), the penultimate one that of the classifier rows too and the training split's
+``train_class_count`` (the minorities come from the prepared dataset's ``class_counts``).
 
 Which labels group a set is decided here, once: the true labels, except for ``pgd-targeted``,
 whose samples are grouped by their target ``(y + 1) mod C`` for every metric of every layer (as
@@ -28,7 +31,7 @@ import pandas as pd
 import torch
 
 from .attacks import PERTURBATIONS, ThreatModel, perturb, target_labels
-from .collapse import LayerStats
+from .collapse import LayerStats, minority_classes
 from .data import as_float
 from .seeding import generator
 from .projection import SimplexPlane
@@ -179,20 +182,28 @@ class _Keep:
 def _set_metrics(
     rows: _Rows, keys: tuple, layers: list[str], stats: dict[str, LayerStats], predictions: torch.Tensor,
     labels: torch.Tensor, targets: torch.Tensor | None, weight: torch.Tensor, depth: list[str] | None = None,
+    class_counts: torch.Tensor | None = None,
 ) -> None:
     """Every metric of one set: per layer the within-class ones, at the penultimate layer the rest.
-    ``depth``: every layer of the model in forward order (``layer_index``), default ``layers``."""
+    ``depth``: every layer of the model in forward order (``layer_index``), default ``layers``.
+    ``class_counts``: the training split's samples per class (the prepared dataset's), which
+    decide the minority classes of the imbalance geometry; without them no class is a minority."""
     perturbed = stats[PENULTIMATE].reference is not None
     depth = layers if depth is None else depth
+    minority = None if class_counts is None else minority_classes(class_counts)
     for name in layers:
         index = depth.index(name)
         s = stats[name]
         values = s.compute()
         if not perturbed:
             values["ncc_accuracy_clean_means"] = values["ncc_accuracy"]  # the clean means are the own means
+        values.update(s.imbalance_geometry(weight if name == PENULTIMATE else None, minority))
         if name == PENULTIMATE:
             values.update(s.class_geometry(weight))
             values.update(s.prediction_metrics())
+            values.update(s.class_accuracy())
+            if class_counts is not None:
+                values["train_class_count"] = class_counts.to(torch.float64)
             if perturbed:
                 values.update(s.reference_geometry())
                 values["accuracy_true_labels"] = float((predictions == labels).double().mean())
@@ -228,6 +239,7 @@ def evaluate_checkpoint(
     """
     model = model.to(device).eval()
     num_classes = len(data["classes"])
+    class_counts = data.get("class_counts")  # absent from datasets prepared before it was recorded
     taps = [t for t in model.tap_names if t != PENULTIMATE] if plan.layerwise else []
     layers = [*taps, PENULTIMATE]
     weight = model.classifier.weight.detach().double()
@@ -242,7 +254,7 @@ def evaluate_checkpoint(
         stats, predictions = _measure(
             _model_forward(model, x, layers), len(x), groups, layers, num_classes, plan.batch_size, reference, keep
         )
-        _set_metrics(rows, keys, layers, stats, predictions, labels, targets, weight)
+        _set_metrics(rows, keys, layers, stats, predictions, labels, targets, weight, class_counts=class_counts)
         plane = plane or SimplexPlane.of(stats[PENULTIMATE])
         if len(index):
             at = torch.as_tensor(index, device=labels.device)
@@ -281,6 +293,7 @@ def evaluate_checkpoint(
             "classifier_bias": None if bias is None else bias.detach().float().cpu(),
             "layers": layers,
             "epoch": int(epoch),
+            "class_counts": class_counts,
             "sets": kept,
         }
     projection = pd.concat(projections, ignore_index=True) if projections else SimplexPlane.empty()
@@ -311,5 +324,5 @@ def penultimate_metrics(features_file: dict, *, batch_size: int = 1000) -> pd.Da
         if perturbation == "clean":
             references[split] = stats
         _set_metrics(rows, (split, norm, perturbation), [PENULTIMATE], stats, predictions, labels, targets, weight,
-                     list(features_file["layers"]))
+                     list(features_file["layers"]), class_counts=features_file.get("class_counts"))
     return rows.frame()

@@ -592,6 +592,91 @@ def ncc_robustness(wide: pd.DataFrame, path: str | Path):
     return _save(fig, path)
 
 
+CLASSIFIER_COLOUR = "#56B4E9"  # Okabe & Ito's sky blue: the classifier rows (one per network, no perturbation)
+
+
+def _imbalance_points(ax, d: pd.DataFrame, x: str, colour, marker: str, zorder: int = 2) -> None:
+    """Points of one series, and a thin line through their mean at each ``x``."""
+    ax.plot(d[x], d["value"], linestyle="none", marker=marker, markersize=5, color=colour, alpha=0.8, zorder=zorder)
+    mean = d.groupby(x)["value"].mean()
+    if len(mean) > 1:
+        ax.plot(mean.index, mean.to_numpy(), color=colour, linewidth=0.9, alpha=0.6, zorder=zorder)
+
+
+@_themed
+def imbalance(f: pd.DataFrame, path: str | Path, split: str = "train"):
+    """The geometry of imbalanced training (``tables.imbalance_geometry``), one column per training
+    adversary: per class, the norm of the centred class mean (clean vs PGD features) and of the
+    classifier row against the class's number of training samples (log scale); per cell, the mean
+    cosine between the minority classes' centred means (clean vs PGD) and classifier rows against
+    the measured imbalance ratio n_max / n_min (Fang et al.'s Minority Collapse: tends to 1).
+    Marker: the dataset/model/loss setting and the variant, where several are present."""
+    if f.empty:
+        return _placeholder(
+            path, "Geometry of imbalanced classes",
+            "no imbalance metrics in the metrics table (train_class_count, mean_norm_per_class, ...): "
+            "datasets prepared before class counts were recorded",
+        )
+    cols = _present(f["adversary"], ADVERSARY_ORDER)
+    perts = _present(f["perturbation"], PERTURBATION_ORDER)
+    palette = _palette(perts, PERTURBATION_PALETTE)
+    groups = sorted(f["group"].unique())
+    _, markers = _style_maps(groups)
+    rows = [
+        ("mean_norm_per_class", "class_count", "‖μ_c − μ_G‖\ncentred class mean"),
+        ("classifier_norm_per_class", "class_count", "‖w_c‖\nclassifier row"),
+        ("minority_cos", "ratio", "minority collapse\nmean cos between minorities"),
+    ]
+    fig, axes = _grid(len(rows), len(cols), sharex="row", sharey="row")
+    for i, (metric, x, label) in enumerate(rows):
+        for j, adv in enumerate(cols):
+            ax = axes[i, j]
+            a = f[f["adversary"] == adv]
+            series = []  # (frame, colour) per perturbation, clean last (on top)
+            if metric == "classifier_norm_per_class":
+                series.append((a[a["metric"] == metric], CLASSIFIER_COLOUR))
+            elif metric == "minority_cos":
+                series.append((a[a["metric"] == "minority_cos_W"], CLASSIFIER_COLOUR))
+                series += [(a[(a["metric"] == "minority_cos_M") & (a["perturbation"] == p)], palette[p]) for p in perts[::-1]]
+            else:
+                series += [(a[(a["metric"] == metric) & (a["perturbation"] == p)], palette[p]) for p in perts[::-1]]
+            if all(d.empty for d, _ in series):
+                _empty_panel(ax, "no minority classes\n(balanced data only)" if metric == "minority_cos" else "no data")
+                continue
+            for k, (d, colour) in enumerate(series):
+                for g in groups:
+                    e = d[d["group"] == g]
+                    if len(e):
+                        _imbalance_points(ax, e, x, colour, markers[g], zorder=2 + k)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.5)))
+            if metric == "minority_cos":
+                ax.axhline(1.0, color="0.6", linestyle=":", linewidth=0.9, zorder=1)
+            ax.set_ylabel(label if j == 0 else "")
+            ax.set_xlabel("")
+    for i, (_, x, _) in enumerate(rows):
+        live = [ax for ax in axes[i] if ax.axison]
+        for ax in live:
+            ax.set_xlabel("training samples of the class" if x == "class_count" else "imbalance ratio n_max / n_min")
+    _col_titles(axes, cols, "trained with ")
+    handles = [Line2D([], [], linestyle="none", label="class means on")]
+    handles += [Line2D([], [], color=palette[p], marker="o", markersize=4, label=p) for p in perts]
+    handles += [Line2D([], [], color=CLASSIFIER_COLOUR, marker="o", markersize=4, label="classifier rows")]
+    if len(groups) > 1 or groups[0]:
+        handles.append(Line2D([], [], linestyle="none", label=" "))
+        handles += [Line2D([], [], color="0.3", marker=markers[g], linestyle="none", markersize=5, label=g or "(base)") for g in groups]
+    fig.legend(handles=handles, labels=[h.get_label() for h in handles], loc="outside right center", frameon=False)
+    epochs = "/".join(sorted(set("/".join(f["epochs"]).split("/")), key=int))
+    seeds = int(f["seeds"].max())
+    fig.suptitle(
+        f"Geometry of imbalanced classes ({split} split, final epoch {epochs})\n"
+        f"points: classes (rows 1-2) or cells (row 3); lines: mean at each x · "
+        f"{'1 seed' if seeds <= 1 else f'mean over {seeds} seeds'}",
+        fontsize=10,
+    )
+    return _save(fig, path)
+
+
 # ---------------------------------------------------------------------------------------------
 # registry
 
@@ -611,10 +696,12 @@ def _draw(name: str, metrics: pd.DataFrame, training, projection, path: str):
         return leap_heatmap(tables.leap_matrices(metrics), path)
     if name == "layerwise":
         return layerwise(tables.layer_profiles(metrics), path)
+    if name == "imbalance":
+        return imbalance(tables.imbalance_geometry(metrics), path)
     return ncc_robustness(tables.ncc_robustness_points(metrics), path)
 
 
-FIGURES = ("nc_vs_epoch", "accuracy", "alignment", "leap", "layerwise", "simplex", "ncc_robustness")
+FIGURES = ("nc_vs_epoch", "accuracy", "alignment", "leap", "layerwise", "simplex", "ncc_robustness", "imbalance")
 
 
 def _render_one(name: str, metrics, training, projection, path: str) -> None:

@@ -270,3 +270,47 @@ def simplex_points(projection: pd.DataFrame | None, split: str = "train") -> pd.
     p = with_setting(own_threat(projection[projection["split"] == split]))
     p = p[p["seed"] == p.groupby(["setting", "adversary"])["seed"].transform("min")]
     return p[p["epoch"] == p.groupby(["setting", "adversary"])["epoch"].transform("max")]
+
+
+IMBALANCE_CLASS_METRICS = ["mean_norm_per_class", "classifier_norm_per_class"]
+IMBALANCE_SCALAR_METRICS = ["minority_cos_M", "minority_cos_W"]
+IMBALANCE_COLUMNS = ["group", "variant", "adversary", "perturbation", "metric", "class", "class_count", "ratio",
+                     "value", "seeds", "epochs"]
+
+
+def imbalance_geometry(metrics: pd.DataFrame, split: str = "train", perturbations=("clean", "pgd")) -> pd.DataFrame:
+    """The geometry of imbalanced training at each cell's final epoch, mean over seeds, for the
+    ``imbalance`` figure: per class (``class``, with the class's training count ``class_count``)
+    the norms of the centred class means (clean and each of ``perturbations``) and of the
+    classifier rows (one per network: on the ``clean`` rows only), and per cell the minority
+    cosines ``minority_cos_M`` (each perturbation) and ``minority_cos_W`` (``clean`` rows only).
+
+    ``ratio`` is each cell's measured imbalance ``max / min`` of its training class counts
+    (``train_class_count``), the figure's x axis for the minority cosines. A ``variant`` column in
+    ``metrics`` (the grid's variant axis) is kept: cells of different variants are separate
+    points, told apart by ``group`` (the varying dataset/model/loss values and the variant). Empty
+    when the table has no class counts (datasets prepared before they were recorded).
+    """
+    wanted = ["train_class_count", *IMBALANCE_CLASS_METRICS, *IMBALANCE_SCALAR_METRICS]
+    m = metrics[(metrics["layer"] == "penultimate") & (metrics["split"] == split) & metrics["metric"].isin(wanted)
+                & metrics["perturbation"].isin(perturbations)]
+    m = final_epoch(own_threat(m, metrics))
+    if m.empty or not (m["metric"] == "train_class_count").any():
+        return pd.DataFrame(columns=IMBALANCE_COLUMNS)
+    m = with_setting(m, varying_settings(metrics))
+    m["variant"] = m["variant"].astype(str) if "variant" in m.columns else ""
+    m["group"] = [" / ".join(p for p in parts if p) for parts in zip(m["setting"], m["variant"])]
+    cell = CELL_COLUMNS + ([] if "variant" in CELL_COLUMNS else ["variant"])
+    counts = m[(m["metric"] == "train_class_count") & (m["perturbation"] == m["perturbation"].iloc[0])]
+    counts = counts.groupby([*cell, "class"])["value"].first().rename("class_count").reset_index()
+    ratio = counts.groupby(cell)["class_count"].agg(lambda c: c.max() / c.min()).rename("ratio")
+    # one classifier per network: its rows (and their minority cosine) come from the clean set
+    per_network = m["metric"].isin(["classifier_norm_per_class", "minority_cos_W"])
+    m = m[(m["metric"] != "train_class_count") & (~per_network | (m["perturbation"] == "clean"))]
+    m = m.merge(counts, on=[*cell, "class"], how="left").join(ratio, on=cell)
+    keys = ["group", "variant", "adversary", "perturbation", "metric", "class"]
+    out = m.groupby(keys, dropna=False, observed=True).agg(
+        class_count=("class_count", "mean"), ratio=("ratio", "mean"), value=("value", "mean"), seeds=("seed", "nunique"),
+        epochs=("epoch", lambda e: "/".join(map(str, sorted(set(e))))),
+    ).reset_index()
+    return out[IMBALANCE_COLUMNS]

@@ -3,7 +3,8 @@
 Inputs are images in [0, 1]; normalisation is the model's first layer, so attacks work in pixel
 space. ``model(x)`` gives logits; ``model(x, taps=True)`` gives ``(logits, taps)`` where ``taps``
 is an ordered dict ``{tap_name: activation}`` over every hidden stage, whose last entry is
-``"penultimate"`` (the features fed to ``model.classifier``, the last ``nn.Linear``).
+``"penultimate"`` (the features fed to ``model.classifier``, the last ``nn.Linear``). Every model
+takes ``bias`` (default ``True``): ``bias=False`` builds the classifier without a bias.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+def linear_classifier(model: str, width: int, num_classes: int, bias: bool) -> nn.Linear:
+    """The classifier every model ends with; ``bias=False`` drops its bias (the bias-free
+    classifiers of Dang et al.'s and Fang et al.'s analyses of Neural Collapse)."""
+    if not isinstance(bias, bool):
+        raise ValueError(f"{model} option bias must be true or false, got {bias!r}")
+    return nn.Linear(width, num_classes, bias=bias)
 
 
 class TappedNet(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Normalize, TappedNet
+from .base import Normalize, TappedNet, linear_classifier
 from .registry import register_model
 
 
@@ -24,6 +24,7 @@ class ConvNet(TappedNet):
         std,
         channels: tuple[int, ...] | list[int] = (32, 64),
         width: int = 128,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if not channels or min(channels) < 1 or width < 1:
@@ -45,7 +46,7 @@ class ConvNet(TappedNet):
         self.head = nn.Sequential(
             nn.Flatten(), nn.Linear(c_in * size * size, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True)
         )
-        self.classifier = nn.Linear(width, num_classes)
+        self.classifier = linear_classifier("convnet", width, num_classes, bias)
 
 
 @register_model("convnet")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Normalize, TappedNet
+from .base import Normalize, TappedNet, linear_classifier
 from .registry import register_model
 
 
@@ -19,7 +19,8 @@ def _hidden(d_in: int, d_out: int, *, flatten: bool) -> nn.Sequential:
 
 class MLP(TappedNet):
     def __init__(
-        self, *, num_classes: int, in_chans: int, image_size: int, mean, std, depth: int = 4, width: int = 256
+        self, *, num_classes: int, in_chans: int, image_size: int, mean, std, depth: int = 4, width: int = 256,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if depth < 1 or width < 1:
@@ -31,7 +32,7 @@ class MLP(TappedNet):
             {f"layer{i + 1}": _hidden(dims[i], dims[i + 1], flatten=i == 0) for i in range(depth - 1)}
         )
         self.head = _hidden(dims[depth - 1], width, flatten=depth == 1)
-        self.classifier = nn.Linear(width, num_classes)
+        self.classifier = linear_classifier("mlp", width, num_classes, bias)
 
 
 @register_model("mlp")

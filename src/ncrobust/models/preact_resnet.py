@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Normalize, TappedNet
+from .base import Normalize, TappedNet, linear_classifier
 from .registry import register_model
 
 VARIANTS = ("auto", "cifar", "imagenet")
@@ -122,6 +122,7 @@ class PreActResNet18(TappedNet):
         std,
         width: int = 64,
         variant: str = "auto",
+        bias: bool = True,
     ) -> None:
         """``width``: the first stage's channels (64 in the paper; the stages have 1, 2, 4, 8 x width).
         ``variant``: ``"cifar"``, ``"imagenet"`` or ``"auto"`` (see the module docstring)."""
@@ -152,7 +153,7 @@ class PreActResNet18(TappedNet):
             preactivate_first=self.variant == "cifar",
         )
         self.head = pooled_head(widths[-1])
-        self.classifier = nn.Linear(widths[-1], num_classes)
+        self.classifier = linear_classifier("preact_resnet18", widths[-1], num_classes, bias)
         if self.variant == "imagenet":  # Su et al.'s preactresnet_imagenet.py initialisation
             for m in self.modules():
                 if isinstance(m, nn.Conv2d):

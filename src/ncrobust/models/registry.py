@@ -39,6 +39,11 @@ def create_model(
     """Build model ``name``; ``kwargs`` are the family's own options (width, depth, ...)."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
-    return _MODELS[name](
-        num_classes=num_classes, in_chans=in_chans, image_size=image_size, mean=mean, std=std, **kwargs
-    )
+    try:
+        return _MODELS[name](
+            num_classes=num_classes, in_chans=in_chans, image_size=image_size, mean=mean, std=std, **kwargs
+        )
+    except TypeError as err:  # a misspelt option (config models.<name>) is bad input, not a bug
+        if "unexpected keyword argument" not in str(err):
+            raise
+        raise ValueError(f"model {name!r}: {err}; check the options under models.{name} in the config") from None

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Normalize, TappedNet
+from .base import Normalize, TappedNet, linear_classifier
 from .preact_resnet import resolve_variant
 from .registry import register_model
 
@@ -57,6 +57,7 @@ class VGG(TappedNet):
         variant: str = "auto",
         cfg: list[list[int]] | None = None,
         taps: str = "block",
+        bias: bool = True,
     ) -> None:
         """``cfg``: output channels of the convolutions of each block (default VGG11); ``taps``:
         ``block`` or ``conv`` (see the module docstring)."""
@@ -91,7 +92,7 @@ class VGG(TappedNet):
             last = [stages.pop(last_name)]
         self.stages = nn.ModuleDict(stages)
         self.head = nn.Sequential(*last, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.classifier = nn.Linear(c_in, num_classes)
+        self.classifier = linear_classifier("vgg", c_in, num_classes, bias)
         fan_mode = "fan_in" if self.variant == "cifar" else "fan_out"
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -102,7 +103,8 @@ class VGG(TappedNet):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
 
 @register_model("vgg11_bn")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Normalize, TappedNet
+from .base import Normalize, TappedNet, linear_classifier
 from .preact_resnet import conv3x3, pooled_head, residual_stages
 from .registry import register_model
 
@@ -36,6 +36,7 @@ class WideResNet(TappedNet):
         depth: int = 28,
         widen_factor: int = 10,
         dropout: float = 0.0,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
@@ -60,14 +61,14 @@ class WideResNet(TappedNet):
             dropout=dropout,
         )
         self.head = pooled_head(widths[-1])
-        self.classifier = nn.Linear(widths[-1], num_classes)
+        self.classifier = linear_classifier("wide_resnet", widths[-1], num_classes, bias)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
+            elif isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
 
