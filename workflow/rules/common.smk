@@ -19,7 +19,7 @@ GRID = config["grid"]
 RUN = f"{RESULTS}/runs/{{dataset}}/{{model}}/{{loss}}/{{adversary}}/seed{{seed}}"
 CHECKPOINT_EPOCHS = [0, *config["training"]["checkpoints"]]
 EVAL_EPOCHS = config["evaluation"].get("epochs") or CHECKPOINT_EPOCHS
-FIGURES = ["nc_vs_epoch", "accuracy", "alignment", "leap", "layerwise", "simplex", "ncc_robustness"]
+FIGURES = ["nc_vs_epoch", "accuracy", "alignment", "leap", "layerwise", "simplex", "ncc_robustness", "imbalance"]
 
 
 wildcard_constraints:
