@@ -1,9 +1,11 @@
 """Faults: killed and preempted jobs, corrupt and untrusted files, divergence, two invocations.
 Nothing already computed is lost, nothing is loaded silently."""
 
+import errno
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -13,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ncrobust.io import CorruptFileError, load_torch, save_torch
+from ncrobust.io import CorruptFileError, DiskFullError, job_log, load_torch, read_parquet, save_torch, write_parquet
 from workflow_helpers import REPO_ROOT, SNAKEMAKE, run_snakemake, write_tiny_config
 
 CELL = "results/runs/digits/mlp/ce/pgd-linf/seed1"
@@ -98,19 +100,64 @@ def test_sigterm_leaves_no_output_of_the_killed_job(tmp_path):
         load_torch(tmp_path / CELL / "checkpoints" / name)
 
 
-def test_truncated_and_garbage_files_are_reported_with_path_and_fix(tmp_path):
+def _corrupt_copies(tmp_path: Path, good: Path) -> list[Path]:
+    """The ways a checkpoint gets damaged: cut short, overwritten by text or random bytes, emptied,
+    bytes zeroed inside the archive."""
+    data = good.read_bytes()
+    damaged = {
+        "truncated.pt": data[: len(data) // 2],
+        "text.pt": b"garbage\n",
+        "random.pt": os.urandom(4096),
+        "empty.pt": b"",
+        "zeroed.pt": data[:200] + bytes(100) + data[300:],
+        "tail_cut.pt": data[:-10],
+    }
+    paths = []
+    for name, content in damaged.items():
+        (tmp_path / name).write_bytes(content)
+        paths.append(tmp_path / name)
+    return paths
+
+
+def test_corrupt_files_are_reported_as_corrupt_with_path_and_fix(tmp_path):
+    """Each damage is one line: the path, 'unreadable or corrupt' (never 'objects other than
+    tensors'), the rm command; never torch's advice to load with weights_only=False."""
     good = tmp_path / "epoch2.pt"
     save_torch({"model": {"w": torch.ones(1000)}, "epoch": 2}, good)
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(os.urandom(4096))
-    empty = tmp_path / "empty.pt"
-    empty.write_bytes(b"")
-    for path in (truncated, garbage, empty):
-        with pytest.raises(CorruptFileError, match=rf"{path}: .*delete it and rerun the workflow"):
+    for path in _corrupt_copies(tmp_path, good):
+        with pytest.raises(CorruptFileError) as info:
             load_torch(path)
+        message = str(info.value)
+        assert message.startswith(f"{path}: unreadable or corrupt"), message
+        assert f"delete it (rm '{path}') and rerun the same snakemake command" in message
+        assert "\n" not in message and "weights_only" not in message and "other than tensors" not in message
+        assert info.value.__cause__ is None and info.value.__context__ is None  # torch's hint is not chained either
     assert load_torch(good)["epoch"] == 2
+
+
+def test_corrupt_parquet_is_reported_with_path_and_fix(tmp_path):
+    path = tmp_path / "epoch2.parquet"
+    write_parquet(pd.DataFrame({"a": [1.0, 2.0]}), path)
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(CorruptFileError, match=rf"^{path}: unreadable or corrupt Parquet file .*rm '{path}'"):
+        read_parquet(path)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_parquet(tmp_path / "missing.parquet")
+
+
+def test_a_corrupt_file_in_a_job_is_one_line_on_stderr(tmp_path, capsys):
+    """In a job, the report is one line on stderr (no traceback there; the log has it) and the job
+    exits with status 1."""
+    bad = tmp_path / "epoch6.pt"
+    bad.write_bytes(b"garbage")
+    log = tmp_path / "job.log"
+    with pytest.raises(SystemExit) as info:
+        with job_log(log):
+            load_torch(bad)
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"ncrobust: CorruptFileError: {bad}: unreadable or corrupt")
+    assert "Traceback" in log.read_text() and "Traceback" not in err
 
 
 class _RunsCode:
@@ -123,8 +170,9 @@ def test_checkpoint_with_a_pickled_code_object_is_refused(tmp_path):
     torch.save({"model": {}, "payload": _RunsCode()}, evil)
     marker = Path("/tmp/ncrobust-pwned")
     marker.unlink(missing_ok=True)
-    with pytest.raises(CorruptFileError, match=r"evil\.pt: refused to load"):
+    with pytest.raises(CorruptFileError, match=r"evil\.pt: refused: it holds pickled objects other than tensors") as info:
         load_torch(evil)
+    assert "weights_only" not in str(info.value)
     assert not marker.exists()
     # and a plain pickle (not a torch zip) is refused too
     plain = tmp_path / "plain.pt"
@@ -179,3 +227,98 @@ def test_a_second_invocation_on_the_same_directory_is_locked_out(tmp_path):
         first.wait(timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     assert (tmp_path / "results/tables/metrics.parquet").exists()
+
+
+# ------------------------------------------------------------------ permissions and a full disk
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (files a job writes inherit it), restore it after."""
+    previous = os.umask(0o022)
+    yield os.umask
+    os.umask(previous)
+
+
+def _write_each_kind(directory: Path) -> list[Path]:
+    """One file of each kind the workflow writes: checkpoint, Parquet, text, figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ncrobust.io import atomic_path, write_text
+
+    files = [directory / "epoch2.pt", directory / "metrics.parquet", directory / "summary.md", directory / "figure.png"]
+    save_torch({"w": torch.ones(3)}, files[0])
+    write_parquet(pd.DataFrame({"a": [1]}), files[1])
+    write_text("| a |\n", files[2])
+    fig = plt.figure()
+    with atomic_path(files[3]) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return files
+
+
+@pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_are_readable_as_the_umask_allows(tmp_path, umask, mask, mode):
+    umask(mask)
+    for path in _write_each_kind(tmp_path / "results"):
+        assert path.stat().st_mode & 0o777 == mode, f"{path.name}: {oct(path.stat().st_mode & 0o777)}"
+    assert not list((tmp_path / "results").glob(".*.tmp"))
+
+
+DISK_FULL_ERRORS = {
+    "torch": RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+    "python": OSError(errno.ENOSPC, "No space left on device"),
+    "quota": OSError(errno.EDQUOT, "Disk quota exceeded"),
+}
+
+
+@pytest.mark.parametrize("kind", DISK_FULL_ERRORS)
+def test_a_full_disk_is_named_with_the_path(tmp_path, monkeypatch, kind):
+    """Whatever the writer's error (torch's zip writer loses the errno), the message says disk full,
+    names the file, and no temporary file remains."""
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"partial")
+        raise DISK_FULL_ERRORS[kind]
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    target = tmp_path / "checkpoints" / "epoch12.pt"
+    with pytest.raises(DiskFullError, match=rf"^{target}: could not be written: no space left on the device \(disk full or quota exceeded") as info:
+        save_torch({"w": torch.ones(3)}, target)
+    assert info.value.errno == errno.ENOSPC and "\n" not in str(info.value)
+    assert not target.exists() and not list(target.parent.iterdir())
+
+
+def test_other_write_errors_are_not_called_disk_full(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied")))
+    with pytest.raises(PermissionError):
+        save_torch({}, tmp_path / "x.pt")
+
+
+def _small_tmpfs(where: Path) -> bool:
+    where.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True).returncode == 0
+
+
+def test_a_really_full_disk_is_named_with_the_path(tmp_path):
+    """The same on a real 64 KiB file system, for torch, Parquet and text (skipped unless root can
+    mount a tmpfs)."""
+    from ncrobust.io import write_text
+
+    disk = tmp_path / "small"
+    if not _small_tmpfs(disk):
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        writers = {
+            "epoch2.pt": lambda p: save_torch({"w": torch.randn(100_000)}, p),
+            "metrics.parquet": lambda p: write_parquet(pd.DataFrame({"a": torch.randn(100_000).numpy()}), p),
+            "summary.md": lambda p: write_text("x" * 1_000_000, p),
+        }
+        for name, write in writers.items():
+            with pytest.raises(DiskFullError, match=rf"^{disk / name}: could not be written: no space left"):
+                write(disk / name)
+        assert not list(disk.iterdir()), "a half-written file was left"
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
