@@ -103,7 +103,7 @@ def test_defaults_are_filled_and_the_shipped_configs_are_valid():
     config = validate_config(tiny_config())
     assert config["training"]["optimizer"] == {"lr": 0.1, "momentum": 0.9, "weight_decay": 5.0e-4}
     assert config["evaluation"]["layerwise"] is True
-    shipped = validate_config(yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text()), base_dir=REPO_ROOT)
+    shipped = validate_config(load_config_file(REPO_ROOT / "config" / "config.yaml"))
     assert shipped["grid"]["dataset"] == ["digits"]
 
 

@@ -322,3 +322,62 @@ def test_a_really_full_disk_is_named_with_the_path(tmp_path):
         assert not list(disk.iterdir()), "a half-written file was left"
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+# ------------------------------------------------------------------ Ctrl-C, and the default profile
+def test_default_profile_makes_the_same_command_resume_and_suits_slurm():
+    """profiles/default/ is applied to every run, `--profile slurm` included (its keys override the
+    SLURM profile's one by one): only settings that are right everywhere."""
+    import yaml
+
+    default = yaml.safe_load((REPO_ROOT / "profiles/default/config.yaml").read_text())
+    slurm = yaml.safe_load((REPO_ROOT / "profiles/slurm/config.yaml").read_text())
+    assert default["rerun-incomplete"] is True
+    assert not {"executor", "jobs", "cores", "default-resources", "set-resources", "retries", "keep-going"} & set(default)
+    assert all(slurm[key] == value for key, value in default.items() if key in slurm)
+
+
+def _interrupt_while_training(workdir: Path, config: Path, how: str, *extra: str) -> None:
+    """Start the workflow like a user in a terminal and, while a training job runs, either press
+    Ctrl-C (``"ctrl-c"``: SIGINT to the whole process group) or kill Snakemake alone
+    (``"kill-snakemake"``: SIGKILL; a closed terminal, the OOM killer), whose running job then
+    finishes its outputs with Snakemake's "incomplete" mark still on them."""
+    cmd = [SNAKEMAKE, "--snakefile", str(REPO_ROOT / "Snakefile"), "--directory", str(workdir), "--cores", "2", *extra, TARGET, "--configfile", str(config)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        logs = workdir / CELL / "logs"
+        while time.monotonic() < deadline and proc.poll() is None:
+            if _job_pids(workdir, "train.py") and any("train " in p.read_text() for p in logs.glob("train_epoch*.log")):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the workflow ended before a training job ran"
+        time.sleep(0.5)
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=300)
+        else:
+            jobs = _job_pids(workdir, "train.py")
+            proc.kill()
+            proc.wait()
+            while any(Path(f"/proc/{pid}").exists() for pid in jobs):  # the orphaned job finishes
+                time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ctrl-c", "kill-snakemake"])
+def test_interrupted_then_the_same_command_resumes(tmp_path, reference, how):
+    """The same command goes on (the default profile's rerun-incomplete), and the result is that
+    of an uninterrupted run."""
+    config = write_tiny_config(tmp_path, **LONG)
+    _interrupt_while_training(tmp_path, config, how)
+    if how == "kill-snakemake":  # a killed Snakemake leaves its lock: the README's `--unlock` first
+        run_snakemake(tmp_path, "--unlock", configfile=config)
+    proc = run_snakemake(tmp_path, TARGET, configfile=config, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "IncompleteFilesException" not in proc.stderr
+    pd.testing.assert_frame_equal(_metrics(tmp_path), reference)
