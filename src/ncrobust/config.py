@@ -256,6 +256,8 @@ def _check_dataset_options(config: dict) -> None:
     """Option names against each loader's keywords (ranges are in the schema)."""
     for dataset in config["grid"]["dataset"]:
         options = config["datasets"][dataset].get("options", {})
+        if not options:
+            continue  # nothing to check, and no need to import the loaders (and torch) for it
         allowed = [*_loader_options(dataset), *_WORKFLOW_OPTIONS]
         unknown = sorted(set(options) - set(allowed))
         if unknown:
@@ -275,9 +277,11 @@ def _check_model_options(config: dict) -> None:
     """Each grid model with its ``models.<name>`` options is built (on the CPU, once per input
     shape) for each grid dataset, so that an unknown option or a value the constructor refuses
     (``depth: 0``, a ``convnet`` that pools a small image to nothing) stops here, not in a job."""
+    options = config.get("models", {})
+    if not options:
+        return  # every model with its constructor's defaults (and no torch import at parse time)
     from .models import list_models
 
-    options = config.get("models", {})
     known = list_models()
     for name in options:
         if name not in known:
