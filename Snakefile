@@ -25,6 +25,11 @@ if not workflow.config_settings.configfiles:
     configfile: DEFAULT_CONFIG
 
 
+# The report's front page (`snakemake --report results/report.html`): what the run is, the summary
+# table and the figures with their captions (built by rule report_page).
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
@@ -34,6 +39,8 @@ include: "workflow/rules/report.smk"
 
 
 rule all:
+    """Every table, figure and per-cell output of the grid, and the report's front page."""
     input:
         final_outputs(),
+        f"{RESULTS}/report/front_page.html",
     default_target: True

@@ -5,7 +5,8 @@ normalisation applied to every batch before the model, PGD written with ``loss.b
 ``delta`` leaf (parameter gradients computed and discarded at every attack step).
 Ours: ``ncrobust.train.train_segment`` — the dataset is one resident tensor and batches are index
 slices, normalisation is the model's first layer, the attack takes gradients w.r.t. the input only;
-on a GPU also channels_last and bf16 autocast.
+on a GPU also channels_last, bf16 autocast and the step replayed from a CUDA graph (``--eager``:
+without the graph, to measure what it gives).
 
     .venv/bin/python benchmarks/train_throughput.py            # PreActResNet18, CIFAR-shaped data
     .venv/bin/python benchmarks/train_throughput.py --quick    # a narrow net, for a smoke test
@@ -75,13 +76,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (ours and baseline back to back, alternating order)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="ours; default bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--eager", action="store_true", help="ours without the CUDA graph (GPU)")
     args = parser.parse_args()
     device = torch.device(args.device)
     width = 16 if args.quick else None
     batch = 128
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     print(f"device {device}, {torch.get_num_threads()} threads, 3x32x32 images, batch {batch}, "
-          f"PreActResNet18{' (width 16)' if width else ''}, ours in {precision}; {args.repeats} rounds")
+          f"PreActResNet18{' (width 16)' if width else ''}, ours in {precision}"
+          f"{' eager' if args.eager or device.type == 'cpu' else ' with CUDA graphs'}; {args.repeats} rounds")
     print(f"{'adversary':<10} {'images':>6} {'baseline img/s':>15} {'ours img/s':>12} {'ratio':>7} {'ratio (paired)':>15}")
     for adversary in ("st", "pgd-linf"):
         default_n = (128 if args.quick else (512 if adversary == "st" else 128)) if device.type == "cpu" else 10240
@@ -100,7 +103,7 @@ def main() -> None:
                 recipe = Recipe(
                     adversary=adversary, loss=get_loss("ce"), threat=ThreatModel("linf", EPS, STEP, STEPS), epochs=2,
                     batch_size=batch, log_test_accuracy=False,
-                    autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
+                    autocast_dtype=torch.bfloat16 if precision == "bf16" else None, cuda_graph=not args.eager,
                 )
                 ckpt = initial_checkpoint(model, recipe)
                 runs[who] = lambda model=model, xd=xd, yd=yd, recipe=recipe, ckpt=ckpt: train_segment(

@@ -120,8 +120,8 @@ def _all_attacks():
         ]
         threat = ThreatModel(norm, eps, step, 5)
         for name in PERTURBATIONS:
-            # gaussian noise is not norm-bounded (Su et al.); sign is an l_inf corner for either threat
-            bound_norm = {"gaussian": None, "sign": "linf"}.get(name, norm)
+            # linf gaussian noise is eps per pixel, not bounded (Su et al.); everything else stays in the ball
+            bound_norm = None if (name, norm) == ("gaussian", "linf") else norm
             cases.append((f"perturb-{name}-{norm}",
                           lambda m, x, y, name=name, threat=threat: perturb(name, m, x, y, threat=threat, num_classes=C,
                                                                             generator=_gen(), batch_size=13),
@@ -403,44 +403,44 @@ def _bad_calls():
     ok = dict(norm="linf", eps=0.1, step_size=0.02, steps=2)
     th = ThreatModel("linf", 0.1, 0.02, 2)
     return {
-        "threat-norm": lambda: ThreatModel("l1", 0.1, 0.02, 2),
-        "threat-eps": lambda: ThreatModel("linf", -0.1, 0.02, 2),
-        "threat-eps-nan": lambda: ThreatModel("linf", math.nan, 0.02, 2),
-        "threat-eps-inf": lambda: ThreatModel("linf", math.inf, 0.02, 2),
-        "threat-step": lambda: ThreatModel("linf", 0.1, 0.0, 2),
-        "threat-steps": lambda: ThreatModel("linf", 0.1, 0.02, 0),
-        "threat-steps-float": lambda: ThreatModel("linf", 0.1, 0.02, 2.0),
-        "pgd-norm": lambda: pgd(model, x, y, **{**ok, "norm": "l3"}),
-        "pgd-eps": lambda: pgd(model, x, y, **{**ok, "eps": -1.0}),
-        "pgd-steps": lambda: pgd(model, x, y, **{**ok, "steps": 0}),
-        "pgd-step-size": lambda: pgd(model, x, y, **{**ok, "step_size": -0.1}),
-        "pgd-restarts": lambda: pgd(model, x, y, restarts=0, **ok),
-        "pgd-label-high": lambda: pgd(model, x, torch.full_like(y, C), **ok),
-        "pgd-label-neg": lambda: pgd(model, x, torch.full_like(y, -1), **ok),
-        "pgd-label-float": lambda: pgd(model, x, y.float(), **ok),
-        "pgd-x-high": lambda: pgd(model, x + 1.0, y, **ok),
-        "pgd-x-low": lambda: pgd(model, x - 1.0, y, **ok),
-        "pgd-x-nan": lambda: pgd(model, x.masked_fill(x > 0.5, math.nan), y, **ok),
-        "pgd-shape": lambda: pgd(model, x, y[:-1], **ok),
-        "pgd-shape-2d": lambda: pgd(model, x, y[:, None], **ok),
-        "pgd-loss": lambda: pgd(model, x, y, loss=3, **ok),
-        "trades-norm": lambda: trades_kl(model, x, **{**ok, "norm": "L2"}),
-        "trades-x": lambda: trades_kl(model, x * 2, **ok),
-        "gaussian-eps": lambda: gaussian(x, eps=-0.1),
-        "sign-x": lambda: random_sign(x - 1, eps=0.1),
-        "perturb-name": lambda: perturb("fgsm", model, x, y, threat=th, num_classes=C),
-        "perturb-labels": lambda: perturb("clean", model, x, torch.full_like(y, C), threat=th, num_classes=C),
-        "perturb-num-classes": lambda: perturb("pgd", model, x, y, threat=th, num_classes=1),
-        "perturb-threat": lambda: perturb("pgd", model, x, y, threat=(0.1,), num_classes=C),
-        "perturb-eps": lambda: perturb("gaussian", model, x, y, threat=th, num_classes=C, eps=-1.0),
-        "perturb-steps": lambda: perturb("pgd", model, x, y, threat=th, num_classes=C, steps=0),
-        "perturb-restarts": lambda: perturb("pgd", model, x, y, threat=th, num_classes=C, restarts=0),
-        "perturb-batch": lambda: perturb("pgd", model, x, y, threat=th, num_classes=C, batch_size=0),
-        "strong-name": lambda: strong_attack("cw", model, x, y, threat=th, num_classes=C, seed=0),
-        "strong-seed": lambda: strong_attack("apgd-ce", model, x, y, threat=th, num_classes=C, seed=None),
-        "strong-labels": lambda: strong_attack("apgd-t", model, x, y + C, threat=th, num_classes=C, seed=0),
-        "strong-classes": lambda: strong_attack("apgd-t", model, x, y % 3, threat=th, num_classes=3, seed=0),
-        "target-classes": lambda: target_labels(y, 1),
+        "threat-norm": (lambda: ThreatModel("l1", 0.1, 0.02, 2), r"unknown norm 'l1'; allowed: linf, l2"),
+        "threat-eps": (lambda: ThreatModel("linf", -0.1, 0.02, 2), r"eps must be a finite number >= 0, got -0.1"),
+        "threat-eps-nan": (lambda: ThreatModel("linf", math.nan, 0.02, 2), r"eps must be a finite number >= 0, got nan"),
+        "threat-eps-inf": (lambda: ThreatModel("linf", math.inf, 0.02, 2), r"eps must be a finite number >= 0, got inf"),
+        "threat-step": (lambda: ThreatModel("linf", 0.1, 0.0, 2), r"step_size must be a finite number > 0, got 0.0"),
+        "threat-steps": (lambda: ThreatModel("linf", 0.1, 0.02, 0), r"steps must be an integer >= 1, got 0"),
+        "threat-steps-float": (lambda: ThreatModel("linf", 0.1, 0.02, 2.0), r"steps must be an integer >= 1, got 2.0"),
+        "pgd-norm": (lambda: pgd(model, x, y, **{**ok, "norm": "l3"}), r"unknown norm 'l3'"),
+        "pgd-eps": (lambda: pgd(model, x, y, **{**ok, "eps": -1.0}), r"eps must be a finite number >= 0, got -1.0"),
+        "pgd-steps": (lambda: pgd(model, x, y, **{**ok, "steps": 0}), r"steps must be an integer >= 1, got 0"),
+        "pgd-step-size": (lambda: pgd(model, x, y, **{**ok, "step_size": -0.1}), r"step_size must be a finite number > 0, got -0.1"),
+        "pgd-restarts": (lambda: pgd(model, x, y, restarts=0, **ok), r"restarts must be an integer >= 1, got 0"),
+        "pgd-label-high": (lambda: pgd(model, x, torch.full_like(y, C), **ok), r"labels must lie in \[0, 10\), got values in \[10, 10\]"),
+        "pgd-label-neg": (lambda: pgd(model, x, torch.full_like(y, -1), **ok), r"labels must lie in \[0, 10\), got values in \[-1, -1\]"),
+        "pgd-label-float": (lambda: pgd(model, x, y.float(), **ok), r"y must be an integer tensor"),
+        "pgd-x-high": (lambda: pgd(model, x + 1.0, y, **ok), r"x must lie in \[0, 1\], got values in \[1\."),
+        "pgd-x-low": (lambda: pgd(model, x - 1.0, y, **ok), r"x must lie in \[0, 1\], got values in \[-0\."),
+        "pgd-x-nan": (lambda: pgd(model, x.masked_fill(x > 0.5, math.nan), y, **ok), r"x must lie in \[0, 1\], got values in \[nan"),
+        "pgd-shape": (lambda: pgd(model, x, y[:-1], **ok), r"y must have shape \[8\] to match x"),
+        "pgd-shape-2d": (lambda: pgd(model, x, y[:, None], **ok), r"y must have shape \[8\] to match x .*got \(8, 1\)"),
+        "pgd-loss": (lambda: pgd(model, x, y, loss=3, **ok), r"loss must be None, a loss name or a callable, got int"),
+        "trades-norm": (lambda: trades_kl(model, x, **{**ok, "norm": "L2"}), r"unknown norm 'L2'"),
+        "trades-x": (lambda: trades_kl(model, x * 2, **ok), r"x must lie in \[0, 1\]"),
+        "gaussian-eps": (lambda: gaussian(x, eps=-0.1), r"eps must be a finite number >= 0"),
+        "sign-x": (lambda: random_sign(x - 1, eps=0.1), r"x must lie in \[0, 1\]"),
+        "perturb-name": (lambda: perturb("fgsm", model, x, y, threat=th, num_classes=C), r"unknown perturbation 'fgsm'; allowed: clean, pgd, pgd-targeted, gaussian, sign, trades-kl"),
+        "perturb-labels": (lambda: perturb("clean", model, x, torch.full_like(y, C), threat=th, num_classes=C), r"labels must lie in \[0, 10\)"),
+        "perturb-num-classes": (lambda: perturb("pgd", model, x, y, threat=th, num_classes=1), r"num_classes must be an integer >= 2, got 1"),
+        "perturb-threat": (lambda: perturb("pgd", model, x, y, threat=(0.1,), num_classes=C), r"threat must be a ThreatModel, got tuple"),
+        "perturb-eps": (lambda: perturb("gaussian", model, x, y, threat=th, num_classes=C, eps=-1.0), r"eps must be a finite number >= 0, got -1.0"),
+        "perturb-steps": (lambda: perturb("pgd", model, x, y, threat=th, num_classes=C, steps=0), r"steps must be an integer >= 1, got 0"),
+        "perturb-restarts": (lambda: perturb("pgd", model, x, y, threat=th, num_classes=C, restarts=0), r"restarts must be an integer >= 1, got 0"),
+        "perturb-batch": (lambda: perturb("pgd", model, x, y, threat=th, num_classes=C, batch_size=0), r"batch_size must be None or an integer >= 1, got 0"),
+        "strong-name": (lambda: strong_attack("cw", model, x, y, threat=th, num_classes=C, seed=0), r"unknown strong attack 'cw'"),
+        "strong-seed": (lambda: strong_attack("apgd-ce", model, x, y, threat=th, num_classes=C, seed=None), r"seed must be an integer, got None"),
+        "strong-labels": (lambda: strong_attack("apgd-t", model, x, y + C, threat=th, num_classes=C, seed=0), r"labels must lie in \[0, 10\)"),
+        "strong-classes": (lambda: strong_attack("apgd-t", model, x, y % 3, threat=th, num_classes=3, seed=0), r"apgd-t needs at least 4 classes"),
+        "target-classes": (lambda: target_labels(y, 1), r"num_classes must be an integer >= 2, got 1"),
     }
 
 
@@ -448,12 +448,38 @@ BAD = _bad_calls()
 
 
 @pytest.mark.parametrize("name", list(BAD))
-def test_bad_arguments_raise_value_error(name):
-    with pytest.raises(ValueError) as info:
-        BAD[name]()
+def test_bad_arguments_raise_one_line_naming_the_argument(name):
+    call, message = BAD[name]
+    with pytest.raises(ValueError, match=message) as info:
+        call()
     assert "\n" not in str(info.value)
 
 
-def test_public_constants():
-    assert PERTURBATIONS == ("clean", "pgd", "pgd-targeted", "gaussian", "sign")
-    assert attacks.APGD_STEPS == 100 and attacks.APGDT_TARGET_CLASSES == 9
+@pytest.mark.parametrize("kind", ["gaussian", "sign"])
+def test_noise_has_the_threat_models_size_in_its_norm(kind):
+    """l2 noise is a random direction of l2 length eps (not eps per pixel: sqrt(D) times the
+    budget); linf noise is eps per pixel, as Su et al.'s evaluation."""
+    x = torch.full((64, 3, 8, 8), 0.5)  # mid-grey: no clamping at these sizes
+    D = x[0].numel()
+    l2 = perturb(kind, _mlp(3), x, torch.zeros(64, dtype=torch.int64), threat=ThreatModel("l2", 0.5, 0.1, 1),
+                 num_classes=C, generator=_gen())
+    torch.testing.assert_close(torch.linalg.vector_norm((l2 - x).flatten(1), dim=1), torch.full((64,), 0.5))
+    linf = perturb(kind, _mlp(3), x, torch.zeros(64, dtype=torch.int64), threat=ThreatModel("linf", 0.03, 0.01, 1),
+                   num_classes=C, generator=_gen())
+    per_pixel = (linf - x).flatten()
+    if kind == "sign":
+        torch.testing.assert_close(per_pixel.abs(), torch.full_like(per_pixel, 0.03))
+        torch.testing.assert_close((l2 - x).abs().flatten(), torch.full((64 * D,), 0.5 / math.sqrt(D)))
+    else:
+        assert abs(per_pixel.std().item() - 0.03) < 0.002
+        directions = (l2 - x).flatten(1) / 0.5
+        assert abs(directions.mean().item()) < 0.01  # no preferred direction
+
+
+def test_trades_kl_perturbation_is_the_trades_attack_against_the_model():
+    model, (x, y) = _mlp(1), _batch(16, 1)
+    th = ThreatModel("linf", 0.1, 0.02, 3)
+    got = perturb("trades-kl", model, x, y, threat=th, num_classes=C, generator=_gen())
+    want = trades_kl(model, x, norm="linf", eps=0.1, step_size=0.02, steps=3, generator=_gen())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert "trades-kl" in PERTURBATIONS

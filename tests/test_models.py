@@ -106,7 +106,8 @@ def test_preact_resnet18_parameters():
     model = build("preact_resnet18")
     assert model.variant == "cifar"
     assert n_params(model) == 11_172_170
-    assert n_params(model) - 2 * 512 == 11_171_146
+    final_bn = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)][-1]
+    assert final_bn.num_features == 512 and n_params(final_bn) == 2 * 512  # the difference to kuangliu's
     # Su et al.'s preactresnet_imagenet.py (7x7/2 stem + max-pool), used for 160 px ImageNette.
     model = build("preact_resnet18", image_size=160)
     assert model.variant == "imagenet"
@@ -188,6 +189,27 @@ def test_vgg_shapes_32px():
         "block5": (512, 2, 2),
         "penultimate": (512,),
     }
+
+
+def test_vgg_conv_taps_are_the_authors_resolution_of_the_same_network():
+    """``taps="conv"``: the input of every convolution after the first and of the classifier (Su
+    et al.'s 8 VGG11 taps), the same function and parameters as the block layout."""
+    torch.manual_seed(0)
+    blocks = build("vgg11_bn").eval()
+    convs = build("vgg11_bn", taps="conv").eval()
+    assert convs.tap_names == [f"conv{k}" for k in range(1, 8)] + ["penultimate"]
+    assert n_params(convs) == n_params(blocks)
+    convs.load_state_dict(dict(zip(convs.state_dict(), blocks.state_dict().values())))  # same order of tensors
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        (lb, tb), (lc, tc) = blocks(x, taps=True), convs(x, taps=True)
+    torch.testing.assert_close(lc, lb)
+    # a block's tap is the tap of its last conv unit
+    for block, conv in (("block1", "conv1"), ("block2", "conv2"), ("block3", "conv4"), ("block4", "conv6")):
+        torch.testing.assert_close(tc[conv], tb[block])
+    assert tuple(tc["conv7"].shape[1:]) == (512, 2, 2)
+    with pytest.raises(ValueError, match="vgg taps='layer'; allowed: block, conv"):
+        build("vgg11_bn", taps="layer")
 
 
 def test_train_mode_taps_consistent():

@@ -10,63 +10,70 @@ import pandas as pd
 import pytest
 import torch
 
-from ncrobust import plots
-from ncrobust.plots import FIGURES, layer_order, render
-from ncrobust.projection import PROJECTION_COLUMNS, project, simplex_plane
+from ncrobust import plots, tables
+from ncrobust.collapse import LayerStats
+from ncrobust.plots import FIGURES, render
+from ncrobust.projection import PROJECTION_COLUMNS, SimplexPlane, simplex_plane
 from ncrobust.tables import METRIC_COLUMNS, summary, summary_markdown
 from workflow_helpers import run_snakemake, write_tiny_config
 
 C = 4
 PERTURBATIONS = ["clean", "pgd", "pgd-targeted", "gaussian", "sign"]
-LAYERS = ["layer1", "layer2", "layer10", "penultimate"]  # natural order: layer10 is the deepest tap
+# tap names whose natural sort is NOT the forward order: the order must come from layer_index
+LAYERS = ["stem", "block10", "block2", "penultimate"]
 
 
 def synthetic_metrics(adversaries=("st", "pgd-linf"), seeds=(1, 2), epochs=(0, 5, 10), losses=("ce",), models=("mlp",)) -> pd.DataFrame:
-    """A long-format metrics table shaped like the workflow's, with plausible values."""
+    """A tidy metrics table shaped like the workflow's (ncrobust.tables.METRIC_COLUMNS), with
+    plausible values; ``st`` cells also carry an extra ``l2`` evaluation that figures must ignore."""
     rng = np.random.default_rng(0)
     rows = []
     for model, loss, adv, seed, epoch, split, pert in itertools.product(models, losses, adversaries, seeds, epochs, ["train", "test"], PERTURBATIONS):
-        cell = dict(dataset="digits", model=model, loss=loss, adversary=adv, seed=seed, epoch=epoch, split=split, perturbation=pert)
-        t = epoch / max(epochs)
-        robust = adv != "st"
-        attacked = pert in ("pgd", "pgd-targeted")
-        bad = attacked and not robust
+        norms = ["linf", "l2"] if adv == "st" and pert != "clean" else ["linf"]
+        for norm in norms:
+            cell = dict(dataset="digits", model=model, loss=loss, adversary=adv, seed=seed, epoch=epoch, split=split, norm=norm, perturbation=pert)
+            t = epoch / max(epochs)
+            robust = adv != "st"
+            attacked = pert in ("pgd", "pgd-targeted")
+            bad = attacked and not robust
+            junk = 1e6 if norm == "l2" else 1.0  # extra-norm rows: absurd values a figure must never show
 
-        def add(layer, metric, value):
-            rows.append({**cell, "layer": layer, "metric": metric, "value": float(value)})
+            def add(layer, metric, value, klass=None, row=None, col=None):
+                rows.append({**cell, "layer": layer, "layer_index": LAYERS.index(layer), "metric": metric,
+                             "class": klass, "row": row, "col": col, "value": float(value) * junk})
 
-        nc1 = 10 ** (1 - 3 * t) * (30 if bad else 1) * rng.uniform(0.8, 1.2)
-        add("penultimate", "nc1", nc1)
-        add("penultimate", "nc2_equinorm_M", 0.3 * 10 ** (-t) * rng.uniform(0.8, 1.2))
-        add("penultimate", "nc2_equiangle_M", 0.2 * 10 ** (-t) * rng.uniform(0.8, 1.2))
-        add("penultimate", "nc3", 0.5 * 10 ** (-2 * t) * rng.uniform(0.8, 1.2))
-        add("penultimate", "nc4", 0.0 if (t == 1 and not attacked) else rng.uniform(0.0, 0.3))
-        acc = (0.3 + 0.7 * t) * (0.1 if bad else (0.6 if attacked else 1.0))
-        add("penultimate", "accuracy", acc)
-        add("penultimate", "ncc_accuracy", acc * rng.uniform(0.9, 1.0))
-        if pert != "clean":
-            add("penultimate", "accuracy_true_labels", acc)
-            ncc = acc * (1.2 if robust else 1.0)
-            add("penultimate", "ncc_accuracy_clean_means", min(ncc, 1.0))
-            add("penultimate", "leap_rate", 1 - min(ncc, 1.0))
-            add("penultimate", "alignment_angle", (60 if bad else 8) * rng.uniform(0.8, 1.2))
-            add("penultimate", "mean_shift", rng.uniform(0, 0.3))
-            for c in range(C):
-                add("penultimate", f"alignment_angle[{c}]", rng.uniform(0, 60))
-            stay = 0.2 if bad else 0.9
-            for y, k in itertools.product(range(C), range(C)):
-                dest = (y + 1) % C if pert == "pgd-targeted" else (y + 2) % C
-                add("penultimate", f"leap[{y},{k}]", stay if k == y else ((1 - stay) if k == dest else 0.0))
-        if pert == "pgd-targeted":
-            add("penultimate", "target_hit_rate", 1 - acc)
-        for depth, layer in enumerate(LAYERS[:-1]):
-            add(layer, "nc1", nc1 * (depth + 1) / 3)
-            add(layer, "nc1_trace_ratio", nc1 / 2)
-            add(layer, "ncc_accuracy", acc)
+            nc1 = 10 ** (1 - 3 * t) * (30 if bad else 1) * rng.uniform(0.8, 1.2)
+            add("penultimate", "nc1", nc1)
+            add("penultimate", "nc2_equinorm_M", 0.3 * 10 ** (-t) * rng.uniform(0.8, 1.2))
+            add("penultimate", "nc2_equiangle_M", 0.2 * 10 ** (-t) * rng.uniform(0.8, 1.2))
+            add("penultimate", "nc3", 0.5 * 10 ** (-2 * t) * rng.uniform(0.8, 1.2))
+            add("penultimate", "nc4", 0.0 if (t == 1 and not attacked) else rng.uniform(0.0, 0.3))
+            acc = (0.3 + 0.7 * t) * (0.1 if bad else (0.6 if attacked else 1.0))
+            add("penultimate", "accuracy", acc)
+            add("penultimate", "ncc_accuracy", acc * rng.uniform(0.9, 1.0))
+            ncc = min(acc * (1.2 if robust else 1.0), 1.0)
+            add("penultimate", "ncc_accuracy_clean_means", ncc)
             if pert != "clean":
+                add("penultimate", "accuracy_true_labels", acc)
+                add("penultimate", "leap_rate", 1 - ncc)
+                add("penultimate", "alignment_angle", (60 if bad else 8) * rng.uniform(0.8, 1.2))
+                add("penultimate", "mean_shift", rng.uniform(0, 0.3))
+                for c in range(C):
+                    add("penultimate", "alignment_angle_per_class", rng.uniform(0, 60), klass=c)
+                stay = 0.2 if bad else 0.9
+                for y, k in itertools.product(range(C), range(C)):
+                    dest = (y + 1) % C if pert == "pgd-targeted" else (y + 2) % C
+                    add("penultimate", "leap", stay if k == y else ((1 - stay) if k == dest else 0.0), row=y, col=k)
+            if pert == "pgd-targeted":
+                add("penultimate", "target_hit_rate", 1 - acc)
+            for depth, layer in enumerate(LAYERS[:-1]):
+                add(layer, "nc1", nc1 * (depth + 1) / 3)
+                add(layer, "nc1_trace_ratio", nc1 / 2)
+                add(layer, "ncc_accuracy", acc)
                 add(layer, "ncc_accuracy_clean_means", min(acc * (1.3 - 0.1 * depth), 1.0))
     frame = pd.DataFrame(rows)
-    return frame[METRIC_COLUMNS].astype({"seed": "int64", "epoch": "int64", "value": "float64"})
+    return frame[METRIC_COLUMNS].astype({"seed": "int64", "epoch": "int64", "layer_index": "int64", "value": "float64",
+                                         "class": "Int64", "row": "Int64", "col": "Int64"})
 
 
 def synthetic_training(adversaries=("st", "pgd-linf"), seeds=(1, 2), epochs=10) -> pd.DataFrame:
@@ -81,29 +88,33 @@ def synthetic_training(adversaries=("st", "pgd-linf"), seeds=(1, 2), epochs=10) 
     return pd.DataFrame(rows)
 
 
-def synthetic_evaluation(n=200, d=8, seed=0) -> dict:
-    """An evaluation blob (features.evaluate's layout) with a clean simplex and a perturbation that
-    moves class y onto class y+1's vertex."""
+def leapt_sets(n=200, d=8, seed=0):
+    """Clean features on a simplex, and perturbed ones of class y on class y+1's vertex."""
     g = torch.Generator().manual_seed(seed)
     means = 5 * torch.eye(C, d, dtype=torch.float64)
-    results = {}
-    for split in ("train", "test"):
-        y = torch.arange(n) % C
-        clean = means[y] + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64)
-        leapt = means[(y + 1) % C] + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64)
-        results[f"{split}/clean"] = {"features": clean.half(), "labels": y, "logits": torch.zeros(n, C)}
-        results[f"{split}/pgd"] = {"features": leapt.half(), "labels": y, "logits": torch.zeros(n, C)}
-        results[f"{split}/pgd-targeted"] = {"features": leapt.half(), "labels": y, "targets": (y + 1) % C, "logits": torch.zeros(n, C)}
-        results[f"{split}/gaussian"] = {"features": clean.half(), "labels": y, "logits": torch.zeros(n, C)}
-    return {"num_classes": C, "results": results, "epoch": 10}
+    y = torch.arange(n) % C
+    clean = means[y] + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    leapt = means[(y + 1) % C] + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return clean, leapt, y
 
 
-def synthetic_projection(adversaries=("st", "pgd-linf"), seeds=(1, 2)) -> pd.DataFrame:
+def synthetic_projection(adversaries=("st", "pgd-linf"), seeds=(1, 2), points=50) -> pd.DataFrame:
+    """Projection tables as the evaluation writes them (SimplexPlane of the clean statistics)."""
     frames = []
     for adv, seed in itertools.product(adversaries, seeds):
-        f = project(synthetic_evaluation(seed=seed), max_points=50, seed=seed)
-        f = f.assign(dataset="digits", model="mlp", loss="ce", adversary=adv, seed=seed, epoch=10)
-        frames.append(f)
+        clean, leapt, y = leapt_sets(seed=seed)
+        ref = LayerStats(C)
+        ref.accumulate_means(clean, y)
+        ref.finish_means()
+        plane = SimplexPlane.of(ref)
+        idx = torch.arange(points)
+        for split in ("train", "test"):
+            for pert, H, targets in (("clean", clean, None), ("pgd", leapt, None), ("pgd-targeted", leapt, (y + 1) % C)):
+                stats = LayerStats(C)
+                stats.accumulate_means(H, y if targets is None else targets)
+                stats.finish_means()
+                f = plane.project((split, "linf", pert), H[idx], y[idx], None if targets is None else targets[idx], stats)
+                frames.append(f.assign(dataset="digits", model="mlp", loss="ce", adversary=adv, seed=seed, epoch=10))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -149,52 +160,26 @@ def test_simplex_plane_rejects_bad_input():
         simplex_plane(torch.randn(4, 3), torch.tensor([0, 1, 1]), 2)
 
 
-def test_project_subsamples_pairs_and_shows_the_leap():
-    blob = synthetic_evaluation(n=500)
-    f = project(blob, max_points=300, seed=3)
-    assert list(f.columns) == PROJECTION_COLUMNS
-    samples = f[f["kind"] == "sample"]
-    counts = samples.groupby(["split", "perturbation"]).size()
-    assert set(counts.index) == {(s, p) for s in ("train", "test") for p in ("clean", "pgd", "pgd-targeted")}  # gaussian not asked
-    assert (counts == 300).all()
+def test_projection_pairs_samples_and_shows_the_leap():
+    f = synthetic_projection(adversaries=("st",), seeds=(1,), points=60)
+    assert set(PROJECTION_COLUMNS) <= set(f.columns)
+    samples = f[(f["kind"] == "sample") & (f["split"] == "train")]
+    assert (samples.groupby("perturbation").size() == 60).all()
     # the same samples in every perturbation (paired), the targets only for pgd-targeted
-    tr = samples[samples["split"] == "train"]
-    assert (tr[tr["perturbation"] == "clean"]["label"].to_numpy() == tr[tr["perturbation"] == "pgd"]["label"].to_numpy()).all()
-    assert tr[tr["perturbation"] == "pgd"]["target"].isna().all()
-    tgt = tr[tr["perturbation"] == "pgd-targeted"]
+    clean, pgd = samples[samples["perturbation"] == "clean"], samples[samples["perturbation"] == "pgd"]
+    assert (clean["label"].to_numpy() == pgd["label"].to_numpy()).all() and pgd["target"].isna().all()
+    tgt = samples[samples["perturbation"] == "pgd-targeted"]
     assert (tgt["target"].to_numpy() == (tgt["label"].to_numpy() + 1) % C).all()
     # clean means: one per class; pgd features of class y land at clean vertex y+1
     means = f[(f["kind"] == "mean") & (f["split"] == "train") & (f["perturbation"] == "clean")].set_index("label")
     assert sorted(means.index) == list(range(C))
-    pgd = tr[tr["perturbation"] == "pgd"]
-    xy = pgd[["x", "y"]].to_numpy()
     vertices = means.loc[list(range(C)), ["x", "y"]].to_numpy()
+    xy = pgd[["x", "y"]].to_numpy()
     nearest = np.argmin(((xy[:, None, :] - vertices[None]) ** 2).sum(-1), axis=1)
     assert (nearest == (pgd["label"].to_numpy() + 1) % C).mean() > 0.9
-    # seeded: same seed, same subsample; other seed, other subsample
-    assert project(blob, max_points=300, seed=3).equals(f)
-    assert not project(blob, max_points=300, seed=4).equals(f)
-
-
-def test_project_small_split_and_errors():
-    blob = synthetic_evaluation(n=40)
-    f = project(blob, max_points=300, perturbations=["clean", "pgd"], splits=["test"])
-    assert set(f["split"]) == {"test"} and (f[f["kind"] == "sample"].groupby("perturbation").size() == 40).all()
-    with pytest.raises(ValueError, match="max_points"):
-        project(blob, max_points=0)
-    with pytest.raises(ValueError, match="clean"):
-        project({"num_classes": C, "results": {"train/pgd": blob["results"]["train/pgd"]}}, splits=["train"])
-
-
-def test_projection_table_is_tagged_with_the_cell_and_epoch():
-    from ncrobust.experiment import Cell
-    from ncrobust.pipeline import projection_table
-
-    cell = Cell("digits", "mlp", "ce", "st", 2)
-    f = projection_table(synthetic_evaluation(n=60), cell, max_points=50)
-    assert set(PROJECTION_COLUMNS) <= set(f.columns)
-    assert set(f["adversary"]) == {"st"} and set(f["seed"]) == {2} and set(f["epoch"]) == {10}
-    assert (f[f["kind"] == "sample"].groupby(["split", "perturbation"]).size() == 50).all()
+    # pgd-targeted means are grouped by target: the mean of the samples sent to c sits on vertex c
+    tmeans = f[(f["kind"] == "mean") & (f["split"] == "train") & (f["perturbation"] == "pgd-targeted")].set_index("label")
+    assert np.allclose(tmeans.loc[list(range(C)), ["x", "y"]].to_numpy(), vertices, atol=0.3)
 
 
 def test_figures_drawn_in_parallel_equal_the_serial_ones(tmp_path, monkeypatch):
@@ -204,12 +189,12 @@ def test_figures_drawn_in_parallel_equal_the_serial_ones(tmp_path, monkeypatch):
     names = ["nc_vs_epoch", "accuracy", "simplex"]
     drawn_by = tmp_path / "pids"
     drawn_by.mkdir()
-    for name in names:  # record which process draws each figure (forked workers inherit the patch)
-        def draw(*args, _draw=FIGURES[name], _name=name):
-            (drawn_by / f"{_name}-{os.getpid()}").touch()
-            return _draw(*args)
 
-        monkeypatch.setitem(FIGURES, name, draw)
+    def draw(name, *args, _draw=plots._draw):  # record which process draws each figure (forked workers inherit the patch)
+        (drawn_by / f"{name}-{os.getpid()}").touch()
+        return _draw(name, *args)
+
+    monkeypatch.setattr(plots, "_draw", draw)
     serial = {name: str(tmp_path / "serial" / f"{name}.png") for name in names}
     parallel = {name: str(tmp_path / "parallel" / f"{name}.png") for name in names}
     for outputs, workers in ((serial, 1), (parallel, 3)):
@@ -229,11 +214,6 @@ def test_an_error_in_a_parallel_figure_reaches_the_caller(tmp_path):
 
 # --------------------------------------------------------------------------------------------
 # figures
-
-
-def test_layer_order_is_forward_with_penultimate_last():
-    assert layer_order(["penultimate", "layer10", "layer2", "layer1"]) == ["layer1", "layer2", "layer10", "penultimate"]
-    assert layer_order(["stage2_block1", "stage1_block10", "stage1_block2"]) == ["stage1_block2", "stage1_block10", "stage2_block1"]
 
 
 def test_every_figure_renders_from_a_synthetic_grid(tmp_path):
@@ -316,3 +296,87 @@ def test_report_includes_every_figure_and_table(tmp_path):
         assert re.search(rf"{name}\.png", html), f"report misses figure {name}"
     for name in ("summary.md", "summary.csv"):
         assert name in html, f"report misses table {name}"
+
+
+# --------------------------------------------------------------------------------------------
+# what the figures draw (read back from the returned matplotlib figures)
+
+
+def _panel_lines(ax):
+    """Lines of a panel that carry data (seaborn draws one Line2D per series)."""
+    return [line for line in ax.get_lines() if len(line.get_xdata()) > 1]
+
+
+def test_nc_vs_epoch_draws_one_series_per_perturbation_under_the_own_threat(tmp_path):
+    metrics = synthetic_metrics()
+    fig = plots.nc_vs_epoch(tables.nc_curves(metrics), tmp_path / "nc.png")
+    axes = np.array(fig.axes).reshape(5, 2)
+    assert [ax.get_title() for ax in axes[0]] == ["trained with st", "trained with pgd-linf"]
+    assert "NC1" in axes[0, 0].get_ylabel() and "NC4" in axes[4, 0].get_ylabel()
+    nc1_st = _panel_lines(axes[0, 0])
+    assert len(nc1_st) == len(PERTURBATIONS)
+    # every value drawn is a mean over seeds of the linf rows: the l2 rows (x 1e6) never appear
+    top = max(max(line.get_ydata()) for ax in axes.flat for line in _panel_lines(ax))
+    assert top < 1e4
+    want = metrics[(metrics.adversary == "st") & (metrics.split == "train") & (metrics.layer == "penultimate")
+                   & (metrics.metric == "nc1") & (metrics.perturbation == "clean")].groupby("epoch")["value"].mean()
+    clean = [line for line in nc1_st if line.get_color() == plots.PERTURBATION_PALETTE["clean"]]
+    assert len(clean) == 1
+    np.testing.assert_allclose(clean[0].get_ydata(), want.to_numpy())
+    assert clean[0].get_zorder() > max(line.get_zorder() for line in nc1_st if line is not clean[0])  # drawn on top
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend[:1] == ["evaluated on"] and set(PERTURBATIONS) <= set(legend)
+
+
+def test_perturbations_differ_by_more_than_colour(tmp_path):
+    fig = plots.nc_vs_epoch(tables.nc_curves(synthetic_metrics()), tmp_path / "nc.png")
+    styles = {(tuple(line.get_dashes() if hasattr(line, "get_dashes") else ()), line.get_linestyle(), line.get_marker())
+              for line in _panel_lines(fig.axes[0])}
+    assert len(styles) >= 4, styles  # clean/pgd solid with different markers, noise broken
+    markers = {line.get_marker() for line in _panel_lines(fig.axes[0])}
+    assert len(markers) == len(PERTURBATIONS)
+
+
+def test_leap_heatmap_shows_the_mean_matrix_with_targets_as_rows(tmp_path):
+    metrics = synthetic_metrics()
+    fig = plots.leap_heatmap(tables.leap_matrices(metrics), tmp_path / "leap.png")
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 4  # (pgd, pgd-targeted) x (st, pgd-linf)
+    st_pgd = next(ax for ax in panels if ax.get_title().startswith("trained with st\npgd ·"))
+    L = st_pgd.images[0].get_array()
+    expected = 0.2 * np.eye(C) + 0.8 * np.roll(np.eye(C), 2, axis=1)
+    np.testing.assert_allclose(L, expected)
+    targeted = next(ax for ax in panels if "pgd-targeted" in ax.get_title() and ax.get_ylabel())
+    assert targeted.get_ylabel() == "target y"
+
+
+def test_layerwise_orders_taps_by_layer_index_not_by_name(tmp_path):
+    fig = plots.layerwise(tables.layer_profiles(synthetic_metrics()), tmp_path / "layers.png")
+    bottom = fig.axes[-1]
+    assert [t.get_text() for t in bottom.get_xticklabels()] == LAYERS
+    assert "NC1" in fig.axes[0].get_ylabel()
+
+
+def test_ncc_robustness_points_are_the_metrics(tmp_path):
+    metrics = synthetic_metrics(seeds=(1,), epochs=(0, 10))
+    fig = plots.ncc_robustness(tables.ncc_robustness_points(metrics), tmp_path / "ncc.png")
+    train = fig.axes[0]
+    assert train.get_title() == "train split"
+    pts = np.concatenate([c.get_offsets() for c in train.collections if len(c.get_offsets())])
+    m = metrics[(metrics.split == "train") & (metrics.perturbation == "pgd") & (metrics.layer == "penultimate") & (metrics.norm == "linf")]
+    acc = m[m.metric == "accuracy_true_labels"].sort_values(["adversary", "epoch"])["value"].to_numpy()
+    ncc = m[m.metric == "ncc_accuracy_clean_means"].sort_values(["adversary", "epoch"])["value"].to_numpy()
+    assert sorted(map(tuple, np.round(pts, 12))) == sorted(zip(np.round(acc, 12), np.round(ncc, 12)))
+    assert not [t for t in train.texts if t.get_text() == "y = x"]  # in the legend, not over the points
+    assert "y = x" in [t.get_text() for t in fig.legends[0].get_texts()]
+
+
+def test_simplex_draws_arrows_from_clean_to_perturbed_means(tmp_path):
+    fig = plots.simplex(tables.simplex_points(synthetic_projection()), tmp_path / "simplex.png")
+    panels = [ax for ax in fig.axes if ax.collections]
+    assert len(panels) == 4  # (pgd, pgd-targeted) x (st, pgd-linf)
+    for ax in panels:
+        arrows = [a for a in ax.texts if getattr(a, "arrow_patch", None) is not None]
+        assert len(arrows) == C, ax.get_title()
+        vertex_labels = sorted(t.get_text() for t in ax.texts if getattr(t, "arrow_patch", None) is None)
+        assert vertex_labels == [str(c) for c in range(C)]

@@ -8,16 +8,20 @@ from ncrobust import data as datasets
 from ncrobust.attacks import ThreatModel
 from ncrobust.experiment import Cell, build_model
 from ncrobust.losses import get_loss
-from ncrobust.train import SGD, NonFiniteLossError, Recipe, Schedule, initial_checkpoint, train_segment
+from ncrobust import attacks
+from ncrobust.train import (
+    COLLAPSE_LOG_COLUMNS, SGD, NonFiniteLossError, Recipe, Schedule, draw_attack_noise, initial_checkpoint, pgd_from_noise, trades_from_noise,
+    train_segment,
+)
 
 CONFIG = {"models": {"mlp": {"depth": 2, "width": 32}}}
 THREAT = ThreatModel(norm="linf", eps=0.1, step_size=0.05, steps=2)
 
 
-def _setup(digits, adversary, epochs=4, lr=0.1, loss="ce"):
-    cell = Cell("digits", "mlp", loss, adversary, 3)
+def _setup(digits, adversary, epochs=4, lr=0.1, loss="ce", model="mlp", threat=THREAT, **options):
+    cell = Cell("digits", model, loss, adversary, 3)
     model = build_model(CONFIG, cell, digits)
-    recipe = Recipe(adversary=adversary, loss=get_loss(loss), threat=THREAT, epochs=epochs, batch_size=256, lr=lr)
+    recipe = Recipe(adversary=adversary, loss=get_loss(loss), threat=threat, epochs=epochs, batch_size=256, lr=lr, **options)
     x, y = datasets.as_float(digits, "train")
     return cell, model, recipe, x, y
 
@@ -54,7 +58,7 @@ def test_training_lowers_the_loss(digits):
 
 
 def test_adversarial_training_logs_robust_accuracy(digits):
-    cell, model, recipe, x, y = _setup(digits, "pgd-linf", epochs=2)
+    cell, model, recipe, x, y = _setup(digits, "pgd-linf", epochs=2, track_collapse=True)
     _, rows = train_segment(model, initial_checkpoint(model, recipe), x, y, recipe=recipe, end_epoch=2, seed=1)
     assert 0.0 <= rows[-1]["train_robust_accuracy"] <= rows[-1]["train_accuracy"] + 0.05
 
@@ -111,11 +115,25 @@ def _sgd_run(make_optimizer, steps: int = 5, device: str = "cpu", state: dict | 
 
 
 @pytest.mark.parametrize("momentum, weight_decay", [(0.9, 5e-4), (0.0, 5e-4), (0.9, 0.0), (0.0, 0.0)])
-def test_sgd_equals_torch_sgd_bit_for_bit(momentum, weight_decay):
+def test_sgd_equals_torch_sgd(momentum, weight_decay):
+    """Same update as torch.optim.SGD; not bit for bit since ours multiplies by the lr tensor and
+    subtracts (two roundings) where torch adds with alpha=-lr."""
     ours, _ = _sgd_run(lambda ps: SGD(ps, lr=0.1, momentum=momentum, weight_decay=weight_decay))
     ref, _ = _sgd_run(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=momentum, weight_decay=weight_decay, foreach=False))
     for a, b in zip(ours, ref):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_sgd_learning_rate_is_read_from_its_tensor_at_every_step():
+    """What a captured CUDA graph relies on: setting ``lr`` fills ``lr_tensor`` in place."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = SGD([p], lr=0.1)
+    tensor = opt.lr_tensor
+    opt.lr = 0.5
+    assert opt.lr_tensor is tensor and float(tensor) == 0.5 and opt.state_dict()["lr"] == 0.5
+    p.grad = torch.ones(3)
+    opt.step()
+    assert torch.equal(p.detach(), torch.full((3,), 0.5))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -135,3 +153,218 @@ def test_sgd_state_holds_one_buffer_per_trained_parameter_and_rejects_another_mo
         SGD([torch.zeros(2, requires_grad=True)], lr=0.1).load_state_dict(state)
     with pytest.raises(ValueError, match="does not fit"):
         SGD([torch.zeros(2, requires_grad=True)], lr=0.1).load_state_dict({"state": {}, "param_groups": []})
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints without RNG state; dropout reproducible across segments
+
+
+def test_an_old_checkpoint_whose_rng_state_sits_on_another_device_still_trains(digits):
+    """Regression (issue 13): `train_cell` loads checkpoints with map_location=cuda, and the old
+    `torch.set_rng_state(checkpoint["rng"])` failed on a non-CPU tensor. The global RNG state is
+    no longer stored nor restored (every draw comes from a generator seeded per epoch), so an old
+    checkpoint whose "rng" sits on any device (here `meta`) trains exactly like a new one."""
+    cell, model, recipe, x, y = _setup(digits, "pgd-linf", epochs=1)
+    start = initial_checkpoint(model, recipe)
+    assert "rng" not in start
+    old_format = {**start, "rng": torch.get_rng_state().to("meta")}
+    a, rows_a = train_segment(model, old_format, x, y, recipe=recipe, end_epoch=1, seed=1)
+    b, rows_b = train_segment(model, start, x, y, recipe=recipe, end_epoch=1, seed=1)
+    assert _same_state(a["model"], b["model"]) and rows_a[0]["loss"] == rows_b[0]["loss"]
+
+
+class _DropoutNet(torch.nn.Module):
+    """A net whose forward draws from the global RNG (dropout): the draws a checkpoint used to carry."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.5))
+        self.classifier = torch.nn.Linear(32, 10)
+
+    def forward_features(self, x):
+        h = self.body(x)
+        return self.classifier(h), h
+
+    def forward(self, x):
+        return self.forward_features(x)[0]
+
+
+def test_dropout_chain_equals_uninterrupted_run_without_rng_state_in_checkpoints(digits):
+    x, y = datasets.as_float(digits, "train")
+    recipe = Recipe(adversary="st", loss=get_loss("ce"), threat=THREAT, epochs=3, batch_size=256)
+    torch.manual_seed(0)
+    model = _DropoutNet()
+    start = initial_checkpoint(model, recipe)
+    straight, _ = train_segment(model, start, x, y, recipe=recipe, end_epoch=3, seed=5)
+    ckpt = start
+    for end in (1, 3):
+        torch.manual_seed(123)  # whatever the global RNG holds between jobs
+        ckpt, _ = train_segment(_DropoutNet(), ckpt, x, y, recipe=recipe, end_epoch=end, seed=5)
+    assert _same_state(ckpt["model"], straight["model"])
+
+
+# --------------------------------------------------------------------------------------------
+# The capture-friendly training attacks equal ncrobust.attacks
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(256, 5)
+    )
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_from_noise_equals_attacks_pgd_bit_for_bit(norm):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 5, (16,), generator=g)
+    threat = ThreatModel(norm, 0.1 if norm == "linf" else 0.5, 0.03 if norm == "linf" else 0.2, 4)
+    model, loss = _bn_net(), get_loss("ce")
+    reference_model = _bn_net()
+    ref = attacks.pgd(reference_model, x, y, norm=norm, eps=threat.eps, step_size=threat.step_size, steps=threat.steps,
+                      loss=loss, generator=torch.Generator().manual_seed(7), train_mode=True)
+    model.train()
+    ours = pgd_from_noise(model, x, y, draw_attack_noise("pgd", threat, x, torch.Generator().manual_seed(7)), threat=threat, loss=loss)
+    assert torch.equal(ours, ref)
+    assert torch.equal(model[1].running_mean, reference_model[1].running_mean)  # same train-mode forwards
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_trades_from_noise_equals_attacks_trades_kl_bit_for_bit(norm):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(16, 1, 8, 8, generator=g)
+    threat = ThreatModel(norm, 0.1 if norm == "linf" else 0.5, 0.03 if norm == "linf" else 0.2, 4)
+    model = _bn_net()
+    ref = attacks.trades_kl(model, x, norm=norm, eps=threat.eps, step_size=threat.step_size, steps=threat.steps,
+                            generator=torch.Generator().manual_seed(3))
+    model.eval()
+    ours = trades_from_noise(model, x, draw_attack_noise("trades", threat, x, torch.Generator().manual_seed(3)), threat=threat)
+    assert torch.equal(ours, ref)
+
+
+# --------------------------------------------------------------------------------------------
+# The authors' BatchNorm choices, and one definition of the logged accuracies
+
+
+def _bn_stats(state):
+    return {k: v for k, v in state.items() if "running" in k or "num_batches" in k}
+
+
+def test_trades_bn_eval_never_moves_the_running_statistics_and_train_does(digits):
+    stats = {}
+    for mode in ("eval", "train"):
+        cell, model, recipe, x, y = _setup(digits, "trades-linf", epochs=1, model="convnet", trades_bn=mode)
+        start = initial_checkpoint(model, recipe)
+        end, _ = train_segment(model, start, x, y, recipe=recipe, end_epoch=1, seed=1)
+        stats[mode] = (_bn_stats(start["model"]), _bn_stats(end["model"]))
+    assert stats["eval"][0] and _same_state(*stats["eval"])
+    assert not _same_state(*stats["train"])
+    with pytest.raises(ValueError, match="trades_bn"):
+        Recipe(adversary="trades-linf", loss=get_loss("ce"), threat=THREAT, epochs=1, trades_bn="frozen")
+
+
+def test_pgd_clean_bn_pass_feeds_only_the_running_statistics(digits):
+    """The clean pass of a PGD step never changes the training (train-mode BN normalises by the
+    batch): the parameters are the same with and without it; only the running statistics (and
+    their counter, one more batch per step) differ."""
+    ends = {}
+    for clean_pass in (False, True):
+        cell, model, recipe, x, y = _setup(digits, "pgd-linf", epochs=1, model="convnet", pgd_clean_bn_pass=clean_pass)
+        ends[clean_pass], _ = train_segment(model, initial_checkpoint(model, recipe), x, y, recipe=recipe, end_epoch=1, seed=1)
+    weights = {k: v for k, v in ends[False]["model"].items() if k not in _bn_stats(ends[False]["model"])}
+    assert all(torch.equal(v, ends[True]["model"][k]) for k, v in weights.items())
+    counter = next(k for k in ends[True]["model"] if k.endswith("num_batches_tracked"))
+    steps = recipe.iterations_per_epoch(len(x))
+    assert int(ends[True]["model"][counter]) - int(ends[False]["model"][counter]) == steps
+    assert not _same_state(_bn_stats(ends[False]["model"]), _bn_stats(ends[True]["model"]))
+
+
+def test_with_a_zero_radius_the_adversarial_log_equals_the_clean_log(digits):
+    """train_accuracy and train_robust_accuracy (and the clean and adversarial NC statistics) have
+    one definition: with eps = 0 the adversarial batch is the clean batch, so they coincide."""
+    zero = ThreatModel(norm="linf", eps=0.0, step_size=0.01, steps=2)
+    cell, model, recipe, x, y = _setup(digits, "pgd-linf", epochs=1, model="convnet", threat=zero, track_collapse=True)
+    _, (row,) = train_segment(model, initial_checkpoint(model, recipe), x, y, recipe=recipe, end_epoch=1, seed=1)
+    assert row["train_accuracy"] == row["train_robust_accuracy"] > 0.3
+    assert row["nc1_adv"] == pytest.approx(row["nc1_clean"], rel=1e-9)
+    assert row["ncc_accuracy_adv"] == row["ncc_accuracy_clean"] == row["ncc_accuracy_clean_means_adv"]
+    assert 0.3 < row["ncc_accuracy_clean_means_adv"] <= 1.0
+
+
+def test_log_has_streaming_collapse_columns(digits):
+    cell, model, recipe, x, y = _setup(digits, "pgd-linf", epochs=2, track_collapse=True)
+    _, rows = train_segment(model, initial_checkpoint(model, recipe), x, y, recipe=recipe, end_epoch=2, seed=1)
+    for row in rows:
+        assert all(math.isfinite(row[c]) and row[c] > 0 for c in COLLAPSE_LOG_COLUMNS)
+    cell, model, recipe, x, y = _setup(digits, "st", epochs=1, track_collapse=True)
+    _, (row,) = train_segment(model, initial_checkpoint(model, recipe), x, y, recipe=recipe, end_epoch=1, seed=1)
+    assert math.isfinite(row["nc1_clean"]) and math.isnan(row["nc1_adv"]) and math.isnan(row["ncc_accuracy_clean_means_adv"])
+    cell, model, recipe, x, y = _setup(digits, "pgd-linf", epochs=1)  # off by default
+    _, (row,) = train_segment(model, initial_checkpoint(model, recipe), x, y, recipe=recipe, end_epoch=1, seed=1)
+    assert all(math.isnan(row[c]) for c in COLLAPSE_LOG_COLUMNS)
+
+
+def test_compile_is_no_longer_a_config_key():
+    """torch.compile recompiled in every segment and was slower than eager on an H100; CUDA graphs
+    replaced it, and an old config that still names it stops at parse time."""
+    import yaml
+
+    from ncrobust.config import ConfigError, validate_config
+    from workflow_helpers import REPO_ROOT
+
+    config = yaml.safe_load((REPO_ROOT / "config/config.yaml").read_text())
+    validate_config(config)
+    with pytest.raises(ConfigError, match="unknown key 'compile'"):
+        validate_config({**config, "compile": True})
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only: the captured step equals the eager one
+
+
+PAPER_SWITCHES = {"pgd_clean_bn_pass": True, "trades_bn": "eval", "track_collapse": True}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("adversary, switches", [
+    ("st", {}), ("pgd-linf", {}), ("trades-linf", {}),
+    ("st", PAPER_SWITCHES), ("pgd-linf", PAPER_SWITCHES), ("trades-linf", PAPER_SWITCHES),
+])
+def test_cuda_graph_training_equals_eager_training_on_gpu(digits, adversary, switches):
+    """Digits at batch 256: 5 full batches and a partial one per epoch, so epoch 1 has 3 warm-up
+    steps, the capture and a replay, epoch 2 only replays; the partial batch runs eagerly."""
+    from ncrobust.pipeline import setup
+
+    setup({"device": "cuda"}, deterministic=True)
+    results = {}
+    for graphed in (False, True):
+        cell, model, recipe, x, y = _setup(digits, adversary, epochs=2, model="convnet", cuda_graph=graphed, **switches)
+        model, x, y = model.cuda(), x.cuda(), y.cuda()
+        results[graphed] = train_segment(model, initial_checkpoint(model, recipe), x, y, recipe=recipe, end_epoch=2, seed=1)
+    (eager, eager_rows), (graphed, graphed_rows) = results[False], results[True]
+    for k, v in eager["model"].items():
+        torch.testing.assert_close(graphed["model"][k], v, rtol=1e-5, atol=1e-6)
+    for a, b in zip(eager_rows, graphed_rows):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["train_accuracy"] == pytest.approx(b["train_accuracy"], abs=2 / len(x))
+        assert (a["nc1_clean"] == pytest.approx(b["nc1_clean"], rel=1e-4)) if switches else math.isnan(b["nc1_clean"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("adversary", ["st", "pgd-linf", "trades-linf"])
+def test_training_step_makes_no_host_synchronisation_on_gpu(digits, adversary):
+    from ncrobust.train import TrainStep, make_optimizer
+
+    cell, model, recipe, x, y = _setup(digits, adversary, epochs=1, model="convnet")
+    model, x, y = model.cuda(), x[:256].cuda(), y[:256].cuda()
+    step = TrainStep(model, make_optimizer(model, recipe), recipe, num_classes=10, n_train=256, device=x.device)
+    gen = torch.Generator(x.device).manual_seed(0)
+    step(x, y, draw_attack_noise(step.kind, recipe.threat, x, gen))  # first step: momentum buffers, lazy init
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            step(x, y, draw_attack_noise(step.kind, recipe.threat, x, gen))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert step.epoch_log(y)["first_bad_step"] == -1

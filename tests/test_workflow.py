@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -39,7 +40,9 @@ def test_metrics_table_covers_the_grid(tiny_run):
     assert set(m["epoch"]) == {0, 2, 4}
     assert set(m["split"]) == {"train", "test"}
     assert set(m["perturbation"]) == {"clean", "pgd", "pgd-targeted", "gaussian", "sign"}
-    assert set(m["layer"]) == {"penultimate", "layer1"}
+    assert set(m["layer"]) == {"penultimate", "layer1"} and set(m["norm"]) == {"linf"}
+    # tap order travels with the results
+    assert dict(m[["layer", "layer_index"]].drop_duplicates().itertuples(index=False)) == {"layer1": 0, "penultimate": 1}
     assert m["value"].notna().all()
     pen = m[m["layer"] == "penultimate"]
     per_key = pen.groupby(["adversary", "epoch", "split", "perturbation"])["metric"].apply(set)
@@ -53,11 +56,13 @@ def test_metrics_table_covers_the_grid(tiny_run):
     final = pen[(pen["epoch"] == 4) & (pen["split"] == "train") & (pen["adversary"] == "st") & (pen["metric"] == "accuracy")]
     by_pert = final.set_index("perturbation")["value"]
     assert by_pert["pgd"] < by_pert["clean"] - 0.1
-    # the leap matrix of every perturbed set is row-stochastic
-    leap = pen[pen["metric"].str.startswith("leap[")].copy()
-    leap["row"] = leap["metric"].map(lambda s: int(re.match(r"leap\[(\d+),", s).group(1)))
+    # the leap matrix of every perturbed set is row-stochastic, indexed by row and col (10 classes)
+    leap = pen[pen["metric"] == "leap"]
+    assert leap["class"].isna().all() and set(leap["row"]) == set(leap["col"]) == set(range(10))
     sums = leap.groupby(["adversary", "epoch", "split", "perturbation", "row"])["value"].sum()
-    assert sums.to_numpy() == pytest.approx(1.0)
+    assert len(sums) == 2 * 3 * 2 * 4 * 10 and sums.to_numpy() == pytest.approx(1.0)
+    per_class = pen[pen["metric"] == "alignment_angle_per_class"]
+    assert set(per_class["class"]) == set(range(10)) and per_class["row"].isna().all()
 
 
 def test_training_table_has_one_row_per_epoch(tiny_run):
@@ -85,19 +90,22 @@ def test_no_features_files_by_default_and_every_job_has_a_log(tiny_run):
 
 
 def test_kept_features_give_back_the_metrics_table(tmp_path):
-    """With ``keep_features: true`` the features file is an output of ``evaluate``, and the metrics
-    recomputed from it equal the table the job wrote (a new metric can be run on kept features)."""
-    from ncrobust.experiment import Cell
+    """With ``keep_features: true`` the features file is an output of ``evaluate``, and the
+    penultimate metrics recomputed from it (the same code, without attacking again) equal the table
+    the job wrote, to rounding: the job's second pass re-runs the forward pass."""
+    from ncrobust.evaluation import RESULT_COLUMNS, penultimate_metrics
     from ncrobust.io import load_torch
-    from ncrobust.tables import metrics_frame
 
     evaluation = {**tiny_config()["evaluation"], "keep_features": True}
     config = write_tiny_config(tmp_path, evaluation=evaluation)
     run_snakemake(tmp_path, f"{CELL}/features/epoch0.pt", configfile=config)
     blob = load_torch(tmp_path / CELL / "features/epoch0.pt")
-    assert set(blob["results"]) == {f"{s}/{p}" for s in ("train", "test") for p in evaluation["perturbations"]}
-    recomputed = metrics_frame(blob, Cell("digits", "mlp", "ce", "pgd-linf", 1), 0)
-    pd.testing.assert_frame_equal(recomputed, pd.read_parquet(tmp_path / CELL / "metrics/epoch0.parquet"))
+    assert set(blob["sets"]) == {f"{s}/linf/{p}" for s in ("train", "test") for p in evaluation["perturbations"]}
+    recomputed = penultimate_metrics(blob)
+    written = pd.read_parquet(tmp_path / CELL / "metrics/epoch0.parquet")
+    written = written[written["layer"] == "penultimate"][RESULT_COLUMNS].reset_index(drop=True)
+    pd.testing.assert_frame_equal(recomputed.drop(columns="value"), written.drop(columns="value"))
+    np.testing.assert_allclose(recomputed["value"], written["value"], rtol=1e-12, atol=1e-15)
 
 
 def test_a_finished_workflow_has_nothing_to_do(tiny_run):

@@ -49,7 +49,7 @@ from torch import nn
 LossFn = Callable[..., torch.Tensor]
 
 NORMS = ("linf", "l2")
-PERTURBATIONS = ("clean", "pgd", "pgd-targeted", "gaussian", "sign")
+PERTURBATIONS = ("clean", "pgd", "pgd-targeted", "gaussian", "sign", "trades-kl")
 STRONG_ATTACKS = ("pgd-strong", "apgd-ce", "apgd-t")
 
 # pgd-strong: 5 restarts of 50 steps with step eps/4 (both norms). Large steps move far in few
@@ -228,20 +228,33 @@ def _l2_norms(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t.flatten(1), dim=1)
 
 
-def _random_start(x: torch.Tensor, norm: str, eps: float, generator) -> torch.Tensor:
+def draw_start(kind: str, x: torch.Tensor, norm: str, eps: float, generator) -> tuple[torch.Tensor, ...]:
+    """The random draws that start one attack on ``x``, from ``generator`` (the global RNG if None):
+    ``pgd``: a uniform offset in the l_inf ball, or a Gaussian direction and a uniform radius for
+    l_2 (Rice et al.); ``trades``: Gaussian noise (TRADES' start). Drawing apart from the iterations
+    lets a captured training step take them as inputs (:mod:`ncrobust.train`)."""
+    if kind == "trades":
+        return (_noise("randn", x, generator),)
     if norm == "linf":
         if generator is None or generator.device == x.device:
-            delta = torch.empty_like(x).uniform_(-eps, eps, generator=generator)
-        else:
-            delta = _noise("rand", x, generator).mul_(2 * eps).sub_(eps)  # U[-eps, eps)
+            return (torch.empty_like(x).uniform_(-eps, eps, generator=generator),)
+        return (_noise("rand", x, generator).mul_(2 * eps).sub_(eps),)  # U[-eps, eps)
+    direction = _noise("randn", x, generator)
+    if generator is None:
+        radius = torch.rand(x.shape[0], dtype=x.dtype, device=x.device)
     else:
-        delta = _noise("randn", x, generator)
+        radius = torch.rand(x.shape[0], generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
+    return direction, radius
+
+
+def pgd_start(x: torch.Tensor, noise: tuple[torch.Tensor, ...], norm: str, eps: float) -> torch.Tensor:
+    """PGD's random start from :func:`draw_start` (``noise`` is consumed), in the ball and [0, 1]."""
+    if norm == "linf":
+        (delta,) = noise
+    else:
+        delta, radius = noise
         n = _l2_norms(delta).clamp_min_(_NORM_FLOOR)
-        if generator is None:
-            r = torch.rand(x.shape[0], dtype=x.dtype, device=x.device)
-        else:
-            r = torch.rand(x.shape[0], generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
-        delta.mul_(_bcast(r.mul_(eps).div_(n), x))
+        delta.mul_(_bcast(radius.mul(eps).div_(n), x))
     return delta.add_(x).clamp_(0.0, 1.0)
 
 
@@ -282,7 +295,15 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -> tor
 def _pgd_run(model, x, y, *, norm, eps, step_size, steps, random_start, targeted, loss_fn, generator,
              autocast_dtype, check_labels) -> torch.Tensor:
     """One restart of PGD; the model is already in the wanted mode."""
-    x_adv = _random_start(x, norm, eps, generator) if random_start else x.clone()
+    x_adv = pgd_start(x, draw_start("pgd", x, norm, eps, generator), norm, eps) if random_start else x.clone()
+    return pgd_from_start(model, x, y, x_adv, norm=norm, eps=eps, step_size=step_size, steps=steps, targeted=targeted,
+                          loss_fn=loss_fn, autocast_dtype=autocast_dtype, check_labels=check_labels)
+
+
+def pgd_from_start(model, x, y, x_adv, *, norm, eps, step_size, steps, targeted=False, loss_fn=F.cross_entropy,
+                   autocast_dtype=None, check_labels=False) -> torch.Tensor:
+    """PGD's iterations from the start ``x_adv`` (consumed), in the model's current mode, on
+    validated arguments: the body that :func:`pgd` and the captured training step share."""
     x_adv.requires_grad_(True)
     bounds = _linf_bounds(x, eps) if norm == "linf" else None
     summed = _summed(loss_fn)
@@ -335,19 +356,22 @@ def pgd(
     ``autocast_dtype`` (e.g. ``torch.bfloat16`` on a GPU) wraps the attack's forward passes in
     ``torch.autocast``. Returns detached inputs in [0, 1] within the ball, dtype/device of ``x``.
     """
-    ThreatModel(norm, eps, step_size, steps)
+    threat = ThreatModel(norm, float(eps), float(step_size), steps)
     _check_restarts(restarts)
     _check_images(x)
     _check_labels_shape(x, y)
-    loss_fn = _resolve_loss(loss)
-    y = y.to(x.device)
-    x = x.detach()
-    eps = float(eps)
-    step_size = float(step_size)
-    kw = dict(norm=norm, eps=eps, step_size=step_size, steps=steps, random_start=random_start,
+    return _pgd(model, x.detach(), y.to(x.device), threat, random_start=random_start, restarts=restarts, targeted=targeted,
+                loss_fn=_resolve_loss(loss), generator=generator, train_mode=train_mode, autocast_dtype=autocast_dtype,
+                check_labels=True)
+
+
+def _pgd(model, x, y, threat: ThreatModel, *, random_start, restarts, targeted, loss_fn, generator, train_mode,
+         autocast_dtype, check_labels) -> torch.Tensor:
+    """:func:`pgd` on validated arguments (the registry validates once per call, not per chunk)."""
+    kw = dict(norm=threat.norm, eps=threat.eps, step_size=threat.step_size, steps=threat.steps, random_start=random_start,
               targeted=targeted, loss_fn=loss_fn, generator=generator, autocast_dtype=autocast_dtype)
     with _model_mode(model, train_mode):
-        best = _pgd_run(model, x, y, check_labels=True, **kw)
+        best = _pgd_run(model, x, y, check_labels=check_labels, **kw)
         if restarts == 1:
             return best
         sign = -1.0 if targeted else 1.0  # maximise sign * loss
@@ -388,32 +412,46 @@ def trades_kl(
     perturbation to the eps-ball. ``softmax(model(x))`` is a constant in eval mode and is computed
     once. The model's modes are restored afterwards.
     """
-    ThreatModel(norm, eps, step_size, steps)
+    threat = ThreatModel(norm, float(eps), float(step_size), steps)
     _check_images(x)
-    x = x.detach()
-    eps = float(eps)
-    step_size = float(step_size)
-    x_adv = _noise("randn", x, generator).mul_(0.001).add_(x)
-    bounds = _linf_bounds(x, eps) if norm == "linf" else None
+    return _trades_kl(model, x.detach(), threat, generator=generator, autocast_dtype=autocast_dtype)
+
+
+def _trades_kl(model, x, threat: ThreatModel, *, generator, autocast_dtype) -> torch.Tensor:
+    """:func:`trades_kl` on validated arguments."""
     with _model_mode(model, False):
-        with torch.no_grad(), _autocast(x, autocast_dtype):
-            p_nat = F.softmax(model(x).float(), dim=1)
-        x_adv.requires_grad_(True)
-        for _ in range(steps):
-            with torch.enable_grad():
-                with _autocast(x, autocast_dtype):
-                    logits = model(x_adv)
-                kl = F.kl_div(F.log_softmax(logits.float(), dim=1), p_nat, reduction="sum")
-                (grad,) = torch.autograd.grad(kl, x_adv)
-            if norm == "linf":
-                _step_(x_adv, grad, x, bounds, norm=norm, eps=eps, step_size=step_size)
-            else:
-                with torch.no_grad():
-                    scale = _l2_norms(grad)
-                    scale = torch.where(scale > 0, step_size / scale.clamp_min(_NORM_FLOOR), 0.0)
-                    delta = x_adv.addcmul_(grad, _bcast(scale, x)).clamp_(0.0, 1.0).sub_(x)
-                    factor = torch.clamp(eps / _l2_norms(delta).clamp_min_(_NORM_FLOOR), max=1.0)
-                    delta.mul_(_bcast(factor, x)).add_(x).clamp_(0.0, 1.0)
+        return trades_from_start(model, x, trades_start(x, draw_start("trades", x, threat.norm, threat.eps, generator)), threat,
+                                 autocast_dtype=autocast_dtype)
+
+
+def trades_start(x: torch.Tensor, noise: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """TRADES' start ``x + 0.001 * z`` from :func:`draw_start` (``noise`` is consumed)."""
+    return noise[0].mul_(0.001).add_(x)
+
+
+def trades_from_start(model, x, x_adv, threat: ThreatModel, *, autocast_dtype=None) -> torch.Tensor:
+    """TRADES' KL iterations from ``x_adv`` (consumed) in the model's current mode: the body that
+    :func:`trades_kl` (in eval mode) and the captured training step share."""
+    norm, eps, step_size, steps = threat.norm, threat.eps, threat.step_size, threat.steps
+    bounds = _linf_bounds(x, eps) if norm == "linf" else None
+    with torch.no_grad(), _autocast(x, autocast_dtype):
+        p_nat = F.softmax(model(x).float(), dim=1)
+    x_adv.requires_grad_(True)
+    for _ in range(steps):
+        with torch.enable_grad():
+            with _autocast(x, autocast_dtype):
+                logits = model(x_adv)
+            kl = F.kl_div(F.log_softmax(logits.float(), dim=1), p_nat, reduction="sum")
+            (grad,) = torch.autograd.grad(kl, x_adv)
+        if norm == "linf":
+            _step_(x_adv, grad, x, bounds, norm=norm, eps=eps, step_size=step_size)
+        else:  # a zero gradient gives no step
+            with torch.no_grad():
+                scale = _l2_norms(grad)
+                scale = torch.where(scale > 0, step_size / scale.clamp_min(_NORM_FLOOR), 0.0)
+                delta = x_adv.addcmul_(grad, _bcast(scale, x)).clamp_(0.0, 1.0).sub_(x)
+                factor = torch.clamp(eps / _l2_norms(delta).clamp_min_(_NORM_FLOOR), max=1.0)
+                delta.mul_(_bcast(factor, x)).add_(x).clamp_(0.0, 1.0)
     return x_adv.detach()
 
 
@@ -422,18 +460,39 @@ def trades_kl(
 # --------------------------------------------------------------------------------------------
 
 
-def gaussian(x: torch.Tensor, *, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``clamp(x + eps * N(0, I), 0, 1)`` (Su et al.'s Gaussian-noise evaluation; not norm-bounded)."""
-    _check_eps(eps)
-    _check_images(x)
-    return _noise("randn", x, generator).mul_(float(eps)).add_(x.detach()).clamp_(0.0, 1.0)
+def _sized_noise(kind: str, x: torch.Tensor, eps: float, norm: str, generator) -> torch.Tensor:
+    """Noise of the threat model's size in its own norm: ``linf`` per pixel (``eps * z``), ``l2`` a
+    random direction ``z / ||z||_2`` of length ``eps`` per example (``z`` Gaussian, or its signs)."""
+    z = _noise("randn", x, generator)
+    if kind == "sign":
+        z.sign_()
+    if norm == "l2":
+        z.mul_(_bcast(_l2_norms(z).clamp_min_(_NORM_FLOOR).reciprocal_(), z))
+    return z.mul_(float(eps)).add_(x.detach()).clamp_(0.0, 1.0)
 
 
-def random_sign(x: torch.Tensor, *, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``clamp(x + eps * sign(N(0, I)), 0, 1)``: a random corner of the l_inf ball of radius ``eps``."""
+def gaussian(x: torch.Tensor, *, eps: float, norm: str = "linf", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gaussian noise of the threat model's size, clamped to [0, 1].
+
+    ``linf``: ``x + eps * N(0, I)``, a per-pixel standard deviation of ``eps`` (Su et al.'s evaluation
+    uses 8/255 per pixel; not norm-bounded). ``l2``: ``x + eps * z / ||z||_2`` with ``z ~ N(0, I)``, a
+    uniformly random direction of l2 length ``eps`` (per-pixel eps would be ``sqrt(D)`` times the
+    budget: an l2 norm of 20 for 128/255 on CIFAR).
+    """
+    _check_norm(norm)
     _check_eps(eps)
     _check_images(x)
-    return _noise("randn", x, generator).sign_().mul_(float(eps)).add_(x.detach()).clamp_(0.0, 1.0)
+    return _sized_noise("gaussian", x, eps, norm, generator)
+
+
+def random_sign(x: torch.Tensor, *, eps: float, norm: str = "linf", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random-sign noise of the threat model's size, clamped to [0, 1]: ``linf`` a random corner
+    ``x + eps * sign(z)`` of the ball; ``l2`` the same direction scaled to l2 length ``eps``
+    (``eps / sqrt(D)`` per pixel)."""
+    _check_norm(norm)
+    _check_eps(eps)
+    _check_images(x)
+    return _sized_noise("sign", x, eps, norm, generator)
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,7 +543,9 @@ def perturb(
     - ``clean``: ``x`` unchanged (detached).
     - ``pgd``: untargeted PGD in eval mode with the threat's norm, eps, step size and steps.
     - ``pgd-targeted``: targeted PGD to ``target_labels(y, num_classes)``; ``y`` holds true labels.
-    - ``gaussian`` / ``sign``: :func:`gaussian` / :func:`random_sign` with radius ``threat.eps``.
+    - ``gaussian`` / ``sign``: :func:`gaussian` / :func:`random_sign` of size ``threat.eps`` in the
+      threat's norm (per pixel for ``linf``, the l2 length for ``l2``).
+    - ``trades-kl``: TRADES's KL inner maximisation (:func:`trades_kl`) against the model itself.
 
     ``steps``, ``step_size``, ``restarts`` and ``eps`` override the threat's values for this call.
     ``batch_size`` processes ``x`` in chunks of that many examples (bounded memory for any split
@@ -500,19 +561,21 @@ def perturb(
     _check_eps(eps_)
     if name == "clean":
         return x.detach()
-    if name == "gaussian":
-        return _chunked(lambda xb, _: gaussian(xb, eps=eps_, generator=generator), x, None, batch_size)
-    if name == "sign":
-        return _chunked(lambda xb, _: random_sign(xb, eps=eps_, generator=generator), x, None, batch_size)
+    if name in ("gaussian", "sign"):
+        return _chunked(lambda xb, _: _sized_noise(name, xb, eps_, threat.norm, generator), x, None, batch_size)
     t = ThreatModel(threat.norm, eps_, threat.step_size if step_size is None else step_size,
                     threat.steps if steps is None else steps)
+    x = x.detach()
+    if name == "trades-kl":
+        return _chunked(lambda xb, _: _trades_kl(model, xb, t, generator=generator, autocast_dtype=autocast_dtype),
+                        x, None, batch_size)
     targeted = name == "pgd-targeted"
-    labels = target_labels(y, num_classes) if targeted else y
+    labels = (y + 1) % num_classes if targeted else y  # target_labels, on labels checked above
+    loss_fn = _resolve_loss(loss)
 
     def run(xb, yb):
-        return pgd(model, xb, yb, norm=t.norm, eps=t.eps, step_size=t.step_size, steps=t.steps,
-                   restarts=restarts, targeted=targeted, loss=loss, generator=generator, train_mode=False,
-                   autocast_dtype=autocast_dtype)
+        return _pgd(model, xb, yb.to(xb.device), t, random_start=True, restarts=restarts, targeted=targeted, loss_fn=loss_fn,
+                    generator=generator, train_mode=False, autocast_dtype=autocast_dtype, check_labels=False)
 
     return _chunked(run, x, labels, batch_size)
 
@@ -553,12 +616,14 @@ def strong_attack(
     num_classes: int,
     seed: int,
     batch_size: int | None = None,
+    loss: LossFn | str | None = None,
 ) -> torch.Tensor:
     """A stronger untargeted evaluation attack, in eval mode, under ``threat``'s norm and eps.
 
     - ``pgd-strong``: :func:`pgd` with ``PGD_STRONG_RESTARTS`` = 5 restarts of ``PGD_STRONG_STEPS``
       = 50 steps of size ``eps / 4`` (both norms), worst case per example kept; the random starts
-      come from ``torch.Generator(x.device).manual_seed(seed)``.
+      come from ``torch.Generator(x.device).manual_seed(seed)``; it ascends ``loss`` (cross-entropy
+      by default; the workflow passes the cell's loss, as for the evaluation's ``pgd``).
     - ``apgd-ce``: ``torchattacks.APGD`` with AutoAttack's standard settings: 100 iterations (the
       torchattacks default is 10), 1 restart, ``rho = 0.75``, CE loss, ``seed``.
     - ``apgd-t``: ``torchattacks.APGDT`` (targeted DLR loss): 100 iterations, 1 restart, 9 target
@@ -583,7 +648,7 @@ def strong_attack(
 
         def run(xb, yb):
             return pgd(model, xb, yb, norm=threat.norm, eps=threat.eps, step_size=PGD_STRONG_STEP_FRACTION * threat.eps,
-                       steps=PGD_STRONG_STEPS, restarts=PGD_STRONG_RESTARTS, generator=generator, train_mode=False)
+                       steps=PGD_STRONG_STEPS, restarts=PGD_STRONG_RESTARTS, generator=generator, train_mode=False, loss=loss)
 
         return _chunked(run, x, y, batch_size)
     if x.ndim != 4:

@@ -166,12 +166,16 @@ def _matrix(x: Any, shape: tuple[int, ...], name: str, device: torch.device) -> 
     return t
 
 
-def _block_rows(d: int) -> int:
+def _block_rows(d: int, device: torch.device | None = None) -> int:
+    """Rows per block: about ``_BLOCK_BYTES`` of float64 on the CPU (cache-sized); on a GPU the
+    whole batch at once (the batch already bounds memory, and each block costs kernel launches)."""
+    if device is not None and device.type != "cpu":
+        return 1 << 62
     return max(_MIN_BLOCK_ROWS, _BLOCK_BYTES // (8 * d))
 
 
-def _blocks(n: int, d: int):
-    step = _block_rows(d)
+def _blocks(n: int, d: int, device: torch.device | None = None):
+    step = _block_rows(d, device)
     for start in range(0, n, step):
         yield start, min(n, start + step)
 
@@ -181,17 +185,12 @@ def _blocks(n: int, d: int):
 # --------------------------------------------------------------------------------------------
 
 
-def _add_class_sums(sums: torch.Tensor, H: torch.Tensor, y: torch.Tensor) -> None:
-    """``sums[c] += sum_{y_i = c} h_i`` in float64, block by block (one index_add_ per block)."""
-    for s, e in _blocks(H.shape[0], H.shape[1]):
-        sums.index_add_(0, y[s:e], H[s:e].to(_F64))
-
-
 def _means_from(H: torch.Tensor, y: torch.Tensor, C: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     counts = torch.bincount(y, minlength=C)  # N_c: [C]
     _check_counts(counts, f"the labels of the {name}")
     sums = torch.zeros(C, H.shape[1], dtype=_F64, device=H.device)  # [C, d]
-    _add_class_sums(sums, H, y)
+    for s, e in _blocks(H.shape[0], H.shape[1], H.device):
+        sums.index_add_(0, y[s:e], H[s:e].to(_F64))
     # A NaN or inf anywhere in H makes its class sum NaN or inf: an O(C d) test instead of O(N d).
     if not bool(torch.isfinite(sums).all()):
         _check_finite_rows(H, name)
@@ -255,80 +254,7 @@ class _Geometry:
         # so the scores are z_i A + T[y_i] with T = M M~^T - ||mu_c||^2 / 2 (an r-column product).
         self.A = self.U.T @ self.Mc.T  # coordinates of the centred means in U: [r, C]
         self.T = M @ self.Mc.T - 0.5 * (M * M).sum(dim=1)  # [C, C]
-
-
-class _Scatter:
-    """Pass-2 state: sums over samples of what the within-class metrics need."""
-
-    def __init__(self, C: int, r: int, device: torch.device, with_ref: bool):
-        self.count = torch.zeros(C, dtype=torch.int64, device=device)  # samples seen per class
-        self.sq = torch.zeros(C, dtype=_F64, device=device)  # sum_{y_i=c} ||h_i - mu_c||^2
-        self.zz = torch.zeros(r, dtype=_F64, device=device)  # sum_i z_ik^2 = N diag(U^T Sigma_W U)
-        self.ncc_correct = 0
-        self.ref_correct = 0 if with_ref else None
-
-    def add(
-        self,
-        H: torch.Tensor,
-        y: torch.Tensor,
-        g: _Geometry,
-        ref: tuple[torch.Tensor, torch.Tensor] | None,
-        pred_out: torch.Tensor | None = None,
-        name: str = "features",
-    ) -> None:
-        """Add the rows of ``H`` [n, d] with labels ``y``; a batch with NaN/inf is rejected whole."""
-        sq = torch.zeros_like(self.sq)
-        zz = torch.zeros_like(self.zz)
-        correct = torch.zeros((), dtype=torch.int64, device=H.device)
-        ref_correct = torch.zeros((), dtype=torch.int64, device=H.device)
-        for s, e in _blocks(H.shape[0], H.shape[1]):
-            Hb, yb = H[s:e].to(_F64), y[s:e]  # [n, d], [n]
-            D = torch.sub(Hb, g.M.index_select(0, yb))  # h_i - mu_{y_i}: [n, d]
-            sq.index_add_(0, yb, torch.linalg.vecdot(D, D))  # ||h_i - mu_{y_i}||^2, no cancellation
-            Z = D @ g.U  # z_i = U^T (h_i - mu_{y_i}): [n, r]
-            zz += Z.square().sum(dim=0)
-            pred = torch.addmm(g.T.index_select(0, yb), Z, g.A).argmax(dim=1)  # NCC, own means: [n]
-            correct += (pred == yb).sum()
-            if pred_out is not None:
-                pred_out[s:e] = pred
-            if ref is not None:
-                M_ref, half_sq_norm_ref = ref  # [C, d], [C]
-                ref_pred = torch.addmm(half_sq_norm_ref, Hb, M_ref.T, beta=-1.0).argmax(dim=1)
-                ref_correct += (ref_pred == yb).sum()
-        # A NaN or inf in H makes its class's sum of squared distances NaN or inf: an O(C) check.
-        if not bool(torch.isfinite(sq).all()):
-            _check_finite_rows(H, name)
-            raise ValueError(f"{name} overflow float64 in the within-class scatter; rescale them")
-        self.sq += sq
-        self.zz += zz
-        self.count += torch.bincount(y, minlength=self.count.numel())
-        self.ncc_correct += int(correct)
-        if ref is not None:
-            self.ref_correct += int(ref_correct)
-
-
-def _within_metrics(g: _Geometry, sc: _Scatter) -> dict[str, float]:
-    """nc1, nc1_trace_ratio, cdnv and ncc_accuracy from the means and the pass-2 sums."""
-    C, N = g.M.shape[0], g.N
-    tr_W = float(sc.sq.sum()) / N  # tr(Sigma_W)
-    if g.r > 0:
-        tr_W_Binv = float((sc.zz / N / g.lam).sum())  # tr(Sigma_W Sigma_B^+)
-    else:
-        tr_W_Binv = math.nan  # Sigma_B = 0: the class means coincide
-    var = sc.sq / g.counts.to(_F64)  # var_c: [C]
-    # ||mu_c - mu_c'||^2 from explicit differences (no Gram-matrix cancellation), O(C^2 d).
-    dist2 = torch.cdist(g.Mc.unsqueeze(0), g.Mc.unsqueeze(0), compute_mode="donot_use_mm_for_euclid_dist")[0] ** 2
-    iu = torch.triu_indices(C, C, offset=1, device=g.M.device)
-    pair_var = var[iu[0]] + var[iu[1]]
-    pair_d2 = dist2[iu[0], iu[1]]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cdnv = float(np.mean(pair_var.cpu().numpy() / (2.0 * pair_d2.cpu().numpy())))
-    return {
-        "nc1": tr_W_Binv / C,
-        "nc1_trace_ratio": _div(tr_W, g.tr_B),
-        "cdnv": cdnv,
-        "ncc_accuracy": sc.ncc_correct / N,
-    }
+        self.half_sq_norm = 0.5 * (M * M).sum(dim=1)  # ||mu_c||^2 / 2: [C], for NCC of other sets
 
 
 def _div(a: float, b: float) -> float:
@@ -354,7 +280,299 @@ def _equiangle(V: torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# public functions
+# the accumulator: one definition of every metric, streamed or dense
+# --------------------------------------------------------------------------------------------
+
+
+class LayerStats:
+    """Two-pass streaming collapse statistics of one feature set (one layer, one split, one
+    perturbation), O(d C) memory: the single implementation behind every metric of this module.
+
+    For layers too wide for one tensor (d up to 65,536 and more, N = 50,000), never forming a
+    d x d matrix nor holding more than one batch::
+
+        clean = LayerStats(C)                                   # the clean set of a split
+        for h, y in batches: clean.accumulate_means(h, y)       # pass 1: class sums and counts
+        clean.finish_means()
+        for h, y in batches: clean.accumulate_scatter(h, y)     # pass 2: the same samples again
+        clean.compute()                                         # nc1, nc1_trace_ratio, cdnv, ncc_accuracy
+        pert = LayerStats(C, reference=clean)                   # a perturbed set of the same split
+        ...                                                     # same two passes
+        pert.compute()["ncc_accuracy_clean_means"], pert.reference_geometry()["leap"]
+
+    Pass 1 accumulates per-class sums ``sum_{y_i=c} h_i`` (float64) and counts ``N_c``.
+    ``finish_means`` forms ``M``, ``mu_G``, ``M~`` and the thin SVD ``M~ = V S U^T``; ``U`` ([d, r],
+    r <= C-1) is an orthonormal eigenbasis of ``Sigma_B`` on the span of the centred means with
+    eigenvalues ``lambda_k = s_k^2 / C``. Pass 2 accumulates, per sample and without
+    cancellation, ``||h_i - mu_{y_i}||^2`` per class (``tr(Sigma_W)``, ``var_c``), the projected
+    within-class scatter ``z_i = U^T (h_i - mu_{y_i})`` (its diagonal ``sum_i z_ik^2`` is all that
+    ``tr(Sigma_W Sigma_B^+) = sum_k u_k^T Sigma_W u_k / lambda_k`` needs, since the ``u_k`` are
+    eigenvectors of ``Sigma_B``), the NCC prediction with the own means, and with a
+    ``reference`` (the clean set) the confusion matrix of the NCC prediction with the reference
+    means (the leap matrix). With ``predictions`` (the network's argmax) pass 2 also counts the
+    agreement with both NCC predictions (``nc4``, ``leap_to_prediction``) and the accuracy.
+
+    The public ``accumulate_*`` validate each batch (shape, labels, NaN/inf, naming the first bad
+    row) and reject a bad batch whole. The evaluation core validates its labels once per pass and
+    uses the unchecked ``_add_means`` / ``_add_scatter``: no host synchronisation per batch, state
+    stays on the device of the first batch, and non-finite features are reported by
+    ``finish_means`` / ``compute``.
+    """
+
+    def __init__(self, num_classes: int, *, reference: "LayerStats | None" = None):
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+            raise ValueError(f"num_classes must be an int, got {num_classes!r}")
+        if num_classes < 2:
+            raise ValueError(f"NC metrics need at least 2 classes, got num_classes={num_classes}")
+        if reference is not None:
+            if not isinstance(reference, LayerStats) or reference._geometry is None:
+                raise ValueError("reference must be a LayerStats after finish_means() (the clean set of the split)")
+            if reference.num_classes != num_classes:
+                raise ValueError(f"reference has {reference.num_classes} classes, this set {num_classes}")
+        self.num_classes = int(num_classes)
+        self.reference = reference
+        self._d: int | None = None
+        self._sums: torch.Tensor | None = None  # sum_{y_i=c} h_i: [C, d]
+        self._counts: torch.Tensor | None = None  # N_c: [C]
+        self._geometry: _Geometry | None = None
+        self._ref: tuple[torch.Tensor, torch.Tensor] | None = None  # reference (M, ||mu_c||^2/2) on our device
+        # pass-2 sums (device tensors, read once in compute)
+        self._seen: torch.Tensor | None = None  # samples per class: [C]
+        self._sq: torch.Tensor | None = None  # sum_{y_i=c} ||h_i - mu_c||^2: [C]
+        self._zz: torch.Tensor | None = None  # sum_i z_ik^2 = N diag(U^T Sigma_W U): [r]
+        self._own_correct: torch.Tensor | None = None  # NCC (own means) == label
+        self._confusion: torch.Tensor | None = None  # [C, C]: label y, nearest reference mean k
+        self._with_predictions: bool | None = None
+        self._net_correct: torch.Tensor | None = None  # network argmax == label
+        self._own_agree: torch.Tensor | None = None  # NCC (own means) == network argmax
+        self._ref_agree: torch.Tensor | None = None  # NCC (reference means) == network argmax
+
+    # ---------------------------------------------------------------------------- validation
+    def _batch(self, h: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        H = _features(h, "h", flatten=True)
+        yy = _labels(y, H.shape[0], H.device, "y")
+        _num_classes(yy, self.num_classes, "y")
+        d = self._d if self._d is not None else H.shape[1]
+        if H.shape[1] != d:
+            raise ValueError(f"batch has d={H.shape[1]} features per sample, earlier batches had d={d}")
+        if self.reference is not None and self.reference._d != H.shape[1]:
+            raise ValueError(f"reference has d={self.reference._d} but the batches have d={H.shape[1]}")
+        if not _all_finite(H):
+            _check_finite_rows(H, "h")
+        return H, yy
+
+    # ---------------------------------------------------------------------------- pass 1
+    def accumulate_means(self, h: Any, y: Any) -> None:
+        """Pass 1: add a batch ``h`` [B, ...] with labels ``y`` [B] to the class sums and counts."""
+        if self._geometry is not None:
+            raise ValueError("accumulate_means after finish_means: start a new LayerStats for new data")
+        self._add_means(*self._batch(h, y))
+
+    def _add_means(self, H: torch.Tensor, y: torch.Tensor) -> None:
+        """Pass 1 without checks or host syncs: ``H`` [B, ...], ``y`` [B] int64 in range."""
+        H = H.reshape(H.shape[0], -1)
+        if self._sums is None:
+            self._d = H.shape[1]
+            self._sums = torch.zeros(self.num_classes, self._d, dtype=_F64, device=H.device)
+            self._counts = torch.zeros(self.num_classes, dtype=torch.int64, device=H.device)
+        for s, e in _blocks(H.shape[0], H.shape[1], H.device):
+            self._sums.index_add_(0, y[s:e], H[s:e].to(_F64))
+        self._counts += torch.bincount(y, minlength=self.num_classes)
+
+    def finish_means(self) -> None:
+        """End pass 1: form the class means and the basis of their span."""
+        if self._geometry is not None:
+            return
+        if self._sums is None:
+            raise ValueError("finish_means before any accumulate_means: pass 1 saw no data")
+        _check_counts(self._counts, "pass 1")
+        if not bool(torch.isfinite(self._sums).all()):
+            raise ValueError("features contain non-finite values (NaN or inf) or overflow float64 when summed per class")
+        M = self._sums / self._counts.unsqueeze(1).to(_F64)  # [C, d]
+        g = self._geometry = _Geometry(M, self._counts)
+        C, dev = self.num_classes, M.device
+        self._seen = torch.zeros(C, dtype=torch.int64, device=dev)
+        self._sq = torch.zeros(C, dtype=_F64, device=dev)
+        self._zz = torch.zeros(g.r, dtype=_F64, device=dev)
+        self._own_correct = torch.zeros((), dtype=torch.int64, device=dev)
+        if self.reference is not None:
+            ref = self.reference._geometry
+            self._ref = (ref.M.to(dev), ref.half_sq_norm.to(dev))
+            self._confusion = torch.zeros(C * C, dtype=torch.int64, device=dev)
+
+    @property
+    def means(self) -> torch.Tensor:
+        """Class means ``M`` [C, d] float64 (after ``finish_means``)."""
+        return self._finished().M
+
+    @property
+    def global_mean(self) -> torch.Tensor:
+        """``mu_G`` [d] float64, the mean of all samples (after ``finish_means``)."""
+        return self._finished().mu_G
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Class counts ``N_c`` [C] int64 (after ``finish_means``)."""
+        return self._finished().counts
+
+    def _finished(self) -> _Geometry:
+        if self._geometry is None:
+            raise ValueError("means are known only after finish_means()")
+        return self._geometry
+
+    # ---------------------------------------------------------------------------- pass 2
+    def accumulate_scatter(self, h: Any, y: Any, predictions: Any = None) -> None:
+        """Pass 2: add a batch (the same samples as in pass 1, any batching) to the scatter sums;
+        ``predictions`` [B]: the network's argmax on these samples (for ``nc4``, ``accuracy``,
+        ``leap_to_prediction``), given for every batch or for none."""
+        if self._geometry is None:
+            raise ValueError("accumulate_scatter before finish_means(): run pass 1 first")
+        H, yy = self._batch(h, y)
+        pred = None if predictions is None else _labels(predictions, H.shape[0], H.device, "predictions")
+        self._add_scatter(H, yy, pred)
+
+    def _add_scatter(self, H: torch.Tensor, y: torch.Tensor, predictions: torch.Tensor | None = None) -> None:
+        """Pass 2 without checks or host syncs."""
+        g = self._geometry
+        if self._with_predictions is None:
+            self._with_predictions = predictions is not None
+            if self._with_predictions:
+                zero = torch.zeros((), dtype=torch.int64, device=g.M.device)
+                self._net_correct, self._own_agree = zero.clone(), zero.clone()
+                self._ref_agree = zero.clone() if self._ref is not None else None
+        elif self._with_predictions != (predictions is not None):
+            raise ValueError("pass predictions for every batch of pass 2 or for none")
+        H = H.reshape(H.shape[0], -1).to(g.M.device)
+        y = y.to(g.M.device)
+        C = self.num_classes
+        for s, e in _blocks(H.shape[0], H.shape[1], H.device):
+            Hb, yb = H[s:e].to(_F64), y[s:e]  # [n, d], [n]
+            D = torch.sub(Hb, g.M.index_select(0, yb))  # h_i - mu_{y_i}: [n, d]
+            self._sq.index_add_(0, yb, torch.linalg.vecdot(D, D))  # ||h_i - mu_{y_i}||^2, no cancellation
+            Z = D @ g.U  # z_i = U^T (h_i - mu_{y_i}): [n, r]
+            self._zz += Z.square().sum(dim=0)
+            own = torch.addmm(g.T.index_select(0, yb), Z, g.A).argmax(dim=1)  # NCC, own means: [n]
+            self._own_correct += (own == yb).sum()
+            if self._ref is not None:
+                M_ref, half_sq_norm_ref = self._ref
+                nearest = torch.addmm(half_sq_norm_ref, Hb, M_ref.T, beta=-1.0).argmax(dim=1)  # [n]
+                self._confusion += torch.bincount(yb * C + nearest, minlength=C * C)
+            if predictions is not None:
+                pb = predictions[s:e]
+                self._net_correct += (pb == yb).sum()
+                self._own_agree += (own == pb).sum()
+                if self._ref is not None:
+                    self._ref_agree += (nearest == pb).sum()
+        self._seen += torch.bincount(y, minlength=C)
+
+    # ---------------------------------------------------------------------------- results
+    def _scattered(self) -> _Geometry:
+        g = self._geometry
+        if g is None:
+            raise ValueError("compute before finish_means(): run both passes first")
+        if not bool(torch.equal(self._seen, g.counts)):
+            raise ValueError(
+                f"pass 2 saw {int(self._seen.sum())} samples with class counts differing from pass 1 "
+                f"({g.N} samples): both passes must see the same samples"
+            )
+        if not bool(torch.isfinite(self._sq).all()):
+            raise ValueError("features contain non-finite values (NaN or inf) or overflow float64 in the within-class scatter")
+        return g
+
+    def compute(self) -> dict[str, float]:
+        """``nc1``, ``nc1_trace_ratio``, ``cdnv``, ``ncc_accuracy`` [, ``ncc_accuracy_clean_means``]."""
+        g = self._scattered()
+        C, N = self.num_classes, g.N
+        tr_W = float(self._sq.sum()) / N  # tr(Sigma_W)
+        tr_W_Binv = float((self._zz / N / g.lam).sum()) if g.r > 0 else math.nan  # Sigma_B = 0: means coincide
+        var = self._sq / g.counts.to(_F64)  # var_c: [C]
+        # ||mu_c - mu_c'||^2 from explicit differences (no Gram-matrix cancellation), O(C^2 d).
+        dist2 = torch.cdist(g.Mc.unsqueeze(0), g.Mc.unsqueeze(0), compute_mode="donot_use_mm_for_euclid_dist")[0] ** 2
+        iu = torch.triu_indices(C, C, offset=1, device=g.M.device)
+        pair_var = var[iu[0]] + var[iu[1]]
+        pair_d2 = dist2[iu[0], iu[1]]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cdnv = float(np.mean(pair_var.cpu().numpy() / (2.0 * pair_d2.cpu().numpy())))
+        out = {
+            "nc1": tr_W_Binv / C,
+            "nc1_trace_ratio": _div(tr_W, g.tr_B),
+            "cdnv": cdnv,
+            "ncc_accuracy": int(self._own_correct) / N,
+        }
+        if self._confusion is not None:
+            out["ncc_accuracy_clean_means"] = int(self._confusion.reshape(C, C).diagonal().sum()) / N
+        return out
+
+    def class_geometry(self, weight: Any = None) -> dict[str, float]:
+        """NC2 of the centred means (``nc2_equinorm_M``, ``nc2_equiangle_M``) and, with the
+        classifier ``weight`` [C, d], NC2 of its rows and NC3 (self-duality)."""
+        g = self._finished()
+        out = {"nc2_equinorm_M": _equinorm(g.Mc), "nc2_equiangle_M": _equiangle(g.Mc)}
+        if weight is not None:
+            W = _matrix(weight, tuple(g.M.shape), "weight", g.M.device)
+            out["nc2_equinorm_W"] = _equinorm(W)
+            out["nc2_equiangle_W"] = _equiangle(W)
+            W_n = W / torch.linalg.matrix_norm(W)  # W / ||W||_F
+            M_n = g.Mc / torch.linalg.matrix_norm(g.Mc)  # M~ / ||M~||_F
+            out["nc3"] = float(((W_n - M_n) ** 2).sum())
+        return out
+
+    def prediction_metrics(self) -> dict[str, float]:
+        """With predictions in pass 2: ``accuracy`` (network argmax == label), ``nc4`` = 1 -
+        agreement of the NCC prediction (own means) with the network, and with a reference
+        ``leap_to_prediction`` (nearest reference mean == network argmax)."""
+        g = self._scattered()
+        if not self._with_predictions:
+            raise ValueError("prediction_metrics needs the network's predictions in pass 2 (accumulate_scatter(..., predictions))")
+        out = {"accuracy": int(self._net_correct) / g.N, "nc4": 1.0 - int(self._own_agree) / g.N}
+        if self._ref_agree is not None:
+            out["leap_to_prediction"] = int(self._ref_agree) / g.N
+        return out
+
+    def reference_geometry(self) -> dict[str, float | torch.Tensor]:
+        """How this set sits relative to its reference (the clean set of the split; Su et al. 2024):
+
+        - ``leap`` [C, C]: ``L[y, k]`` = share of class-y samples whose nearest reference mean is k
+          (rows sum to 1; for a targeted attack the rows are the targets), ``leap_rate`` = 1 - its
+          sample-weighted diagonal
+        - ``alignment_angle_per_class`` [C] (degrees) between the centred means ``mu_c - mu_G`` of
+          the reference and of this set, and its mean ``alignment_angle``; the same uncentred
+          (``alignment_angle_uncentred[_per_class]``)
+        - ``mean_shift = ||mu'_G - mu_G|| / sqrt(tr Sigma_B)`` (reference's between-class spread)
+        """
+        g = self._scattered()
+        if self._confusion is None:
+            raise ValueError("reference_geometry needs a LayerStats built with reference=<the clean set>")
+        ref = self.reference._geometry
+        C = self.num_classes
+        joint = self._confusion.reshape(C, C).to(_F64)
+        L = joint / joint.sum(dim=1, keepdim=True)
+        dev = ref.M.device
+        centred = alignment(ref.M, g.M.to(dev), ref.mu_G, g.mu_G.to(dev))
+        uncentred = alignment(ref.M, g.M.to(dev))
+        return {
+            "leap": L,
+            "leap_rate": 1.0 - float(joint.diagonal().sum()) / g.N,
+            "alignment_angle": float(centred.mean()),
+            "alignment_angle_per_class": centred,
+            "alignment_angle_uncentred": float(uncentred.mean()),
+            "alignment_angle_uncentred_per_class": uncentred,
+            "mean_shift": _div(float(torch.linalg.vector_norm(g.mu_G.to(dev) - ref.mu_G)), math.sqrt(ref.tr_B)),
+        }
+
+
+def _dense_stats(H: torch.Tensor, y: torch.Tensor, C: int, *, reference=None, predictions=None) -> LayerStats:
+    """Both passes of a :class:`LayerStats` over one validated feature matrix."""
+    stats = LayerStats(C, reference=reference)
+    stats._add_means(H, y)
+    stats.finish_means()
+    stats._add_scatter(H, y, predictions)
+    stats._scattered()
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# public functions on whole feature matrices
 # --------------------------------------------------------------------------------------------
 
 
@@ -378,16 +596,30 @@ def ncc_predict(features: Any, means: Any) -> torch.Tensor:
     M = _matrix(M_t, tuple(M_t.shape), "means", H.device)
     if not _all_finite(H):
         _check_finite_rows(H, "features")
-    return _ncc_predict(H, M)
-
-
-def _ncc_predict(H: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    # argmin_c ||h||^2 - 2 h . mu_c + ||mu_c||^2  =  argmax_c h . mu_c - ||mu_c||^2 / 2
     half_sq_norm = 0.5 * (M * M).sum(dim=1)  # [C]
     out = torch.empty(H.shape[0], dtype=torch.int64, device=H.device)
-    for s, e in _blocks(H.shape[0], H.shape[1]):
+    for s, e in _blocks(H.shape[0], H.shape[1], H.device):
         out[s:e] = torch.addmm(half_sq_norm, H[s:e].to(_F64), M.T, beta=-1.0).argmax(dim=1)  # [n]
     return out
+
+
+def _checked_logits(logits: Any, N: int, C: int, device) -> torch.Tensor:
+    t = _tensor(logits, "logits")
+    if tuple(t.shape) != (N, C):
+        raise ValueError(f"logits must have shape [{N}, {C}] (N, num_classes), got {list(t.shape)}")
+    if not _all_finite(t):
+        raise ValueError("logits contain non-finite values (NaN or inf)")
+    return t.to(device)
+
+
+def _checked_set(features: Any, labels: Any, num_classes, name: str = "features", labels_name: str = "labels"):
+    H = _features(features, name)
+    y = _labels(labels, H.shape[0], H.device, labels_name)
+    C = _num_classes(y, num_classes, labels_name)
+    _check_counts(torch.bincount(y, minlength=C), f"the labels of the {name}")
+    if not _all_finite(H):
+        _check_finite_rows(H, name)
+    return H, y, C
 
 
 def nc_metrics(
@@ -411,8 +643,7 @@ def nc_metrics(
             ``nc2_equiangle_W`` and ``nc3``.
         bias: [C] classifier bias ``b``; only used with ``weight`` and without ``logits``, to
             compute ``logits = H W^T + b`` (float64, from the given features).
-        logits: [N, C] the network's logits; take precedence over ``H W^T + b`` (pass them when
-            the features were stored in fp16, so that ``accuracy`` is the network's own).
+        logits: [N, C] the network's logits; take precedence over ``H W^T + b``.
 
     Returns:
         dict of floats. Always: ``nc1`` = tr(Sigma_W Sigma_B^+)/C, ``nc1_trace_ratio`` =
@@ -421,52 +652,27 @@ def nc_metrics(
         ||W/||W||_F - M~/||M~||_F||_F^2. With ``logits`` (or ``weight``): ``accuracy`` and ``nc4``
         = 1 - mean(NCC prediction == argmax logits). See the module docstring for the formulas.
 
-    Two passes over the rows, O(N d C) time; no d x d matrix and no N x d float64 copy is formed.
+    The whole matrix is one batch of :class:`LayerStats` (the evaluation streams the same code):
+    two passes over the rows, O(N d C) time, no d x d matrix and no N x d float64 copy.
     """
-    H = _features(features)
-    y = _labels(labels, H.shape[0], H.device)
-    C = _num_classes(y, num_classes)
+    H, y, C = _checked_set(features, labels, num_classes)
     N, d = H.shape
     if bias is not None and weight is None:
         raise ValueError("bias given without weight: pass weight too (bias is only used to compute logits)")
     W = _matrix(weight, (C, d), "weight", H.device) if weight is not None else None
     b = _matrix(bias, (C,), "bias", H.device) if bias is not None else None
+    predictions = None
     if logits is not None:
-        logits_t = _tensor(logits, "logits")
-        if tuple(logits_t.shape) != (N, C):
-            raise ValueError(f"logits must have shape [{N}, {C}] (N, num_classes), got {list(logits_t.shape)}")
-        if not _all_finite(logits_t):
-            raise ValueError("logits contain non-finite values (NaN or inf)")
-
-    M, counts = _means_from(H, y, C, "features")  # pass 1
-    g = _Geometry(M, counts)
-    sc = _Scatter(C, g.r, H.device, with_ref=False)
-    want_pred = logits is not None or W is not None
-    ncc_pred = torch.empty(N, dtype=torch.int64, device=H.device) if want_pred else None
-    sc.add(H, y, g, None, ncc_pred)  # pass 2
-    out = _within_metrics(g, sc)
-    out["nc2_equinorm_M"] = _equinorm(g.Mc)
-    out["nc2_equiangle_M"] = _equiangle(g.Mc)
-
-    if W is not None:
-        out["nc2_equinorm_W"] = _equinorm(W)
-        out["nc2_equiangle_W"] = _equiangle(W)
-        W_n = W / torch.linalg.matrix_norm(W)  # W / ||W||_F
-        M_n = g.Mc / torch.linalg.matrix_norm(g.Mc)  # M~ / ||M~||_F
-        out["nc3"] = float(((W_n - M_n) ** 2).sum())
-
-    if want_pred:
-        if logits is not None:
-            net_pred = logits_t.to(H.device).argmax(dim=1)
-        else:
-            net_pred = torch.empty(N, dtype=torch.int64, device=H.device)
-            for s, e in _blocks(N, d):
-                lg = H[s:e].to(_F64) @ W.T  # [n, C]
-                if b is not None:
-                    lg = lg + b
-                net_pred[s:e] = lg.argmax(dim=1)
-        out["accuracy"] = float((net_pred == y).double().mean())
-        out["nc4"] = 1.0 - float((ncc_pred == net_pred).double().mean())
+        predictions = _checked_logits(logits, N, C, H.device).argmax(dim=1)
+    elif W is not None:
+        predictions = torch.empty(N, dtype=torch.int64, device=H.device)
+        for s, e in _blocks(N, d, H.device):
+            lg = H[s:e].to(_F64) @ W.T  # [n, C]
+            predictions[s:e] = (lg + b if b is not None else lg).argmax(dim=1)
+    stats = _dense_stats(H, y, C, predictions=predictions)
+    out = {**stats.compute(), **stats.class_geometry(W)}
+    if predictions is not None:
+        out.update(stats.prediction_metrics())
     return out
 
 
@@ -507,13 +713,6 @@ def alignment(
     return torch.rad2deg(rad)
 
 
-def _leap_matrix(pred: torch.Tensor, y: torch.Tensor, C: int) -> torch.Tensor:
-    joint = torch.bincount(y * C + pred, minlength=C * C).reshape(C, C).to(_F64)  # [C, C] counts
-    rows = joint.sum(dim=1, keepdim=True)
-    _check_counts(rows.flatten().long(), "labels")
-    return joint / rows
-
-
 def leap(clean_means: Any, features: Any, labels: Any, num_classes: int | None = None) -> torch.Tensor:
     """Leap matrix ``L[y, k]`` = share of class-y samples whose nearest clean class mean is ``k``.
 
@@ -533,9 +732,11 @@ def leap(clean_means: Any, features: Any, labels: Any, num_classes: int | None =
     M_t = _tensor(clean_means, "clean_means")
     C = _num_classes(y, num_classes if num_classes is not None else (M_t.shape[0] if M_t.dim() == 2 else None))
     M = _matrix(M_t, (C, H.shape[1]), "clean_means", H.device)
-    if not _all_finite(H):
-        _check_finite_rows(H, "features")
-    return _leap_matrix(_ncc_predict(H, M), y, C)
+    pred = ncc_predict(H, M)
+    joint = torch.bincount(y * C + pred, minlength=C * C).reshape(C, C).to(_F64)  # [C, C] counts
+    rows = joint.sum(dim=1, keepdim=True)
+    _check_counts(rows.flatten().long(), "labels")
+    return joint / rows
 
 
 def perturbation_metrics(
@@ -546,198 +747,40 @@ def perturbation_metrics(
     *,
     num_classes: int,
     logits: Any = None,
-) -> dict[str, float]:
+) -> dict[str, float | torch.Tensor]:
     """How a perturbation moves the features relative to the clean simplex (Su et al. 2024).
 
     ``clean_features``/``clean_labels`` give the clean class means ``mu_c`` and global mean
     ``mu_G`` of the same split; ``features``/``labels`` are the perturbed features (primes below)
     grouped by ``labels`` (true labels, or the targets of a targeted attack).
 
-    Returns a dict of floats:
+    Returns floats and tensors:
 
     - ``ncc_accuracy_clean_means``: share of perturbed samples whose nearest clean mean is their label
     - ``leap_rate`` = 1 - ``ncc_accuracy_clean_means`` (nearest clean mean is another class)
     - ``leap_to_prediction`` (only with ``logits`` [N, C]): share whose nearest clean mean equals
       the network's argmax on the perturbed input
-    - ``leap[y,k]`` for all y, k: the leap matrix (see :func:`leap`), rows sum to 1
-    - ``alignment_angle[c]`` and their mean ``alignment_angle``: degrees between the clean and the
-      perturbed centred means ``mu_c - mu_G`` and ``mu'_c - mu'_G``
-    - ``alignment_angle_uncentred[c]``, ``alignment_angle_uncentred``: the same for ``mu_c``, ``mu'_c``
+    - ``leap`` [C, C]: the leap matrix (see :func:`leap`), rows sum to 1
+    - ``alignment_angle_per_class`` [C] and their mean ``alignment_angle``: degrees between the
+      clean and the perturbed centred means ``mu_c - mu_G`` and ``mu'_c - mu'_G``
+    - ``alignment_angle_uncentred_per_class``, ``alignment_angle_uncentred``: the same for ``mu_c``, ``mu'_c``
     - ``mean_shift = ||mu'_G - mu_G|| / sqrt(tr Sigma_B)``: the shift of the global mean in units
       of the clean between-class spread (``sqrt(tr Sigma_B)`` is the root-mean-square length of
       the clean centred means), well defined even when ``mu_G`` is 0.
     """
-    H0 = _features(clean_features, "clean_features")
-    y0 = _labels(clean_labels, H0.shape[0], H0.device, "clean_labels")
-    H = _features(features)
-    y = _labels(labels, H.shape[0], H.device)
+    H0, y0, C = _checked_set(clean_features, clean_labels, num_classes, "clean_features", "clean_labels")
+    H, y, _ = _checked_set(features, labels, C)
     if H.shape[1] != H0.shape[1]:
         raise ValueError(f"features have d={H.shape[1]} but clean_features have d={H0.shape[1]}")
-    C = _num_classes(y0, num_classes, "clean_labels")
-    _num_classes(y, C, "labels")
-    if logits is not None:
-        logits_t = _tensor(logits, "logits")
-        if tuple(logits_t.shape) != (H.shape[0], C):
-            raise ValueError(f"logits must have shape [{H.shape[0]}, {C}] (N, num_classes), got {list(logits_t.shape)}")
-        if not _all_finite(logits_t):
-            raise ValueError("logits contain non-finite values (NaN or inf)")
-
-    M0, n0 = _means_from(H0, y0, C, "clean_features")
-    M1, n1 = _means_from(H, y, C, "features")
-    mu_G0 = (n0.to(_F64) / n0.sum()) @ M0  # [d]
-    mu_G1 = (n1.to(_F64) / n1.sum()) @ M1  # [d]
-
-    pred = _ncc_predict(H, M0.to(H.device))
-    L = _leap_matrix(pred, y, C)
-    out: dict[str, float] = {}
-    acc = float((pred == y).double().mean())
-    out["ncc_accuracy_clean_means"] = acc
-    out["leap_rate"] = 1.0 - acc
-    if logits is not None:
-        net_pred = logits_t.to(H.device).argmax(dim=1)
-        out["leap_to_prediction"] = float((pred == net_pred).double().mean())
-    tr_B = float(((M0 - mu_G0) ** 2).sum()) / C
-    out["mean_shift"] = _div(float(torch.linalg.vector_norm(mu_G1.to(mu_G0.device) - mu_G0)), math.sqrt(tr_B))
-
-    ang = alignment(M0, M1.to(M0.device), mu_G0, mu_G1.to(M0.device)).tolist()
-    ang_u = alignment(M0, M1.to(M0.device)).tolist()
-    out["alignment_angle"] = float(np.mean(ang))
-    out["alignment_angle_uncentred"] = float(np.mean(ang_u))
-    for c in range(C):
-        out[f"alignment_angle[{c}]"] = ang[c]
-    for c in range(C):
-        out[f"alignment_angle_uncentred[{c}]"] = ang_u[c]
-    L_list = L.tolist()
-    for yy in range(C):
-        for k in range(C):
-            out[f"leap[{yy},{k}]"] = L_list[yy][k]
+    predictions = None if logits is None else _checked_logits(logits, H.shape[0], C, H.device).argmax(dim=1)
+    clean = LayerStats(C)
+    clean._add_means(H0, y0)
+    clean.finish_means()
+    stats = _dense_stats(H, y, C, reference=clean, predictions=predictions)
+    out: dict[str, float | torch.Tensor] = {"ncc_accuracy_clean_means": stats.compute()["ncc_accuracy_clean_means"]}
+    geometry = stats.reference_geometry()
+    out["leap_rate"] = geometry.pop("leap_rate")
+    if predictions is not None:
+        out["leap_to_prediction"] = stats.prediction_metrics()["leap_to_prediction"]
+    out.update(geometry)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# streaming accumulator
-# --------------------------------------------------------------------------------------------
-
-
-class LayerStats:
-    """Two-pass streaming NC1 statistics of one (possibly very wide) layer, O(d C) memory.
-
-    For layers too wide for :func:`nc_metrics` (d up to 65,536 and more, N = 50,000), never
-    forming a d x d matrix nor holding more than one batch::
-
-        stats = LayerStats(C)                      # clean set
-        for h, y in batches: stats.accumulate_means(h, y)     # pass 1: sums and counts
-        stats.finish_means()
-        for h, y in batches: stats.accumulate_scatter(h, y)   # pass 2: the same batches again
-        clean = stats.compute()
-        pert = LayerStats(C, ref_means=stats.means)           # a perturbed set, same split
-
-    Pass 1 accumulates per-class sums ``sum_{y_i=c} h_i`` (float64) and counts ``N_c``.
-    ``finish_means`` forms ``M``, ``mu_G``, ``M~`` and the thin SVD ``M~ = V S U^T``; ``U`` ([d, r],
-    r <= C-1) is an orthonormal eigenbasis of ``Sigma_B`` on the span of the centred means with
-    eigenvalues ``lambda_k = s_k^2 / C``. Pass 2 accumulates, per sample and without cancellation,
-    ``||h_i - mu_{y_i}||^2`` per class (for ``tr(Sigma_W)`` and ``var_c``), the projected
-    within-class scatter ``z_i = U^T (h_i - mu_{y_i})`` (its diagonal ``sum_i z_ik^2`` is all that
-    ``tr(Sigma_W Sigma_B^+) = sum_k u_k^T Sigma_W u_k / lambda_k`` needs, since the ``u_k`` are
-    eigenvectors of ``Sigma_B``), the NCC correct count with the own means, and with ``ref_means``
-    the NCC correct count with those (``ncc_accuracy_clean_means``).
-
-    ``compute()`` returns ``nc1``, ``nc1_trace_ratio``, ``cdnv``, ``ncc_accuracy`` (and
-    ``ncc_accuracy_clean_means`` with ``ref_means``), equal to :func:`nc_metrics` up to rounding.
-    Batches ``h`` of any shape [B, ...] are flattened to [B, d]; state lives on the device of the
-    first batch. Pass 2 must see the same samples as pass 1 (the class counts are checked).
-    """
-
-    def __init__(self, num_classes: int, *, ref_means: Any = None):
-        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
-            raise ValueError(f"num_classes must be an int, got {num_classes!r}")
-        if num_classes < 2:
-            raise ValueError(f"NC metrics need at least 2 classes, got num_classes={num_classes}")
-        self.num_classes = int(num_classes)
-        self._ref: torch.Tensor | None = None
-        if ref_means is not None:
-            R = _tensor(ref_means, "ref_means")
-            if R.dim() != 2 or R.shape[0] != self.num_classes:
-                raise ValueError(f"ref_means must have shape [{self.num_classes}, d], got {list(R.shape)}")
-            self._ref = _matrix(R, tuple(R.shape), "ref_means", R.device)
-        self._d: int | None = None
-        self._sums: torch.Tensor | None = None  # sum_{y_i=c} h_i: [C, d]
-        self._counts: torch.Tensor | None = None  # N_c: [C]
-        self._geometry: _Geometry | None = None
-        self._scatter: _Scatter | None = None
-        self._ref_dev: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _batch(self, h: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        H = _features(h, "h", flatten=True)
-        yy = _labels(y, H.shape[0], H.device, "y")
-        _num_classes(yy, self.num_classes, "y")
-        if self._d is None:
-            self._d = H.shape[1]
-            if self._ref is not None and self._ref.shape[1] != self._d:
-                raise ValueError(f"ref_means have d={self._ref.shape[1]} but the batches have d={self._d}")
-        elif H.shape[1] != self._d:
-            raise ValueError(f"batch has d={H.shape[1]} features per sample, earlier batches had d={self._d}")
-        return H, yy
-
-    def accumulate_means(self, h: Any, y: Any) -> None:
-        """Pass 1: add a batch ``h`` [B, ...] with labels ``y`` [B] to the class sums and counts."""
-        if self._geometry is not None:
-            raise ValueError("accumulate_means after finish_means: start a new LayerStats for new data")
-        H, yy = self._batch(h, y)
-        if self._sums is None:
-            self._sums = torch.zeros(self.num_classes, self._d, dtype=_F64, device=H.device)
-            self._counts = torch.zeros(self.num_classes, dtype=torch.int64, device=H.device)
-        H, yy = H.to(self._sums.device), yy.to(self._sums.device)
-        sums = torch.zeros_like(self._sums)  # this batch's class sums: [C, d]
-        _add_class_sums(sums, H, yy)
-        # A NaN or inf in the batch makes a class sum NaN or inf: an O(C d) check, and a bad batch
-        # is rejected whole (the state stays usable).
-        if not bool(torch.isfinite(sums).all()):
-            _check_finite_rows(H, "h")
-            raise ValueError("h overflow float64 when summed per class; rescale them")
-        self._sums += sums
-        self._counts += torch.bincount(yy, minlength=self.num_classes)
-
-    def finish_means(self) -> None:
-        """End pass 1: form the class means and the basis of their span."""
-        if self._geometry is not None:
-            return
-        if self._sums is None:
-            raise ValueError("finish_means before any accumulate_means: pass 1 saw no data")
-        _check_counts(self._counts, "pass 1")
-        M = self._sums / self._counts.unsqueeze(1).to(_F64)  # [C, d]
-        self._geometry = _Geometry(M, self._counts)
-        self._scatter = _Scatter(self.num_classes, self._geometry.r, M.device, with_ref=self._ref is not None)
-        if self._ref is not None:
-            R = self._ref.to(M.device)
-            self._ref_dev = (R, 0.5 * (R * R).sum(dim=1))
-
-    @property
-    def means(self) -> torch.Tensor:
-        """Class means ``M`` [C, d] float64 (after ``finish_means``), e.g. as another set's ``ref_means``."""
-        if self._geometry is None:
-            raise ValueError("means are known only after finish_means()")
-        return self._geometry.M
-
-    def accumulate_scatter(self, h: Any, y: Any) -> None:
-        """Pass 2: add a batch (the same samples as in pass 1, any batching) to the scatter sums."""
-        if self._geometry is None:
-            raise ValueError("accumulate_scatter before finish_means(): run pass 1 first")
-        H, yy = self._batch(h, y)
-        dev = self._geometry.M.device
-        self._scatter.add(H.to(dev), yy.to(dev), self._geometry, self._ref_dev, name="h")
-
-    def compute(self) -> dict[str, float]:
-        """``nc1``, ``nc1_trace_ratio``, ``cdnv``, ``ncc_accuracy`` [, ``ncc_accuracy_clean_means``]."""
-        if self._geometry is None:
-            raise ValueError("compute before finish_means(): run both passes first")
-        seen, expected = self._scatter.count, self._geometry.counts
-        if not bool(torch.equal(seen, expected)):
-            raise ValueError(
-                f"pass 2 saw {int(seen.sum())} samples with class counts differing from pass 1 "
-                f"({int(expected.sum())} samples): both passes must see the same samples"
-            )
-        out = _within_metrics(self._geometry, self._scatter)
-        if self._ref is not None:
-            out["ncc_accuracy_clean_means"] = self._scatter.ref_correct / self._geometry.N
-        return out

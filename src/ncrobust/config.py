@@ -152,6 +152,28 @@ def merge(base: Mapping, overrides: Mapping) -> dict:
     return merged
 
 
+def _coerce_numbers(instance, schema, root):
+    """Return ``instance`` with integers at schema ``type: number`` places turned into floats, so
+    that ``eps: 1`` and ``eps: 1.0`` are the same config: a job reruns when the text of its config
+    slice changes (:mod:`ncrobust.stages`), and ``repr(1) != repr(1.0)``. Dicts and lists are
+    updated in place."""
+    if "$ref" in schema:
+        schema = root["definitions"][schema["$ref"].split("/")[-1]]
+    types = schema.get("type")
+    types = [types] if isinstance(types, str) else types or []
+    if "number" in types and "integer" not in types and isinstance(instance, int) and not isinstance(instance, bool):
+        return float(instance)
+    if isinstance(instance, dict):
+        extra = schema.get("additionalProperties")
+        for name, value in instance.items():
+            sub = schema.get("properties", {}).get(name, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                instance[name] = _coerce_numbers(value, sub, root)
+    elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        instance[:] = [_coerce_numbers(value, schema["items"], root) for value in instance]
+    return instance
+
+
 def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
     with open(path) as fh:
         return yaml.safe_load(fh)
@@ -166,6 +188,7 @@ def validate_config(config: dict, *, schema_path: str | Path = SCHEMA_PATH, base
         raise ConfigError(_explain(errors[0]))
     config = copy.deepcopy(config)
     _fill_defaults(config, schema, schema)
+    _coerce_numbers(config, schema, schema)
     _check_semantics(config, Path(base_dir))
     return config
 
@@ -197,6 +220,7 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
         needed = {a.split("-")[1] for a in config["grid"]["adversary"] if a != "st"}
         if "st" in config["grid"]["adversary"]:
             needed.add(datasets[ds]["norm"])
+            needed.update(config["evaluation"].get("norms", []))
         for norm in sorted(needed):
             if norm not in threat:
                 raise ConfigError(f"datasets.{ds}.threat has no {norm!r} threat model; needed by the grid's adversaries")

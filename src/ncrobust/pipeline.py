@@ -12,11 +12,10 @@ import torch
 from tqdm import tqdm
 
 from . import data as datasets
-from .experiment import Cell, build_model, resolve_device, threat_model
-from .features import evaluate
+from .evaluation import evaluate_checkpoint
+from .experiment import Cell, build_model, cell_loss, evaluation_plan, resolve_device, threat_model
 from .io import CorruptFileError, load_torch, read_parquet, save_torch, write_parquet, write_text
-from .losses import get_loss
-from .tables import ROBUSTNESS_COLUMNS, concat, metrics_frame, summary, summary_markdown, training_frame
+from .tables import ROBUSTNESS_COLUMNS, metrics_frame, stack, summary, summary_markdown, tag, training_frame
 from .train import Recipe, Schedule, initial_checkpoint, train_segment
 
 log = logging.getLogger("ncrobust")
@@ -24,15 +23,24 @@ log = logging.getLogger("ncrobust")
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def setup(config: dict, threads: int | None = None) -> torch.device:
-    """Threads, deterministic kernels (warn where none exists) and the device for one job.
+def setup(config: dict, threads: int | None = None, *, deterministic: bool = True) -> torch.device:
+    """Threads, kernel determinism and the device for one job.
 
-    ``set_deterministic_debug_mode("warn")`` is ``use_deterministic_algorithms(True, warn_only=True)``
-    without its import of ``torch._inductor`` (1.6 s, paid by every job); a compiled model sets
-    inductor's own flag in :func:`ncrobust.train.train_segment`.
+    ``deterministic``: deterministic kernels (warn where none exists), cuDNN autotuning off and a
+    fixed cuBLAS workspace, so that on a GPU a rerun and a chain of segments give the same bits.
+    Off: cuDNN autotuning on and no determinism (faster on a GPU: see the README; a no-op on the
+    CPU, whose kernels are deterministic anyway). ``set_deterministic_debug_mode("warn")`` is
+    ``use_deterministic_algorithms(True, warn_only=True)`` without its import of
+    ``torch._inductor`` (1.6 s, paid by every job). Nothing here is global to the GPU: two jobs
+    can share one (memory is allocated on demand by each process).
     """
     torch.set_num_threads(threads or config.get("threads", 1))
-    torch.set_deterministic_debug_mode("warn")
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, i.e. later
+        torch.set_deterministic_debug_mode("warn")
+    else:
+        torch.set_deterministic_debug_mode("default")
+    torch.backends.cudnn.benchmark = not deterministic
     return resolve_device(config.get("device", "auto"))
 
 
@@ -65,11 +73,10 @@ def prepare_data(config: dict, dataset: str, output: str) -> None:
 
 def recipe(config: dict, cell: Cell) -> Recipe:
     t = config["training"]
-    loss_options = config.get("losses", {}).get(cell.loss, {})
     schedule = t["schedule"]
     return Recipe(
         adversary=cell.adversary,
-        loss=get_loss(cell.loss, **loss_options),
+        loss=cell_loss(config, cell),
         threat=threat_model(config, cell),
         epochs=t["epochs"],
         batch_size=t["batch_size"],
@@ -80,23 +87,31 @@ def recipe(config: dict, cell: Cell) -> Recipe:
         trades_beta=t["trades_beta"],
         log_test_accuracy=t["log_test_accuracy"],
         autocast_dtype=AUTOCAST[config.get("precision", "fp32")],
-        compile=config.get("compile", False),
+        trades_bn=t.get("trades_bn", "train"),
+        pgd_clean_bn_pass=t.get("pgd_clean_bn_pass", False),
+        track_collapse=t.get("track_collapse", False),
+        cuda_graph=t.get("cuda_graph", True),
     )
+
+
+def _deterministic(config: dict) -> bool:
+    return config["training"].get("deterministic", True)
 
 
 def init_cell(config: dict, cell: Cell, data_path: str, output: str) -> None:
     """Epoch 0: the seeded initialisation."""
-    setup(config)
+    setup(config, deterministic=_deterministic(config))
     data = load_dataset(data_path)
     model = build_model(config, cell, data)
     save_torch({**initial_checkpoint(model, recipe(config, cell)), "cell": cell.as_dict()}, output)
 
 
 def train_cell(config: dict, cell: Cell, data_path: str, previous: str, epoch: int, checkpoint_out: str, log_out: str) -> None:
-    """Train from the previous checkpoint to ``epoch``; write the checkpoint and the epoch log."""
-    device = setup(config)
+    """Train from the previous checkpoint to ``epoch``; write the checkpoint and the epoch log
+    (with the streaming NC columns of :data:`ncrobust.train.COLLAPSE_LOG_COLUMNS`)."""
+    device = setup(config, deterministic=_deterministic(config))
     data = load_dataset(data_path)
-    ckpt = load_torch(previous, map_location=device)
+    ckpt = load_torch(previous, map_location=device)  # train_segment copies every tensor to where it is used
     model, x_train, y_train, x_test, y_test = place(
         build_model(config, cell, data), device, *datasets.as_float(data, "train"), *datasets.as_float(data, "test")
     )
@@ -104,7 +119,7 @@ def train_cell(config: dict, cell: Cell, data_path: str, previous: str, epoch: i
     with tqdm(total=epoch - start, desc=f"train {cell.adversary} seed{cell.seed} {start}->{epoch}", mininterval=5, ascii=True) as bar:
         new, rows = train_segment(
             model, ckpt, x_train, y_train, recipe=recipe(config, cell), end_epoch=epoch, seed=cell.seed,
-            x_test=x_test, y_test=y_test, progress=bar,
+            x_test=x_test, y_test=y_test, num_classes=len(data["classes"]), progress=bar,
         )
     write_parquet(training_frame(rows, cell), log_out)
     save_torch({**new, "cell": cell.as_dict()}, checkpoint_out)
@@ -114,44 +129,25 @@ def evaluate_cell(
     config: dict, cell: Cell, data_path: str, checkpoint: str, metrics_out: str, projection_out: str,
     features_out: str | None = None, *, max_points: int = 300,
 ) -> None:
-    """Evaluate one checkpoint under every perturbation and write its metrics table, its simplex
-    projection and (when ``features_out`` is given) the features themselves.
+    """Evaluate one checkpoint (:func:`ncrobust.evaluation.evaluate_checkpoint`) and write its
+    metrics table, its simplex projection and (when ``features_out`` is given) the features.
 
-    One job rather than evaluate -> metrics: the metrics are seconds of arithmetic on what this job
-    already holds in memory, while a separate job re-imports torch, re-reads a features file (322 MB
-    per CIFAR checkpoint) and, on a cluster, waits in the queue again.
+    One job rather than evaluate -> metrics: the metrics are computed while the attacked inputs
+    stream through the model, instead of a second job re-reading a features file (322 MB per
+    CIFAR checkpoint) after another queue wait.
     """
     device = setup(config)
     data = load_dataset(data_path)
     ckpt = load_torch(checkpoint, map_location=device)
     model = build_model(config, cell, data).to(device)
     model.load_state_dict(ckpt["model"])
-    ev = config["evaluation"]
     epoch = int(ckpt["epoch"])
-    result = evaluate(
-        model, data, threat=threat_model(config, cell), perturbations=ev["perturbations"], splits=ev["splits"],
-        seed=cell.seed, epoch=epoch, batch_size=ev["batch_size"], layerwise=ev["layerwise"],
-        feature_dtype=getattr(torch, ev["feature_dtype"]), device=device,
-        loss=get_loss(cell.loss, **config.get("losses", {}).get(cell.loss, {})),
-    )
-    blob = {**result, "epoch": epoch, "cell": cell.as_dict()}
+    plan = evaluation_plan(config, cell, keep_features=features_out is not None, projection_points=max_points)
+    result = evaluate_checkpoint(model, data, plan, seed=cell.seed, epoch=epoch, device=device)
     if features_out:
-        save_torch(blob, features_out)
-    write_parquet(metrics_frame(blob, cell, epoch), metrics_out)
-    write_parquet(projection_table(blob, cell, max_points=max_points), projection_out)
-
-
-def projection_table(blob: dict, cell: Cell, *, max_points: int = 300) -> pd.DataFrame:
-    """Clean, pgd and pgd-targeted penultimate features of one evaluation (:func:`evaluate`'s
-    output) projected on the plane of its clean simplex (:func:`ncrobust.projection.project`),
-    tagged with the cell and epoch; the subsample is seeded by the cell's seed."""
-    from .projection import project
-
-    frame = project(blob, max_points=max_points, seed=cell.seed)
-    for column, value in cell.as_dict().items():
-        frame[column] = value
-    frame["epoch"] = int(blob["epoch"])
-    return frame
+        save_torch({**result.features, "cell": cell.as_dict()}, features_out)
+    write_parquet(metrics_frame(result.metrics, cell, epoch), metrics_out)
+    write_parquet(tag(result.projection, cell, epoch), projection_out)
 
 
 def robustness_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, output: str) -> None:
@@ -168,15 +164,13 @@ def robustness_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, o
     if strong["max_samples"] and len(x) > strong["max_samples"]:  # the first samples, as RobustBench does
         x, y = x[: strong["max_samples"]], y[: strong["max_samples"]]
     model, x, y = place(model, device, x, y)
+    threat = threat_model(config, cell)
     rows = strong_evaluation(
-        model, x, y, threat=threat_model(config, cell), num_classes=len(data["classes"]), attacks=strong["attacks"],
-        seed=cell.seed, batch_size=config["evaluation"]["batch_size"],
+        model, x, y, threat=threat, num_classes=len(data["classes"]), attacks=strong["attacks"],
+        seed=cell.seed, batch_size=config["evaluation"]["batch_size"], loss=cell_loss(config, cell), loss_name=cell.loss,
     )
-    frame = pd.DataFrame(rows)
-    for column, value in cell.as_dict().items():
-        frame[column] = value
-    frame["epoch"], frame["split"] = int(ckpt["epoch"]), strong["split"]
-    write_parquet(frame[ROBUSTNESS_COLUMNS], output)
+    frame = pd.DataFrame(rows).assign(split=strong["split"], norm=threat.norm)
+    write_parquet(tag(frame, cell, int(ckpt["epoch"]))[ROBUSTNESS_COLUMNS], output)
 
 
 def aggregate(
@@ -184,10 +178,10 @@ def aggregate(
     out_robustness: str, out_summary: str, out_summary_md: str, out_summary_csv: str,
 ) -> None:
     """All cells into one table each, plus the final-epoch summary (Parquet, Markdown, CSV)."""
-    m = concat(metrics)
+    m = stack([read_parquet(p) for p in metrics])
     write_parquet(m, out_metrics)
-    write_parquet(concat(training), out_training)
-    r = concat(robustness)
+    write_parquet(stack([read_parquet(p) for p in training]), out_training)
+    r = stack([read_parquet(p) for p in robustness])
     write_parquet(r, out_robustness)
     s = summary(m, r)
     write_parquet(s, out_summary)
@@ -202,5 +196,5 @@ def figures(
     ``workers`` at a time. ``projections`` are the per-cell projection tables of the ``simplex`` figure."""
     from .plots import render
 
-    projection = concat(list(projections)) if projections else None
+    projection = stack([read_parquet(p) for p in projections]) if projections else None
     render(read_parquet(metrics), read_parquet(training), outputs, projection=projection, workers=workers)

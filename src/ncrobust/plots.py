@@ -1,4 +1,5 @@
-"""Seaborn figures of the metrics, training and projection tables.
+"""Seaborn figures. Drawing only: each figure takes the tidy frame that
+:mod:`ncrobust.tables` shapes for it (``tables.nc_curves``, ``tables.leap_matrices``, ...).
 
 Every figure adapts to the grid: facets come from the values present in the table (one adversary,
 many models, one seed, missing perturbations all work; an absent quantity gives an annotated empty
@@ -18,9 +19,7 @@ import concurrent.futures
 from dataclasses import dataclass
 import functools
 import multiprocessing
-import re
 from pathlib import Path
-from typing import Callable
 
 import matplotlib
 
@@ -32,19 +31,26 @@ import seaborn as sns  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import LogFormatter, MaxNLocator  # noqa: E402
 
-ADVERSARY_ORDER = ["st", "pgd-linf", "pgd-l2", "trades-linf", "trades-l2"]
-PERTURBATION_ORDER = ["clean", "pgd", "pgd-targeted", "gaussian", "sign"]
-SPLIT_ORDER = ["train", "test"]
-SETTING_COLUMNS = ["dataset", "model", "loss"]
+from . import tables  # noqa: E402
+from .tables import constant_setting as _constant_setting  # noqa: E402
 
-# Perturbations: clean is black (the reference), attacks warm, random noise muted.
+ADVERSARY_ORDER = ["st", "pgd-linf", "pgd-l2", "trades-linf", "trades-l2"]
+PERTURBATION_ORDER = ["clean", "pgd", "pgd-targeted", "trades-kl", "gaussian", "sign"]
+SPLIT_ORDER = ["train", "test"]
+
+# Perturbations (Okabe & Ito's colour-blind-safe palette): clean is black and drawn on top,
+# attacks warm and solid, random noise cool and broken, each with its own marker, so that no two
+# perturbations differ by colour alone.
 PERTURBATION_PALETTE = {
     "clean": "#000000",
     "pgd": "#D55E00",
     "pgd-targeted": "#CC79A7",
-    "gaussian": "#E69F00",
-    "sign": "#8C6D31",
+    "trades-kl": "#E69F00",
+    "gaussian": "#0072B2",
+    "sign": "#009E73",
 }
+PERTURBATION_DASHES = {"clean": "", "pgd": "", "pgd-targeted": (5, 1.5), "trades-kl": (5, 1.5), "gaussian": (2, 1.2), "sign": (4, 1, 1, 1)}
+PERTURBATION_MARKERS = {"clean": "o", "pgd": "s", "pgd-targeted": "^", "trades-kl": "P", "gaussian": "v", "sign": "D"}
 # Adversaries: grey for standard training, blues for PGD-AT, greens for TRADES (dark l_inf, light l_2).
 ADVERSARY_PALETTE = {
     "st": "#4D4D4D",
@@ -85,52 +91,18 @@ def _palette(values, base: dict[str, str]) -> dict:
     return {**base, **dict(zip(extra, colours))}
 
 
-def _natural_key(name: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(name))]
-
-
-def layer_order(layers) -> list[str]:
-    """Taps in forward order: natural sort of the tap names (``layer2`` before ``layer10``,
-    ``stage1_block2`` before ``stage2_block1``), ``penultimate`` last. Every model of the registry
-    names its taps so that this is the order of ``model.tap_names``."""
-    layers = {str(v) for v in layers}
-    return sorted(layers - {"penultimate"}, key=_natural_key) + (["penultimate"] if "penultimate" in layers else [])
-
-
-def _varying(frame: pd.DataFrame) -> list[str]:
-    return [c for c in SETTING_COLUMNS if c in frame.columns and frame[c].nunique() > 1]
-
-
-def _with_setting(frame: pd.DataFrame, varying: list[str]) -> pd.DataFrame:
-    """Add a ``setting`` column naming the dataset/model/loss values that vary in the grid."""
-    frame = frame.copy()
-    if varying:
-        frame["setting"] = frame[varying].astype(str).agg(" / ".join, axis=1)
-    else:
-        frame["setting"] = ""
-    return frame
-
-
-def _constant_setting(frame: pd.DataFrame) -> str:
-    parts = [str(frame[c].iloc[0]) for c in SETTING_COLUMNS if c in frame.columns and len(frame) and frame[c].nunique() == 1]
-    return " / ".join(parts)
-
-
 def _seeds_note(frame: pd.DataFrame, *, band: bool = True) -> str:
-    n = frame["seed"].nunique() if "seed" in frame.columns and len(frame) else 0
+    if "seeds" in frame.columns:  # a frame already averaged over seeds
+        n = int(frame["seeds"].max()) if len(frame) else 0
+    else:
+        n = frame["seed"].nunique() if "seed" in frame.columns and len(frame) else 0
     if n <= 1:
         return "1 seed (no band)" if band else "1 seed"
     return f"mean over {n} seeds, band = seed range" if band else f"mean over {n} seeds"
 
 
-def _final(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows at the last epoch of each cell."""
-    keys = [c for c in [*SETTING_COLUMNS, "adversary", "seed"] if c in frame.columns]
-    last = frame.groupby(keys)["epoch"].transform("max")
-    return frame[frame["epoch"] == last]
-
-
-def _save(fig, path: str | Path) -> None:
+def _save(fig, path: str | Path):
+    """Write ``fig`` as PNG and PDF (atomically) and return it, closed (tests read what was drawn)."""
     from .io import atomic_path
 
     path = Path(path)
@@ -138,15 +110,16 @@ def _save(fig, path: str | Path) -> None:
         with atomic_path(target) as tmp:
             fig.savefig(tmp, format=target.suffix[1:], dpi=150, bbox_inches="tight")
     plt.close(fig)
+    return fig
 
 
-def _placeholder(path: str | Path, title: str, message: str) -> None:
+def _placeholder(path: str | Path, title: str, message: str):
     """A figure that says what is missing (the workflow still gets its file)."""
     fig, ax = plt.subplots(figsize=(6, 2.2))
     ax.axis("off")
     ax.text(0.5, 0.62, title, ha="center", va="center", fontsize=12, weight="bold", transform=ax.transAxes)
     ax.text(0.5, 0.3, message, ha="center", va="center", fontsize=10, wrap=True, transform=ax.transAxes)
-    _save(fig, path)
+    return _save(fig, path)
 
 
 def _empty_panel(ax, message: str = "no data") -> None:
@@ -196,8 +169,9 @@ def _style_maps(settings: list[str]) -> tuple[dict, dict]:
 
 @dataclass(frozen=True)
 class _Styles:
-    """Colours per perturbation and line styles per setting of one figure, shared by its panels
-    and its legend."""
+    """Colours per perturbation and line styles of one figure, shared by its panels and its
+    legend. With one setting the line style and marker tell perturbations apart too; with several
+    they tell the settings apart."""
 
     perts: list[str]
     palette: dict
@@ -205,30 +179,47 @@ class _Styles:
     dashes: dict
     markers: dict
 
+    @property
+    def by_perturbation(self) -> bool:
+        return len(self.settings) <= 1
+
 
 def _perturbation_styles(m: pd.DataFrame) -> _Styles:
     perts = _present(m["perturbation"], PERTURBATION_ORDER)
     settings = sorted(m["setting"].unique())
-    dashes, markers = _style_maps(settings)
+    if len(settings) <= 1:
+        dashes = {p: PERTURBATION_DASHES.get(p, (1, 1)) for p in perts}
+        markers = {p: PERTURBATION_MARKERS.get(p, "X") for p in perts}
+    else:
+        dashes, markers = _style_maps(settings)
     return _Styles(perts, _palette(perts, PERTURBATION_PALETTE), settings, dashes, markers)
 
 
 def _lines(ax, data: pd.DataFrame, *, x: str, styles: _Styles, **kwargs) -> None:
-    """Mean over seeds with a min-max band over seeds, one line per (perturbation, setting)."""
-    several = len(styles.settings) > 1
-    sns.lineplot(
-        data=data, x=x, y="value", hue="perturbation", hue_order=styles.perts, palette=styles.palette,
-        style="setting" if several else None, style_order=styles.settings if several else None,
-        dashes=styles.dashes if several else True, markers=styles.markers if several else None,
-        marker=None if several else "o", markersize=4,
-        errorbar=("pi", 100), err_kws={"alpha": 0.18, "linewidth": 0}, ax=ax, legend=False,
-        **kwargs,
-    )
+    """Mean over seeds with a min-max band over seeds, one line per (perturbation, setting); the
+    clean reference is drawn last, on top."""
+    style = "perturbation" if styles.by_perturbation else "setting"
+    order = styles.perts if styles.by_perturbation else styles.settings
+    for pert in sorted(styles.perts, key=lambda p: p == "clean"):
+        d = data[data["perturbation"] == pert]
+        if d.empty:
+            continue
+        sns.lineplot(
+            data=d, x=x, y="value", hue="perturbation", hue_order=styles.perts, palette=styles.palette,
+            style=style, style_order=order, dashes=styles.dashes, markers=styles.markers, markersize=4,
+            errorbar=("pi", 100), err_kws={"alpha": 0.18, "linewidth": 0}, ax=ax, legend=False,
+            zorder=3 if pert == "clean" else 2, **kwargs,
+        )
 
 
 def _legend(fig, hue_title: str, styles: _Styles, extra: list | None = None) -> None:
     palette, settings, dashes, markers = styles.palette, styles.settings, styles.dashes, styles.markers
-    handles = [Line2D([], [], color=palette[v], marker="o", markersize=4, label=str(v)) for v in styles.perts]
+    handles = []
+    for v in styles.perts:
+        line = Line2D([], [], color=palette[v], marker=markers[v] if styles.by_perturbation else "o", markersize=4, label=str(v))
+        if styles.by_perturbation and dashes[v]:
+            line.set_dashes(dashes[v])
+        handles.append(line)
     labels = [str(v) for v in styles.perts]
     handles.insert(0, Line2D([], [], linestyle="none", label=hue_title))
     labels.insert(0, hue_title)
@@ -295,14 +286,12 @@ def _title(fig, text: str, frame: pd.DataFrame) -> None:
 
 
 @_themed
-def nc_vs_epoch(metrics: pd.DataFrame, path: str | Path, split: str = "train") -> None:
-    """NC1-NC4 of the penultimate features against epoch: clean vs each perturbation, one column
-    per adversary, one row per metric (log scale for NC1-NC3: they span decades; NC4 is a share)."""
-    varying = _varying(metrics)
-    m = metrics[(metrics["layer"] == "penultimate") & (metrics["split"] == split) & metrics["metric"].isin(NC_METRICS)]
+def nc_vs_epoch(m: pd.DataFrame, path: str | Path, split: str = "train"):
+    """NC1-NC4 of the penultimate features against epoch (``tables.nc_curves``): clean vs each
+    perturbation, one column per adversary, one row per metric (log scale for NC1-NC3: they span
+    decades; NC4 is a share)."""
     if m.empty:
         return _placeholder(path, "Neural Collapse against epoch", f"no NC metrics of the penultimate layer on the {split} split")
-    m = _with_setting(m, varying)
     rows = [(k, *NC_METRICS[k]) for k in NC_METRICS if k in set(m["metric"])]
     cols = _present(m["adversary"], ADVERSARY_ORDER)
     styles = _perturbation_styles(m)
@@ -314,38 +303,21 @@ def nc_vs_epoch(metrics: pd.DataFrame, path: str | Path, split: str = "train") -
     _col_titles(axes, cols, "trained with ")
     _legend(fig, "evaluated on", styles)
     _title(fig, f"Neural Collapse of the penultimate features ({split} split)\nclean vs perturbed; lower = more collapse", m)
-    _save(fig, path)
-
-
-def _accuracy_rows(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Network accuracy against the true labels: ``accuracy`` on clean data, ``accuracy_true_labels``
-    on perturbed data (for ``pgd-targeted``, ``accuracy`` is the hit rate on the targets)."""
-    pen = metrics[metrics["layer"] == "penultimate"]
-    clean = pen[(pen["perturbation"] == "clean") & (pen["metric"] == "accuracy")]
-    pert = pen[pen["perturbation"] != "clean"]
-    true = pert[pert["metric"] == "accuracy_true_labels"]
-    # perturbations without accuracy_true_labels (older tables): their `accuracy`, except targeted
-    has_true = set(true["perturbation"])
-    fallback = pert[(pert["metric"] == "accuracy") & ~pert["perturbation"].isin(has_true) & (pert["perturbation"] != "pgd-targeted")]
-    return pd.concat([clean, true, fallback], ignore_index=True)
+    return _save(fig, path)
 
 
 @_themed
-def accuracy_curves(metrics: pd.DataFrame, path: str | Path, training: pd.DataFrame | None = None) -> None:
-    """Network accuracy against epoch, clean and under each perturbation, train and test, per
-    adversary (markers: evaluated checkpoints); thin lines: the per-epoch training log."""
-    varying = _varying(metrics)
-    m = _accuracy_rows(metrics)
+def accuracy_curves(m: pd.DataFrame, path: str | Path, training: pd.DataFrame | None = None):
+    """Network accuracy against epoch (``tables.accuracy_curves``), clean and under each
+    perturbation, train and test, per adversary (markers: evaluated checkpoints); thin lines: the
+    per-epoch training log (``tables.training_curves``)."""
     if m.empty:
         return _placeholder(path, "Accuracy", "no accuracy in the metrics table")
-    m = _with_setting(m, varying)
     rows = _present(m["split"], SPLIT_ORDER)
     cols = _present(m["adversary"], ADVERSARY_ORDER)
     styles = _perturbation_styles(m)
     log_columns = {"train": [("train_accuracy", "clean"), ("train_robust_accuracy", "pgd")], "test": [("test_accuracy", "clean")]}
-    t = None
-    if training is not None and len(training) and "epoch" in training.columns:
-        t = _with_setting(training, varying)
+    t = training
     fig, axes = _grid(len(rows), len(cols), sharey=True)
     drew_log = False
     for i, split in enumerate(rows):
@@ -380,18 +352,16 @@ def accuracy_curves(metrics: pd.DataFrame, path: str | Path, training: pd.DataFr
     extra = [Line2D([], [], color="0.4", linewidth=0.8, alpha=0.7, label="thin: per-epoch training log\n(robust = training attack)")] if drew_log else []
     _legend(fig, "evaluated on", styles, extra)
     _title(fig, "Network accuracy against the true labels, clean and under attack", m)
-    _save(fig, path)
+    return _save(fig, path)
 
 
 @_themed
-def alignment_angle(metrics: pd.DataFrame, path: str | Path) -> None:
-    """Mean angle (degrees) between clean and perturbed centred class means against epoch, per
-    split and adversary: 0 means the perturbed simplex is aligned with the clean one."""
-    varying = _varying(metrics)
-    m = metrics[(metrics["layer"] == "penultimate") & (metrics["metric"] == "alignment_angle") & (metrics["perturbation"] != "clean")]
+def alignment_angle(m: pd.DataFrame, path: str | Path):
+    """Mean angle (degrees) between clean and perturbed centred class means against epoch
+    (``tables.alignment_curves``), per split and adversary: 0 means the perturbed simplex is
+    aligned with the clean one."""
     if m.empty:
         return _placeholder(path, "Alignment of clean and perturbed class means", "no perturbation was evaluated (alignment_angle is absent)")
-    m = _with_setting(m, varying)
     rows = _present(m["split"], SPLIT_ORDER)
     cols = _present(m["adversary"], ADVERSARY_ORDER)
     styles = _perturbation_styles(m)
@@ -413,37 +383,20 @@ def alignment_angle(metrics: pd.DataFrame, path: str | Path) -> None:
     _col_titles(axes, cols, "trained with ")
     _legend(fig, "perturbation", styles)
     _title(fig, "Angle between clean and perturbed class means (centred, mean over classes)\n0° = perturbed simplex aligned with the clean one", m)
-    _save(fig, path)
-
-
-def _leap_matrix(frame: pd.DataFrame) -> np.ndarray:
-    """Mean over seeds of the ``leap[y,k]`` rows of ``frame`` as a [C, C] array."""
-    idx = frame["metric"].str.extract(r"leap\[(\d+),(\d+)\]").astype(int)
-    table = frame.assign(y=idx[0].to_numpy(), k=idx[1].to_numpy()).groupby(["y", "k"])["value"].mean()
-    C = int(max(table.index.get_level_values(0).max(), table.index.get_level_values(1).max())) + 1
-    L = np.full((C, C), np.nan)
-    for (yy, k), v in table.items():
-        L[yy, k] = v
-    return L
+    return _save(fig, path)
 
 
 @_themed
-def leap_heatmap(metrics: pd.DataFrame, path: str | Path, split: str = "train") -> None:
+def leap_heatmap(m: pd.DataFrame, path: str | Path, split: str = "train"):
     """The leap matrix ``L[y, k]`` (share of class-y perturbed samples whose nearest clean class
-    mean is k) at each cell's final epoch, mean over seeds; one column per adversary, one row per
-    attack (pgd, pgd-targeted) and setting."""
-    varying = _varying(metrics)
-    m = metrics[
-        (metrics["layer"] == "penultimate") & (metrics["split"] == split)
-        & metrics["perturbation"].isin(["pgd", "pgd-targeted"]) & metrics["metric"].str.startswith("leap[")
-    ]
+    mean is k; for pgd-targeted y is the target) at each cell's final epoch, mean over seeds
+    (``tables.leap_matrices``); one column per adversary, one row per attack and setting."""
     if m.empty:
         return _placeholder(path, "Leap matrix", f"no pgd / pgd-targeted leap matrix on the {split} split")
-    m = _with_setting(_final(m), varying)
     cols = _present(m["adversary"], ADVERSARY_ORDER)
     rows = [(s, p) for s in sorted(m["setting"].unique()) for p in _present(m["perturbation"], PERTURBATION_ORDER)
             if len(m[(m["setting"] == s) & (m["perturbation"] == p)])]
-    C = int(m["metric"].str.extract(r"leap\[(\d+),")[0].astype(int).max()) + 1
+    C = int(max(m["row"].max(), m["col"].max())) + 1
     size = min(3.4, max(2.6, 0.26 * C + 0.6))
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(size * len(cols) + 1.6, size * len(rows) + 1.0), squeeze=False, layout="constrained")
     annotate = C <= 10
@@ -455,7 +408,8 @@ def leap_heatmap(metrics: pd.DataFrame, path: str | Path, split: str = "train") 
             if d.empty:
                 _empty_panel(ax)
                 continue
-            L = _leap_matrix(d)
+            L = np.full((C, C), np.nan)
+            L[d["row"].to_numpy(int), d["col"].to_numpy(int)] = d["value"].to_numpy()
             mappable = ax.imshow(L, cmap="rocket_r", vmin=0, vmax=1, interpolation="nearest")
             if annotate:
                 for (yy, k), v in np.ndenumerate(L):
@@ -466,40 +420,30 @@ def leap_heatmap(metrics: pd.DataFrame, path: str | Path, split: str = "train") 
             ax.set_yticks(ticks)
             ax.tick_params(labelsize=7, length=0)
             ax.grid(False)
-            epochs = sorted(d["epoch"].unique())
-            ax.set_title(f"trained with {adv}\n{pert} · epoch {'/'.join(map(str, epochs))}" + (f"\n{setting}" if setting else ""), fontsize=9)
+            ax.set_title(f"trained with {adv}\n{pert} · epoch {d['epochs'].iloc[0]}" + (f"\n{setting}" if setting else ""), fontsize=9)
             ax.set_xlabel("nearest clean class mean k" if i == len(rows) - 1 else "")
-            ax.set_ylabel("true class y" if j == 0 else "")
+            ax.set_ylabel(("target y" if pert == "pgd-targeted" else "true class y") if j == 0 else "")
     if mappable is not None:
         bar = fig.colorbar(mappable, ax=axes, shrink=min(0.6, 1.6 / len(rows)), location="right", aspect=15)
         bar.set_label("L[y, k]: share of class y")
     fig.suptitle(
         f"Leap matrix L[y, k] of perturbed penultimate features ({split} split, final epoch)\n"
-        f"diagonal = stays at its own clean vertex; pgd-targeted aims at (y+1) mod C"
-        f"{'; numbers in % (≥ 5 shown)' if annotate else ''}\n{_constant_setting(m)} · {_seeds_note(m, band=False)}",
+        f"diagonal = at the clean vertex of its own class (pgd) or of its target (pgd-targeted, rows = targets)"
+        f"{'; numbers in % (≥ 5 shown)' if annotate else ''}\n{_seeds_note(m, band=False)}",
         fontsize=10,
     )
-    _save(fig, path)
+    return _save(fig, path)
 
 
 @_themed
-def layerwise(metrics: pd.DataFrame, path: str | Path, split: str = "train") -> None:
-    """NC1 and NCC accuracy against depth (taps in forward order, penultimate last) at each cell's
-    final epoch: clean vs perturbed, one column per adversary. NCC accuracy is shown with the clean
-    class means (the clean NCC classifier applied to perturbed features) and with the perturbed
-    set's own means. ``pgd-targeted`` is left out (its layer statistics are grouped by target)."""
-    varying = _varying(metrics)
-    m = metrics[(metrics["split"] == split) & (metrics["perturbation"] != "pgd-targeted")]
-    m = m[m["metric"].isin(["nc1", "ncc_accuracy", "ncc_accuracy_clean_means"])]
+def layerwise(m: pd.DataFrame, path: str | Path, split: str = "train"):
+    """NC1 and NCC accuracy against depth (``tables.layer_profiles``: taps in forward order,
+    penultimate last) at each cell's final epoch: clean vs perturbed, one column per adversary. NCC
+    accuracy is shown with the clean class means (the clean NCC classifier applied to perturbed
+    features) and with the perturbed set's own means."""
     if m.empty:
         return _placeholder(path, "Collapse through depth", f"no layer statistics on the {split} split")
-    m = _with_setting(_final(m), varying)
-    # NCC with clean means: clean data uses its own (= clean) means
-    clean_ncc = m[(m["perturbation"] == "clean") & (m["metric"] == "ncc_accuracy")].assign(metric="ncc_accuracy_clean_means")
-    m = pd.concat([m, clean_ncc], ignore_index=True)
-    # depth position of each tap, per setting (models differ in their taps)
-    orders = {s: layer_order(g["layer"].unique()) for s, g in m.groupby("setting")}
-    m["depth"] = [orders[s].index(layer) + 1 for s, layer in zip(m["setting"], m["layer"])]
+    orders = {s: list(g.drop_duplicates("depth").sort_values("depth")["layer"]) for s, g in m.groupby("setting")}
     rows = [
         ("nc1", "NC1 per layer\ntr(Σ_W Σ_B⁺)/C", True),
         ("ncc_accuracy_clean_means", "NCC accuracy,\nclean class means", False),
@@ -529,28 +473,19 @@ def layerwise(metrics: pd.DataFrame, path: str | Path, split: str = "train") -> 
     epochs = "/".join(map(str, sorted(m["epoch"].unique())))
     note = "" if depth_max > 1 else " · only the penultimate layer (evaluation.layerwise is off?)"
     _title(fig, f"Collapse through depth ({split} split, final epoch {epochs}){note}", m)
-    _save(fig, path)
+    return _save(fig, path)
 
 
 @_themed
-def simplex(projection: pd.DataFrame | None, path: str | Path, split: str = "train") -> None:
+def simplex(p: pd.DataFrame, path: str | Path, split: str = "train", perturbations=("pgd", "pgd-targeted")):
     """Clean and perturbed penultimate features on the plane of the clean simplex (the two leading
-    principal directions of the centred clean class means), one column per adversary, one row per
-    attack (pgd, pgd-targeted) and setting; the first seed of each cell, its final epoch. Arrows go
-    from each clean class mean to the mean of the same class's perturbed features."""
-    if projection is None or projection.empty:
-        return _placeholder(path, "Clean vs perturbed features on the clean simplex", "no projection table (rule `projection`)")
-    p = projection[projection["split"] == split]
-    perturbed = [v for v in _present(p["perturbation"], PERTURBATION_ORDER) if v != "clean"]
+    principal directions of the centred clean class means; ``tables.simplex_points``), one column
+    per adversary, one row per attack and setting; the first seed of each cell, its final epoch.
+    Arrows go from each clean class mean to the mean of that class's perturbed features (for
+    pgd-targeted: of the samples sent to that class)."""
+    perturbed = [v for v in _present(p["perturbation"], PERTURBATION_ORDER) if v in perturbations]
     if p.empty or not perturbed or "clean" not in set(p["perturbation"]):
         return _placeholder(path, "Clean vs perturbed features on the clean simplex", f"no clean and perturbed projections on the {split} split")
-    varying = _varying(p)
-    p = _with_setting(p, varying)
-    if "seed" in p.columns:
-        first = p.groupby(["setting", "adversary"])["seed"].transform("min")
-        p = p[p["seed"] == first]
-    if "epoch" in p.columns:
-        p = p[p["epoch"] == p.groupby(["setting", "adversary"])["epoch"].transform("max")]
     cols = _present(p["adversary"], ADVERSARY_ORDER)
     rows = [(s, q) for s in sorted(p["setting"].unique()) for q in perturbed if len(p[(p["setting"] == s) & (p["perturbation"] == q)])]
     C = int(p["label"].max()) + 1
@@ -600,24 +535,17 @@ def simplex(projection: pd.DataFrame | None, path: str | Path, split: str = "tra
         f"{setting + ' · ' if setting else ''}plane of the 2 leading directions of the clean class means",
         fontsize=10,
     )
-    _save(fig, path)
+    return _save(fig, path)
 
 
 @_themed
-def ncc_robustness(metrics: pd.DataFrame, path: str | Path) -> None:
+def ncc_robustness(wide: pd.DataFrame, path: str | Path):
     """NCC accuracy of PGD features with the *clean* class means against the network's PGD
-    accuracy, per split; one point per cell and evaluated epoch (final epoch: large, outlined),
-    colour = adversary. Above the diagonal the clean-means NCC classifier is more robust than the
-    network itself."""
-    varying = _varying(metrics)
-    pen = metrics[(metrics["layer"] == "penultimate") & (metrics["perturbation"] == "pgd")]
-    pen = pen[pen["metric"].isin(["accuracy", "ncc_accuracy_clean_means"])]
-    keys = [*SETTING_COLUMNS, "adversary", "seed", "epoch", "split"]
-    wide = pen.pivot_table(index=keys, columns="metric", values="value").reset_index()
-    if wide.empty or not {"accuracy", "ncc_accuracy_clean_means"} <= set(wide.columns):
+    accuracy (``tables.ncc_robustness_points``), per split; one point per cell and evaluated epoch
+    (final epoch: large, outlined), colour = adversary. Above the diagonal the clean-means NCC
+    classifier is more robust than the network itself."""
+    if wide.empty:
         return _placeholder(path, "Robustness of the clean NCC classifier", "needs accuracy and ncc_accuracy_clean_means under pgd")
-    wide = _with_setting(wide, varying)
-    wide["final"] = wide["epoch"] == wide.groupby([*SETTING_COLUMNS, "adversary", "seed"])["epoch"].transform("max")
     cols = _present(wide["split"], SPLIT_ORDER)
     advs = _present(wide["adversary"], ADVERSARY_ORDER)
     palette = _palette(advs, ADVERSARY_PALETTE)
@@ -628,7 +556,6 @@ def ncc_robustness(metrics: pd.DataFrame, path: str | Path) -> None:
         ax = axes[0, j]
         d = wide[wide["split"] == split]
         ax.plot([0, 1], [0, 1], linestyle="--", color="0.55", linewidth=0.9, zorder=1)
-        ax.text(0.8, 0.84, "y = x", color="0.45", fontsize=8, ha="center", va="bottom", rotation=45, rotation_mode="anchor")
         ax.text(0.03, 0.97, "clean-means NCC\nmore robust", color="0.45", fontsize=8, ha="left", va="top", transform=ax.transAxes)
         ax.text(0.97, 0.03, "network\nmore robust", color="0.45", fontsize=8, ha="right", va="bottom", transform=ax.transAxes)
         for adv in advs:
@@ -652,6 +579,7 @@ def ncc_robustness(metrics: pd.DataFrame, path: str | Path) -> None:
         handles += [Line2D([], [], marker=markers[s], linestyle="none", color="0.4", markersize=6, label=s) for s in settings]
     handles += [
         Line2D([], [], linestyle="none", label=" "),
+        Line2D([], [], linestyle="--", color="0.55", linewidth=0.9, label="y = x"),
         Line2D([], [], marker="o", linestyle="none", color="0.6", alpha=0.5, markersize=4, label="earlier epoch"),
         Line2D([], [], marker="o", linestyle="none", color="0.6", markeredgecolor="black", markersize=7, label="final epoch"),
     ]
@@ -661,28 +589,36 @@ def ncc_robustness(metrics: pd.DataFrame, path: str | Path) -> None:
         f"Is the clean nearest-class-centre classifier robust?\n{setting + ' · ' if setting else ''}one point per cell (seed) and evaluated epoch",
         fontsize=11,
     )
-    _save(fig, path)
+    return _save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
 # registry
 
-FIGURES: dict[str, Callable[..., None]] = {
-    "nc_vs_epoch": lambda metrics, training, projection, path: nc_vs_epoch(metrics, path),
-    "accuracy": lambda metrics, training, projection, path: accuracy_curves(metrics, path, training=training),
-    "alignment": lambda metrics, training, projection, path: alignment_angle(metrics, path),
-    "leap": lambda metrics, training, projection, path: leap_heatmap(metrics, path),
-    "layerwise": lambda metrics, training, projection, path: layerwise(metrics, path),
-    "simplex": lambda metrics, training, projection, path: simplex(projection, path),
-    "ncc_robustness": lambda metrics, training, projection, path: ncc_robustness(metrics, path),
-}
+def _draw(name: str, metrics: pd.DataFrame, training, projection, path: str):
+    """Shape (``tables``) and draw one figure; returns the matplotlib figure (closed, saved)."""
+    if name == "simplex":
+        return simplex(tables.simplex_points(projection), path)
+    if metrics is None or metrics.empty:
+        return _placeholder(path, name, "the metrics table is empty")
+    if name == "nc_vs_epoch":
+        return nc_vs_epoch(tables.nc_curves(metrics), path)
+    if name == "accuracy":
+        return accuracy_curves(tables.accuracy_curves(metrics), path, tables.training_curves(training, tables.varying_settings(metrics)))
+    if name == "alignment":
+        return alignment_angle(tables.alignment_curves(metrics), path)
+    if name == "leap":
+        return leap_heatmap(tables.leap_matrices(metrics), path)
+    if name == "layerwise":
+        return layerwise(tables.layer_profiles(metrics), path)
+    return ncc_robustness(tables.ncc_robustness_points(metrics), path)
 
 
-def _render_one(name: str, metrics: pd.DataFrame | None, training, projection, path: str) -> None:
-    if (metrics is None or metrics.empty) and name != "simplex":
-        _placeholder(path, name, "the metrics table is empty")
-    else:
-        FIGURES[name](metrics, training, projection, path)
+FIGURES = ("nc_vs_epoch", "accuracy", "alignment", "leap", "layerwise", "simplex", "ncc_robustness")
+
+
+def _render_one(name: str, metrics, training, projection, path: str) -> None:
+    _draw(name, metrics, training, projection, path)
 
 
 def render(

@@ -1,26 +1,32 @@
-"""Parquet tables: the long-format metrics of one checkpoint, and the aggregation over the grid.
+"""Every reshaping of results: tagging a stage's rows with their cell, the grid's tables, the
+final-epoch summary, and the tidy frame each figure draws (:mod:`ncrobust.plots` only draws).
 
-Metrics table columns (DESIGN.md): ``dataset, model, loss, adversary, seed, epoch, split,
-perturbation, layer, metric, value``. ``layer`` is ``penultimate`` or a tap name; per-class and
-matrix entries carry their indices in the metric name (``alignment_angle[3]``, ``leap[2,5]``).
+Metrics table (long, tidy): ``dataset, model, loss, adversary, seed, epoch, split, norm,
+perturbation, layer, layer_index, metric, class, row, col, value``. ``norm`` is the threat model a
+perturbation used (clean rows carry the cell's own); ``layer`` is a tap name or ``penultimate``
+and ``layer_index`` its position in the forward pass; per-class values (``*_per_class``) have
+``class``, matrices (``leap``) have ``row`` and ``col``; scalars have none of them.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from .collapse import nc_metrics, perturbation_metrics
-from .experiment import Cell
+from .cell import Cell
+from .evaluation import RESULT_COLUMNS
+from .train import COLLAPSE_LOG_COLUMNS
 
 CELL_COLUMNS = ["dataset", "model", "loss", "adversary", "seed"]
-METRIC_COLUMNS = [*CELL_COLUMNS, "epoch", "split", "perturbation", "layer", "metric", "value"]
-ROBUSTNESS_COLUMNS = [*CELL_COLUMNS, "epoch", "split", "attack", "robust_accuracy", "samples"]
-TRAINING_COLUMNS = [*CELL_COLUMNS, "epoch", "lr", "loss_value", "train_accuracy", "train_robust_accuracy", "test_accuracy", "seconds"]
+SETTING_COLUMNS = ["dataset", "model", "loss"]
+METRIC_COLUMNS = [*CELL_COLUMNS, "epoch", *RESULT_COLUMNS]
+ROBUSTNESS_COLUMNS = [*CELL_COLUMNS, "epoch", "split", "norm", "attack", "attack_loss", "robust_accuracy", "samples"]
+TRAINING_COLUMNS = [*CELL_COLUMNS, "epoch", "lr", "loss_value", "train_accuracy", "train_robust_accuracy", "test_accuracy",
+                    *COLLAPSE_LOG_COLUMNS, "seconds"]
 
-# Final-epoch summary: (split, perturbation, layer, metric) -> column name.
+# Final-epoch summary: (split, perturbation, layer, metric) -> column name (the cell's own threat model).
 SUMMARY_METRICS = {
     ("train", "clean", "penultimate", "accuracy"): "train_accuracy",
     ("train", "pgd", "penultimate", "accuracy"): "train_robust_accuracy",
@@ -43,58 +49,88 @@ SUMMARY_METRICS = {
 }
 
 
-def checkpoint_metrics(evaluation: dict) -> list[dict]:
-    """All metrics of one evaluated checkpoint, as rows ``{split, perturbation, layer, metric, value}``."""
-    rows: list[dict] = []
-    results = evaluation["results"]
-    C = evaluation["num_classes"]
-    W, b = evaluation["classifier_weight"], evaluation["classifier_bias"]
-    for key, entry in results.items():
-        split, perturbation = key.split("/")
-        labels = entry["labels"]
-        group = entry.get("targets", labels)
-        values = nc_metrics(entry["features"], group, num_classes=C, weight=W, bias=b, logits=entry["logits"])
-        if perturbation != "clean":
-            clean = results[f"{split}/clean"]
-            values.update(
-                perturbation_metrics(
-                    clean["features"], clean["labels"], entry["features"], labels, num_classes=C, logits=entry["logits"]
-                )
-            )
-            values["accuracy_true_labels"] = float((entry["logits"].argmax(1) == labels).double().mean())
-        if "targets" in entry:
-            values["target_hit_rate"] = float((entry["logits"].argmax(1) == entry["targets"]).double().mean())
-        rows += [dict(split=split, perturbation=perturbation, layer="penultimate", metric=m, value=float(v)) for m, v in values.items()]
-        for layer, stats in entry["layer_stats"].items():
-            rows += [dict(split=split, perturbation=perturbation, layer=layer, metric=m, value=float(v)) for m, v in stats.items()]
-    return rows
+# ---------------------------------------------------------------------------------------------
+# one stage's rows
 
 
-def metrics_frame(evaluation: dict, cell: Cell, epoch: int) -> pd.DataFrame:
-    """The long-format metrics table of one checkpoint of one cell."""
-    frame = pd.DataFrame(checkpoint_metrics(evaluation))
-    for column, value in cell.as_dict().items():
-        frame[column] = value
-    frame["epoch"] = epoch
-    return frame[METRIC_COLUMNS].astype({"seed": "int64", "epoch": "int64", "value": "float64"})
+def tag(frame: pd.DataFrame, cell: Cell, epoch: int | None = None) -> pd.DataFrame:
+    """``frame`` with the cell's columns (and ``epoch``) in front: how every stage's rows join the grid."""
+    frame = frame.copy()
+    front = dict(cell.as_dict(), **({} if epoch is None else {"epoch": int(epoch)}))
+    for i, (column, value) in enumerate(front.items()):
+        frame.insert(i, column, value)
+    return frame.astype({"seed": "int64", **({} if epoch is None else {"epoch": "int64"})})
+
+
+def metrics_frame(results: pd.DataFrame, cell: Cell, epoch: int) -> pd.DataFrame:
+    """The long-format metrics table of one checkpoint of one cell (``results``: the evaluation
+    core's tidy rows, :data:`ncrobust.evaluation.RESULT_COLUMNS`)."""
+    return tag(results[RESULT_COLUMNS], cell, epoch)[METRIC_COLUMNS]
 
 
 def training_frame(rows: list[dict], cell: Cell) -> pd.DataFrame:
-    """One row per epoch of a training segment, tagged with the cell."""
-    frame = pd.DataFrame(rows, columns=["epoch", "lr", "loss", "train_accuracy", "train_robust_accuracy", "test_accuracy", "seconds"])
-    frame = frame.rename(columns={"loss": "loss_value"})
-    for column, value in cell.as_dict().items():
-        frame[column] = value
-    return frame[TRAINING_COLUMNS].astype({"seed": "int64", "epoch": "int64"})
+    """One row per epoch of a training segment, tagged with the cell (NaN for a column the rows
+    lack, e.g. the collapse columns with ``track_collapse`` off); other columns are kept after them."""
+    frame = pd.DataFrame(rows).rename(columns={"loss": "loss_value"})
+    for column in TRAINING_COLUMNS[len(CELL_COLUMNS):]:
+        if column not in frame.columns:
+            frame[column] = np.nan
+    frame = tag(frame, cell)
+    extra = [c for c in frame.columns if c not in TRAINING_COLUMNS]
+    return frame[TRAINING_COLUMNS + extra].astype({"epoch": "int64"})
 
 
-def concat(paths: list[str | Path]) -> pd.DataFrame:
-    """Concatenate Parquet files (the aggregation of per-checkpoint tables)."""
-    from .io import read_parquet
-
-    frames = [read_parquet(p) for p in paths]
+def stack(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The grid's table from per-job tables (empty ones skipped)."""
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+# ---------------------------------------------------------------------------------------------
+# selections shared by the summary and the figures
+
+
+def scalars(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Rows that are one number per set (no ``class``, ``row`` or ``col`` index)."""
+    return metrics[metrics["class"].isna() & metrics["row"].isna()]
+
+
+def own_threat(frame: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Rows under each cell's own threat model (the norm of its clean rows in ``reference``, by
+    default ``frame``): drops the extra norms an ``st`` cell may be evaluated under
+    (``evaluation.norms``). Works on metrics and projections."""
+    reference = frame if reference is None else reference
+    own = reference[reference["perturbation"] == "clean"].groupby(CELL_COLUMNS)["norm"].first().rename("own_norm")
+    merged = frame.join(own, on=CELL_COLUMNS)
+    return frame[(merged["norm"] == merged["own_norm"]).to_numpy()]
+
+
+def final_epoch(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows at the last epoch of each cell."""
+    keys = [c for c in CELL_COLUMNS if c in frame.columns]
+    return frame[frame["epoch"] == frame.groupby(keys)["epoch"].transform("max")]
+
+
+def varying_settings(frame: pd.DataFrame) -> list[str]:
+    """The dataset/model/loss columns that take several values (they become line styles)."""
+    return [c for c in SETTING_COLUMNS if c in frame.columns and frame[c].nunique() > 1]
+
+
+def with_setting(frame: pd.DataFrame, varying: list[str] | None = None) -> pd.DataFrame:
+    """Add a ``setting`` column naming the dataset/model/loss values that vary in the grid."""
+    varying = varying_settings(frame) if varying is None else varying
+    frame = frame.copy()
+    frame["setting"] = frame[varying].astype(str).agg(" / ".join, axis=1) if varying else ""
+    return frame
+
+
+def constant_setting(frame: pd.DataFrame) -> str:
+    """The dataset/model/loss values shared by every row, joined for a title."""
+    return " / ".join(str(frame[c].iloc[0]) for c in SETTING_COLUMNS if c in frame.columns and len(frame) and frame[c].nunique() == 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the grid's summary
 
 
 def robustness_by_cell(robustness: pd.DataFrame) -> pd.DataFrame:
@@ -110,12 +146,12 @@ def robustness_by_cell(robustness: pd.DataFrame) -> pd.DataFrame:
 
 def summary(metrics: pd.DataFrame, robustness: pd.DataFrame | None = None) -> pd.DataFrame:
     """Final-epoch values per cell (mean and std over seeds) of the headline quantities
-    (:data:`SUMMARY_METRICS`; NC and perturbation quantities on the train split, as Su et al.).
-    One row per (dataset, model, loss, adversary); an empty table gives an empty summary."""
+    (:data:`SUMMARY_METRICS`; NC and perturbation quantities on the train split, as Su et al.,
+    under each cell's own threat model). One row per (dataset, model, loss, adversary)."""
     group = ["dataset", "model", "loss", "adversary"]
     if metrics.empty or not set(METRIC_COLUMNS) <= set(metrics.columns):
         return pd.DataFrame(columns=[*group, "seeds", "epoch"])
-    final = metrics[metrics["epoch"] == metrics.groupby(CELL_COLUMNS)["epoch"].transform("max")]
+    final = final_epoch(own_threat(scalars(metrics)))
     keys = pd.Series(list(zip(final["split"], final["perturbation"], final["layer"], final["metric"])), index=final.index)
     picked = final[keys.isin(SUMMARY_METRICS.keys())].copy()
     picked["quantity"] = [SUMMARY_METRICS[k] for k in zip(picked["split"], picked["perturbation"], picked["layer"], picked["metric"])]
@@ -147,3 +183,90 @@ def summary_markdown(table: pd.DataFrame) -> str:
             cells.append("" if pd.isna(mean) else f"{mean:.4g}" + ("" if pd.isna(std) or math.isnan(std) else f" ± {std:.2g}"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# what each figure draws (tidy frames; ncrobust.plots takes them as they are)
+
+NC_FIGURE_METRICS = ["nc1", "nc2_equinorm_M", "nc2_equiangle_M", "nc3", "nc4"]
+LAYERWISE_METRICS = ["nc1", "ncc_accuracy_clean_means", "ncc_accuracy"]
+
+
+def _penultimate(metrics: pd.DataFrame) -> pd.DataFrame:
+    return own_threat(scalars(metrics[metrics["layer"] == "penultimate"]))
+
+
+def nc_curves(metrics: pd.DataFrame, split: str = "train") -> pd.DataFrame:
+    """NC1-NC4 of the penultimate features against epoch, every perturbation."""
+    m = _penultimate(metrics)
+    return with_setting(m[(m["split"] == split) & m["metric"].isin(NC_FIGURE_METRICS)], varying_settings(metrics))
+
+
+def accuracy_curves(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Network accuracy against the *true* labels: ``accuracy`` on clean data,
+    ``accuracy_true_labels`` on perturbed data (for ``pgd-targeted``, ``accuracy`` is the hit rate)."""
+    m = _penultimate(metrics)
+    wanted = ((m["perturbation"] == "clean") & (m["metric"] == "accuracy")) | (
+        (m["perturbation"] != "clean") & (m["metric"] == "accuracy_true_labels")
+    )
+    return with_setting(m[wanted], varying_settings(metrics))
+
+
+def training_curves(training: pd.DataFrame | None, varying: list[str]) -> pd.DataFrame | None:
+    """The per-epoch training log with the ``setting`` column of the metrics' figures."""
+    if training is None or training.empty or "epoch" not in training.columns:
+        return None
+    return with_setting(training, varying)
+
+
+def alignment_curves(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Mean angle between clean and perturbed centred class means, against epoch."""
+    m = _penultimate(metrics)
+    return with_setting(m[m["metric"] == "alignment_angle"], varying_settings(metrics))
+
+
+def leap_matrices(metrics: pd.DataFrame, split: str = "train", perturbations=("pgd", "pgd-targeted")) -> pd.DataFrame:
+    """The leap matrix ``L[row, col]`` at each cell's final epoch, mean over seeds: one row per
+    (setting, adversary, perturbation, row, col), with the epochs it averages."""
+    m = metrics[(metrics["layer"] == "penultimate") & (metrics["metric"] == "leap") & (metrics["split"] == split)]
+    m = final_epoch(own_threat(m[m["perturbation"].isin(perturbations)], metrics))
+    m = with_setting(m, varying_settings(metrics))
+    keys = ["setting", "adversary", "perturbation", "row", "col"]  # setting names dataset/model/loss when they vary
+    if m.empty:
+        return pd.DataFrame(columns=[*keys, "value", "epochs", "seeds"])
+    out = m.groupby(keys, observed=True).agg(value=("value", "mean"), seeds=("seed", "nunique")).reset_index()
+    epochs = m.groupby(["setting", "adversary", "perturbation"])["epoch"].agg(lambda e: "/".join(map(str, sorted(set(e)))))
+    return out.join(epochs.rename("epochs"), on=["setting", "adversary", "perturbation"])
+
+
+def layer_profiles(metrics: pd.DataFrame, split: str = "train") -> pd.DataFrame:
+    """NC1 and NCC accuracy (own and clean means) per layer at the final epoch; ``depth`` is the
+    1-based tap position from ``layer_index``. ``pgd-targeted`` is left out (grouped by target)."""
+    m = own_threat(scalars(metrics))
+    m = m[(m["split"] == split) & (m["perturbation"] != "pgd-targeted") & m["metric"].isin(LAYERWISE_METRICS)]
+    m = with_setting(final_epoch(m), varying_settings(metrics))
+    return m.assign(depth=m["layer_index"] + 1)
+
+
+def ncc_robustness_points(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per cell, split and epoch: the network's accuracy under PGD against the NCC accuracy of the
+    PGD features with the clean means; ``final`` marks each cell's last epoch."""
+    m = _penultimate(metrics)
+    m = m[(m["perturbation"] == "pgd") & m["metric"].isin(["accuracy_true_labels", "ncc_accuracy_clean_means"])]
+    keys = [*SETTING_COLUMNS, "adversary", "seed", "epoch", "split"]
+    wide = m.pivot_table(index=keys, columns="metric", values="value").reset_index()
+    if wide.empty or not {"accuracy_true_labels", "ncc_accuracy_clean_means"} <= set(wide.columns):
+        return pd.DataFrame(columns=[*keys, "accuracy", "ncc_accuracy_clean_means", "final", "setting"])
+    wide = wide.rename(columns={"accuracy_true_labels": "accuracy"})
+    wide["final"] = wide["epoch"] == wide.groupby([*SETTING_COLUMNS, "adversary", "seed"])["epoch"].transform("max")
+    return with_setting(wide, varying_settings(metrics))
+
+
+def simplex_points(projection: pd.DataFrame | None, split: str = "train") -> pd.DataFrame:
+    """Projected features of each (setting, adversary): its first seed at its final epoch, under
+    the cell's own threat model."""
+    if projection is None or projection.empty:
+        return pd.DataFrame(columns=["setting", "adversary", "perturbation", "kind", "label", "x", "y"])
+    p = with_setting(own_threat(projection[projection["split"] == split]))
+    p = p[p["seed"] == p.groupby(["setting", "adversary"])["seed"].transform("min")]
+    return p[p["epoch"] == p.groupby(["setting", "adversary"])["epoch"].transform("max")]

@@ -6,6 +6,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from ncrobust.config import ConfigError, merge, typed_overrides, validate_config
 from ncrobust.cell import Cell
+from ncrobust.stages import stage_slice
 
 # Snakemake leaves the scalars of a nested --config value as strings (training='{"epochs": 3}'
 # gives "3"): merge the overrides again with YAML's types, then check everything that can be
@@ -21,7 +22,7 @@ config.update(_checked)
 
 RESULTS = config["results"]
 GRID = config["grid"]
-RUN = RESULTS + "/runs/{dataset}/{model}/{loss}/{adversary}/seed{seed}"
+RUN = f"{RESULTS}/runs/{{dataset}}/{{model}}/{{loss}}/{{adversary}}/seed{{seed}}"
 CHECKPOINT_EPOCHS = [0, *config["training"]["checkpoints"]]
 EVAL_EPOCHS = config["evaluation"].get("epochs") or CHECKPOINT_EPOCHS
 FIGURES = ["nc_vs_epoch", "accuracy", "alignment", "leap", "layerwise", "simplex", "ncc_robustness"]
@@ -46,37 +47,46 @@ def cell_of(wildcards):
     return Cell(wildcards.dataset, wildcards.model, wildcards.loss, wildcards.adversary, int(wildcards.seed))
 
 
+def config_slice(stage):
+    """The rule's params: the canonical config slice its output depends on (ncrobust.stages).
+    Snakemake reruns a job when this slice's text changes, and only then; the job script adds
+    the execution settings (threads, device, ...) from snakemake.config, which it does not compare."""
+    if stage == "prepare_data":
+        return lambda wildcards: stage_slice(stage, config, dataset=wildcards.dataset)
+    return lambda wildcards: stage_slice(stage, config, cell=cell_of(wildcards))
+
+
 def previous_checkpoint(wildcards):
     """Checkpoint epoch e is trained from the previous checkpoint epoch."""
     epoch = int(wildcards.epoch)
     if epoch not in CHECKPOINT_EPOCHS[1:]:
         raise ValueError(f"epoch {epoch} is not a checkpoint epoch; checkpoints: {CHECKPOINT_EPOCHS}")
     prev = CHECKPOINT_EPOCHS[CHECKPOINT_EPOCHS.index(epoch) - 1]
-    return RUN.format(**wildcards) + f"/checkpoints/epoch{prev}.pt"
+    return f"{RUN}/checkpoints/epoch{prev}.pt".format(**wildcards)
 
 
 def metrics_files():
-    return [RUN.format(**c) + f"/metrics/epoch{e}.parquet" for c in cells() for e in EVAL_EPOCHS]
+    return [f"{RUN}/metrics/epoch{e}.parquet".format(**c) for c in cells() for e in EVAL_EPOCHS]
 
 
 def training_logs():
-    return [RUN.format(**c) + f"/train_log/epoch{e}.parquet" for c in cells() for e in CHECKPOINT_EPOCHS[1:]]
+    return [f"{RUN}/train_log/epoch{e}.parquet".format(**c) for c in cells() for e in CHECKPOINT_EPOCHS[1:]]
 
 
 def projection_files():
     """The simplex projection of every cell at its last evaluated epoch (input of the figures)."""
-    return [RUN.format(**c) + f"/projection/epoch{max(EVAL_EPOCHS)}.parquet" for c in cells()]
+    return [f"{RUN}/projection/epoch{max(EVAL_EPOCHS)}.parquet".format(**c) for c in cells()]
 
 
 def robustness_files():
     """The strong final evaluation of every cell (none when evaluation.strong.attacks is empty
     and PGD-10 is the only attack: the table then still gives PGD-10 on the same samples)."""
     final = CHECKPOINT_EPOCHS[-1]
-    return [RUN.format(**c) + f"/robustness/epoch{final}.parquet" for c in cells()] if config["evaluation"]["strong"]["enabled"] else []
+    return [f"{RUN}/robustness/epoch{final}.parquet".format(**c) for c in cells()] if config["evaluation"]["strong"]["enabled"] else []
 
 
 def checkpoint_files():
-    return [RUN.format(**c) + f"/checkpoints/epoch{e}.pt" for c in cells() for e in CHECKPOINT_EPOCHS]
+    return [f"{RUN}/checkpoints/epoch{e}.pt".format(**c) for c in cells() for e in CHECKPOINT_EPOCHS]
 
 
 def final_outputs():
@@ -87,7 +97,7 @@ def final_outputs():
     tables = [f"{RESULTS}/tables/{name}" for name in ("metrics.parquet", "training.parquet", "robustness.parquet", "summary.parquet", "summary.md", "summary.csv")]
     evaluated = ["metrics", "projection", *(["features"] if config["evaluation"]["keep_features"] else [])]
     per_epoch = [
-        RUN.format(**c) + f"/{kind}/epoch{e}.{'pt' if kind == 'features' else 'parquet'}"
+        f"{RUN}/{kind}/epoch{e}.{'pt' if kind == 'features' else 'parquet'}".format(**c)
         for c in cells() for e in EVAL_EPOCHS for kind in evaluated
     ]
     per_cell = checkpoint_files() + training_logs() + per_epoch + robustness_files()

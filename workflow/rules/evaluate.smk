@@ -1,15 +1,18 @@
+# `snakemake --lint` asks for a conda env or container per rule: none, every rule runs in the
+# project's one Python environment (`pip install -e .`); see data.smk.
 rule evaluate:
+    """Attack one checkpoint with every perturbation; write its NC metrics and simplex projection."""
     input:
         data=f"{RESULTS}/data/{{dataset}}.pt",
-        checkpoint=RUN + "/checkpoints/epoch{epoch}.pt",
+        checkpoint=f"{RUN}/checkpoints/epoch{{epoch}}.pt",
     output:
-        metrics=RUN + "/metrics/epoch{epoch}.parquet",
-        projection=RUN + "/projection/epoch{epoch}.parquet",
-        **({"features": RUN + "/features/epoch{epoch}.pt"} if config["evaluation"]["keep_features"] else {}),
+        metrics=f"{RUN}/metrics/epoch{{epoch}}.parquet",
+        projection=f"{RUN}/projection/epoch{{epoch}}.parquet",
+        **({"features": f"{RUN}/features/epoch{{epoch}}.pt"} if config["evaluation"]["keep_features"] else {}),
     log:
-        RUN + "/logs/evaluate_epoch{epoch}.log",
+        f"{RUN}/logs/evaluate_epoch{{epoch}}.log",
     params:
-        config=config,
+        config=config_slice("evaluate"),
         cell=cell_of,
         max_points=300,
     threads: config["threads"]
@@ -20,15 +23,16 @@ rule evaluate:
 
 
 rule robustness:
+    """Robust accuracy of a cell's final checkpoint under PGD-10 and the strong attacks (AutoAttack's APGD)."""
     input:
         data=f"{RESULTS}/data/{{dataset}}.pt",
-        checkpoint=RUN + "/checkpoints/epoch{epoch}.pt",
+        checkpoint=f"{RUN}/checkpoints/epoch{{epoch}}.pt",
     output:
-        RUN + "/robustness/epoch{epoch}.parquet",
+        f"{RUN}/robustness/epoch{{epoch}}.parquet",
     log:
-        RUN + "/logs/robustness_epoch{epoch}.log",
+        f"{RUN}/logs/robustness_epoch{{epoch}}.log",
     params:
-        config=config,
+        config=config_slice("robustness"),
         cell=cell_of,
     threads: config["threads"]
     resources:

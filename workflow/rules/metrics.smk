@@ -1,6 +1,9 @@
+# `snakemake --lint` asks for a conda env or container per rule: none, every rule runs in the
+# project's one Python environment (`pip install -e .`); see data.smk.
 # The metric tables of the whole grid. Each checkpoint's metrics file is written by rule evaluate
 # (evaluate.smk), in the job that ran the attacks: see ncrobust.pipeline.evaluate_cell.
 rule aggregate:
+    """Gather every cell's metrics, training logs and robustness into the tables and the summary."""
     input:
         metrics=metrics_files(),
         training=training_logs(),
@@ -10,8 +13,12 @@ rule aggregate:
         training=f"{RESULTS}/tables/training.parquet",
         robustness=f"{RESULTS}/tables/robustness.parquet",
         summary=f"{RESULTS}/tables/summary.parquet",
-        summary_md=report(f"{RESULTS}/tables/summary.md", caption="../report/summary_md.rst", category="Tables"),
-        summary_csv=report(f"{RESULTS}/tables/summary.csv", caption="../report/summary.rst", category="Tables"),
+        summary_md=report(
+            f"{RESULTS}/tables/summary.md", caption="../report/summary_md.rst", category="Tables", labels={"table": "summary (Markdown)"}
+        ),
+        summary_csv=report(
+            f"{RESULTS}/tables/summary.csv", caption="../report/summary.rst", category="Tables", labels={"table": "summary (CSV)"}
+        ),
     log:
         f"{RESULTS}/logs/aggregate.log",
     resources:

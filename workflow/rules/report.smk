@@ -1,11 +1,16 @@
+# `snakemake --lint` asks for a conda env or container per rule: none, every rule runs in the
+# project's one Python environment (`pip install -e .`); see data.smk.
 rule figures:
+    """Draw every figure of the study from the tables and the simplex projections."""
     input:
         metrics=f"{RESULTS}/tables/metrics.parquet",
         training=f"{RESULTS}/tables/training.parquet",
         projections=projection_files(),
     output:
         **{
-            name: report(f"{RESULTS}/figures/{name}.png", caption=f"../report/{name}.rst", category="Figures")
+            name: report(
+                f"{RESULTS}/figures/{name}.png", caption=f"../report/{name}.rst", category="Figures", labels={"figure": name}
+            )
             for name in FIGURES
         },
     log:
@@ -15,3 +20,21 @@ rule figures:
         **job_resources("cpu"),
     script:
         "../scripts/figures.py"
+
+
+rule report_page:
+    """The report's front page: the summary table and every figure with its caption (workflow/report/workflow.rst)."""
+    input:
+        summary=f"{RESULTS}/tables/summary.md",
+        figures=[f"{RESULTS}/figures/{name}.png" for name in FIGURES],
+        captions=[str(Path(workflow.basedir) / "workflow" / "report" / f"{name}.rst") for name in FIGURES],
+    output:
+        f"{RESULTS}/report/front_page.html",
+    log:
+        f"{RESULTS}/logs/report_page.log",
+    params:
+        names=FIGURES,
+    resources:
+        **job_resources("cpu"),
+    script:
+        "../scripts/report_page.py"

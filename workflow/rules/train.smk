@@ -1,13 +1,16 @@
+# `snakemake --lint` asks for a conda env or container per rule: none, every rule runs in the
+# project's one Python environment (`pip install -e .`); see data.smk.
 rule init_model:
+    """Epoch 0 of a cell: the seeded initialisation of its model."""
     input:
         data=f"{RESULTS}/data/{{dataset}}.pt",
     output:
-        checkpoint=RUN + "/checkpoints/epoch0.pt",
+        checkpoint=f"{RUN}/checkpoints/epoch0.pt",
     log:
-        RUN + "/logs/init.log",
+        f"{RUN}/logs/init.log",
     params:
-        config=config,
-        cell=cell_of,
+        config=config_slice("init_model"),
+        cell=cell_of,  # not a rerun trigger: a Cell has no repr Snakemake records, and it is in the path
     resources:
         **job_resources("cpu"),
     script:
@@ -15,18 +18,19 @@ rule init_model:
 
 
 rule train:
+    """Train a cell from its previous checkpoint to the next one (ST, PGD-AT or TRADES)."""
     input:
         data=f"{RESULTS}/data/{{dataset}}.pt",
         previous=previous_checkpoint,
     output:
-        checkpoint=RUN + "/checkpoints/epoch{epoch}.pt",
-        log_table=RUN + "/train_log/epoch{epoch}.parquet",
+        checkpoint=f"{RUN}/checkpoints/epoch{{epoch}}.pt",
+        log_table=f"{RUN}/train_log/epoch{{epoch}}.parquet",
     log:
-        RUN + "/logs/train_epoch{epoch}.log",
+        f"{RUN}/logs/train_epoch{{epoch}}.log",
     wildcard_constraints:
         epoch=r"[1-9]\d*",
     params:
-        config=config,
+        config=config_slice("train"),
         cell=cell_of,
     threads: config["threads"]
     resources:

@@ -1,5 +1,9 @@
+# The config slice (params) plus execution settings from snakemake.config: see ncrobust.stages.
 from ncrobust.io import job_log
 from ncrobust.pipeline import init_cell
+from ncrobust.stages import job_config
 
 with job_log(snakemake.log[0]):
-    init_cell(snakemake.params.config, snakemake.params.cell, snakemake.input.data, snakemake.output.checkpoint)
+    cell = snakemake.params.cell
+    config = job_config("init_model", snakemake.params.config, snakemake.config, cell=cell)
+    init_cell(config, cell, snakemake.input.data, snakemake.output.checkpoint)

@@ -1,5 +1,9 @@
+# The config slice (params) plus execution settings from snakemake.config: see ncrobust.stages.
 from ncrobust.io import job_log
 from ncrobust.pipeline import robustness_cell
+from ncrobust.stages import job_config
 
 with job_log(snakemake.log[0]):
-    robustness_cell(snakemake.params.config, snakemake.params.cell, snakemake.input.data, snakemake.input.checkpoint, snakemake.output[0])
+    cell = snakemake.params.cell
+    config = job_config("robustness", snakemake.params.config, snakemake.config, cell=cell)
+    robustness_cell(config, cell, snakemake.input.data, snakemake.input.checkpoint, snakemake.output[0])

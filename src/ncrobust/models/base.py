@@ -61,6 +61,12 @@ class TappedNet(nn.Module):
             h = stage(h)
         return self.head(h)
 
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, penultimate features)`` in one pass: what the training step needs for its
+        loss and its streaming NC statistics, without collecting every tap."""
+        features = self.features(x)
+        return self.classifier(features), features
+
     @property
     def tap_names(self) -> list[str]:
         """Tap names in forward order, ``"penultimate"`` last."""

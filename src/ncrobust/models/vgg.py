@@ -16,8 +16,12 @@ The penultimate features are 512-dimensional at every resolution. Weights are in
 Su et al.'s code: He-normal convolutions (fan-in for ``cifar``, fan-out for ``imagenet``) with zero
 biases, unit BatchNorm scales, classifier weights N(0, 0.01^2) with zero bias.
 
-Taps: one per conv block, ``block1 .. block5`` (each after its max-pool, where it has one), then
-``penultimate`` (the globally pooled ``block5`` output).
+Taps (``taps=``): ``"block"`` (default) one per conv block, ``block1 .. block5`` (each after its
+max-pool, where it has one), then ``penultimate`` (the globally pooled ``block5`` output);
+``"conv"`` the resolution of Su et al.'s code, the input of every convolution after the first and
+of the classifier: ``conv1 .. conv7`` (the output of conv unit k, after its max-pool where a block
+ends, is the input of convolution k+1) and ``penultimate``: 8 taps for VGG11. The two layouts have
+the same parameters under different names (a checkpoint belongs to one of them).
 """
 
 from __future__ import annotations
@@ -52,9 +56,13 @@ class VGG(TappedNet):
         std,
         variant: str = "auto",
         cfg: list[list[int]] | None = None,
+        taps: str = "block",
     ) -> None:
-        """``cfg``: output channels of the convolutions of each block (default VGG11)."""
+        """``cfg``: output channels of the convolutions of each block (default VGG11); ``taps``:
+        ``block`` or ``conv`` (see the module docstring)."""
         super().__init__()
+        if taps not in ("block", "conv"):
+            raise ValueError(f"vgg taps={taps!r}; allowed: block, conv")
         cfg = VGG11_CFG if cfg is None else [list(block) for block in cfg]
         if not cfg or any(not block or min(block) < 1 for block in cfg):
             raise ValueError(f"vgg cfg must be a non-empty list of non-empty lists of positive widths, got {cfg}")
@@ -70,10 +78,19 @@ class VGG(TappedNet):
         stages: dict[str, nn.Module] = {}
         c_in = in_chans
         for i, widths in enumerate(cfg, start=1):
-            stages[f"block{i}"] = _block(c_in, widths, pool=i <= n_pools)
+            if taps == "block":
+                stages[f"block{i}"] = _block(c_in, widths, pool=i <= n_pools)
+            else:  # one stage per conv unit; the block's pool ends its last unit
+                for j, width in enumerate(widths):
+                    stages[f"conv{len(stages) + 1}"] = _block(c_in, [width], pool=i <= n_pools and j == len(widths) - 1)
+                    c_in = width
             c_in = widths[-1]
+        last = []
+        if taps == "conv":  # the last convolution's output feeds the pooling directly: not a tap
+            last_name = next(reversed(stages))
+            last = [stages.pop(last_name)]
         self.stages = nn.ModuleDict(stages)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(*last, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.classifier = nn.Linear(c_in, num_classes)
         fan_mode = "fan_in" if self.variant == "cifar" else "fan_out"
         for m in self.modules():

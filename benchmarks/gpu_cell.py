@@ -1,0 +1,135 @@
+"""One paper cell at a time on full-size fake CIFAR-10, through the pipeline's own functions:
+seconds per training epoch, per evaluation and per strong evaluation, and the projected GPU-hours
+of config/paper.yaml.
+
+    python benchmarks/gpu_cell.py                  # GPU: 50,000 + 10,000 fake images, 3 epochs per cell
+    python benchmarks/gpu_cell.py --smoke          # a tiny version (default without a GPU): a smoke test
+
+The data are random images in the real on-disk format (tests/test_paper.py: ``write_fake_cifar10``):
+learning curves mean nothing, timings do. Each cell runs ``prepare_data -> init_cell -> train_cell
+(0 -> epochs) -> evaluate_cell -> robustness_cell`` with ``config/paper.yaml``'s settings (bf16,
+CUDA graphs, the authors' BatchNorm switches, deterministic kernels off) unless overridden.
+
+A training epoch's seconds come from the training log; epoch 1 pays the CUDA-graph capture and
+cuDNN autotuning, so the table reports it apart and the projection uses the median of the later
+epochs. Evaluation and strong evaluation are timed once per model (on the pgd-linf cell: every
+cell is evaluated with the same perturbations). The projection multiplies, per cell of the paper
+grid, ``epochs x epoch seconds + len(evaluation.epochs) x evaluation seconds + strong seconds``
+(CIFAR-100 costs what CIFAR-10 costs: same image count and networks but for the last layer), and
+ignores job start-up and queueing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # write_fake_cifar10 (tests/test_paper.py)
+
+from ncrobust.cell import Cell  # noqa: E402
+from ncrobust.config import validate_config  # noqa: E402
+from ncrobust.pipeline import evaluate_cell, init_cell, prepare_data, robustness_cell, train_cell  # noqa: E402
+
+MODELS = ("preact_resnet18", "vgg11_bn")
+ADVERSARIES = ("st", "pgd-linf", "trades-linf")
+
+
+def benchmark_config(data_root: Path, *, device: str, epochs: int, smoke: bool, deterministic: bool) -> dict:
+    """config/paper.yaml restricted to fake CIFAR-10 and ``epochs`` epochs (tiny in smoke mode)."""
+    config = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
+    config["data_root"], config["device"], config["results"] = str(data_root), device, str(data_root.parent / "results")
+    config["datasets"]["cifar10"]["options"] = {"verify_checksums": False}
+    config["training"].update(epochs=epochs, checkpoints=list(range(1, epochs + 1)), deterministic=deterministic)
+    config["evaluation"].pop("epochs", None)
+    if device == "cpu":
+        config["precision"] = "fp32"
+    if smoke:
+        config["threads"] = 1
+        config["training"]["batch_size"] = 20
+        config["datasets"]["cifar10"]["threat"]["linf"]["steps"] = 2
+        config["models"] = {"preact_resnet18": {"width": 8}}
+        config["evaluation"].update(batch_size=40, strong={"attacks": ["pgd-strong"], "max_samples": 4})
+    return validate_config(config)
+
+
+def projected_hours(paper: dict, epoch_s: dict, eval_s: dict, strong_s: dict) -> float:
+    """GPU-hours of the paper grid from per-(model, adversary) epoch seconds and per-model
+    evaluation and strong-evaluation seconds (see the module docstring)."""
+    grid, t = paper["grid"], paper["training"]
+    evaluations = len(paper["evaluation"].get("epochs", [0, *t["checkpoints"]]))
+    seconds = 0.0
+    for _dataset, model, _loss, adversary, _seed in itertools.product(*(grid[k] for k in ("dataset", "model", "loss", "adversary", "seed"))):
+        if (model, adversary) not in epoch_s or model not in eval_s or model not in strong_s:
+            raise ValueError(f"no measurement for {model} {adversary}: run without --models/--adversaries restrictions")
+        seconds += t["epochs"] * epoch_s[model, adversary] + evaluations * eval_s[model] + strong_s[model]
+    return seconds / 3600
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--smoke", action="store_true", help="tiny data and networks (default on the CPU)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per cell (default 3; smoke 2)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--adversaries", nargs="+", default=list(ADVERSARIES), choices=ADVERSARIES)
+    parser.add_argument("--deterministic", action="store_true", help="deterministic kernels (paper.yaml: off)")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the files here (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    smoke = args.smoke or args.device == "cpu"
+    epochs = args.epochs or (2 if smoke else 3)
+    if epochs < 2:
+        parser.error("--epochs must be >= 2 (epoch 1 pays the capture and autotuning)")
+    from test_paper import write_fake_cifar10
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or Path(tmp)
+        data_root = work / "data"
+        if not (data_root / "cifar-10-batches-py").exists():
+            write_fake_cifar10(data_root, **({} if smoke else {"n_train_per_file": 10000, "n_test": 10000}))
+        config = benchmark_config(data_root, device=args.device, epochs=epochs, smoke=smoke, deterministic=args.deterministic)
+        data_path = str(work / "cifar10.pt")
+        prepare_data(config, "cifar10", data_path)
+        print(f"device {args.device}{' (smoke)' if smoke else ''}, precision {config['precision']}, "
+              f"deterministic {config['training']['deterministic']}, cuda_graph {config['training']['cuda_graph']}, "
+              f"{epochs} epochs per cell")
+        print(f"{'model':<16} {'adversary':<12} {'epoch 1 s':>10} {'epoch s':>9} {'eval s':>8} {'strong s':>9}")
+        epoch_s, eval_s, strong_s = {}, {}, {}
+        for model, adversary in itertools.product(args.models, args.adversaries):
+            cell = Cell("cifar10", model, "ce", adversary, 1)
+            run = work / model / adversary
+            run.mkdir(parents=True, exist_ok=True)
+            init_cell(config, cell, data_path, str(run / "epoch0.pt"))
+            train_cell(config, cell, data_path, str(run / "epoch0.pt"), epochs, str(run / f"epoch{epochs}.pt"), str(run / "log.parquet"))
+            seconds = pd.read_parquet(run / "log.parquet")["seconds"].tolist()
+            epoch_s[model, adversary] = statistics.median(seconds[1:])
+            line = f"{model:<16} {adversary:<12} {seconds[0]:>10.2f} {epoch_s[model, adversary]:>9.2f}"
+            if adversary == "pgd-linf" or (adversary == args.adversaries[-1] and model not in eval_s):
+                started = time.perf_counter()
+                evaluate_cell(config, cell, data_path, str(run / f"epoch{epochs}.pt"), str(run / "metrics.parquet"), str(run / "projection.parquet"))
+                eval_s[model] = time.perf_counter() - started
+                started = time.perf_counter()
+                robustness_cell(config, cell, data_path, str(run / f"epoch{epochs}.pt"), str(run / "robustness.parquet"))
+                strong_s[model] = time.perf_counter() - started
+                line += f" {eval_s[model]:>8.2f} {strong_s[model]:>9.2f}"
+            print(line, flush=True)
+        result = {"epoch_seconds": epoch_s, "evaluation_seconds": eval_s, "strong_seconds": strong_s}
+        if set(args.models) == set(MODELS) and set(args.adversaries) == set(ADVERSARIES):
+            paper = validate_config(yaml.safe_load((ROOT / "config" / "paper.yaml").read_text()) | {"data_root": str(data_root)})
+            result["paper_gpu_hours"] = projected_hours(paper, epoch_s, eval_s, strong_s)
+            scale = " (smoke: tiny data, meaningless)" if smoke else ""
+            print(f"projected config/paper.yaml: {result['paper_gpu_hours']:.1f} GPU-hours on this device{scale}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""The evaluation core (ncrobust.evaluation), the strong evaluation and the tables, on a small MLP
+over digits: fast unit tests of the wiring against the dense functions of ncrobust.collapse
+(themselves pinned to float64 loop references in test_collapse.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ncrobust import collapse
+from ncrobust.attacks import ThreatModel, perturb, target_labels
+from ncrobust.cell import Cell
+from ncrobust.collapse import LayerStats, nc_metrics, perturbation_metrics
+from ncrobust.data import as_float
+from ncrobust.evaluation import RESULT_COLUMNS, EvaluationPlan, evaluate_checkpoint, penultimate_metrics
+from ncrobust.losses import get_loss
+from ncrobust.models import create_model
+from ncrobust.robustness import strong_evaluation
+from ncrobust.seeding import generator
+from ncrobust import tables
+
+LINF = ThreatModel("linf", 0.1, 0.025, 3)
+L2 = ThreatModel("l2", 1.0, 0.25, 3)
+SEED, EPOCH = 3, 7
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A briefly trained 2-layer MLP on the first 300 train / 200 test digits."""
+    from ncrobust import data as datasets
+
+    d = datasets.load("digits", seed=0)
+    d = {**d, "x_train": d["x_train"][:300], "y_train": d["y_train"][:300], "x_test": d["x_test"][:200], "y_test": d["y_test"][:200]}
+    torch.manual_seed(0)
+    model = create_model("mlp", num_classes=10, in_chans=1, image_size=8, mean=d["mean"], std=d["std"], depth=2, width=32)
+    x, y = as_float(d, "train")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(60):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval(), d
+
+
+def plan(**kw) -> EvaluationPlan:
+    base = dict(threats=(LINF,), perturbations={"clean": {}, "pgd": {}, "pgd-targeted": {}}, splits=("train",),
+                batch_size=64, projection_points=20)
+    return EvaluationPlan(**{**base, **kw})
+
+
+def rows(frame, perturbation, layer="penultimate", norm="linf", split="train"):
+    f = frame[(frame.perturbation == perturbation) & (frame.layer == layer) & (frame.norm == norm) & (frame.split == split)]
+    return f
+
+
+def scalar(frame, perturbation, metric, layer="penultimate", **kw):
+    f = rows(frame, perturbation, layer, **kw)
+    f = f[(f.metric == metric) & f["class"].isna() & f["row"].isna()]
+    assert len(f) == 1, (perturbation, metric, layer, len(f))
+    return float(f["value"].iloc[0])
+
+
+def dense_features(model, x):
+    with torch.no_grad():
+        logits, taps = model(x, taps=True)
+    return logits, taps
+
+
+def attacked(model, d, name, split="train", threat=LINF, suffix=()):
+    x, y = as_float(d, split)
+    gen = generator(SEED, "evaluate", EPOCH, split, name, *suffix)
+    return perturb(name, model, x, y, threat=threat, num_classes=10, generator=gen, batch_size=64), y
+
+
+def test_streamed_metrics_equal_the_dense_functions(small):
+    model, d = small
+    result = evaluate_checkpoint(model, d, plan(), seed=SEED, epoch=EPOCH)
+    m = result.metrics
+    assert list(m.columns) == RESULT_COLUMNS
+    x, y = as_float(d, "train")
+    logits, taps = dense_features(model, x)
+    W = model.classifier.weight.detach()
+    dense = nc_metrics(taps["penultimate"], y, num_classes=10, weight=W, logits=logits)
+    for key, value in dense.items():
+        assert scalar(m, "clean", key) == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert scalar(m, "clean", "ncc_accuracy_clean_means") == scalar(m, "clean", "ncc_accuracy")
+    # a tap: the within-class metrics of its flattened activations
+    tap = nc_metrics(taps["layer1"].flatten(1), y, num_classes=10)
+    for key in ("nc1", "nc1_trace_ratio", "cdnv", "ncc_accuracy"):
+        assert scalar(m, "clean", key, layer="layer1") == pytest.approx(tap[key], rel=1e-9), key
+    # the perturbed set: its own collapse, and its geometry against the clean means
+    x_p, _ = attacked(model, d, "pgd")
+    p_logits, p_taps = dense_features(model, x_p)
+    own = nc_metrics(p_taps["penultimate"], y, num_classes=10, weight=W, logits=p_logits)
+    geo = perturbation_metrics(taps["penultimate"], y, p_taps["penultimate"], y, num_classes=10, logits=p_logits)
+    for key, value in {**own, **{k: v for k, v in geo.items() if not isinstance(v, torch.Tensor)}}.items():
+        assert scalar(m, "pgd", key) == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    leap = rows(m, "pgd").query("metric == 'leap'")
+    L = np.zeros((10, 10))
+    L[leap["row"].to_numpy(int), leap["col"].to_numpy(int)] = leap["value"]
+    np.testing.assert_allclose(L, geo["leap"].numpy(), rtol=0, atol=1e-15)
+    angles = rows(m, "pgd").query("metric == 'alignment_angle_per_class'").sort_values("class")["value"]
+    np.testing.assert_allclose(angles, geo["alignment_angle_per_class"].numpy(), rtol=1e-9)
+    assert scalar(m, "pgd", "accuracy_true_labels") == pytest.approx(float((p_logits.argmax(1) == y).double().mean()))
+    # the clean means of layer1 are the reference of its perturbed set too
+    ref = LayerStats(10)
+    ref.accumulate_means(taps["layer1"], y)
+    ref.finish_means()
+    pert1 = LayerStats(10, reference=ref)
+    pert1.accumulate_means(p_taps["layer1"], y)
+    pert1.finish_means()
+    pert1.accumulate_scatter(p_taps["layer1"], y)
+    assert scalar(m, "pgd", "ncc_accuracy_clean_means", layer="layer1") == pytest.approx(pert1.compute()["ncc_accuracy_clean_means"])
+
+
+def test_targeted_sets_are_grouped_by_target_at_every_layer(small):
+    """One meaning per column: pgd-targeted groups by target for NC, alignment, leap and NCC with
+    clean means alike (Su et al.: the angle between clean mean c and the mean of the samples sent to c)."""
+    model, d = small
+    m = evaluate_checkpoint(model, d, plan(), seed=SEED, epoch=EPOCH).metrics
+    x, y = as_float(d, "train")
+    _, taps = dense_features(model, x)
+    x_t, _ = attacked(model, d, "pgd-targeted")
+    t_logits, t_taps = dense_features(model, x_t)
+    targets = target_labels(y, 10)
+    geo = perturbation_metrics(taps["penultimate"], y, t_taps["penultimate"], targets, num_classes=10, logits=t_logits)
+    for key in ("alignment_angle", "ncc_accuracy_clean_means", "leap_rate", "leap_to_prediction", "mean_shift"):
+        assert scalar(m, "pgd-targeted", key) == pytest.approx(geo[key], rel=1e-9, abs=1e-12), key
+    by_labels = perturbation_metrics(taps["penultimate"], y, t_taps["penultimate"], y, num_classes=10)
+    assert abs(scalar(m, "pgd-targeted", "alignment_angle") - by_labels["alignment_angle"]) > 1.0  # the readings differ
+    assert scalar(m, "pgd-targeted", "nc1") == pytest.approx(nc_metrics(t_taps["penultimate"], targets, num_classes=10)["nc1"], rel=1e-9)
+    assert scalar(m, "pgd-targeted", "nc1", layer="layer1") == pytest.approx(
+        nc_metrics(t_taps["layer1"], targets, num_classes=10)["nc1"], rel=1e-9)
+    pred = t_logits.argmax(1)
+    assert scalar(m, "pgd-targeted", "target_hit_rate") == pytest.approx(float((pred == targets).double().mean()))
+    assert scalar(m, "pgd-targeted", "accuracy_true_labels") == pytest.approx(float((pred == y).double().mean()))
+
+
+def test_feature_dtype_changes_only_the_kept_file(small):
+    model, d = small
+    full = evaluate_checkpoint(model, d, plan(keep_features=True), seed=SEED, epoch=EPOCH)
+    half = evaluate_checkpoint(model, d, plan(keep_features=True, feature_dtype="float16"), seed=SEED, epoch=EPOCH)
+    pd.testing.assert_frame_equal(full.metrics, half.metrics)
+    assert half.features["sets"]["train/linf/pgd"]["features"].dtype == torch.float16
+    assert full.features["sets"]["train/linf/pgd"]["features"].dtype == torch.float32
+    recomputed = penultimate_metrics(full.features)
+    written = full.metrics[full.metrics.layer == "penultimate"].reset_index(drop=True)
+    np.testing.assert_allclose(recomputed["value"], written["value"], rtol=1e-12, atol=1e-15)
+
+
+def test_an_st_cell_is_also_measured_under_the_other_norm(small):
+    model, d = small
+    one = evaluate_checkpoint(model, d, plan(), seed=SEED, epoch=EPOCH).metrics
+    two = evaluate_checkpoint(model, d, plan(threats=(LINF, L2)), seed=SEED, epoch=EPOCH).metrics
+    assert set(two[two.perturbation == "clean"]["norm"]) == {"linf"}  # clean is measured once
+    assert set(two[two.perturbation == "pgd"]["norm"]) == {"linf", "l2"}
+    pd.testing.assert_frame_equal(two[two.norm == "linf"].reset_index(drop=True), one)  # own-norm rows unchanged
+    x_l2, y = attacked(model, d, "pgd", threat=L2, suffix=("l2",))
+    delta = (x_l2 - as_float(d, "train")[0]).flatten(1)
+    assert float(torch.linalg.vector_norm(delta, dim=1).max()) <= 1.0 + 1e-5
+    p_logits, _ = dense_features(model, x_l2)
+    assert scalar(two, "pgd", "accuracy", norm="l2") == pytest.approx(float((p_logits.argmax(1) == y).double().mean()))
+
+
+def test_projection_pairs_the_same_samples_in_every_set(small):
+    model, d = small
+    p = evaluate_checkpoint(model, d, plan(projection_points=25), seed=SEED, epoch=EPOCH).projection
+    samples = p[p.kind == "sample"]
+    assert (samples.groupby("perturbation").size() == 25).all()
+    labels = samples.groupby("perturbation")["label"].apply(list)
+    assert labels["clean"] == labels["pgd"] == labels["pgd-targeted"]
+    means = p[(p.kind == "mean") & (p.perturbation == "clean")]
+    assert sorted(means["label"]) == list(range(10))
+
+
+def test_batch_updates_never_read_back_to_the_host(monkeypatch):
+    """The per-batch accumulation (_add_means, _add_scatter) makes no host sync: any read-back
+    (item, bool, int, float, tolist) raises while batches stream."""
+    g = torch.Generator().manual_seed(0)
+    H = torch.randn(200, 16, generator=g)
+    y = torch.arange(200) % 5
+    pred = torch.randint(0, 5, (200,), generator=g)
+    clean = LayerStats(5)
+    clean.accumulate_means(H, y)
+    clean.finish_means()
+    stats = LayerStats(5, reference=clean)
+
+    def sync(*args, **kwargs):
+        raise AssertionError("host sync in the batch loop")
+
+    with monkeypatch.context() as mp:
+        for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
+            mp.setattr(torch.Tensor, name, sync)
+        for s in range(0, 200, 50):
+            stats._add_means(H[s : s + 50], y[s : s + 50])
+    stats.finish_means()
+    with monkeypatch.context() as mp:
+        for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
+            mp.setattr(torch.Tensor, name, sync)
+        for s in range(0, 200, 50):
+            stats._add_scatter(H[s : s + 50], y[s : s + 50], pred[s : s + 50])
+    assert stats.compute()["ncc_accuracy"] == pytest.approx(nc_metrics(H, y)["ncc_accuracy"])
+
+
+def test_non_finite_features_are_reported_at_the_end_of_a_pass():
+    stats = LayerStats(3)
+    H = torch.randn(9, 4)
+    H[4, 1] = float("nan")
+    stats._add_means(H, torch.arange(9) % 3)
+    with pytest.raises(ValueError, match="non-finite"):
+        stats.finish_means()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"threats": ()}, "threats must be a non-empty sequence"),
+    ({"threats": (LINF, LINF)}, r"distinct norms, got \['linf', 'linf'\]"),
+    ({"perturbations": {"clean": {}, "fgsm": {}}}, r"unknown perturbations \['fgsm'\]"),
+    ({"splits": ("val",)}, "splits must be a non-empty subset of train, test"),
+    ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+    ({"projection_points": -1}, "projection_points must be an integer >= 0"),
+    ({"feature_dtype": "int8"}, "feature_dtype 'int8'; allowed: float32, float16, bfloat16"),
+])
+def test_plan_is_validated_once_with_a_clear_message(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        plan(**kwargs)
+
+
+def test_strong_evaluation_reports_every_attack_on_the_same_samples_with_one_loss(small):
+    model, d = small
+    x, y = as_float(d, "test")
+    mse = get_loss("mse")
+    rows_ = strong_evaluation(model, x, y, threat=LINF, num_classes=10, attacks=["pgd-strong"], seed=1, batch_size=64,
+                              loss=mse, loss_name="mse")
+    by = {r["attack"]: r for r in rows_}
+    assert list(by) == ["clean", "pgd", "pgd-strong", "worst"]
+    assert {r["samples"] for r in rows_} == {200}
+    assert by["pgd"]["attack_loss"] == by["pgd-strong"]["attack_loss"] == "mse" and by["clean"]["attack_loss"] == ""
+    assert by["worst"]["robust_accuracy"] <= min(by["pgd-strong"]["robust_accuracy"], by["clean"]["robust_accuracy"])
+    # PGD-10 ascends the cell's loss: the same as the evaluation's pgd with that loss and stream
+    x_p = perturb("pgd", model, x, y, threat=LINF, num_classes=10, batch_size=64, loss=mse, generator=generator(1, "strong", "pgd"))
+    with torch.no_grad():
+        assert by["pgd"]["robust_accuracy"] == pytest.approx(float((model(x_p).argmax(1) == y).double().mean()))
+
+
+# --------------------------------------------------------------------------------------------- tables
+
+
+def test_tag_puts_the_cell_in_front():
+    frame = tables.tag(pd.DataFrame({"metric": ["nc1"], "value": [0.5]}), Cell("digits", "mlp", "ce", "st", 2), 4)
+    assert list(frame.columns) == [*tables.CELL_COLUMNS, "epoch", "metric", "value"]
+    assert frame.iloc[0].to_dict() == {"dataset": "digits", "model": "mlp", "loss": "ce", "adversary": "st", "seed": 2,
+                                       "epoch": 4, "metric": "nc1", "value": 0.5}
+
+
+def test_summary_and_figures_use_each_cells_own_threat_model(small):
+    model, d = small
+    two = evaluate_checkpoint(model, d, plan(threats=(LINF, L2), splits=("train", "test")), seed=SEED, epoch=EPOCH).metrics
+    one = evaluate_checkpoint(model, d, plan(splits=("train", "test")), seed=SEED, epoch=EPOCH).metrics
+    cell = Cell("digits", "mlp", "ce", "st", 1)
+    s2 = tables.summary(tables.metrics_frame(two, cell, EPOCH))
+    s1 = tables.summary(tables.metrics_frame(one, cell, EPOCH))
+    pd.testing.assert_frame_equal(s1, s2)
+    assert s1["nc1_pgd_mean"].iloc[0] == pytest.approx(scalar(one, "pgd", "nc1"))
+    curves = tables.nc_curves(tables.metrics_frame(two, cell, EPOCH))
+    assert set(curves["norm"]) == {"linf"}
+
+
+def test_leap_matrices_average_over_seeds():
+    base = dict(dataset="digits", model="mlp", loss="ce", adversary="st", epoch=4, split="train", norm="linf",
+                layer="penultimate", layer_index=1, metric="leap", **{"class": pd.NA})
+    frame = pd.DataFrame([
+        {**base, "seed": s, "perturbation": p, "row": r, "col": c, "value": v}
+        for s, v in ((1, 0.2), (2, 0.4)) for p in ("clean", "pgd") for r in range(2) for c in range(2)
+    ]).astype({"row": "Int64", "col": "Int64", "class": "Int64"})
+    out = tables.leap_matrices(frame)
+    assert set(out["perturbation"]) == {"pgd"} and len(out) == 4
+    assert out["value"].to_numpy() == pytest.approx(0.3) and set(out["seeds"]) == {2} and set(out["epochs"]) == {"4"}
+
+
+def test_gpu_block_size_is_the_whole_batch():
+    assert collapse._block_rows(512, torch.device("cuda")) >= 1 << 40
+    assert collapse._block_rows(512, torch.device("cpu")) == max(collapse._MIN_BLOCK_ROWS, collapse._BLOCK_BYTES // (8 * 512))

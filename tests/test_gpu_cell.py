@@ -1,0 +1,33 @@
+"""benchmarks/gpu_cell.py: its smoke mode runs the real pipeline functions, and its projection
+is the paper grid's arithmetic."""
+
+import importlib.util
+
+import pytest
+import yaml
+
+from ncrobust.config import validate_config
+from workflow_helpers import REPO_ROOT
+
+spec = importlib.util.spec_from_file_location("gpu_cell", REPO_ROOT / "benchmarks" / "gpu_cell.py")
+gpu_cell = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_cell)
+
+
+def test_smoke_mode_trains_evaluates_and_attacks_a_cell(tmp_path):
+    result = gpu_cell.main(["--smoke", "--device", "cpu", "--models", "preact_resnet18", "--adversaries", "pgd-linf",
+                            "--workdir", str(tmp_path)])
+    assert result["epoch_seconds"][("preact_resnet18", "pgd-linf")] > 0
+    assert result["evaluation_seconds"]["preact_resnet18"] > 0 and result["strong_seconds"]["preact_resnet18"] > 0
+    assert (tmp_path / "preact_resnet18" / "pgd-linf" / "metrics.parquet").exists()
+    assert "paper_gpu_hours" not in result  # a restricted run projects nothing
+
+
+def test_projection_is_cells_times_epochs_evaluations_and_strong_evaluation(tmp_path):
+    paper = validate_config(yaml.safe_load((REPO_ROOT / "config" / "paper.yaml").read_text()) | {"data_root": str(tmp_path)})
+    epoch_s = {(m, a): 1.0 for m in gpu_cell.MODELS for a in gpu_cell.ADVERSARIES}
+    hours = gpu_cell.projected_hours(paper, epoch_s, {m: 10.0 for m in gpu_cell.MODELS}, {m: 100.0 for m in gpu_cell.MODELS})
+    cells = 2 * 2 * 1 * 3 * 3  # datasets x models x losses x adversaries x seeds
+    assert hours == pytest.approx(cells * (400 * 1.0 + len(paper["evaluation"]["epochs"]) * 10.0 + 100.0) / 3600)
+    with pytest.raises(ValueError, match="no measurement for vgg11_bn"):
+        gpu_cell.projected_hours(paper, epoch_s, {"preact_resnet18": 10.0}, {m: 100.0 for m in gpu_cell.MODELS})

@@ -1,0 +1,186 @@
+"""A config edit reruns only what it changes: after one complete run of the tiny config, each edit's
+dry run schedules exactly the jobs it must (parsed from `snakemake -n`'s job blocks)."""
+
+import copy
+import re
+import shutil
+
+import pandas as pd
+import pytest
+import yaml
+
+from workflow_helpers import run_snakemake, tiny_config
+
+pytestmark = pytest.mark.slow
+
+CELLS = ("st", "pgd-linf")
+FINAL = {("aggregate",), ("figures",), ("report_page",), ("all",)}
+# The strong evaluation on 40 samples with PGD-10 only: the rule runs, in seconds.
+BASE = tiny_config(evaluation={**tiny_config()["evaluation"], "strong": {"attacks": [], "max_samples": 40}})
+
+
+def jobs(rule: str, adversaries=CELLS, epochs=(None,), seeds=(1,)) -> set:
+    """Job keys (rule, adversary, seed, epoch) as :func:`scheduled` returns them."""
+    return {(rule, a, s, e) if e is not None else (rule, a, s) for a in adversaries for s in seeds for e in epochs}
+
+
+def cell_jobs(adversaries=CELLS, seeds=(1,)) -> set:
+    """Every job of a new cell: init, two training segments, three evaluations, the strong evaluation."""
+    return (
+        jobs("init_model", adversaries, seeds=seeds)
+        | jobs("train", adversaries, (2, 4), seeds)
+        | jobs("evaluate", adversaries, (0, 2, 4), seeds)
+        | jobs("robustness", adversaries, (4,), seeds)
+    )
+
+
+def scheduled(workdir, config: dict) -> set:
+    """The jobs a dry run with ``config`` schedules: (rule,) or (rule, adversary, seed[, epoch])."""
+    path = workdir / "edited.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    out = run_snakemake(workdir, "--dry-run", configfile=path).stdout
+    found = set()
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out)[1:]:
+        rule = re.match(r"(?:local)?rule (\w+):", block).group(1)
+        wildcards = dict(re.findall(r"(\w+)=([^,\s]+)", (re.search(r"wildcards: (.*)", block) or [None, ""])[1]))
+        key = (rule,)
+        if "adversary" in wildcards:
+            key += (wildcards["adversary"], int(wildcards["seed"]))
+            key += (int(wildcards["epoch"]),) if "epoch" in wildcards else ()
+        elif "dataset" in wildcards:
+            key += (wildcards["dataset"],)
+        assert key not in found, f"job {key} listed twice"
+        found.add(key)
+    return found
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("incremental")
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(BASE, sort_keys=False))
+    run_snakemake(workdir, configfile=path)
+    return workdir
+
+
+def edited(edit) -> dict:
+    config = copy.deepcopy(BASE)
+    edit(config)
+    return config
+
+
+def _reverse_keys(value):
+    if isinstance(value, dict):
+        return {k: _reverse_keys(value[k]) for k in reversed(list(value))}
+    return value
+
+
+def _reorder_keys(config):
+    """The same config with the keys of every mapping in reverse order (YAML keeps the order)."""
+    reordered = _reverse_keys(config)
+    config.clear()
+    config.update(reordered)
+
+
+def _spell_out_defaults(config):
+    config["training"]["optimizer"] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5.0e-4}
+    config["training"]["schedule"] = {"kind": "piecewise", "milestones": [0.25, 0.375], "factors": [0.1, 0.01]}
+    config["evaluation"].update(layerwise=True, feature_dtype="float32", keep_features=False)
+    config.update(precision="fp32", compile=False, data_root="data", download=False)
+
+
+def _halve_linf(config):
+    config["datasets"]["digits"]["threat"]["linf"] = {"eps": 0.05, "step_size": 0.025, "steps": 3}
+
+
+def _execution_settings(config):
+    config.update(threads=2, group_training=True, device="auto", compile=True)
+    config["resources"] = {"train": {"cpus": 2, "mem_mb": 8000, "runtime": 90}, "cpu": {"mem_mb": 1000}}
+
+
+def _add_unused_l2(config):
+    config["datasets"]["digits"]["threat"]["l2"] = {"eps": 1.0, "step_size": 0.25, "steps": 3}
+
+
+def _st_norm_l2(config):
+    _add_unused_l2(config)
+    config["datasets"]["digits"]["norm"] = "l2"
+
+
+EDITS = {
+    "nothing": (lambda c: None, set()),
+    "keys reordered at every level": (_reorder_keys, set()),
+    "defaults spelled out": (_spell_out_defaults, set()),
+    "1 for 1.0 at a number key": (lambda c: c["training"].update(trades_beta=6), set()),
+    "threads, resources, group_training, device, compile": (_execution_settings, set()),
+    "grid axis reordered": (lambda c: c["grid"].update(adversary=["pgd-linf", "st"]), set()),
+    "threat model no cell uses": (_add_unused_l2, set()),
+    "trades_beta without TRADES cells": (lambda c: c["training"].update(trades_beta=3.0), set()),
+    "new seed": (lambda c: c["grid"].update(seed=[1, 2]), cell_jobs(seeds=(2,)) | FINAL),
+    "new adversary": (lambda c: c["grid"].update(adversary=["st", "pgd-linf", "trades-linf"]), cell_jobs(["trades-linf"]) | FINAL),
+    "adversary removed": (lambda c: c["grid"].update(adversary=["st"]), FINAL),
+    "fewer evaluated epochs": (lambda c: c["evaluation"].update(epochs=[0, 4]), FINAL),
+    "evaluation.batch_size": (
+        lambda c: c["evaluation"].update(batch_size=250),
+        jobs("evaluate", epochs=(0, 2, 4)) | jobs("robustness", epochs=(4,)) | FINAL,
+    ),
+    "perturbation override": (
+        lambda c: c["evaluation"]["perturbations"].update(pgd={"steps": 5}), jobs("evaluate", epochs=(0, 2, 4)) | FINAL
+    ),
+    "strong evaluation samples": (
+        lambda c: c["evaluation"]["strong"].update(max_samples=30), jobs("robustness", epochs=(4,)) | FINAL
+    ),
+    "linf eps halved": (
+        _halve_linf,
+        jobs("train", ["pgd-linf"], (2, 4)) | jobs("evaluate", epochs=(0, 2, 4)) | jobs("robustness", epochs=(4,)) | FINAL,
+    ),
+    "st cells' norm": (_st_norm_l2, jobs("evaluate", ["st"], (0, 2, 4)) | jobs("robustness", ["st"], (4,)) | FINAL),
+    "learning rate": (
+        lambda c: c["training"].update(optimizer={"lr": 0.05}),
+        jobs("train", epochs=(2, 4)) | jobs("evaluate", epochs=(0, 2, 4)) | jobs("robustness", epochs=(4,)) | FINAL,
+    ),
+    "model width": (lambda c: c["models"]["mlp"].update(width=16), cell_jobs() | FINAL),
+    "dataset split": (
+        lambda c: c["datasets"]["digits"]["options"].update(test_fraction=0.3),
+        {("prepare_data", "digits")} | cell_jobs() | FINAL,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(EDITS))
+def test_an_edit_schedules_exactly_the_jobs_it_changes(finished, name):
+    edit, expected = EDITS[name]
+    assert scheduled(finished, edited(edit)) == expected
+
+
+def test_removing_a_cell_keeps_its_files_and_the_tables_hold_the_current_grid(finished, tmp_path):
+    """Run the removal for real, in a copy (the other tests dry-run on the finished directory)."""
+    workdir = tmp_path / "copy"
+    shutil.copytree(finished, workdir, symlinks=True)  # copy2: modification times are kept
+    dropped = workdir / "results/runs/digits/mlp/ce/pgd-linf/seed1/checkpoints/epoch4.pt"
+    kept = workdir / "results/runs/digits/mlp/ce/st/seed1/metrics/epoch4.parquet"
+    before = (dropped.stat().st_mtime_ns, kept.stat().st_mtime_ns)
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(edited(lambda c: c["grid"].update(adversary=["st"])), sort_keys=False))
+    run_snakemake(workdir, configfile=path)
+    assert (dropped.stat().st_mtime_ns, kept.stat().st_mtime_ns) == before
+    for table in ("metrics", "training", "summary", "robustness"):
+        assert set(pd.read_parquet(workdir / f"results/tables/{table}.parquet")["adversary"]) == {"st"}, table
+
+
+def test_report_opens_on_the_front_page_with_the_summary_and_every_figure(finished):
+    """`snakemake --report` on the finished run (here, because it needs one): the landing page is
+    the workflow description, which holds the summary table and each figure with its caption."""
+    import json
+
+    from workflow_helpers import REPO_ROOT
+
+    metadata = REPO_ROOT / "workflow/report/metadata.yaml"
+    run_snakemake(finished, "--report", "report.html", "--report-metadata", str(metadata), configfile=finished / "config.yaml")
+    page = (finished / "report.html").read_text()
+    assert re.search(r"var metadata = \{.+\};", page)  # non-empty metadata: Snakemake opens on the description
+    desc = json.loads(re.search(r"var workflow_desc = (\".*?\");\n", page, re.S).group(1))
+    assert "Grid of this run: dataset digits" in desc and "training adversary st, pgd-linf" in desc
+    assert desc.count("<tr>") == 1 + 2  # header and one row per (dataset, model, loss, adversary)
+    assert desc.count("<figure") == desc.count("data:image/png;base64,") == 7
+    assert "<strong>Leap matrix at the final epoch.</strong>" in desc

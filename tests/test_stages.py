@@ -1,0 +1,157 @@
+"""Config slices: each stage depends on exactly the part of the config that determines its output."""
+
+import copy
+
+import pytest
+
+from ncrobust.cell import Cell
+from ncrobust.config import validate_config
+from ncrobust.stages import EXECUTION_KEYS, STAGES, canonical, job_config, merge, stage_slice
+from workflow_helpers import tiny_config
+
+ST = Cell("digits", "mlp", "ce", "st", 1)
+PGD = Cell("digits", "mlp", "ce", "pgd-linf", 1)
+TRADES = Cell("digits", "mlp", "ce", "trades-linf", 1)
+CELL_STAGES = [s for s in STAGES if s != "prepare_data"]
+
+
+def _config(**overrides) -> dict:
+    config = tiny_config(**overrides)
+    config["grid"]["adversary"] = ["st", "pgd-linf", "trades-linf"]
+    config["datasets"]["digits"]["threat"]["l2"] = {"eps": 1.0, "step_size": 0.25, "steps": 3}
+    return validate_config(config)
+
+
+def _slices(config) -> dict:
+    out = {("prepare_data", None): stage_slice("prepare_data", config, dataset="digits")}
+    for stage in CELL_STAGES:
+        for cell in (ST, PGD, TRADES):
+            out[stage, cell.adversary] = stage_slice(stage, config, cell=cell)
+    return out
+
+
+def _changed(edit) -> set:
+    """(stage, adversary) pairs whose slice changes when ``edit`` is applied to the config."""
+    raw = tiny_config()
+    raw["grid"]["adversary"] = ["st", "pgd-linf", "trades-linf"]
+    raw["datasets"]["digits"]["threat"]["l2"] = {"eps": 1.0, "step_size": 0.25, "steps": 3}
+    edited = copy.deepcopy(raw)
+    edit(edited)
+    before, after = _slices(validate_config(raw)), _slices(validate_config(edited))
+    return {key for key in before if repr(before[key]) != repr(after[key])}
+
+
+def _reversed_keys(value):
+    if isinstance(value, dict):
+        return {k: _reversed_keys(value[k]) for k in reversed(list(value))}
+    return value
+
+
+def _all(stages, adversaries=("st", "pgd-linf", "trades-linf")) -> set:
+    return {(s, a) for s in stages for a in adversaries}
+
+
+def _set(path, value):
+    def edit(config):
+        node = config
+        *parents, last = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+
+    return edit
+
+
+EDITS = {
+    "threads": (_set("threads", 2), set()),
+    "device": (_set("device", "auto"), set()),
+    "compile": (_set("compile", True), set()),
+    "resources": (_set("resources", {"train": {"mem_mb": 9000, "gpu": 1}}), set()),
+    "group_training": (_set("group_training", True), set()),
+    "results path": (_set("results", "elsewhere"), set()),
+    "default spelled out": (_set("training.optimizer", {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}), set()),
+    "int for a number": (_set("training.trades_beta", 6), set()),
+    "unused l2 threat": (_set("datasets.digits.threat.l2.eps", 2.0), set()),
+    "evaluation epochs": (_set("evaluation.epochs", [4]), set()),
+    "keep features": (_set("evaluation.keep_features", True), set()),
+    "split options": (_set("datasets.digits.options.test_fraction", 0.3), {("prepare_data", None)}),
+    "model width": (_set("models.mlp.width", 64), _all(CELL_STAGES)),
+    "linf eps": (
+        _set("datasets.digits.threat.linf.eps", 0.05),
+        _all(["train"], ["pgd-linf", "trades-linf"]) | _all(["evaluate", "robustness"]),
+    ),
+    "st norm": (_set("datasets.digits.norm", "l2"), _all(["evaluate", "robustness"], ["st"])),
+    "trades beta": (_set("training.trades_beta", 3.0), _all(["train", "evaluate", "robustness"], ["trades-linf"])),
+    "training batch size": (_set("training.batch_size", 64), _all(["train", "evaluate", "robustness"])),
+    "precision": (_set("precision", "bf16"), _all(["train", "evaluate", "robustness"])),
+    "evaluation batch size": (_set("evaluation.batch_size", 250), _all(["evaluate", "robustness"])),
+    "perturbations": (_set("evaluation.perturbations", {"clean": {}, "pgd": {"steps": 7}}), _all(["evaluate"])),
+    "strong samples": (_set("evaluation.strong", {"max_samples": 50}), _all(["robustness"])),
+    "unused loss options": (_set("losses", {"focal": {"gamma": 1.0}}), set()),
+}
+
+
+@pytest.mark.parametrize("name", list(EDITS))
+def test_an_edit_changes_exactly_the_slices_it_must(name):
+    edit, expected = EDITS[name]
+    assert _changed(edit) == expected
+
+
+def test_key_order_does_not_matter():
+    config = _config()
+    assert repr(_slices(_reversed_keys(config))) == repr(_slices(config))
+
+
+def test_canonical_sorts_keys_at_every_level_and_keeps_list_order():
+    assert list(canonical({"b": 1, "a": {"d": 2, "c": (3, 1)}})) == ["a", "b"]
+    assert canonical({"b": 1, "a": {"d": 2, "c": (3, 1)}})["a"] == {"c": [3, 1], "d": 2}
+    assert repr(canonical({"y": 1, "x": 2})) == "{'x': 2, 'y': 1}"
+
+
+def test_schema_numbers_become_floats_and_integers_stay():
+    config = tiny_config()
+    config["datasets"]["digits"]["threat"]["linf"] = {"eps": 1, "step_size": 1, "steps": 3}
+    config["training"]["schedule"] = {"milestones": [0, 1], "factors": [1, 2]}
+    v = validate_config(config)
+    linf = v["datasets"]["digits"]["threat"]["linf"]
+    assert (type(linf["eps"]), type(linf["step_size"]), type(linf["steps"])) == (float, float, int)
+    assert v["training"]["schedule"]["factors"] == [1.0, 2.0] and all(type(f) is float for f in v["training"]["schedule"]["factors"])
+    assert type(v["training"]["epochs"]) is int and type(v["evaluation"]["batch_size"]) is int
+    assert v["evaluation"]["strong"]["max_samples"] is None
+
+
+def test_slices_keep_the_config_nesting_and_leave_out_execution_settings():
+    config = _config()
+    s = stage_slice("train", config, cell=PGD)
+    assert s["training"]["optimizer"] == config["training"]["optimizer"]
+    assert s["datasets"]["digits"]["threat"] == {"linf": config["datasets"]["digits"]["threat"]["linf"]}
+    assert "checkpoints" not in s["training"] and "trades_beta" not in s["training"]
+    for stage, adversary in _slices(config):
+        assert not set(EXECUTION_KEYS) & set(_slices(config)[stage, adversary])
+
+
+def test_job_config_is_the_slice_plus_execution_settings_and_inert_keys():
+    from ncrobust.pipeline import recipe
+
+    config = _config(threads=3, device="cpu")
+    for stage in CELL_STAGES:
+        for cell in (ST, PGD, TRADES):
+            sliced = stage_slice(stage, config, cell=cell)
+            job = job_config(stage, sliced, config, cell=cell)
+            assert job["threads"] == 3 and job["device"] == "cpu"
+            assert merge(job, sliced) == job  # every value of the slice reaches the job unchanged
+            if stage in ("init_model", "train"):  # the pipeline builds the cell's recipe from it
+                assert recipe(job, cell).trades_beta == config["training"]["trades_beta"]
+    data = job_config("prepare_data", stage_slice("prepare_data", config, dataset="digits"), config)
+    assert data["datasets"]["digits"]["options"] == config["datasets"]["digits"]["options"]
+    assert data["data_root"] == config["data_root"]
+
+
+def test_unknown_stage_and_missing_cell_are_errors():
+    config = _config()
+    with pytest.raises(ValueError, match="unknown stage 'aggregate'"):
+        stage_slice("aggregate", config, cell=ST)
+    with pytest.raises(ValueError, match="stage train needs cell="):
+        stage_slice("train", config)
+    with pytest.raises(ValueError, match="stage prepare_data needs dataset="):
+        stage_slice("prepare_data", config)

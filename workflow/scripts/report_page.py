@@ -1,0 +1,8 @@
+from ncrobust.io import job_log
+from ncrobust.report_page import front_page
+
+with job_log(snakemake.log[0]):
+    front_page(
+        snakemake.input.summary, dict(zip(snakemake.params.names, snakemake.input.figures)),
+        dict(zip(snakemake.params.names, snakemake.input.captions)), snakemake.output[0],
+    )
