@@ -1,11 +1,13 @@
 """Bad configs stop at parse time with one line naming the key, the value and what is allowed."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
 
-from ncrobust.config import ConfigError, validate_config
+from ncrobust.config import ConfigError, load_config_file, merge, typed_overrides, validate_config
+from ncrobust.config import main as config_main
 from workflow_helpers import REPO_ROOT, run_snakemake, tiny_config, write_tiny_config
 
 
@@ -58,12 +60,25 @@ BAD = [
     ("grid.seed", ["one"], r"grid\.seed\.0 = 'one': must be of type integer"),
     ("grid", _DELETE, r"missing key grid"),
     ("datasets", {}, r"grid\.dataset = 'digits': no entry datasets\.digits"),
+    # what passes a schema's ranges: NaN and infinity (every comparison with NaN is false)
+    ("datasets.digits.threat", {"linf": {"eps": float("nan"), "step_size": 0.1, "steps": 3}}, r"datasets\.digits\.threat\.linf\.eps = nan: must be a finite number"),
+    ("training.optimizer", {"lr": float("inf")}, r"training\.optimizer\.lr = inf: must be a finite number"),
+    ("training.schedule", {"milestones": [0.5], "factors": [float("nan")]}, r"training\.schedule\.factors\.0 = nan: must be a finite number"),
+    # model options, against the constructors
+    ("models.mlp", {"depth": 0, "width": 32}, r"models\.mlp = \{'depth': 0, 'width': 32\}: mlp needs depth >= 1"),
+    ("models.mlp", {"dept": 3}, r"models\.mlp: unknown option 'dept'; allowed: depth, width"),
+    ("models.mlp", {"depth": "3"}, r"models\.mlp = \{'depth': '3'\}: "),
+    ("models.mpl", {"depth": 3}, r"models\.mpl: unknown model; known: convnet, mlp, "),
+    # loader options: ranges from the schema, names from the loader
+    ("datasets.digits.options", {"test_fraction": 1.5}, r"datasets\.digits\.options\.test_fraction = 1\.5: must be < 1"),
+    ("datasets.digits.options", {"train_per_class": 0}, r"datasets\.digits\.options\.train_per_class = 0: must be >= 1"),
+    ("datasets.digits.options", {"image_size": 16}, r"datasets\.digits\.options: unknown option 'image_size'; allowed: test_fraction, "),
 ]
 
 
 @pytest.mark.parametrize("path,value,message", BAD, ids=[b[0] + ":" + str(i) for i, b in enumerate(BAD)])
 def test_bad_config_is_one_clear_line(path, value, message):
-    assert len(BAD) >= 25
+    assert len(BAD) >= 35
     with pytest.raises(ConfigError, match=message) as info:
         validate_config(_with(path, value))
     assert "\n" not in str(info.value)
@@ -88,7 +103,7 @@ def test_defaults_are_filled_and_the_shipped_configs_are_valid():
     config = validate_config(tiny_config())
     assert config["training"]["optimizer"] == {"lr": 0.1, "momentum": 0.9, "weight_decay": 5.0e-4}
     assert config["evaluation"]["layerwise"] is True
-    shipped = validate_config(yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text()), base_dir=REPO_ROOT)
+    shipped = validate_config(load_config_file(REPO_ROOT / "config" / "config.yaml"))
     assert shipped["grid"]["dataset"] == ["digits"]
 
 
@@ -99,3 +114,124 @@ def test_snakemake_stops_before_any_job_with_one_line(tmp_path):
     assert "ncrobust: config error: device = 'tpu': not allowed; allowed: auto, cpu, cuda" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "results").exists()
+
+
+def test_a_convnet_too_deep_for_the_datasets_images(tmp_path):
+    config = tiny_config(models={"convnet": {"channels": [8, 8, 8, 8, 8]}})
+    config["grid"]["model"] = ["convnet"]
+    with pytest.raises(ConfigError, match=r"models\.convnet = .*5 blocks pool a 8px image to nothing \(for 1x8x8 images\)"):
+        validate_config(config)
+
+
+def test_results_under_a_regular_file(tmp_path):
+    (tmp_path / "results").write_text("not a directory")
+    with pytest.raises(ConfigError, match=rf"results = 'results/run1': {tmp_path}/results is a regular file; choose another"):
+        validate_config(tiny_config(results="results/run1"), base_dir=tmp_path)
+
+
+def test_results_in_an_unwritable_directory(tmp_path, monkeypatch):
+    """(Simulated: the tests may run as root, who can write anywhere.)"""
+    import os
+
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(ConfigError, match=rf"results = 'out': {tmp_path} is not writable by this user"):
+        validate_config(tiny_config(results="out"), base_dir=tmp_path)
+
+
+def test_config_files_missing_or_broken_are_one_line_with_file_and_line(tmp_path):
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}/nope\.yaml: config file not found"):
+        load_config_file(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("results: r\ngrid: {dataset: [digits\n  model: [mlp]\n")
+    with pytest.raises(ConfigError, match=rf"^{broken}:3:\d+: YAML syntax error: ") as info:
+        load_config_file(broken)
+    assert "\n" not in str(info.value)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        load_config_file(listing)
+
+
+def test_command_line_overrides_are_typed_and_deep_merged():
+    """What Snakemake hands over for --config training='{"epochs": 3, "checkpoints": [3]}'."""
+    overrides = typed_overrides({"training": {"epochs": "3", "checkpoints": ["3"], "optimizer": {"lr": "1e-3"}}, "threads": 2})
+    assert overrides == {"training": {"epochs": 3, "checkpoints": [3], "optimizer": {"lr": 0.001}}, "threads": 2}
+    config = validate_config(merge(tiny_config(), overrides))
+    assert config["training"]["epochs"] == 3 and config["training"]["batch_size"] == 128  # kept from the file
+    assert typed_overrides({"results": {"name": "run1", "flag": "true", "nothing": "null"}}) == {"results": {"name": "run1", "flag": True, "nothing": None}}
+
+
+def test_check_config_files_without_snakemake(tmp_path, capsys):
+    """`python -m ncrobust.config FILE...`: the files merged in order, one line per verdict."""
+    good = write_tiny_config(tmp_path)
+    assert config_main([str(good)]) == 0
+    assert capsys.readouterr().out.strip() == f"{good}: valid"
+    bad = tmp_path / "nan.yaml"
+    bad.write_text("datasets: {digits: {threat: {linf: {eps: .nan}}}}\n")
+    assert config_main([str(good), str(bad)]) == 1
+    assert capsys.readouterr().err.strip() == "ncrobust: config error: datasets.digits.threat.linf.eps = nan: must be a finite number"
+
+
+SNAKEMAKE_CONFIG_ERRORS = [
+    ("eps", {"datasets": {"digits": {"threat": {"linf": {"eps": float("nan"), "step_size": 0.05, "steps": 3}}}}}, "datasets.digits.threat.linf.eps = nan: must be a finite number"),
+    ("depth", {"models": {"mlp": {"depth": 0}}}, "models.mlp = {'depth': 0, 'width': 32}: mlp needs depth >= 1"),
+    ("test_fraction", {"datasets": {"digits": {"options": {"test_fraction": 1.5}}}}, "datasets.digits.options.test_fraction = 1.5: must be < 1"),
+    ("results", {"results": "blocker/results"}, "/blocker is a regular file; choose another results directory"),
+]
+
+
+@pytest.mark.parametrize("name,override,message", SNAKEMAKE_CONFIG_ERRORS, ids=[e[0] for e in SNAKEMAKE_CONFIG_ERRORS])
+def test_snakemake_dry_run_stops_on_what_used_to_fail_in_a_job(tmp_path, name, override, message):
+    (tmp_path / "blocker").write_text("a file where a directory should be")
+    config = write_tiny_config(tmp_path)
+    path = tmp_path / "override.yaml"
+    path.write_text(yaml.safe_dump(override))
+    proc = run_snakemake(tmp_path, "-n", configfile=config, extra_configfiles=[str(path)], check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "results").exists()
+
+
+def test_nested_command_line_overrides_work_in_snakemake(tmp_path):
+    """`--config training='{...}'` is deep-merged onto the config file with numbers as numbers: a
+    nested value replaces only the keys it names (datasets.digits keeps its threat models)."""
+    config = write_tiny_config(tmp_path)
+    proc = run_snakemake(
+        tmp_path, "-n", "--config", 'training={"epochs": 3, "checkpoints": [3]}',
+        'datasets={"digits": {"options": {"test_fraction": 0.5}}}', configfile=config, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "checkpoints/epoch3.pt" in out and "checkpoints/epoch4.pt" not in out
+
+
+def _copy_of_the_workflow(tmp_path: Path) -> Path:
+    """The Snakefile with its workflow/, src/ and config/, to break the embedded default config."""
+    import shutil
+
+    copy_root = tmp_path / "repo"
+    for name in ("workflow", "src", "config"):
+        shutil.copytree(REPO_ROOT / name, copy_root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO_ROOT / "Snakefile", copy_root / "Snakefile")
+    return copy_root
+
+
+def test_the_default_config_missing_or_broken_is_one_line(tmp_path):
+    import subprocess
+
+    from workflow_helpers import SNAKEMAKE
+
+    repo = _copy_of_the_workflow(tmp_path)
+    default = repo / "config" / "config.yaml"
+    run = lambda: subprocess.run([SNAKEMAKE, "-n", "--cores", "1", "--snakefile", str(repo / "Snakefile"), "--directory", str(tmp_path / "work")],
+                                 capture_output=True, text=True, timeout=300)
+    default.write_text(default.read_text().replace("training:\n", "training:\n  epochs: [\n", 1))
+    proc = run()
+    assert proc.returncode != 0
+    assert f"ncrobust: config error: {default}:" in proc.stderr and "YAML syntax error" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    default.unlink()
+    proc = run()
+    assert proc.returncode != 0
+    assert f"ncrobust: config error: {default}: config file not found" in proc.stderr, proc.stderr[-2000:]

@@ -125,11 +125,12 @@ def test_slurm_link_points_to_the_profile():
     assert link.is_symlink() and link.resolve() == PROFILE.resolve()
 
 
-def test_profile_resolves_from_repository_root():
+def test_profile_resolves_from_repository_root(tmp_path):
     """`snakemake --cores 8 --profile slurm -n` from the root: the link finds the profile; a dry
-    run needs no sbatch (it runs on machines without SLURM, too)."""
-    proc = subprocess.run([SNAKEMAKE, "--cores", "8", "--profile", "slurm", "-n"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300)
+    run needs no sbatch (it runs on machines without SLURM, too). The workflow runs in an empty
+    directory (`--directory`), so that a finished `results/` in the checkout changes nothing."""
+    proc = subprocess.run([SNAKEMAKE, "--cores", "8", "--profile", "slurm", "-n", "--directory", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "slurm_partition=" in out and "slurm_account=" in out  # the profile's default-resources

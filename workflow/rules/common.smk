@@ -4,15 +4,21 @@ import sys
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from ncrobust.config import ConfigError, validate_config
+from ncrobust.config import ConfigError, merge, typed_overrides, validate_config
 from ncrobust.cell import Cell
 from ncrobust.stages import stage_slice
 
+# Snakemake leaves the scalars of a nested --config value as strings (training='{"epochs": 3}'
+# gives "3"): merge the overrides again with YAML's types, then check everything that can be
+# checked without data. The checked config (defaults filled in) replaces Snakemake's in place, so
+# that job scripts see it too as snakemake.config.
 try:
-    config = validate_config(config, base_dir=Path.cwd())
+    _checked = validate_config(merge(config, typed_overrides(workflow.config_settings.config)), base_dir=Path.cwd())
 except ConfigError as err:
     sys.stderr.write(f"ncrobust: config error: {err}\n")
     sys.exit(1)
+config.clear()
+config.update(_checked)
 
 RESULTS = config["results"]
 GRID = config["grid"]
@@ -79,9 +85,23 @@ def robustness_files():
     return [f"{RUN}/robustness/epoch{final}.parquet".format(**c) for c in cells()] if config["evaluation"]["strong"]["enabled"] else []
 
 
+def checkpoint_files():
+    return [f"{RUN}/checkpoints/epoch{e}.pt".format(**c) for c in cells() for e in CHECKPOINT_EPOCHS]
+
+
 def final_outputs():
+    """Every file of every cell, not only the tables and figures: Snakemake rebuilds a missing
+    file only when it is a target or an input of a job that runs, so a deleted checkpoint or
+    metrics file (e.g. a corrupt one removed as its error message says) is rebuilt by the same
+    command even though the tables made from it still exist."""
     tables = [f"{RESULTS}/tables/{name}" for name in ("metrics.parquet", "training.parquet", "robustness.parquet", "summary.parquet", "summary.md", "summary.csv")]
-    return tables + projection_files() + [f"{RESULTS}/figures/{name}.png" for name in FIGURES]
+    evaluated = ["metrics", "projection", *(["features"] if config["evaluation"]["keep_features"] else [])]
+    per_epoch = [
+        f"{RUN}/{kind}/epoch{e}.{'pt' if kind == 'features' else 'parquet'}".format(**c)
+        for c in cells() for e in EVAL_EPOCHS for kind in evaluated
+    ]
+    per_cell = checkpoint_files() + training_logs() + per_epoch + robustness_files()
+    return tables + per_cell + [f"{RESULTS}/figures/{name}.png" for name in FIGURES]
 
 
 def job_resources(kind):

@@ -1,0 +1,26 @@
+"""What `pip install -e .` brings: every package the default run imports, and the files the
+package data names."""
+
+import tomllib
+
+from workflow_helpers import REPO_ROOT
+
+PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+
+
+def _names(requirements: list[str]) -> set[str]:
+    return {r.split(";")[0].split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower() for r in requirements}
+
+
+def test_the_default_runs_imports_are_dependencies_not_test_extras():
+    """The `robustness` rule of the default run imports torchattacks (APGD-CE, APGD-T)."""
+    dependencies = _names(PYPROJECT["project"]["dependencies"])
+    assert "torchattacks" in dependencies
+    assert not _names(PYPROJECT["project"]["optional-dependencies"]["test"]) & dependencies
+
+
+def test_package_data_files_exist():
+    package_dir = REPO_ROOT / "src"
+    for package, patterns in PYPROJECT["tool"]["setuptools"]["package-data"].items():
+        for pattern in patterns:
+            assert list((package_dir / package).glob(pattern)), f"package-data {package}/{pattern} does not exist"
