@@ -477,8 +477,6 @@ KEPT_AFTER_A_FAILING_RERUN = {
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs update() on the rules' outputs (workflow/rules, not this branch): Snakemake "
-                   "removes the outputs of a job it reruns before the job starts, and restores only update() outputs on failure")
 @pytest.mark.parametrize("damaged", KEPT_AFTER_A_FAILING_RERUN)
 def test_a_failing_rerun_keeps_the_previous_outputs(tmp_path, finished_run, damaged):
     """A damaged file is newer than the outputs made from it, so Snakemake reruns those jobs; they

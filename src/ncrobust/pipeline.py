@@ -58,7 +58,7 @@ def load_dataset(path: str | os.PathLike) -> dict:
     try:
         datasets.validate(data)
     except ValueError as err:
-        raise CorruptFileError(f"{path}: {err}; delete it and rerun the workflow to rebuild it") from err
+        raise CorruptFileError.at(path, f"unreadable or corrupt: {err}") from err
     return data
 
 

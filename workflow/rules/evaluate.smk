@@ -6,8 +6,8 @@ rule evaluate:
         data=f"{RESULTS}/data/{{dataset}}.pt",
         checkpoint=f"{RUN}/checkpoints/epoch{{epoch}}.pt",
     output:
-        metrics=f"{RUN}/metrics/epoch{{epoch}}.parquet",
-        projection=f"{RUN}/projection/epoch{{epoch}}.parquet",
+        metrics=update(f"{RUN}/metrics/epoch{{epoch}}.parquet"),
+        projection=update(f"{RUN}/projection/epoch{{epoch}}.parquet"),
         **({"features": f"{RUN}/features/epoch{{epoch}}.pt"} if config["evaluation"]["keep_features"] else {}),
     log:
         f"{RUN}/logs/evaluate_epoch{{epoch}}.log",
@@ -28,7 +28,7 @@ rule robustness:
         data=f"{RESULTS}/data/{{dataset}}.pt",
         checkpoint=f"{RUN}/checkpoints/epoch{{epoch}}.pt",
     output:
-        f"{RUN}/robustness/epoch{{epoch}}.parquet",
+        update(f"{RUN}/robustness/epoch{{epoch}}.parquet"),
     log:
         f"{RUN}/logs/robustness_epoch{{epoch}}.log",
     params:

@@ -9,15 +9,15 @@ rule aggregate:
         training=training_logs(),
         robustness=robustness_files(),
     output:
-        metrics=f"{RESULTS}/tables/metrics.parquet",
-        training=f"{RESULTS}/tables/training.parquet",
-        robustness=f"{RESULTS}/tables/robustness.parquet",
-        summary=f"{RESULTS}/tables/summary.parquet",
+        metrics=update(f"{RESULTS}/tables/metrics.parquet"),
+        training=update(f"{RESULTS}/tables/training.parquet"),
+        robustness=update(f"{RESULTS}/tables/robustness.parquet"),
+        summary=update(f"{RESULTS}/tables/summary.parquet"),
         summary_md=report(
-            f"{RESULTS}/tables/summary.md", caption="../report/summary_md.rst", category="Tables", labels={"table": "summary (Markdown)"}
+            update(f"{RESULTS}/tables/summary.md"), caption="../report/summary_md.rst", category="Tables", labels={"table": "summary (Markdown)"}
         ),
         summary_csv=report(
-            f"{RESULTS}/tables/summary.csv", caption="../report/summary.rst", category="Tables", labels={"table": "summary (CSV)"}
+            update(f"{RESULTS}/tables/summary.csv"), caption="../report/summary.rst", category="Tables", labels={"table": "summary (CSV)"}
         ),
     log:
         f"{RESULTS}/logs/aggregate.log",

@@ -5,7 +5,7 @@ rule init_model:
     input:
         data=f"{RESULTS}/data/{{dataset}}.pt",
     output:
-        checkpoint=f"{RUN}/checkpoints/epoch0.pt",
+        checkpoint=update(f"{RUN}/checkpoints/epoch0.pt"),
     log:
         f"{RUN}/logs/init.log",
     params:
@@ -23,8 +23,8 @@ rule train:
         data=f"{RESULTS}/data/{{dataset}}.pt",
         previous=previous_checkpoint,
     output:
-        checkpoint=f"{RUN}/checkpoints/epoch{{epoch}}.pt",
-        log_table=f"{RUN}/train_log/epoch{{epoch}}.parquet",
+        checkpoint=update(f"{RUN}/checkpoints/epoch{{epoch}}.pt"),
+        log_table=update(f"{RUN}/train_log/epoch{{epoch}}.parquet"),
     log:
         f"{RUN}/logs/train_epoch{{epoch}}.log",
     wildcard_constraints:
