@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from slurm_cluster import SlurmCluster, unavailable_reason
 from workflow_helpers import REPO_ROOT, SNAKEMAKE, run_snakemake, write_tiny_config
@@ -109,17 +108,6 @@ def cluster():
 
 
 # ---------------------------------------------------------------- without a cluster
-def test_profile_settings():
-    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
-    assert profile["executor"] == "slurm"
-    assert profile["jobs"] == 100 and profile["retries"] == 1 and profile["latency-wait"] == 60
-    assert profile["slurm-requeue"] is True
-    assert profile["slurm-status-command"] in {"sacct", "squeue"}
-    # The two values a user edits; GPUs, CPUs, memory and time come from the workflow's config.
-    assert set(profile["default-resources"]) == {"slurm_partition", "slurm_account"}
-    assert not {"set-resources", "resources", "set-threads", "slurm-extra"} & set(profile)
-
-
 def test_slurm_link_points_to_the_profile():
     link = REPO_ROOT / "slurm"
     assert link.is_symlink() and link.resolve() == PROFILE.resolve()

@@ -271,8 +271,7 @@ def _loader_options(dataset: str) -> dict[str, inspect.Parameter]:
     """The options of a dataset's loader (its keyword parameters the workflow does not set)."""
     from . import data
 
-    loader = data._LOADERS[dataset]  # the registry the loaders register in
-    params = inspect.signature(loader).parameters
+    params = inspect.signature(data.loader(dataset)).parameters
     return {name: p for name, p in params.items() if name not in _LOADER_ARGUMENTS}
 
 
@@ -328,15 +327,12 @@ def _build(name: str, kwargs: dict, chans: int, side: int, classes: int) -> None
     with torch.random.fork_rng(devices=[]):
         try:
             create_model(name, **shape, **kwargs)
-        except TypeError as err:
-            model_class = type(create_model(name, **shape))
-            allowed = [p for p in inspect.signature(model_class.__init__).parameters if p not in ("self", *shape)]
-            unknown = sorted(set(kwargs) - set(allowed))
-            if unknown:
-                raise ConfigError(f"models.{name}: unknown option {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}") from None
-            raise ConfigError(f"models.{name} = {kwargs!r}: {err}") from None
         except ValueError as err:
+            if str(err).startswith("unknown option"):
+                raise ConfigError(f"models.{name}: {err}") from None
             raise ConfigError(f"models.{name} = {kwargs!r}: {err} (for {chans}x{side}x{side} images)") from None
+        except TypeError as err:  # a value of the wrong type reaching the constructor
+            raise ConfigError(f"models.{name} = {kwargs!r}: {err}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,6 +79,13 @@ def list_datasets() -> list[str]:
     return sorted(_LOADERS)
 
 
+def loader(name: str) -> Callable[..., Dataset]:
+    """The registered loader of dataset ``name`` (its keyword parameters are the dataset's options)."""
+    if name not in _LOADERS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(list_datasets())}")
+    return _LOADERS[name]
+
+
 def load(name: str, *, root: str | Path | None = None, download: bool = False, seed: int = 0, **options) -> Dataset:
     """Load dataset ``name`` into the prepared-dict format (see module docstring).
 

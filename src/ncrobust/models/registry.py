@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 from torch import nn
@@ -39,11 +40,12 @@ def create_model(
     """Build model ``name``; ``kwargs`` are the family's own options (width, depth, ...)."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+    shape = dict(num_classes=num_classes, in_chans=in_chans, image_size=image_size, mean=mean, std=std)
     try:
-        return _MODELS[name](
-            num_classes=num_classes, in_chans=in_chans, image_size=image_size, mean=mean, std=std, **kwargs
-        )
+        return _MODELS[name](**shape, **kwargs)
     except TypeError as err:  # a misspelt option (config models.<name>) is bad input, not a bug
         if "unexpected keyword argument" not in str(err):
             raise
-        raise ValueError(f"model {name!r}: {err}; check the options under models.{name} in the config") from None
+        allowed = [p for p in inspect.signature(type(_MODELS[name](**shape)).__init__).parameters if p not in ("self", *shape)]
+        unknown = sorted(set(kwargs) - set(allowed)) or sorted(kwargs)
+        raise ValueError(f"unknown option {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}") from None
