@@ -24,3 +24,15 @@ def test_package_data_files_exist():
     for package, patterns in PYPROJECT["tool"]["setuptools"]["package-data"].items():
         for pattern in patterns:
             assert list((package_dir / package).glob(pattern)), f"package-data {package}/{pattern} does not exist"
+
+
+def test_the_schema_ships_with_the_package_and_the_workflow_links_to_it():
+    """A non-editable install has no workflow/ next to the package: the schema the validation
+    reads lives in the package, and workflow/schemas/ (where the workflow template keeps schemas)
+    points to that one file."""
+    import ncrobust
+    from ncrobust.config import SCHEMA_PATH, load_schema
+
+    assert SCHEMA_PATH.parent == __import__("pathlib").Path(ncrobust.__file__).resolve().parent
+    assert (REPO_ROOT / "workflow/schemas/config.schema.yaml").resolve() == SCHEMA_PATH
+    assert "grid" in load_schema()["properties"]

@@ -17,7 +17,9 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+# Shipped inside the package (a non-editable install has no workflow/ beside it);
+# workflow/schemas/config.schema.yaml is a link to it, where the workflow template keeps schemas.
+SCHEMA_PATH = Path(__file__).resolve().with_name("config.schema.yaml")
 REAL_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "imagenette")
 # What a model is built for, per dataset, as the loaders produce it: (channels, image side, classes);
 # imagenette's side is its `image_size` option. Lets model options be checked without the data.

@@ -1,0 +1,664 @@
+"""Adversarial and random perturbations of images in [0, 1].
+
+Conventions (DESIGN.md, "Attack and training conventions"):
+
+- ``model(x)`` returns logits for inputs in [0, 1] (normalisation is the model's first layer).
+- Every attack returns a *detached* tensor with the dtype and device of ``x``, clamped to [0, 1]
+  and (for the norm-bounded attacks) projected on the threat ball around ``x``.
+- Gradients are taken only with respect to the input (``torch.autograd.grad``); parameter
+  ``.grad`` fields are never touched.
+- ``l_inf``: random start uniform in the ball, step ``step_size * sign(grad)``, projection by
+  clamping to ``[max(x - eps, 0), min(x + eps, 1)]``.
+- ``l_2``: random start as in Rice et al. 2020 (Gaussian direction, normalised, radius uniform in
+  ``[0, eps]``, then clamp to [0, 1]); step along the per-example normalised gradient
+  ``g / (||g||_2 + 1e-10)``; the perturbation is renormed to the eps-ball
+  (``delta * min(1, eps / ||delta||)``) and the result clamped to [0, 1] (torchattacks' ``PGDL2``).
+- The gradient is that of the *summed* per-example loss, i.e. the per-example gradient in eval
+  mode. torchattacks differentiates the batch *mean*, so its gradient is ``1/N`` of ours; the
+  ``l_inf`` step (a sign) is identical, the ``l_2`` step differs only through the ``1e-10`` zero-norm
+  guard, which acts on a gradient ``N`` times smaller there (``|difference| <= 1e-10 * N / ||g_i||``
+  relative, far below float32 resolution unless a gradient is numerically zero).
+- ``targeted=True``: ``y`` holds the targets and the attack *descends* the loss to them.
+- ``restarts > 1``: each restart draws a fresh random start; per example the worst case is kept
+  (highest final loss, or lowest final loss to the target when targeted).
+- Mode: evaluation attacks (``pgd(train_mode=False)``, ``trades_kl``, the strong attacks) run the
+  model in ``eval()``; training-time PGD (``train_mode=True``) runs it in ``train()`` so BatchNorm
+  uses (and updates) batch statistics, as in Madry et al., Rice et al. and Su et al. Every attack
+  restores the training flag of every submodule afterwards, also on error.
+- Randomness comes only from ``generator`` (a ``torch.Generator``; ``None`` means the global RNG).
+  Noise is drawn on the generator's device and moved to ``x``'s device, so a fixed seed gives
+  the same perturbation.
+- Bad arguments raise ``ValueError`` with a one-line message.
+
+The evaluation registry is :func:`perturb` (``PERTURBATIONS``); :func:`strong_attack` gives the
+stronger attacks used to check that PGD is not a weak evaluation: ``pgd-strong``, and APGD-CE /
+APGD-T (Croce & Hein 2020) through ``torchattacks`` with AutoAttack's "standard" settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LossFn = Callable[..., torch.Tensor]
+
+NORMS = ("linf", "l2")
+PERTURBATIONS = ("clean", "pgd", "pgd-targeted", "gaussian", "sign", "trades-kl")
+STRONG_ATTACKS = ("pgd-strong", "apgd-ce", "apgd-t")
+
+# pgd-strong: 5 restarts of 50 steps with step eps/4 (both norms). Large steps move far in few
+# iterations and the restarts cover the ball; keeping the worst case per example over restarts
+# makes it at least as strong as one restart with the same first random start.
+PGD_STRONG_STEPS = 50
+PGD_STRONG_RESTARTS = 5
+PGD_STRONG_STEP_FRACTION = 0.25
+
+# AutoAttack "standard" (Croce & Hein 2020, fra31/auto-attack): APGD-CE with 100 iterations and
+# 1 restart; APGD-T (targeted DLR) with 100 iterations, 1 restart, 9 target classes; rho = 0.75.
+# torchattacks' APGD/APGDT default to steps=10, which is *not* AutoAttack's setting.
+APGD_STEPS = 100
+APGD_RESTARTS = 1
+APGD_RHO = 0.75
+APGDT_TARGET_CLASSES = 9
+
+_L2_GRAD_GUARD = 1e-10  # as torchattacks.PGDL2 (eps_for_division) and Rice et al.
+_NORM_FLOOR = 1e-12
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """A norm ball and the PGD schedule used on it: ``norm`` in {"linf", "l2"}, radius ``eps``,
+    ``steps`` steps of size ``step_size``. Validated on construction."""
+
+    norm: str
+    eps: float
+    step_size: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        _check_norm(self.norm)
+        _check_eps(self.eps)
+        _check_step_size(self.step_size)
+        _check_steps(self.steps)
+
+
+def _check_norm(norm) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_eps(eps) -> None:
+    if not _is_real(eps) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
+def _check_step_size(step_size) -> None:
+    if not _is_real(step_size) or not math.isfinite(step_size) or step_size <= 0:
+        raise ValueError(f"step_size must be a finite number > 0, got {step_size!r}")
+
+
+def _check_steps(steps) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+
+
+def _check_restarts(restarts) -> None:
+    if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 1:
+        raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
+
+
+def _check_images(x) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be a non-empty batch [N, ...], got shape {tuple(x.shape)}")
+    lo, hi = torch.aminmax(x)
+    lo, hi = float(lo), float(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0.0 or hi > 1.0:
+        raise ValueError(f"x must lie in [0, 1], got values in [{lo:g}, {hi:g}]")
+
+
+def _check_labels_shape(x: torch.Tensor, y) -> None:
+    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"y must be an integer tensor, got {type(y).__name__} {getattr(y, 'dtype', '')}")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"y must have shape [{x.shape[0]}] to match x {tuple(x.shape)}, got {tuple(y.shape)}")
+
+
+def _check_labels_range(y: torch.Tensor, num_classes: int) -> None:
+    lo, hi = (int(v) for v in torch.aminmax(y))
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
+
+
+def _check_num_classes(num_classes) -> None:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+
+
+def _check_batch_size(batch_size) -> None:
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise ValueError(f"batch_size must be None or an integer >= 1, got {batch_size!r}")
+
+
+def _check_batch(x, y, num_classes, batch_size) -> None:
+    """The inputs of every registry attack: images in [0, 1], labels in range, a valid chunk size."""
+    _check_num_classes(num_classes)
+    _check_batch_size(batch_size)
+    _check_images(x)
+    _check_labels_shape(x, y)
+    _check_labels_range(y, num_classes)
+
+
+def _cross_entropy_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+def _summed(loss_fn: LossFn) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The summed per-example loss (the default cross-entropy sums in one kernel)."""
+    if loss_fn is F.cross_entropy:
+        return _cross_entropy_sum
+    return lambda logits, y: loss_fn(logits, y, reduction="none").sum()
+
+
+def _resolve_loss(loss) -> LossFn:
+    if loss is None:
+        return F.cross_entropy
+    if isinstance(loss, str):
+        from .losses import get_loss
+
+        return get_loss(loss)
+    if not callable(loss):
+        raise ValueError(f"loss must be None, a loss name or a callable, got {type(loss).__name__}")
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _model_mode(model: nn.Module, train: bool):
+    """Put ``model`` in train/eval mode; restore every submodule's own flag afterwards."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.train(train)
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def _autocast(x: torch.Tensor, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=x.device.type, dtype=dtype)
+
+
+def _noise(kind: str, x: torch.Tensor, generator) -> torch.Tensor:
+    """``rand`` (U[0,1)) or ``randn`` noise shaped like ``x``, drawn from ``generator``."""
+    fn = torch.rand if kind == "rand" else torch.randn
+    if generator is None:
+        return fn(x.shape, dtype=x.dtype, device=x.device)
+    return fn(x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-example vector ``[N]`` viewed as ``[N, 1, 1, ...]`` to broadcast against ``x``."""
+    return v.view(-1, *([1] * (x.ndim - 1)))
+
+
+def _l2_norms(t: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(t.flatten(1), dim=1)
+
+
+def draw_start(kind: str, x: torch.Tensor, norm: str, eps: float, generator) -> tuple[torch.Tensor, ...]:
+    """The random draws that start one attack on ``x``, from ``generator`` (the global RNG if None):
+    ``pgd``: a uniform offset in the l_inf ball, or a Gaussian direction and a uniform radius for
+    l_2 (Rice et al.); ``trades``: Gaussian noise (TRADES' start). Drawing apart from the iterations
+    lets a captured training step take them as inputs (:mod:`ncrobust.train`)."""
+    if kind == "trades":
+        return (_noise("randn", x, generator),)
+    if norm == "linf":
+        if generator is None or generator.device == x.device:
+            return (torch.empty_like(x).uniform_(-eps, eps, generator=generator),)
+        return (_noise("rand", x, generator).mul_(2 * eps).sub_(eps),)  # U[-eps, eps)
+    direction = _noise("randn", x, generator)
+    if generator is None:
+        radius = torch.rand(x.shape[0], dtype=x.dtype, device=x.device)
+    else:
+        radius = torch.rand(x.shape[0], generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
+    return direction, radius
+
+
+def pgd_start(x: torch.Tensor, noise: tuple[torch.Tensor, ...], norm: str, eps: float) -> torch.Tensor:
+    """PGD's random start from :func:`draw_start` (``noise`` is consumed), in the ball and [0, 1]."""
+    if norm == "linf":
+        (delta,) = noise
+    else:
+        delta, radius = noise
+        n = _l2_norms(delta).clamp_min_(_NORM_FLOOR)
+        delta.mul_(_bcast(radius.mul(eps).div_(n), x))
+    return delta.add_(x).clamp_(0.0, 1.0)
+
+
+def _linf_bounds(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
+
+
+@torch.no_grad()
+def _step_(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, bounds, *, norm: str, eps: float,
+           step_size: float) -> None:
+    """One ascent step along ``grad`` (in place on ``x_adv``), then projection; ``grad`` is consumed."""
+    if norm == "linf":
+        x_adv.add_(grad.sign_(), alpha=step_size)
+        x_adv.clamp_(min=bounds[0], max=bounds[1])
+    else:
+        scale = _l2_norms(grad).add_(_L2_GRAD_GUARD).reciprocal_().mul_(step_size)
+        x_adv.addcmul_(grad, _bcast(scale, x))
+        delta = x_adv.sub_(x)  # x_adv now holds delta
+        factor = torch.clamp(eps / _l2_norms(delta).clamp_min_(_NORM_FLOOR), max=1.0)
+        delta.mul_(_bcast(factor, x)).add_(x).clamp_(0.0, 1.0)
+
+
+def _project(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """Projection on the ball and [0, 1] (in place); a no-op up to rounding on PGD's iterates."""
+    if norm == "linf":
+        lo, hi = _linf_bounds(x, eps)
+        return x_adv.clamp_(min=lo, max=hi)
+    delta = x_adv.sub_(x)
+    factor = torch.clamp(eps / _l2_norms(delta).clamp_min_(_NORM_FLOOR), max=1.0)
+    return delta.mul_(_bcast(factor, x)).add_(x).clamp_(0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# PGD
+# --------------------------------------------------------------------------------------------
+
+
+def _pgd_run(model, x, y, *, norm, eps, step_size, steps, random_start, targeted, loss_fn, generator,
+             autocast_dtype, check_labels) -> torch.Tensor:
+    """One restart of PGD; the model is already in the wanted mode."""
+    x_adv = pgd_start(x, draw_start("pgd", x, norm, eps, generator), norm, eps) if random_start else x.clone()
+    return pgd_from_start(model, x, y, x_adv, norm=norm, eps=eps, step_size=step_size, steps=steps, targeted=targeted,
+                          loss_fn=loss_fn, autocast_dtype=autocast_dtype, check_labels=check_labels)
+
+
+def pgd_from_start(model, x, y, x_adv, *, norm, eps, step_size, steps, targeted=False, loss_fn=F.cross_entropy,
+                   autocast_dtype=None, check_labels=False) -> torch.Tensor:
+    """PGD's iterations from the start ``x_adv`` (consumed), in the model's current mode, on
+    validated arguments: the body that :func:`pgd` and the captured training step share."""
+    x_adv.requires_grad_(True)
+    bounds = _linf_bounds(x, eps) if norm == "linf" else None
+    summed = _summed(loss_fn)
+    for i in range(steps):
+        with torch.enable_grad():
+            with _autocast(x, autocast_dtype):
+                logits = model(x_adv)
+            if check_labels and i == 0:
+                _check_labels_range(y, logits.shape[1])
+            loss = summed(logits, y)
+            if targeted:
+                loss = -loss
+            (grad,) = torch.autograd.grad(loss, x_adv)
+        _step_(x_adv, grad, x, bounds, norm=norm, eps=eps, step_size=step_size)
+    return x_adv.detach()
+
+
+@torch.no_grad()
+def _per_example_loss(model, x_adv, y, loss_fn, autocast_dtype) -> torch.Tensor:
+    with _autocast(x_adv, autocast_dtype):
+        logits = model(x_adv)
+    return loss_fn(logits.float(), y, reduction="none")
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    norm: str,
+    eps: float,
+    step_size: float,
+    steps: int,
+    random_start: bool = True,
+    restarts: int = 1,
+    targeted: bool = False,
+    loss: LossFn | str | None = None,
+    generator: torch.Generator | None = None,
+    train_mode: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Projected gradient descent (Madry et al. 2018) in the ``norm`` ball of radius ``eps``.
+
+    Ascends ``loss(model(x_adv), y)`` (cross-entropy by default; any ``ncrobust.losses`` function),
+    or descends it when ``targeted`` (``y`` then holds the targets). With ``restarts > 1`` the
+    worst case per example over the restarts is returned (judged by the final loss).
+    ``train_mode`` selects the model mode during the attack: ``False`` for evaluation attacks
+    (eval mode), ``True`` for training-time PGD (BatchNorm in train mode, as Madry/Rice/Su; the
+    BatchNorm running statistics are then updated by the attack's forward passes).
+    ``autocast_dtype`` (e.g. ``torch.bfloat16`` on a GPU) wraps the attack's forward passes in
+    ``torch.autocast``. Returns detached inputs in [0, 1] within the ball, dtype/device of ``x``.
+    """
+    threat = ThreatModel(norm, float(eps), float(step_size), steps)
+    _check_restarts(restarts)
+    _check_images(x)
+    _check_labels_shape(x, y)
+    return _pgd(model, x.detach(), y.to(x.device), threat, random_start=random_start, restarts=restarts, targeted=targeted,
+                loss_fn=_resolve_loss(loss), generator=generator, train_mode=train_mode, autocast_dtype=autocast_dtype,
+                check_labels=True)
+
+
+def _pgd(model, x, y, threat: ThreatModel, *, random_start, restarts, targeted, loss_fn, generator, train_mode,
+         autocast_dtype, check_labels) -> torch.Tensor:
+    """:func:`pgd` on validated arguments (the registry validates once per call, not per chunk)."""
+    kw = dict(norm=threat.norm, eps=threat.eps, step_size=threat.step_size, steps=threat.steps, random_start=random_start,
+              targeted=targeted, loss_fn=loss_fn, generator=generator, autocast_dtype=autocast_dtype)
+    with _model_mode(model, train_mode):
+        best = _pgd_run(model, x, y, check_labels=check_labels, **kw)
+        if restarts == 1:
+            return best
+        sign = -1.0 if targeted else 1.0  # maximise sign * loss
+        best_loss = sign * _per_example_loss(model, best, y, loss_fn, autocast_dtype)
+        for _ in range(restarts - 1):
+            cand = _pgd_run(model, x, y, check_labels=False, **kw)
+            cand_loss = sign * _per_example_loss(model, cand, y, loss_fn, autocast_dtype)
+            better = cand_loss > best_loss
+            best[better] = cand[better]
+            best_loss = torch.where(better, cand_loss, best_loss)
+        return best
+
+
+# --------------------------------------------------------------------------------------------
+# TRADES
+# --------------------------------------------------------------------------------------------
+
+
+def trades_kl(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    norm: str,
+    eps: float,
+    step_size: float,
+    steps: int,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The TRADES inner maximisation (Zhang et al. 2019), crafted in eval mode.
+
+    Maximises ``KL(softmax(model(x_adv)) || softmax(model(x)))`` computed as
+    ``kl_div(log_softmax(model(x_adv)), softmax(model(x)), reduction="sum")`` from the start
+    ``x + 0.001 * N(0, I)`` (as TRADES' code). ``linf``: sign steps of ``step_size``, clamp to the
+    ball and [0, 1]. ``l2`` (TRADES' code, with our conventions): the per-example normalised
+    gradient step of size ``step_size`` (TRADES' code uses ``2 * eps / steps``; a zero gradient
+    gives no step here instead of TRADES' random direction), then clamp to [0, 1] and renorm the
+    perturbation to the eps-ball. ``softmax(model(x))`` is a constant in eval mode and is computed
+    once. The model's modes are restored afterwards.
+    """
+    threat = ThreatModel(norm, float(eps), float(step_size), steps)
+    _check_images(x)
+    return _trades_kl(model, x.detach(), threat, generator=generator, autocast_dtype=autocast_dtype)
+
+
+def _trades_kl(model, x, threat: ThreatModel, *, generator, autocast_dtype) -> torch.Tensor:
+    """:func:`trades_kl` on validated arguments."""
+    with _model_mode(model, False):
+        return trades_from_start(model, x, trades_start(x, draw_start("trades", x, threat.norm, threat.eps, generator)), threat,
+                                 autocast_dtype=autocast_dtype)
+
+
+def trades_start(x: torch.Tensor, noise: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """TRADES' start ``x + 0.001 * z`` from :func:`draw_start` (``noise`` is consumed)."""
+    return noise[0].mul_(0.001).add_(x)
+
+
+def trades_from_start(model, x, x_adv, threat: ThreatModel, *, autocast_dtype=None) -> torch.Tensor:
+    """TRADES' KL iterations from ``x_adv`` (consumed) in the model's current mode: the body that
+    :func:`trades_kl` (in eval mode) and the captured training step share."""
+    norm, eps, step_size, steps = threat.norm, threat.eps, threat.step_size, threat.steps
+    bounds = _linf_bounds(x, eps) if norm == "linf" else None
+    with torch.no_grad(), _autocast(x, autocast_dtype):
+        p_nat = F.softmax(model(x).float(), dim=1)
+    x_adv.requires_grad_(True)
+    for _ in range(steps):
+        with torch.enable_grad():
+            with _autocast(x, autocast_dtype):
+                logits = model(x_adv)
+            kl = F.kl_div(F.log_softmax(logits.float(), dim=1), p_nat, reduction="sum")
+            (grad,) = torch.autograd.grad(kl, x_adv)
+        if norm == "linf":
+            _step_(x_adv, grad, x, bounds, norm=norm, eps=eps, step_size=step_size)
+        else:  # a zero gradient gives no step
+            with torch.no_grad():
+                scale = _l2_norms(grad)
+                scale = torch.where(scale > 0, step_size / scale.clamp_min(_NORM_FLOOR), 0.0)
+                delta = x_adv.addcmul_(grad, _bcast(scale, x)).clamp_(0.0, 1.0).sub_(x)
+                factor = torch.clamp(eps / _l2_norms(delta).clamp_min_(_NORM_FLOOR), max=1.0)
+                delta.mul_(_bcast(factor, x)).add_(x).clamp_(0.0, 1.0)
+    return x_adv.detach()
+
+
+# --------------------------------------------------------------------------------------------
+# Random perturbations
+# --------------------------------------------------------------------------------------------
+
+
+def _sized_noise(kind: str, x: torch.Tensor, eps: float, norm: str, generator) -> torch.Tensor:
+    """Noise of the threat model's size in its own norm: ``linf`` per pixel (``eps * z``), ``l2`` a
+    random direction ``z / ||z||_2`` of length ``eps`` per example (``z`` Gaussian, or its signs)."""
+    z = _noise("randn", x, generator)
+    if kind == "sign":
+        z.sign_()
+    if norm == "l2":
+        z.mul_(_bcast(_l2_norms(z).clamp_min_(_NORM_FLOOR).reciprocal_(), z))
+    return z.mul_(float(eps)).add_(x.detach()).clamp_(0.0, 1.0)
+
+
+def gaussian(x: torch.Tensor, *, eps: float, norm: str = "linf", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gaussian noise of the threat model's size, clamped to [0, 1].
+
+    ``linf``: ``x + eps * N(0, I)``, a per-pixel standard deviation of ``eps`` (Su et al.'s evaluation
+    uses 8/255 per pixel; not norm-bounded). ``l2``: ``x + eps * z / ||z||_2`` with ``z ~ N(0, I)``, a
+    uniformly random direction of l2 length ``eps`` (per-pixel eps would be ``sqrt(D)`` times the
+    budget: an l2 norm of 20 for 128/255 on CIFAR).
+    """
+    _check_norm(norm)
+    _check_eps(eps)
+    _check_images(x)
+    return _sized_noise("gaussian", x, eps, norm, generator)
+
+
+def random_sign(x: torch.Tensor, *, eps: float, norm: str = "linf", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random-sign noise of the threat model's size, clamped to [0, 1]: ``linf`` a random corner
+    ``x + eps * sign(z)`` of the ball; ``l2`` the same direction scaled to l2 length ``eps``
+    (``eps / sqrt(D)`` per pixel)."""
+    _check_norm(norm)
+    _check_eps(eps)
+    _check_images(x)
+    return _sized_noise("sign", x, eps, norm, generator)
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluation registry
+# --------------------------------------------------------------------------------------------
+
+
+def target_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The targets of ``pgd-targeted``: ``(y + 1) mod C``."""
+    _check_num_classes(num_classes)
+    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(f"y must be an integer tensor, got {type(y).__name__} {getattr(y, 'dtype', '')}")
+    if y.numel():
+        _check_labels_range(y, num_classes)
+    return (y + 1) % num_classes
+
+
+def _chunked(fn, x: torch.Tensor, y: torch.Tensor | None, batch_size: int | None) -> torch.Tensor:
+    n = x.shape[0]
+    if batch_size is None or batch_size >= n:
+        return fn(x, y)
+    out = torch.empty_like(x)
+    for i in range(0, n, batch_size):
+        j = min(i + batch_size, n)
+        out[i:j] = fn(x[i:j], None if y is None else y[i:j])
+    return out
+
+
+def perturb(
+    name: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    threat: ThreatModel,
+    num_classes: int,
+    generator: torch.Generator | None = None,
+    loss: LossFn | str | None = None,
+    steps: int | None = None,
+    step_size: float | None = None,
+    restarts: int = 1,
+    eps: float | None = None,
+    batch_size: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Apply evaluation perturbation ``name`` (one of ``PERTURBATIONS``) under ``threat``.
+
+    - ``clean``: ``x`` unchanged (detached).
+    - ``pgd``: untargeted PGD in eval mode with the threat's norm, eps, step size and steps.
+    - ``pgd-targeted``: targeted PGD to ``target_labels(y, num_classes)``; ``y`` holds true labels.
+    - ``gaussian`` / ``sign``: :func:`gaussian` / :func:`random_sign` of size ``threat.eps`` in the
+      threat's norm (per pixel for ``linf``, the l2 length for ``l2``).
+    - ``trades-kl``: TRADES's KL inner maximisation (:func:`trades_kl`) against the model itself.
+
+    ``steps``, ``step_size``, ``restarts`` and ``eps`` override the threat's values for this call.
+    ``batch_size`` processes ``x`` in chunks of that many examples (bounded memory for any split
+    size); the random stream then continues from chunk to chunk, so results depend on it.
+    """
+    if name not in PERTURBATIONS:
+        raise ValueError(f"unknown perturbation {name!r}; allowed: {', '.join(PERTURBATIONS)}")
+    if not isinstance(threat, ThreatModel):
+        raise ValueError(f"threat must be a ThreatModel, got {type(threat).__name__}")
+    _check_restarts(restarts)
+    _check_batch(x, y, num_classes, batch_size)
+    eps_ = threat.eps if eps is None else eps
+    _check_eps(eps_)
+    if name == "clean":
+        return x.detach()
+    if name in ("gaussian", "sign"):
+        return _chunked(lambda xb, _: _sized_noise(name, xb, eps_, threat.norm, generator), x, None, batch_size)
+    t = ThreatModel(threat.norm, eps_, threat.step_size if step_size is None else step_size,
+                    threat.steps if steps is None else steps)
+    x = x.detach()
+    if name == "trades-kl":
+        return _chunked(lambda xb, _: _trades_kl(model, xb, t, generator=generator, autocast_dtype=autocast_dtype),
+                        x, None, batch_size)
+    targeted = name == "pgd-targeted"
+    labels = (y + 1) % num_classes if targeted else y  # target_labels, on labels checked above
+    loss_fn = _resolve_loss(loss)
+
+    def run(xb, yb):
+        return _pgd(model, xb, yb.to(xb.device), t, random_start=True, restarts=restarts, targeted=targeted, loss_fn=loss_fn,
+                    generator=generator, train_mode=False, autocast_dtype=autocast_dtype, check_labels=False)
+
+    return _chunked(run, x, labels, batch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Strong attacks (checks of the evaluation)
+# --------------------------------------------------------------------------------------------
+
+
+def _torchattacks_apgd(name, model, x, y, *, threat, num_classes, seed):
+    import torchattacks
+
+    norm = {"linf": "Linf", "l2": "L2"}[threat.norm]
+    if name == "apgd-ce":
+        attack = torchattacks.APGD(model, norm=norm, eps=threat.eps, steps=APGD_STEPS, n_restarts=APGD_RESTARTS,
+                                   seed=seed, loss="ce", eot_iter=1, rho=APGD_RHO, verbose=False)
+    else:
+        # torchattacks attacks the top-(n_classes - 1) other classes: AutoAttack's 9 target
+        # classes are n_classes = 10 (fewer when the dataset has fewer classes).
+        attack = torchattacks.APGDT(model, norm=norm, eps=threat.eps, steps=APGD_STEPS, n_restarts=APGD_RESTARTS,
+                                    seed=seed, eot_iter=1, rho=APGD_RHO, verbose=False,
+                                    n_classes=min(num_classes, APGDT_TARGET_CLASSES + 1))
+    attack.set_device(x.device)
+    # torchattacks seeds the *global* RNG (torch.random.manual_seed); keep the caller's RNG intact.
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        out = attack(x, y)
+    return out.detach().to(dtype=x.dtype)
+
+
+def strong_attack(
+    name: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    threat: ThreatModel,
+    num_classes: int,
+    seed: int,
+    batch_size: int | None = None,
+    loss: LossFn | str | None = None,
+) -> torch.Tensor:
+    """A stronger untargeted evaluation attack, in eval mode, under ``threat``'s norm and eps.
+
+    - ``pgd-strong``: :func:`pgd` with ``PGD_STRONG_RESTARTS`` = 5 restarts of ``PGD_STRONG_STEPS``
+      = 50 steps of size ``eps / 4`` (both norms), worst case per example kept; the random starts
+      come from ``torch.Generator(x.device).manual_seed(seed)``; it ascends ``loss`` (cross-entropy
+      by default; the workflow passes the cell's loss, as for the evaluation's ``pgd``).
+    - ``apgd-ce``: ``torchattacks.APGD`` with AutoAttack's standard settings: 100 iterations (the
+      torchattacks default is 10), 1 restart, ``rho = 0.75``, CE loss, ``seed``.
+    - ``apgd-t``: ``torchattacks.APGDT`` (targeted DLR loss): 100 iterations, 1 restart, 9 target
+      classes (``min(9, C - 1)``), ``rho = 0.75``; needs ``C >= 4`` (the DLR loss uses the 4th logit).
+
+    The step schedule ignores ``threat.step_size`` / ``threat.steps``. torchattacks seeds the
+    global RNG; it is forked so the caller's RNG state is unchanged. Modes are restored afterwards.
+    """
+    if name not in STRONG_ATTACKS:
+        raise ValueError(f"unknown strong attack {name!r}; allowed: {', '.join(STRONG_ATTACKS)}")
+    if not isinstance(threat, ThreatModel):
+        raise ValueError(f"threat must be a ThreatModel, got {type(threat).__name__}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    _check_batch(x, y, num_classes, batch_size)
+    y = y.to(x.device)
+    x = x.detach()
+    if name == "pgd-strong":
+        if threat.eps == 0:
+            return x
+        generator = torch.Generator(device=x.device).manual_seed(seed)
+
+        def run(xb, yb):
+            return pgd(model, xb, yb, norm=threat.norm, eps=threat.eps, step_size=PGD_STRONG_STEP_FRACTION * threat.eps,
+                       steps=PGD_STRONG_STEPS, restarts=PGD_STRONG_RESTARTS, generator=generator, train_mode=False, loss=loss)
+
+        return _chunked(run, x, y, batch_size)
+    if x.ndim != 4:
+        raise ValueError(f"{name} (torchattacks) needs images [N, C, H, W], got shape {tuple(x.shape)}")
+    if name == "apgd-t" and num_classes < 4:
+        raise ValueError(f"apgd-t needs at least 4 classes (targeted DLR loss), got {num_classes}")
+
+    def run_apgd(xb, yb):
+        out = _torchattacks_apgd(name, model, xb, yb, threat=threat, num_classes=num_classes, seed=seed)
+        return _project(out, xb, threat.norm, threat.eps)  # remove torchattacks' 1e-12 slack
+
+    with _model_mode(model, False):
+        return _chunked(run_apgd, x, y, batch_size)

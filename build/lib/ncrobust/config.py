@@ -1,0 +1,360 @@
+"""Config validation at parse time: a JSON schema, then the checks a schema cannot express.
+
+A bad config raises :class:`ConfigError` with one line naming the key, the value and what is
+allowed, before any job starts. Defaults from the schema are filled in.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+# Shipped inside the package (a non-editable install has no workflow/ beside it);
+# workflow/schemas/config.schema.yaml is a link to it, where the workflow template keeps schemas.
+SCHEMA_PATH = Path(__file__).resolve().with_name("config.schema.yaml")
+REAL_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "imagenette")
+# What a model is built for, per dataset, as the loaders produce it: (channels, image side, classes);
+# imagenette's side is its `image_size` option. Lets model options be checked without the data.
+DATASET_SHAPES = {
+    "digits": (1, 8, 10),
+    "mnist": (1, 28, 10),
+    "fashion_mnist": (1, 28, 10),
+    "cifar10": (3, 32, 10),
+    "cifar100": (3, 32, 100),
+    "imagenette": (3, None, 10),
+}
+# Loader keywords the workflow sets itself, and options it handles before the loader.
+_LOADER_ARGUMENTS = ("root", "download", "seed")
+_WORKFLOW_OPTIONS = ("split_seed",)
+
+
+class ConfigError(ValueError):
+    """A config value is not allowed; the message is one line: key, value, what is allowed."""
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def _explain(error: jsonschema.ValidationError) -> str:
+    key, value, v, arg = _key(error.absolute_path), error.instance, error.validator, error.validator_value
+    if v == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(value) - set(allowed)) if isinstance(value, dict) else []
+        where = f" under {key}" if error.absolute_path else ""
+        return f"unknown key {', '.join(map(repr, extra))}{where}; allowed: {', '.join(allowed)}"
+    if v == "required":
+        missing = [k for k in arg if k not in value]
+        return f"missing key {_key([*error.absolute_path, missing[0]])}"
+    if v == "propertyNames":
+        allowed = error.schema["propertyNames"].get("enum", [])
+        return f"{key}: unknown name {error.instance!r}; allowed: {', '.join(allowed)}"
+    if v == "enum":
+        return f"{key} = {value!r}: not allowed; allowed: {', '.join(map(str, arg))}"
+    if v == "type":
+        return f"{key} = {value!r}: must be of type {arg if isinstance(arg, str) else ' or '.join(arg)}"
+    if v in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[v]
+        return f"{key} = {value!r}: must be {op} {arg}"
+    if v == "minItems":
+        return f"{key} = {value!r}: must have at least {arg} item(s)"
+    if v == "uniqueItems":
+        return f"{key} = {value!r}: duplicate entries are not allowed"
+    if v == "minProperties":
+        return f"{key} = {value!r}: must name at least {arg} entry"
+    return f"{key} = {value!r}: {error.message}"
+
+
+def _fill_defaults(instance, schema, root):
+    """Insert schema ``default`` values for missing object properties (recursively)."""
+    if "$ref" in schema:
+        schema = root["definitions"][schema["$ref"].split("/")[-1]]
+    if isinstance(instance, dict):
+        for name, sub in schema.get("properties", {}).items():
+            if name not in instance and "default" in sub:
+                instance[name] = copy.deepcopy(sub["default"])
+            if name in instance:
+                _fill_defaults(instance[name], sub, root)
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            for name, value in instance.items():
+                if name not in schema.get("properties", {}):
+                    _fill_defaults(value, extra, root)
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """A YAML config file as a dict; a missing or unreadable file, a YAML syntax error (with its
+    line and column) or a file that is not a mapping is one :class:`ConfigError` line naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found (give an existing file to --configfile)") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: config file cannot be read ({err.strerror})") from None
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context = getattr(err, "context", None)
+        raise ConfigError(f"{where}: YAML syntax error: {problem}{f' ({context})' if context else ''}") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: a config file must be a YAML mapping (key: value), got {type(config).__name__}")
+    return config
+
+
+def _typed(value):
+    """A scalar string as YAML would type it (``"3"`` -> 3, ``"1e-3"`` -> 0.001, ``"true"`` -> True)."""
+    if isinstance(value, dict):
+        return {k: _typed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if isinstance(parsed, (bool, int, float)) or parsed is None:
+        return parsed
+    try:
+        return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+    except ValueError:
+        return value
+
+
+def typed_overrides(overrides: Mapping) -> dict:
+    """``--config`` overrides with YAML's types. Snakemake parses a nested value such as
+    ``--config training='{"epochs": 3, "checkpoints": [3]}'`` with YAML's BaseLoader, which leaves
+    every scalar inside a string (``"3"``); a top-level value is already typed."""
+    return {key: _typed(value) for key, value in overrides.items()}
+
+
+def merge(base: Mapping, overrides: Mapping) -> dict:
+    """``base`` with ``overrides`` merged in key by key (nested mappings merged, anything else
+    replaced): the way Snakemake applies ``--config`` to the config files."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _coerce_numbers(instance, schema, root):
+    """Return ``instance`` with integers at schema ``type: number`` places turned into floats, so
+    that ``eps: 1`` and ``eps: 1.0`` are the same config: a job reruns when the text of its config
+    slice changes (:mod:`ncrobust.stages`), and ``repr(1) != repr(1.0)``. Dicts and lists are
+    updated in place."""
+    if "$ref" in schema:
+        schema = root["definitions"][schema["$ref"].split("/")[-1]]
+    types = schema.get("type")
+    types = [types] if isinstance(types, str) else types or []
+    if "number" in types and "integer" not in types and isinstance(instance, int) and not isinstance(instance, bool):
+        return float(instance)
+    if isinstance(instance, dict):
+        extra = schema.get("additionalProperties")
+        for name, value in instance.items():
+            sub = schema.get("properties", {}).get(name, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                instance[name] = _coerce_numbers(value, sub, root)
+    elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        instance[:] = [_coerce_numbers(value, schema["items"], root) for value in instance]
+    return instance
+
+
+def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
+    with open(path) as fh:
+        return yaml.safe_load(fh)
+
+
+def validate_config(config: dict, *, schema_path: str | Path = SCHEMA_PATH, base_dir: str | Path = ".") -> dict:
+    """Validate ``config``, fill defaults, and return it; raise :class:`ConfigError` on the first problem."""
+    schema = load_schema(schema_path)
+    validator = jsonschema.Draft7Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        raise ConfigError(_explain(errors[0]))
+    config = copy.deepcopy(config)
+    _fill_defaults(config, schema, schema)
+    _coerce_numbers(config, schema, schema)
+    _check_semantics(config, Path(base_dir))
+    return config
+
+
+def _check_semantics(config: dict, base_dir: Path) -> None:
+    _check_finite(config)
+    _check_results_path(config, base_dir)
+    training = config["training"]
+    epochs, checkpoints = training["epochs"], training["checkpoints"]
+    if checkpoints != sorted(checkpoints):
+        raise ConfigError(f"training.checkpoints = {checkpoints}: must be increasing")
+    if checkpoints[-1] != epochs or checkpoints[0] < 1:
+        raise ConfigError(f"training.checkpoints = {checkpoints}: must lie in 1..{epochs} and end at training.epochs = {epochs}")
+    schedule = training["schedule"]
+    if len(schedule["milestones"]) != len(schedule["factors"]):
+        raise ConfigError(
+            f"training.schedule.factors = {schedule['factors']}: needs one factor per milestone ({schedule['milestones']})"
+        )
+    evaluation = config["evaluation"]
+    allowed_epochs = [0, *checkpoints]
+    for e in evaluation.get("epochs", []):
+        if e not in allowed_epochs:
+            raise ConfigError(f"evaluation.epochs: {e} is not a checkpoint epoch; allowed: {allowed_epochs}")
+    datasets = config["datasets"]
+    for ds in config["grid"]["dataset"]:
+        if ds not in datasets:
+            raise ConfigError(f"grid.dataset = {ds!r}: no entry datasets.{ds} (threat models) in the config")
+        threat = datasets[ds]["threat"]
+        needed = {a.split("-")[1] for a in config["grid"]["adversary"] if a != "st"}
+        if "st" in config["grid"]["adversary"]:
+            needed.add(datasets[ds]["norm"])
+            needed.update(config["evaluation"].get("norms", []))
+        for norm in sorted(needed):
+            if norm not in threat:
+                raise ConfigError(f"datasets.{ds}.threat has no {norm!r} threat model; needed by the grid's adversaries")
+        if ds in REAL_DATASETS and not config["download"]:
+            root = Path(config["data_root"])
+            root = root if root.is_absolute() else base_dir / root
+            if not root.is_dir():
+                raise ConfigError(
+                    f"data_root = {config['data_root']!r}: directory does not exist; dataset {ds!r} needs it "
+                    "(pre-stage the dataset there, or set download: true on a machine with internet)"
+                )
+    _check_dataset_options(config)
+    _check_model_options(config)
+
+
+def _check_finite(node, path=()) -> None:
+    """NaN and infinity pass a schema's ranges (every comparison with NaN is false): refuse them
+    anywhere."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_finite(value, (*path, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_finite(value, (*path, i))
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{_key(path)} = {node!r}: must be a finite number")
+
+
+def _check_results_path(config: dict, base_dir: Path) -> None:
+    """The results directory can be created and written: its nearest existing ancestor is a
+    writable directory (not a regular file)."""
+    results = Path(config["results"])
+    path = results if results.is_absolute() else base_dir / results
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a regular file" if existing.is_file() else "is not a directory"
+        raise ConfigError(f"results = {config['results']!r}: {existing} {what}; choose another results directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"results = {config['results']!r}: {existing} is not writable by this user; "
+            "choose a results directory you can write"
+        )
+
+
+def _loader_options(dataset: str) -> dict[str, inspect.Parameter]:
+    """The options of a dataset's loader (its keyword parameters the workflow does not set)."""
+    from . import data
+
+    params = inspect.signature(data.loader(dataset)).parameters
+    return {name: p for name, p in params.items() if name not in _LOADER_ARGUMENTS}
+
+
+def _check_dataset_options(config: dict) -> None:
+    """Option names against each loader's keywords (ranges are in the schema)."""
+    for dataset in config["grid"]["dataset"]:
+        options = config["datasets"][dataset].get("options", {})
+        if not options:
+            continue  # nothing to check, and no need to import the loaders (and torch) for it
+        allowed = [*_loader_options(dataset), *_WORKFLOW_OPTIONS]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ConfigError(
+                f"datasets.{dataset}.options: unknown option {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}"
+            )
+
+
+def _model_input(dataset: str, options: dict) -> tuple[int, int, int]:
+    chans, side, classes = DATASET_SHAPES[dataset]
+    if side is None:
+        side = options.get("image_size", _loader_options(dataset)["image_size"].default)
+    return chans, side, classes
+
+
+def _check_model_options(config: dict) -> None:
+    """Each grid model with its ``models.<name>`` options is built (on the CPU, once per input
+    shape) for each grid dataset, so that an unknown option or a value the constructor refuses
+    (``depth: 0``, a ``convnet`` that pools a small image to nothing) stops here, not in a job."""
+    options = config.get("models", {})
+    if not options:
+        return  # every model with its constructor's defaults (and no torch import at parse time)
+    from .models import list_models
+
+    known = list_models()
+    for name in options:
+        if name not in known:
+            raise ConfigError(f"models.{name}: unknown model; known: {', '.join(known)}")
+    shapes = sorted({_model_input(ds, config["datasets"][ds].get("options", {})) for ds in config["grid"]["dataset"]})
+    for name in config["grid"]["model"]:
+        kwargs = options.get(name, {})
+        if not kwargs:
+            continue  # the constructor's defaults
+        for chans, side, classes in shapes:
+            _build(name, kwargs, chans, side, classes)
+
+
+def _build(name: str, kwargs: dict, chans: int, side: int, classes: int) -> None:
+    import torch
+
+    from .models import create_model
+
+    shape = dict(num_classes=classes, in_chans=chans, image_size=side, mean=[0.5] * chans, std=[0.25] * chans)
+    with torch.random.fork_rng(devices=[]):
+        try:
+            create_model(name, **shape, **kwargs)
+        except ValueError as err:
+            if str(err).startswith("unknown option"):
+                raise ConfigError(f"models.{name}: {err}") from None
+            raise ConfigError(f"models.{name} = {kwargs!r}: {err} (for {chans}x{side}x{side} images)") from None
+        except TypeError as err:  # a value of the wrong type reaching the constructor
+            raise ConfigError(f"models.{name} = {kwargs!r}: {err}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ncrobust.config FILE [FILE ...]``: check config files (merged in order, as
+    ``--configfile A B``) without Snakemake; one line per problem, exit status 1 if any."""
+    files = sys.argv[1:] if argv is None else argv
+    if not files:
+        print("usage: python -m ncrobust.config FILE [FILE ...]", file=sys.stderr)
+        return 2
+    try:
+        config: dict = {}
+        for f in files:
+            config = merge(config, load_config_file(f))
+        validate_config(config)
+    except ConfigError as err:
+        print(f"ncrobust: config error: {err}", file=sys.stderr)
+        return 1
+    print(f"{' + '.join(files)}: valid")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""From a validated config to the objects of one grid cell.
+
+A cell is ``(dataset, model, loss, adversary, seed)``; everything a stage needs about it (the
+model's constructor options, the threat model, the training recipe) is resolved here, so that
+every stage reads the config the same way and an output depends only on its config slice.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attacks import ThreatModel
+from .cell import ADVERSARIES, Cell, adversary_kind  # noqa: F401  (re-exported)
+from .evaluation import EvaluationPlan
+from .losses import get_loss
+from .models import create_model
+from .seeding import generator, stream_seed  # noqa: F401  (re-exported)
+
+
+def threat_model(config: dict, cell: Cell, norm: str | None = None) -> ThreatModel:
+    """The cell's threat model: the adversary's norm, or the dataset's default norm for ``st``
+    (``norm`` picks another of the dataset's threat models)."""
+    ds = config["datasets"][cell.dataset]
+    if norm is None:
+        norm = ds["norm"] if adversary_kind(cell.adversary) == "st" else cell.adversary.split("-")[1]
+    if norm not in ds["threat"]:
+        raise ValueError(f"datasets.{cell.dataset}.threat has no {norm!r} entry (needed by adversary {cell.adversary})")
+    t = ds["threat"][norm]
+    return ThreatModel(norm=norm, eps=float(t["eps"]), step_size=float(t["step_size"]), steps=int(t["steps"]))
+
+
+def cell_loss(config: dict, cell: Cell):
+    """The cell's training loss with its options: also the loss every attack on the cell ascends."""
+    return get_loss(cell.loss, **config.get("losses", {}).get(cell.loss, {}))
+
+
+def evaluation_plan(config: dict, cell: Cell, *, keep_features: bool = False, projection_points: int = 300) -> EvaluationPlan:
+    """What the evaluation measures on every checkpoint of ``cell``: its own threat model first, and
+    for an ``st`` cell every other norm of ``evaluation.norms``; the cell's loss for the attacks."""
+    ev = config["evaluation"]
+    own = threat_model(config, cell)
+    extra = [n for n in ev.get("norms", []) if n != own.norm] if adversary_kind(cell.adversary) == "st" else []
+    return EvaluationPlan(
+        threats=(own, *(threat_model(config, cell, n) for n in extra)),
+        perturbations=dict(ev["perturbations"]),
+        splits=tuple(ev["splits"]),
+        batch_size=int(ev["batch_size"]),
+        layerwise=bool(ev["layerwise"]),
+        attack_loss=cell_loss(config, cell),
+        projection_points=projection_points,
+        keep_features=keep_features,
+        feature_dtype=ev["feature_dtype"],
+    )
+
+
+def build_model(config: dict, cell: Cell, data: dict) -> torch.nn.Module:
+    """The cell's model with the seed's initialisation (seeded here, so init is reproducible)."""
+    torch.manual_seed(cell.seed)
+    x = data["x_train"]
+    return create_model(
+        cell.model,
+        num_classes=len(data["classes"]),
+        in_chans=x.shape[1],
+        image_size=x.shape[-1],
+        mean=data["mean"],
+        std=data["std"],
+        **config.get("models", {}).get(cell.model, {}),
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was requested but torch sees no GPU; use device: auto or cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; allowed: auto, cpu, cuda")
+    return torch.device(name)

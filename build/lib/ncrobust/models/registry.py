@@ -1,0 +1,51 @@
+"""A small model registry: ``@register_model("name")`` on a constructor, ``create_model(name, ...)``."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from torch import nn
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register a constructor taking keyword arguments ``num_classes, in_chans, image_size, mean, std``."""
+
+    def decorate(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is registered twice")
+        _MODELS[name] = fn
+        return fn
+
+    return decorate
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    return sorted(_MODELS)
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int,
+    in_chans: int,
+    image_size: int,
+    mean: tuple[float, ...] | list[float],
+    std: tuple[float, ...] | list[float],
+    **kwargs,
+) -> nn.Module:
+    """Build model ``name``; ``kwargs`` are the family's own options (width, depth, ...)."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+    shape = dict(num_classes=num_classes, in_chans=in_chans, image_size=image_size, mean=mean, std=std)
+    try:
+        return _MODELS[name](**shape, **kwargs)
+    except TypeError as err:  # a misspelt option (config models.<name>) is bad input, not a bug
+        if "unexpected keyword argument" not in str(err):
+            raise
+        allowed = [p for p in inspect.signature(type(_MODELS[name](**shape)).__init__).parameters if p not in ("self", *shape)]
+        unknown = sorted(set(kwargs) - set(allowed)) or sorted(kwargs)
+        raise ValueError(f"unknown option {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}") from None

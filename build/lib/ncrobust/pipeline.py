@@ -1,0 +1,200 @@
+"""The workflow's stages as file-to-file functions: each Snakemake script makes exactly one of
+these calls. Everything here reads a validated config dict and paths, and writes atomically."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from . import data as datasets
+from .evaluation import evaluate_checkpoint
+from .experiment import Cell, build_model, cell_loss, evaluation_plan, resolve_device, threat_model
+from .io import CorruptFileError, load_torch, read_parquet, save_torch, write_parquet, write_text
+from .tables import ROBUSTNESS_COLUMNS, metrics_frame, stack, summary, summary_markdown, tag, training_frame
+from .train import Recipe, Schedule, initial_checkpoint, train_segment
+
+log = logging.getLogger("ncrobust")
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def setup(config: dict, threads: int | None = None, *, deterministic: bool = True) -> torch.device:
+    """Threads, kernel determinism and the device for one job.
+
+    ``deterministic``: deterministic kernels (warn where none exists), cuDNN autotuning off and a
+    fixed cuBLAS workspace, so that on a GPU a rerun and a chain of segments give the same bits.
+    Off: cuDNN autotuning on and no determinism (faster on a GPU: see the README; a no-op on the
+    CPU, whose kernels are deterministic anyway). ``set_deterministic_debug_mode("warn")`` is
+    ``use_deterministic_algorithms(True, warn_only=True)`` without its import of
+    ``torch._inductor`` (1.6 s, paid by every job). Nothing here is global to the GPU: two jobs
+    can share one (memory is allocated on demand by each process).
+    """
+    torch.set_num_threads(threads or config.get("threads", 1))
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, i.e. later
+        torch.set_deterministic_debug_mode("warn")
+    else:
+        torch.set_deterministic_debug_mode("default")
+    torch.backends.cudnn.benchmark = not deterministic
+    return resolve_device(config.get("device", "auto"))
+
+
+def place(model: torch.nn.Module, device: torch.device, *tensors: torch.Tensor):
+    """Model and resident data on ``device``; channels_last on a GPU (faster convolutions with
+    tensor cores), contiguous NCHW on the CPU."""
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(device=device, memory_format=fmt)
+    return (model, *(t.to(device).contiguous(memory_format=fmt) if t.ndim == 4 else t.to(device) for t in tensors))
+
+
+def load_dataset(path: str | os.PathLike) -> dict:
+    """A prepared dataset file, checked (a broken file names its path and the fix)."""
+    data = load_torch(path)
+    try:
+        datasets.validate(data)
+    except ValueError as err:
+        raise CorruptFileError.at(path, f"unreadable or corrupt: {err}") from err
+    return data
+
+
+def prepare_data(config: dict, dataset: str, output: str) -> None:
+    ds = config["datasets"][dataset]
+    options = dict(ds.get("options", {}))
+    seed = options.pop("split_seed", 0)
+    data = datasets.load(dataset, root=config["data_root"], download=config["download"], seed=seed, **options)
+    save_torch(data, output)
+    log.info("%s: %d train, %d test images of shape %s", dataset, len(data["y_train"]), len(data["y_test"]), tuple(data["x_train"].shape[1:]))
+
+
+def recipe(config: dict, cell: Cell) -> Recipe:
+    t = config["training"]
+    schedule = t["schedule"]
+    return Recipe(
+        adversary=cell.adversary,
+        loss=cell_loss(config, cell),
+        threat=threat_model(config, cell),
+        epochs=t["epochs"],
+        batch_size=t["batch_size"],
+        lr=t["optimizer"]["lr"],
+        momentum=t["optimizer"]["momentum"],
+        weight_decay=t["optimizer"]["weight_decay"],
+        schedule=Schedule(schedule["kind"], tuple(schedule["milestones"]), tuple(schedule["factors"])),
+        trades_beta=t["trades_beta"],
+        log_test_accuracy=t["log_test_accuracy"],
+        autocast_dtype=AUTOCAST[config.get("precision", "fp32")],
+        trades_bn=t.get("trades_bn", "train"),
+        pgd_clean_bn_pass=t.get("pgd_clean_bn_pass", False),
+        track_collapse=t.get("track_collapse", False),
+        cuda_graph=t.get("cuda_graph", True),
+    )
+
+
+def _deterministic(config: dict) -> bool:
+    return config["training"].get("deterministic", True)
+
+
+def init_cell(config: dict, cell: Cell, data_path: str, output: str) -> None:
+    """Epoch 0: the seeded initialisation."""
+    setup(config, deterministic=_deterministic(config))
+    data = load_dataset(data_path)
+    model = build_model(config, cell, data)
+    save_torch({**initial_checkpoint(model, recipe(config, cell)), "cell": cell.as_dict()}, output)
+
+
+def train_cell(config: dict, cell: Cell, data_path: str, previous: str, epoch: int, checkpoint_out: str, log_out: str) -> None:
+    """Train from the previous checkpoint to ``epoch``; write the checkpoint and the epoch log
+    (with the streaming NC columns of :data:`ncrobust.train.COLLAPSE_LOG_COLUMNS`)."""
+    device = setup(config, deterministic=_deterministic(config))
+    data = load_dataset(data_path)
+    ckpt = load_torch(previous, map_location=device)  # train_segment copies every tensor to where it is used
+    model, x_train, y_train, x_test, y_test = place(
+        build_model(config, cell, data), device, *datasets.as_float(data, "train"), *datasets.as_float(data, "test")
+    )
+    start = int(ckpt["epoch"])
+    with tqdm(total=epoch - start, desc=f"train {cell.adversary} seed{cell.seed} {start}->{epoch}", mininterval=5, ascii=True) as bar:
+        new, rows = train_segment(
+            model, ckpt, x_train, y_train, recipe=recipe(config, cell), end_epoch=epoch, seed=cell.seed,
+            x_test=x_test, y_test=y_test, num_classes=len(data["classes"]), progress=bar,
+        )
+    write_parquet(training_frame(rows, cell), log_out)
+    save_torch({**new, "cell": cell.as_dict()}, checkpoint_out)
+
+
+def evaluate_cell(
+    config: dict, cell: Cell, data_path: str, checkpoint: str, metrics_out: str, projection_out: str,
+    features_out: str | None = None, *, max_points: int = 300,
+) -> None:
+    """Evaluate one checkpoint (:func:`ncrobust.evaluation.evaluate_checkpoint`) and write its
+    metrics table, its simplex projection and (when ``features_out`` is given) the features.
+
+    One job rather than evaluate -> metrics: the metrics are computed while the attacked inputs
+    stream through the model, instead of a second job re-reading a features file (322 MB per
+    CIFAR checkpoint) after another queue wait.
+    """
+    device = setup(config)
+    data = load_dataset(data_path)
+    ckpt = load_torch(checkpoint, map_location=device)
+    model = build_model(config, cell, data).to(device)
+    model.load_state_dict(ckpt["model"])
+    epoch = int(ckpt["epoch"])
+    plan = evaluation_plan(config, cell, keep_features=features_out is not None, projection_points=max_points)
+    result = evaluate_checkpoint(model, data, plan, seed=cell.seed, epoch=epoch, device=device)
+    if features_out:
+        save_torch({**result.features, "cell": cell.as_dict()}, features_out)
+    write_parquet(metrics_frame(result.metrics, cell, epoch), metrics_out)
+    write_parquet(tag(result.projection, cell, epoch), projection_out)
+
+
+def robustness_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, output: str) -> None:
+    """Robust test accuracy of the final checkpoint under PGD-10 and the strong attacks."""
+    from .robustness import strong_evaluation
+
+    device = setup(config)
+    data = load_dataset(data_path)
+    ckpt = load_torch(checkpoint, map_location=device)
+    model = build_model(config, cell, data)
+    model.load_state_dict(ckpt["model"])
+    strong = config["evaluation"]["strong"]
+    x, y = datasets.as_float(data, strong["split"])
+    if strong["max_samples"] and len(x) > strong["max_samples"]:  # the first samples, as RobustBench does
+        x, y = x[: strong["max_samples"]], y[: strong["max_samples"]]
+    model, x, y = place(model, device, x, y)
+    threat = threat_model(config, cell)
+    rows = strong_evaluation(
+        model, x, y, threat=threat, num_classes=len(data["classes"]), attacks=strong["attacks"],
+        seed=cell.seed, batch_size=config["evaluation"]["batch_size"], loss=cell_loss(config, cell), loss_name=cell.loss,
+    )
+    frame = pd.DataFrame(rows).assign(split=strong["split"], norm=threat.norm)
+    write_parquet(tag(frame, cell, int(ckpt["epoch"]))[ROBUSTNESS_COLUMNS], output)
+
+
+def aggregate(
+    metrics: list[str], training: list[str], robustness: list[str], out_metrics: str, out_training: str,
+    out_robustness: str, out_summary: str, out_summary_md: str, out_summary_csv: str,
+) -> None:
+    """All cells into one table each, plus the final-epoch summary (Parquet, Markdown, CSV)."""
+    m = stack([read_parquet(p) for p in metrics])
+    write_parquet(m, out_metrics)
+    write_parquet(stack([read_parquet(p) for p in training]), out_training)
+    r = stack([read_parquet(p) for p in robustness])
+    write_parquet(r, out_robustness)
+    s = summary(m, r)
+    write_parquet(s, out_summary)
+    write_text(s.to_csv(index=False), out_summary_csv)
+    write_text(summary_markdown(s), out_summary_md)
+
+
+def figures(
+    metrics: str, training: str, outputs: dict[str, str], projections: list[str] | tuple[str, ...] = (), *, workers: int = 1
+) -> None:
+    """Render every figure named in ``outputs`` (figure name -> PNG path; a PDF is written beside),
+    ``workers`` at a time. ``projections`` are the per-cell projection tables of the ``simplex`` figure."""
+    from .plots import render
+
+    projection = stack([read_parquet(p) for p in projections]) if projections else None
+    render(read_parquet(metrics), read_parquet(training), outputs, projection=projection, workers=workers)

@@ -1,0 +1,738 @@
+"""Seaborn figures. Drawing only: each figure takes the tidy frame that
+:mod:`ncrobust.tables` shapes for it (``tables.nc_curves``, ``tables.leap_matrices``, ...).
+
+Every figure adapts to the grid: facets come from the values present in the table (one adversary,
+many models, one seed, missing perturbations all work; an absent quantity gives an annotated empty
+panel or a placeholder figure, never an error). Lines are the mean over seeds with a band from the
+lowest to the highest seed (with the 2-3 seeds of a study a bootstrap interval says little, and
+bootstrapping was a quarter of the figures' time). Two palettes are used throughout: one for evaluation
+perturbations (:data:`PERTURBATION_PALETTE`) and one for training adversaries
+(:data:`ADVERSARY_PALETTE`). When the grid has several datasets, models or losses, they are told
+apart by line style (or marker) and named in the legend.
+
+Each figure is written as PNG and as PDF beside it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from dataclasses import dataclass
+import functools
+import multiprocessing
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import LogFormatter, MaxNLocator  # noqa: E402
+
+from . import tables  # noqa: E402
+from .tables import constant_setting as _constant_setting  # noqa: E402
+
+ADVERSARY_ORDER = ["st", "pgd-linf", "pgd-l2", "trades-linf", "trades-l2"]
+PERTURBATION_ORDER = ["clean", "pgd", "pgd-targeted", "trades-kl", "gaussian", "sign"]
+SPLIT_ORDER = ["train", "test"]
+
+# Perturbations (Okabe & Ito's colour-blind-safe palette): clean is black and drawn on top,
+# attacks warm and solid, random noise cool and broken, each with its own marker, so that no two
+# perturbations differ by colour alone.
+PERTURBATION_PALETTE = {
+    "clean": "#000000",
+    "pgd": "#D55E00",
+    "pgd-targeted": "#CC79A7",
+    "trades-kl": "#E69F00",
+    "gaussian": "#0072B2",
+    "sign": "#009E73",
+}
+PERTURBATION_DASHES = {"clean": "", "pgd": "", "pgd-targeted": (5, 1.5), "trades-kl": (5, 1.5), "gaussian": (2, 1.2), "sign": (4, 1, 1, 1)}
+PERTURBATION_MARKERS = {"clean": "o", "pgd": "s", "pgd-targeted": "^", "trades-kl": "P", "gaussian": "v", "sign": "D"}
+# Adversaries: grey for standard training, blues for PGD-AT, greens for TRADES (dark l_inf, light l_2).
+ADVERSARY_PALETTE = {
+    "st": "#4D4D4D",
+    "pgd-linf": "#1F4E9C",
+    "pgd-l2": "#6FA8DC",
+    "trades-linf": "#1B7837",
+    "trades-l2": "#7FBF7B",
+}
+STYLE_DASHES = ["", (4, 1.5), (1, 1), (3, 1.25, 1.5, 1.25), (5, 1, 1, 1), (2, 2)]
+STYLE_MARKERS = ["o", "s", "^", "D", "v", "P"]
+
+NC_METRICS = {  # metric -> (axis label, log scale)
+    "nc1": ("NC1\ntr(Σ_W Σ_B⁺)/C", True),
+    "nc2_equinorm_M": ("NC2 equinorm\nstd/mean ‖μ_c − μ_G‖", True),
+    "nc2_equiangle_M": ("NC2 equiangle\nmean |cos + 1/(C−1)|", True),
+    "nc3": ("NC3 self-duality\n‖W/‖W‖ − M̃ᵀ/‖M̃‖‖²_F", True),
+    "nc4": ("NC4\n1 − NCC/network agreement", False),
+}
+
+PANEL_HEIGHT = 2.3
+PANEL_WIDTH = 3.3
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _present(values, order):
+    """Values present, known ones in ``order`` first, then the others sorted."""
+    values = {v for v in values if not pd.isna(v)}
+    return [v for v in order if v in values] + sorted(values - set(order), key=str)
+
+
+def _palette(values, base: dict[str, str]) -> dict:
+    """``base`` extended with distinct colours for names it does not know."""
+    extra = [v for v in values if v not in base]
+    colours = sns.color_palette("husl", len(extra)) if extra else []
+    return {**base, **dict(zip(extra, colours))}
+
+
+def _seeds_note(frame: pd.DataFrame, *, band: bool = True) -> str:
+    if "seeds" in frame.columns:  # a frame already averaged over seeds
+        n = int(frame["seeds"].max()) if len(frame) else 0
+    else:
+        n = frame["seed"].nunique() if "seed" in frame.columns and len(frame) else 0
+    if n <= 1:
+        return "1 seed (no band)" if band else "1 seed"
+    return f"mean over {n} seeds, band = seed range" if band else f"mean over {n} seeds"
+
+
+def _save(fig, path: str | Path):
+    """Write ``fig`` as PNG and PDF (atomically) and return it, closed (tests read what was drawn)."""
+    from .io import atomic_path
+
+    path = Path(path)
+    for target in (path, path.with_suffix(".pdf")):
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, format=target.suffix[1:], dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return fig
+
+
+def _placeholder(path: str | Path, title: str, message: str):
+    """A figure that says what is missing (the workflow still gets its file)."""
+    fig, ax = plt.subplots(figsize=(6, 2.2))
+    ax.axis("off")
+    ax.text(0.5, 0.62, title, ha="center", va="center", fontsize=12, weight="bold", transform=ax.transAxes)
+    ax.text(0.5, 0.3, message, ha="center", va="center", fontsize=10, wrap=True, transform=ax.transAxes)
+    return _save(fig, path)
+
+
+def _empty_panel(ax, message: str = "no data") -> None:
+    """Mark a panel without data (axis off: shared tick locators of the row stay untouched)."""
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=9, color="0.45", transform=ax.transAxes)
+
+
+class _PlainLogFormatter(LogFormatter):
+    """Log-axis tick labels as plain numbers (``0.3``, ``2``, ``1e-05`` when tiny or huge)."""
+
+    def _num_to_string(self, x, vmin, vmax):
+        return f"{x:.3g}" if 1e-3 <= x < 1e5 else f"{x:.0e}"
+
+
+def _log_y(ax) -> None:
+    """Log y axis with plain-number labels (some minor ticks labelled when the range is about a decade)."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.5)))
+    ax.yaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.5)))
+
+
+def _themed(func):
+    """Run a figure function under the package's seaborn theme."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.15):
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+def _grid(nrows: int, ncols: int, *, sharex=True, sharey="row", width=PANEL_WIDTH, height=PANEL_HEIGHT):
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(width * ncols + 1.2, height * nrows + 0.8), sharex=sharex, sharey=sharey,
+        squeeze=False, layout="constrained",
+    )
+    return fig, axes
+
+
+def _style_maps(settings: list[str]) -> tuple[dict, dict]:
+    dashes = {s: STYLE_DASHES[i % len(STYLE_DASHES)] for i, s in enumerate(settings)}
+    markers = {s: STYLE_MARKERS[i % len(STYLE_MARKERS)] for i, s in enumerate(settings)}
+    return dashes, markers
+
+
+@dataclass(frozen=True)
+class _Styles:
+    """Colours per perturbation and line styles of one figure, shared by its panels and its
+    legend. With one setting the line style and marker tell perturbations apart too; with several
+    they tell the settings apart."""
+
+    perts: list[str]
+    palette: dict
+    settings: list[str]
+    dashes: dict
+    markers: dict
+
+    @property
+    def by_perturbation(self) -> bool:
+        return len(self.settings) <= 1
+
+
+def _perturbation_styles(m: pd.DataFrame) -> _Styles:
+    perts = _present(m["perturbation"], PERTURBATION_ORDER)
+    settings = sorted(m["setting"].unique())
+    if len(settings) <= 1:
+        dashes = {p: PERTURBATION_DASHES.get(p, (1, 1)) for p in perts}
+        markers = {p: PERTURBATION_MARKERS.get(p, "X") for p in perts}
+    else:
+        dashes, markers = _style_maps(settings)
+    return _Styles(perts, _palette(perts, PERTURBATION_PALETTE), settings, dashes, markers)
+
+
+def _lines(ax, data: pd.DataFrame, *, x: str, styles: _Styles, **kwargs) -> None:
+    """Mean over seeds with a min-max band over seeds, one line per (perturbation, setting); the
+    clean reference is drawn last, on top."""
+    style = "perturbation" if styles.by_perturbation else "setting"
+    order = styles.perts if styles.by_perturbation else styles.settings
+    for pert in sorted(styles.perts, key=lambda p: p == "clean"):
+        d = data[data["perturbation"] == pert]
+        if d.empty:
+            continue
+        sns.lineplot(
+            data=d, x=x, y="value", hue="perturbation", hue_order=styles.perts, palette=styles.palette,
+            style=style, style_order=order, dashes=styles.dashes, markers=styles.markers, markersize=4,
+            errorbar=("pi", 100), err_kws={"alpha": 0.18, "linewidth": 0}, ax=ax, legend=False,
+            zorder=3 if pert == "clean" else 2, **kwargs,
+        )
+
+
+def _legend(fig, hue_title: str, styles: _Styles, extra: list | None = None) -> None:
+    palette, settings, dashes, markers = styles.palette, styles.settings, styles.dashes, styles.markers
+    handles = []
+    for v in styles.perts:
+        line = Line2D([], [], color=palette[v], marker=markers[v] if styles.by_perturbation else "o", markersize=4, label=str(v))
+        if styles.by_perturbation and dashes[v]:
+            line.set_dashes(dashes[v])
+        handles.append(line)
+    labels = [str(v) for v in styles.perts]
+    handles.insert(0, Line2D([], [], linestyle="none", label=hue_title))
+    labels.insert(0, hue_title)
+    if len(settings) > 1:
+        handles.append(Line2D([], [], linestyle="none", label=" "))
+        labels.append(" ")
+        for s in settings:
+            dash = dashes[s]
+            line = Line2D([], [], color="0.3", marker=markers[s], markersize=4, label=s)
+            if dash:
+                line.set_dashes(dash)
+            handles.append(line)
+            labels.append(s)
+    for handle in extra or []:
+        handles.append(handle)
+        labels.append(handle.get_label())
+    fig.legend(handles, labels, loc="outside right center", frameon=False)
+
+
+def _bottom_labels(axes, xlabel: str) -> None:
+    """x label and tick labels on the lowest panel with data of each column (a column whose
+    bottom panel is empty still shows its x axis)."""
+    for j in range(axes.shape[1]):
+        live = [i for i in range(axes.shape[0]) if axes[i, j].axison]
+        if live:
+            ax = axes[live[-1], j]
+            ax.set_xlabel(xlabel, visible=True)  # seaborn hides the label of a panel drawn without tick labels
+            ax.xaxis.set_tick_params(labelbottom=True)
+
+
+def _metric_panels(axes, m, rows, cols, *, x, styles: _Styles, linear_ylim=None) -> None:
+    """One panel per (row ``(metric, label, log)``, adversary column): lines against ``x`` coloured
+    by perturbation. Log rows drop non-positive values; linear rows get ``linear_ylim`` if given."""
+    for i, (metric, label, log) in enumerate(rows):
+        for j, adv in enumerate(cols):
+            ax = axes[i, j]
+            d = m[(m["metric"] == metric) & (m["adversary"] == adv)]
+            if log:
+                d = d[d["value"] > 0]
+            if d.empty:
+                _empty_panel(ax)
+                continue
+            _lines(ax, d, x=x, styles=styles)
+            if log:
+                _log_y(ax)
+            elif linear_ylim is not None:
+                ax.set_ylim(*linear_ylim)
+            ax.set_ylabel(label if j == 0 else "")
+            ax.set_xlabel("")
+
+
+def _col_titles(axes, cols, prefix: str = "") -> None:
+    for j, col in enumerate(cols):
+        axes[0, j].set_title(f"{prefix}{col}", fontsize=11, weight="bold")
+
+
+def _title(fig, text: str, frame: pd.DataFrame) -> None:
+    setting = _constant_setting(frame)
+    fig.suptitle(f"{text}\n{setting + ' · ' if setting else ''}{_seeds_note(frame)}", fontsize=11)
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+
+
+@_themed
+def nc_vs_epoch(m: pd.DataFrame, path: str | Path, split: str = "train"):
+    """NC1-NC4 of the penultimate features against epoch (``tables.nc_curves``): clean vs each
+    perturbation, one column per adversary, one row per metric (log scale for NC1-NC3: they span
+    decades; NC4 is a share)."""
+    if m.empty:
+        return _placeholder(path, "Neural Collapse against epoch", f"no NC metrics of the penultimate layer on the {split} split")
+    rows = [(k, *NC_METRICS[k]) for k in NC_METRICS if k in set(m["metric"])]
+    cols = _present(m["adversary"], ADVERSARY_ORDER)
+    styles = _perturbation_styles(m)
+    fig, axes = _grid(len(rows), len(cols))
+    _metric_panels(axes, m, rows, cols, x="epoch", styles=styles)
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _bottom_labels(axes, "epoch")
+    _col_titles(axes, cols, "trained with ")
+    _legend(fig, "evaluated on", styles)
+    _title(fig, f"Neural Collapse of the penultimate features ({split} split)\nclean vs perturbed; lower = more collapse", m)
+    return _save(fig, path)
+
+
+@_themed
+def accuracy_curves(m: pd.DataFrame, path: str | Path, training: pd.DataFrame | None = None):
+    """Network accuracy against epoch (``tables.accuracy_curves``), clean and under each
+    perturbation, train and test, per adversary (markers: evaluated checkpoints); thin lines: the
+    per-epoch training log (``tables.training_curves``)."""
+    if m.empty:
+        return _placeholder(path, "Accuracy", "no accuracy in the metrics table")
+    rows = _present(m["split"], SPLIT_ORDER)
+    cols = _present(m["adversary"], ADVERSARY_ORDER)
+    styles = _perturbation_styles(m)
+    log_columns = {"train": [("train_accuracy", "clean"), ("train_robust_accuracy", "pgd")], "test": [("test_accuracy", "clean")]}
+    t = training
+    fig, axes = _grid(len(rows), len(cols), sharey=True)
+    drew_log = False
+    for i, split in enumerate(rows):
+        for j, adv in enumerate(cols):
+            ax = axes[i, j]
+            d = m[(m["split"] == split) & (m["adversary"] == adv)]
+            if d.empty:
+                _empty_panel(ax)
+                continue
+            _lines(ax, d, x="epoch", styles=styles)
+            if t is not None:
+                for column, colour_of in log_columns.get(split, []):
+                    if column not in t.columns:
+                        continue
+                    tl = t[t["adversary"] == adv].dropna(subset=[column])
+                    if tl.empty:
+                        continue
+                    tl = tl.rename(columns={column: "value"})
+                    several = len(styles.settings) > 1
+                    sns.lineplot(
+                        data=tl, x="epoch", y="value", style="setting" if several else None,
+                        style_order=styles.settings if several else None, dashes=styles.dashes if several else True,
+                        color=styles.palette.get(colour_of, "0.5"), linewidth=0.8, alpha=0.55, errorbar=None, ax=ax, legend=False,
+                    )
+                    drew_log = True
+            ax.set_ylim(-0.02, 1.02)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("epoch" if i == len(rows) - 1 else "")
+            ax.set_ylabel(f"{split} accuracy\n(fraction correct)" if j == 0 else "")
+    _bottom_labels(axes, "epoch")
+    _col_titles(axes, cols, "trained with ")
+    extra = [Line2D([], [], color="0.4", linewidth=0.8, alpha=0.7, label="thin: per-epoch training log\n(robust = training attack)")] if drew_log else []
+    _legend(fig, "evaluated on", styles, extra)
+    _title(fig, "Network accuracy against the true labels, clean and under attack", m)
+    return _save(fig, path)
+
+
+@_themed
+def alignment_angle(m: pd.DataFrame, path: str | Path):
+    """Mean angle (degrees) between clean and perturbed centred class means against epoch
+    (``tables.alignment_curves``), per split and adversary: 0 means the perturbed simplex is
+    aligned with the clean one."""
+    if m.empty:
+        return _placeholder(path, "Alignment of clean and perturbed class means", "no perturbation was evaluated (alignment_angle is absent)")
+    rows = _present(m["split"], SPLIT_ORDER)
+    cols = _present(m["adversary"], ADVERSARY_ORDER)
+    styles = _perturbation_styles(m)
+    fig, axes = _grid(len(rows), len(cols), sharey=True)
+    top = float(m["value"].max())
+    for i, split in enumerate(rows):
+        for j, adv in enumerate(cols):
+            ax = axes[i, j]
+            d = m[(m["split"] == split) & (m["adversary"] == adv)]
+            if d.empty:
+                _empty_panel(ax)
+                continue
+            _lines(ax, d, x="epoch", styles=styles)
+            ax.set_ylim(0, max(5.0, 1.08 * top))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("epoch" if i == len(rows) - 1 else "")
+            ax.set_ylabel(f"{split} split\nangle (degrees)" if j == 0 else "")
+    _bottom_labels(axes, "epoch")
+    _col_titles(axes, cols, "trained with ")
+    _legend(fig, "perturbation", styles)
+    _title(fig, "Angle between clean and perturbed class means (centred, mean over classes)\n0° = perturbed simplex aligned with the clean one", m)
+    return _save(fig, path)
+
+
+@_themed
+def leap_heatmap(m: pd.DataFrame, path: str | Path, split: str = "train"):
+    """The leap matrix ``L[y, k]`` (share of class-y perturbed samples whose nearest clean class
+    mean is k; for pgd-targeted y is the target) at each cell's final epoch, mean over seeds
+    (``tables.leap_matrices``); one column per adversary, one row per attack and setting."""
+    if m.empty:
+        return _placeholder(path, "Leap matrix", f"no pgd / pgd-targeted leap matrix on the {split} split")
+    cols = _present(m["adversary"], ADVERSARY_ORDER)
+    rows = [(s, p) for s in sorted(m["setting"].unique()) for p in _present(m["perturbation"], PERTURBATION_ORDER)
+            if len(m[(m["setting"] == s) & (m["perturbation"] == p)])]
+    C = int(max(m["row"].max(), m["col"].max())) + 1
+    size = min(3.4, max(2.6, 0.26 * C + 0.6))
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(size * len(cols) + 1.6, size * len(rows) + 1.0), squeeze=False, layout="constrained")
+    annotate = C <= 10
+    mappable = None
+    for i, (setting, pert) in enumerate(rows):
+        for j, adv in enumerate(cols):
+            ax = axes[i, j]
+            d = m[(m["setting"] == setting) & (m["perturbation"] == pert) & (m["adversary"] == adv)]
+            if d.empty:
+                _empty_panel(ax)
+                continue
+            L = np.full((C, C), np.nan)
+            L[d["row"].to_numpy(int), d["col"].to_numpy(int)] = d["value"].to_numpy()
+            mappable = ax.imshow(L, cmap="rocket_r", vmin=0, vmax=1, interpolation="nearest")
+            if annotate:
+                for (yy, k), v in np.ndenumerate(L):
+                    if np.isfinite(v) and v >= 0.05:
+                        ax.text(k, yy, f"{100 * v:.0f}", ha="center", va="center", fontsize=6.5, color="white" if v > 0.5 else "black")
+            ticks = np.arange(C) if C <= 20 else np.arange(0, C, max(1, C // 10))
+            ax.set_xticks(ticks)
+            ax.set_yticks(ticks)
+            ax.tick_params(labelsize=7, length=0)
+            ax.grid(False)
+            ax.set_title(f"trained with {adv}\n{pert} · epoch {d['epochs'].iloc[0]}" + (f"\n{setting}" if setting else ""), fontsize=9)
+            ax.set_xlabel("nearest clean class mean k" if i == len(rows) - 1 else "")
+            ax.set_ylabel(("target y" if pert == "pgd-targeted" else "true class y") if j == 0 else "")
+    if mappable is not None:
+        bar = fig.colorbar(mappable, ax=axes, shrink=min(0.6, 1.6 / len(rows)), location="right", aspect=15)
+        bar.set_label("L[y, k]: share of class y")
+    fig.suptitle(
+        f"Leap matrix L[y, k] of perturbed penultimate features ({split} split, final epoch)\n"
+        f"diagonal = at the clean vertex of its own class (pgd) or of its target (pgd-targeted, rows = targets)"
+        f"{'; numbers in % (≥ 5 shown)' if annotate else ''}\n{_seeds_note(m, band=False)}",
+        fontsize=10,
+    )
+    return _save(fig, path)
+
+
+@_themed
+def layerwise(m: pd.DataFrame, path: str | Path, split: str = "train"):
+    """NC1 and NCC accuracy against depth (``tables.layer_profiles``: taps in forward order,
+    penultimate last) at each cell's final epoch: clean vs perturbed, one column per adversary. NCC
+    accuracy is shown with the clean class means (the clean NCC classifier applied to perturbed
+    features) and with the perturbed set's own means."""
+    if m.empty:
+        return _placeholder(path, "Collapse through depth", f"no layer statistics on the {split} split")
+    orders = {s: list(g.drop_duplicates("depth").sort_values("depth")["layer"]) for s, g in m.groupby("setting")}
+    rows = [
+        ("nc1", "NC1 per layer\ntr(Σ_W Σ_B⁺)/C", True),
+        ("ncc_accuracy_clean_means", "NCC accuracy,\nclean class means", False),
+        ("ncc_accuracy", "NCC accuracy,\nown class means", False),
+    ]
+    rows = [r for r in rows if r[0] in set(m["metric"])]
+    cols = _present(m["adversary"], ADVERSARY_ORDER)
+    styles = _perturbation_styles(m)
+    same_taps = len({tuple(o) for o in orders.values()}) == 1
+    tap_names = next(iter(orders.values()))
+    depth_max = max(len(o) for o in orders.values())
+    fig, axes = _grid(len(rows), len(cols), width=max(PANEL_WIDTH, 0.45 * depth_max + 1.2))
+    _metric_panels(
+        axes, m, rows, cols, x="depth", styles=styles, linear_ylim=(-0.02, 1.02),
+    )
+    ax0 = next((ax for ax in axes.flat if ax.axison), axes[0, 0])
+    ax0.set_xticks(range(1, depth_max + 1))  # shared x: every panel gets these ticks
+    if same_taps:
+        tilt = depth_max > 3 or sum(len(t) for t in tap_names) > 28
+        for ax in axes.flat:
+            if ax.axison:
+                ax.set_xticklabels(tap_names, rotation=35 if tilt else 0, ha="right" if tilt else "center", rotation_mode="anchor")
+    _bottom_labels(axes, "layer (input → output)" if same_taps else "depth: tap index (penultimate last)")
+    ax0.set_xlim(0.7, depth_max + 0.3)
+    _col_titles(axes, cols, "trained with ")
+    _legend(fig, "evaluated on", styles)
+    epochs = "/".join(map(str, sorted(m["epoch"].unique())))
+    note = "" if depth_max > 1 else " · only the penultimate layer (evaluation.layerwise is off?)"
+    _title(fig, f"Collapse through depth ({split} split, final epoch {epochs}){note}", m)
+    return _save(fig, path)
+
+
+@_themed
+def simplex(p: pd.DataFrame, path: str | Path, split: str = "train", perturbations=("pgd", "pgd-targeted")):
+    """Clean and perturbed penultimate features on the plane of the clean simplex (the two leading
+    principal directions of the centred clean class means; ``tables.simplex_points``), one column
+    per adversary, one row per attack and setting; the first seed of each cell, its final epoch.
+    Arrows go from each clean class mean to the mean of that class's perturbed features (for
+    pgd-targeted: of the samples sent to that class)."""
+    perturbed = [v for v in _present(p["perturbation"], PERTURBATION_ORDER) if v in perturbations]
+    if p.empty or not perturbed or "clean" not in set(p["perturbation"]):
+        return _placeholder(path, "Clean vs perturbed features on the clean simplex", f"no clean and perturbed projections on the {split} split")
+    cols = _present(p["adversary"], ADVERSARY_ORDER)
+    rows = [(s, q) for s in sorted(p["setting"].unique()) for q in perturbed if len(p[(p["setting"] == s) & (p["perturbation"] == q)])]
+    C = int(p["label"].max()) + 1
+    class_colours = sns.color_palette("tab10" if C <= 10 else "husl", C)
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(3.4 * len(cols) + 1.8, 3.3 * len(rows) + 0.9), squeeze=False, layout="constrained")
+    for i, (setting, pert) in enumerate(rows):
+        for j, adv in enumerate(cols):
+            ax = axes[i, j]
+            cell = p[(p["setting"] == setting) & (p["adversary"] == adv)]
+            clean = cell[(cell["perturbation"] == "clean") & (cell["kind"] == "sample")]
+            pts = cell[(cell["perturbation"] == pert) & (cell["kind"] == "sample")]
+            means = cell[(cell["perturbation"] == "clean") & (cell["kind"] == "mean")].set_index("label")
+            pmeans = cell[(cell["perturbation"] == pert) & (cell["kind"] == "mean")].set_index("label")
+            if clean.empty or pts.empty:
+                _empty_panel(ax)
+                continue
+            ax.scatter(clean["x"], clean["y"], s=7, c=[class_colours[c] for c in clean["label"]], alpha=0.3, linewidths=0)
+            ax.scatter(pts["x"], pts["y"], s=16, c=[class_colours[c] for c in pts["label"]], alpha=0.85, marker="x", linewidths=0.9)
+            for c, row in means.iterrows():
+                if c in pmeans.index:
+                    ax.annotate("", xy=(pmeans.at[c, "x"], pmeans.at[c, "y"]), xytext=(row["x"], row["y"]),
+                                arrowprops=dict(arrowstyle="->", color="0.25", lw=0.8, shrinkA=5, shrinkB=2))
+            ax.scatter(means["x"], means["y"], s=140, c=[class_colours[c] for c in means.index], edgecolors="black", linewidths=0.8, zorder=3)
+            for c, row in means.iterrows():
+                ax.text(row["x"], row["y"], str(c), ha="center", va="center", fontsize=7, weight="bold", color="white", zorder=4)
+            ax.set_aspect("equal", adjustable="datalim")
+            ax.tick_params(labelsize=7)
+            epoch = f" · epoch {int(cell['epoch'].max())}" if "epoch" in cell.columns else ""
+            seed = f" · seed {int(cell['seed'].min())}" if "seed" in cell.columns else ""
+            ax.set_title(f"trained with {adv}\n{pert}{epoch}{seed}" + (f"\n{setting}" if setting else ""), fontsize=9)
+            ax.set_xlabel("PC1 of clean class means\n(feature units)" if i == len(rows) - 1 else "")
+            ax.set_ylabel("PC2 of clean class means" if j == 0 else "")
+    handles = [
+        Line2D([], [], marker="o", linestyle="none", color="0.5", alpha=0.5, markersize=4, label="clean sample"),
+        Line2D([], [], marker="x", linestyle="none", color="0.2", markersize=5, label="perturbed sample"),
+        Line2D([], [], marker="o", linestyle="none", markerfacecolor="0.5", markeredgecolor="black", markersize=10, label="clean class mean\n(vertex, class index)"),
+        Line2D([], [], color="0.25", marker=">", markersize=4, lw=0.8, label="clean → perturbed\nmean of a class\n(pgd-targeted: of the\nsamples sent to it)"),
+        Line2D([], [], linestyle="none", label=" "),
+        Line2D([], [], linestyle="none", label="colour = true class"),
+    ]
+    if C <= 10:
+        handles += [Line2D([], [], marker="o", linestyle="none", color=class_colours[c], markersize=5, label=f"class {c}") for c in range(C)]
+    fig.legend(handles=handles, loc="outside right center", frameon=False, fontsize=8)
+    setting = _constant_setting(p)
+    fig.suptitle(
+        f"Perturbed features leap between vertices of the clean simplex ({split} split)\n"
+        f"{setting + ' · ' if setting else ''}plane of the 2 leading directions of the clean class means",
+        fontsize=10,
+    )
+    return _save(fig, path)
+
+
+@_themed
+def ncc_robustness(wide: pd.DataFrame, path: str | Path):
+    """NCC accuracy of PGD features with the *clean* class means against the network's PGD
+    accuracy (``tables.ncc_robustness_points``), per split; one point per cell and evaluated epoch
+    (final epoch: large, outlined), colour = adversary. Above the diagonal the clean-means NCC
+    classifier is more robust than the network itself."""
+    if wide.empty:
+        return _placeholder(path, "Robustness of the clean NCC classifier", "needs accuracy and ncc_accuracy_clean_means under pgd")
+    cols = _present(wide["split"], SPLIT_ORDER)
+    advs = _present(wide["adversary"], ADVERSARY_ORDER)
+    palette = _palette(advs, ADVERSARY_PALETTE)
+    settings = sorted(wide["setting"].unique())
+    _, markers = _style_maps(settings)
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.8 * len(cols) + 1.8, 4.2), squeeze=False, layout="constrained")
+    for j, split in enumerate(cols):
+        ax = axes[0, j]
+        d = wide[wide["split"] == split]
+        ax.plot([0, 1], [0, 1], linestyle="--", color="0.55", linewidth=0.9, zorder=1)
+        ax.text(0.03, 0.97, "clean-means NCC\nmore robust", color="0.45", fontsize=8, ha="left", va="top", transform=ax.transAxes)
+        ax.text(0.97, 0.03, "network\nmore robust", color="0.45", fontsize=8, ha="right", va="bottom", transform=ax.transAxes)
+        for adv in advs:
+            for s in settings:
+                e = d[(d["adversary"] == adv) & (d["setting"] == s)]
+                if e.empty:
+                    continue
+                early, last = e[~e["final"]], e[e["final"]]
+                ax.scatter(early["accuracy"], early["ncc_accuracy_clean_means"], s=18, marker=markers[s], color=palette[adv], alpha=0.45, linewidths=0, zorder=2)
+                ax.scatter(last["accuracy"], last["ncc_accuracy_clean_means"], s=60, marker=markers[s], color=palette[adv], edgecolors="black", linewidths=0.8, zorder=3)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_aspect("equal")
+        ax.set_title(f"{split} split", fontsize=11, weight="bold")
+        ax.set_xlabel("network accuracy under PGD\n(robust accuracy, fraction)")
+        ax.set_ylabel("NCC accuracy with clean class means\non PGD features (fraction)" if j == 0 else "")
+    handles = [Line2D([], [], linestyle="none", label="trained with")]
+    handles += [Line2D([], [], marker="o", linestyle="none", color=palette[a], markersize=6, label=a) for a in advs]
+    if len(settings) > 1:
+        handles += [Line2D([], [], linestyle="none", label=" ")]
+        handles += [Line2D([], [], marker=markers[s], linestyle="none", color="0.4", markersize=6, label=s) for s in settings]
+    handles += [
+        Line2D([], [], linestyle="none", label=" "),
+        Line2D([], [], linestyle="--", color="0.55", linewidth=0.9, label="y = x"),
+        Line2D([], [], marker="o", linestyle="none", color="0.6", alpha=0.5, markersize=4, label="earlier epoch"),
+        Line2D([], [], marker="o", linestyle="none", color="0.6", markeredgecolor="black", markersize=7, label="final epoch"),
+    ]
+    fig.legend(handles=handles, loc="outside right center", frameon=False)
+    setting = _constant_setting(wide)
+    fig.suptitle(
+        f"Is the clean nearest-class-centre classifier robust?\n{setting + ' · ' if setting else ''}one point per cell (seed) and evaluated epoch",
+        fontsize=11,
+    )
+    return _save(fig, path)
+
+
+CLASSIFIER_COLOUR = "#56B4E9"  # Okabe & Ito's sky blue: the classifier rows (one per network, no perturbation)
+
+
+def _imbalance_points(ax, d: pd.DataFrame, x: str, colour, marker: str, zorder: int = 2) -> None:
+    """Points of one series, and a thin line through their mean at each ``x``."""
+    ax.plot(d[x], d["value"], linestyle="none", marker=marker, markersize=5, color=colour, alpha=0.8, zorder=zorder)
+    mean = d.groupby(x)["value"].mean()
+    if len(mean) > 1:
+        ax.plot(mean.index, mean.to_numpy(), color=colour, linewidth=0.9, alpha=0.6, zorder=zorder)
+
+
+@_themed
+def imbalance(f: pd.DataFrame, path: str | Path, split: str = "train"):
+    """The geometry of imbalanced training (``tables.imbalance_geometry``), one column per training
+    adversary: per class, the norm of the centred class mean (clean vs PGD features) and of the
+    classifier row against the class's number of training samples (log scale); per cell, the mean
+    cosine between the minority classes' centred means (clean vs PGD) and classifier rows against
+    the measured imbalance ratio n_max / n_min (Fang et al.'s Minority Collapse: tends to 1).
+    Marker: the dataset/model/loss setting and the variant, where several are present."""
+    if f.empty:
+        return _placeholder(
+            path, "Geometry of imbalanced classes",
+            "no imbalance metrics in the metrics table (train_class_count, mean_norm_per_class, ...): "
+            "datasets prepared before class counts were recorded",
+        )
+    cols = _present(f["adversary"], ADVERSARY_ORDER)
+    perts = _present(f["perturbation"], PERTURBATION_ORDER)
+    palette = _palette(perts, PERTURBATION_PALETTE)
+    groups = sorted(f["group"].unique())
+    _, markers = _style_maps(groups)
+    rows = [
+        ("mean_norm_per_class", "class_count", "‖μ_c − μ_G‖\ncentred class mean"),
+        ("classifier_norm_per_class", "class_count", "‖w_c‖\nclassifier row"),
+        ("minority_cos", "ratio", "minority collapse\nmean cos between minorities"),
+    ]
+    fig, axes = _grid(len(rows), len(cols), sharex="row", sharey="row")
+    for i, (metric, x, label) in enumerate(rows):
+        for j, adv in enumerate(cols):
+            ax = axes[i, j]
+            a = f[f["adversary"] == adv]
+            series = []  # (frame, colour) per perturbation, clean last (on top)
+            if metric == "classifier_norm_per_class":
+                series.append((a[a["metric"] == metric], CLASSIFIER_COLOUR))
+            elif metric == "minority_cos":
+                series.append((a[a["metric"] == "minority_cos_W"], CLASSIFIER_COLOUR))
+                series += [(a[(a["metric"] == "minority_cos_M") & (a["perturbation"] == p)], palette[p]) for p in perts[::-1]]
+            else:
+                series += [(a[(a["metric"] == metric) & (a["perturbation"] == p)], palette[p]) for p in perts[::-1]]
+            if all(d.empty for d, _ in series):
+                _empty_panel(ax, "no minority classes\n(balanced data only)" if metric == "minority_cos" else "no data")
+                continue
+            for k, (d, colour) in enumerate(series):
+                for g in groups:
+                    e = d[d["group"] == g]
+                    if len(e):
+                        _imbalance_points(ax, e, x, colour, markers[g], zorder=2 + k)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.5)))
+            if metric == "minority_cos":
+                ax.axhline(1.0, color="0.6", linestyle=":", linewidth=0.9, zorder=1)
+            ax.set_ylabel(label if j == 0 else "")
+            ax.set_xlabel("")
+    for i, (_, x, _) in enumerate(rows):
+        live = [ax for ax in axes[i] if ax.axison]
+        for ax in live:
+            ax.set_xlabel("training samples of the class" if x == "class_count" else "imbalance ratio n_max / n_min")
+    _col_titles(axes, cols, "trained with ")
+    handles = [Line2D([], [], linestyle="none", label="class means on")]
+    handles += [Line2D([], [], color=palette[p], marker="o", markersize=4, label=p) for p in perts]
+    handles += [Line2D([], [], color=CLASSIFIER_COLOUR, marker="o", markersize=4, label="classifier rows")]
+    if len(groups) > 1 or groups[0]:
+        handles.append(Line2D([], [], linestyle="none", label=" "))
+        handles += [Line2D([], [], color="0.3", marker=markers[g], linestyle="none", markersize=5, label=g or "(base)") for g in groups]
+    fig.legend(handles=handles, labels=[h.get_label() for h in handles], loc="outside right center", frameon=False)
+    epochs = "/".join(sorted(set("/".join(f["epochs"]).split("/")), key=int))
+    seeds = int(f["seeds"].max())
+    fig.suptitle(
+        f"Geometry of imbalanced classes ({split} split, final epoch {epochs})\n"
+        f"points: classes (rows 1-2) or cells (row 3); lines: mean at each x · "
+        f"{'1 seed' if seeds <= 1 else f'mean over {seeds} seeds'}",
+        fontsize=10,
+    )
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+
+def _draw(name: str, metrics: pd.DataFrame, training, projection, path: str):
+    """Shape (``tables``) and draw one figure; returns the matplotlib figure (closed, saved)."""
+    if name == "simplex":
+        return simplex(tables.simplex_points(projection), path)
+    if metrics is None or metrics.empty:
+        return _placeholder(path, name, "the metrics table is empty")
+    if name == "nc_vs_epoch":
+        return nc_vs_epoch(tables.nc_curves(metrics), path)
+    if name == "accuracy":
+        return accuracy_curves(tables.accuracy_curves(metrics), path, tables.training_curves(training, tables.varying_settings(metrics)))
+    if name == "alignment":
+        return alignment_angle(tables.alignment_curves(metrics), path)
+    if name == "leap":
+        return leap_heatmap(tables.leap_matrices(metrics), path)
+    if name == "layerwise":
+        return layerwise(tables.layer_profiles(metrics), path)
+    if name == "imbalance":
+        return imbalance(tables.imbalance_geometry(metrics), path)
+    return ncc_robustness(tables.ncc_robustness_points(metrics), path)
+
+
+FIGURES = ("nc_vs_epoch", "accuracy", "alignment", "leap", "layerwise", "simplex", "ncc_robustness", "imbalance")
+
+
+def _render_one(name: str, metrics, training, projection, path: str) -> None:
+    _draw(name, metrics, training, projection, path)
+
+
+def render(
+    metrics: pd.DataFrame,
+    training: pd.DataFrame | None,
+    outputs: dict[str, str],
+    projection: pd.DataFrame | None = None,
+    *,
+    workers: int = 1,
+) -> None:
+    """Render each figure named in ``outputs`` (name -> PNG path; a PDF is written beside it).
+
+    ``projection`` is the concatenated table of :func:`ncrobust.projection.project` outputs (with
+    the cell columns), needed by ``simplex`` only. With ``workers > 1`` the figures are drawn in
+    that many forked processes (matplotlib is single-threaded; the figure job is the last of a run
+    and would otherwise leave the other cores idle).
+    """
+    unknown = [name for name in outputs if name not in FIGURES]
+    if unknown:
+        raise ValueError(f"unknown figure(s) {', '.join(map(repr, unknown))}; known: {', '.join(FIGURES)}")
+    workers = min(workers, len(outputs))
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        for name, path in outputs.items():
+            _render_one(name, metrics, training, projection, path)
+        return
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    with pool:
+        jobs = [pool.submit(_render_one, name, metrics, training, projection, path) for name, path in outputs.items()]
+        for job in jobs:
+            job.result()  # re-raises a figure's error here

@@ -1,0 +1,175 @@
+"""Which part of the config each workflow stage's output depends on.
+
+Snakemake reruns a job when the ``repr`` of one of its ``params`` differs from the one recorded
+with its outputs. Each rule therefore takes as params only the *slice* of the validated config
+that determines its output (:func:`stage_slice`), in a canonical form (:func:`canonical`: keys
+sorted at every level, so key order does not matter; :func:`ncrobust.config.validate_config` has
+already filled the defaults and turned schema ``number`` values into floats). A slice keeps the
+nesting of the full config, so the library's pipeline functions read it like a full config.
+
+Settings that cannot change a result (:data:`EXECUTION_KEYS`: threads, device, resources, ...)
+are in no slice: the job script adds them from ``snakemake.config``, which Snakemake does not
+compare (:func:`job_config`).
+
+Whole sections go into a slice minus the keys known not to matter for that stage, so a key added
+to ``training`` or ``evaluation`` later reruns the stages that read it without a change here.
+
+Free of torch: the rules call this at parse time.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from .cell import Cell, adversary_kind
+
+STAGES = ("prepare_data", "init_model", "train", "evaluate", "robustness")
+
+EXECUTION_KEYS = ("results", "data_root", "download", "device", "threads", "resources", "group_training")
+"""Top-level keys that say where and how a job runs, never what it computes: in no slice.
+``data_root`` and ``download`` say where a dataset comes from, not which one it is."""
+
+TRAINING_IGNORED = frozenset({"checkpoints"})
+"""``training`` keys no training output depends on: the checkpoint epochs choose which segments
+exist (and so each segment's input file, which Snakemake compares on its own), not what epoch e's
+weights are: resuming is bit-identical to an uninterrupted run."""
+
+TRAINING_EXECUTION = frozenset({"cuda_graph", "deterministic"})
+"""``training`` keys that say how a GPU runs the same computation (a captured step, deterministic
+kernels): results agree to rounding, so changing them reruns nothing; :func:`job_config` hands
+them to every job."""
+
+TRAINING_USED_BY = {"trades_beta": "trades", "trades_bn": "trades", "pgd_clean_bn_pass": "pgd"}
+"""``training`` keys that only one adversary kind reads: in the slices of that kind's cells only."""
+
+EVALUATION_IGNORED = {
+    # which checkpoints are evaluated (one file per epoch), and whether the features file is also
+    # written (an output of its own): neither changes a metric; `strong` is the robustness stage's
+    "evaluate": frozenset({"epochs", "keep_features", "strong"}),
+    # extra threat models are attacked on `st` cells only (EVALUATION_USED_BY)
+    # the strong evaluation reads only `strong`, `batch_size` and what later keys bring
+    "robustness": frozenset({"epochs", "keep_features", "splits", "perturbations", "layerwise", "feature_dtype", "norms"}),
+}
+
+
+EVALUATION_USED_BY = {"norms": "st"}
+"""``evaluation`` keys that only one adversary kind reads: in the slices of that kind's cells only."""
+
+
+def canonical(value):
+    """``value`` with every dict's keys sorted (recursively) and tuples as lists: equal configs
+    give equal ``repr``, whatever the key order they were written in."""
+    if isinstance(value, dict):
+        return {key: canonical(value[key]) for key in sorted(value, key=str)}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    return value  # a YAML scalar: immutable
+
+
+def cell_threat(config: dict, cell: Cell) -> dict:
+    """``{"datasets": {dataset: ...}}`` with the one threat model the cell uses: its adversary's
+    norm, or for ``st`` the dataset's ``norm`` and its threat model (see
+    :func:`ncrobust.experiment.threat_model`)."""
+    ds = config["datasets"][cell.dataset]
+    if adversary_kind(cell.adversary) == "st":
+        entry = {"norm": ds["norm"], "threat": {ds["norm"]: ds["threat"][ds["norm"]]}}
+    else:
+        norm = cell.adversary.split("-")[1]
+        entry = {"threat": {norm: ds["threat"][norm]}}
+    return {"datasets": {cell.dataset: entry}}
+
+
+def _model_and_loss(config: dict, cell: Cell) -> dict:
+    return {
+        "models": {cell.model: config.get("models", {}).get(cell.model, {})},
+        "losses": {cell.loss: config.get("losses", {}).get(cell.loss, {})},
+    }
+
+
+def _training(config: dict, cell: Cell) -> dict:
+    kind = adversary_kind(cell.adversary)
+    training = {
+        k: v for k, v in config["training"].items()
+        if k not in TRAINING_IGNORED and k not in TRAINING_EXECUTION and TRAINING_USED_BY.get(k, kind) == kind
+    }
+    sliced = {**_model_and_loss(config, cell), "training": training, "precision": config["precision"]}
+    if kind != "st":  # standard training never attacks
+        sliced = merge(sliced, cell_threat(config, cell))
+    return sliced
+
+
+def _evaluation(stage: str, config: dict, cell: Cell) -> dict:
+    kind = adversary_kind(cell.adversary)
+    evaluation = {
+        k: v for k, v in config["evaluation"].items()
+        if k not in EVALUATION_IGNORED[stage] and EVALUATION_USED_BY.get(k, kind) == kind
+    }
+    return merge(_training(config, cell), cell_threat(config, cell), {"evaluation": evaluation})
+
+
+def stage_slice(stage: str, config: dict, *, cell: Cell | None = None, dataset: str | None = None) -> dict:
+    """The canonical part of a validated ``config`` that the output of one job of ``stage``
+    depends on: ``dataset`` for ``prepare_data``, ``cell`` for every other stage.
+
+    - ``prepare_data``: the dataset's loader options.
+    - ``init_model``: the model's options (the seed and the dataset's shapes come with the
+      output path and the data file).
+    - ``train``: model and loss options, ``training`` (but the checkpoint epochs, and the keys of
+      other adversaries: :data:`TRAINING_USED_BY`), ``precision``, and the cell's threat model
+      unless the cell is ``st``.
+    - ``evaluate``: that, the cell's threat model, and ``evaluation`` but the keys in
+      :data:`EVALUATION_IGNORED`; ``robustness`` likewise, with its own ignored keys.
+
+    ``aggregate`` and ``figures`` read files only: no slice.
+    """
+    if stage == "prepare_data":
+        if dataset is None:
+            raise ValueError("stage prepare_data needs dataset=")
+        return canonical({"datasets": {dataset: {"options": config["datasets"][dataset].get("options", {})}}})
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages with a config slice: {', '.join(STAGES)}")
+    if cell is None:
+        raise ValueError(f"stage {stage} needs cell=")
+    if stage == "init_model":
+        return canonical({"models": {cell.model: config.get("models", {}).get(cell.model, {})}})
+    if stage == "train":
+        return canonical(_training(config, cell))
+    return canonical(_evaluation(stage, config, cell))
+
+
+def job_config(stage: str, sliced: dict, config: dict, *, cell: Cell | None = None) -> dict:
+    """The config a job of ``stage`` hands to its pipeline function: its slice (the rule's
+    params), the execution settings of the full ``config`` (``snakemake.config``), and the keys
+    the library reads without the output depending on them:
+
+    - ``init_model``: :func:`ncrobust.pipeline.init_cell` builds the whole training recipe to
+      create the epoch-0 optimizer, which holds no state yet (momentum buffers are empty and the
+      learning rate is set from the recipe at every training step);
+    - ``init_model`` and ``train``: the recipe resolves the cell's threat model, which standard
+      training never uses, and reads every key of :data:`TRAINING_USED_BY`, which other
+      adversaries never use.
+
+    A stage that reads a key outside these fails with a ``KeyError`` instead of silently not
+    rerunning when that key changes.
+    """
+    parts = [sliced]
+    if stage == "init_model":
+        parts.append(_training(config, cell))
+    if stage in ("init_model", "train"):
+        parts.append(cell_threat(config, cell))
+        parts.append({"training": {k: config["training"][k] for k in TRAINING_USED_BY if k in config["training"]}})
+    parts.append({key: config[key] for key in EXECUTION_KEYS if key in config})
+    parts.append({"training": {k: config["training"][k] for k in TRAINING_EXECUTION if k in config["training"]}})
+    return merge(*parts)
+
+
+def merge(*dicts: dict) -> dict:
+    """Deep merge, later dicts winning on leaves; the inputs are not modified."""
+    out: dict = {}
+    for d in dicts:
+        for key, value in d.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merge(out[key], value)
+            else:
+                out[key] = copy.deepcopy(value)
+    return out

@@ -1,0 +1,316 @@
+"""Every reshaping of results: tagging a stage's rows with their cell, the grid's tables, the
+final-epoch summary, and the tidy frame each figure draws (:mod:`ncrobust.plots` only draws).
+
+Metrics table (long, tidy): ``dataset, model, loss, adversary, seed, epoch, split, norm,
+perturbation, layer, layer_index, metric, class, row, col, value``. ``norm`` is the threat model a
+perturbation used (clean rows carry the cell's own); ``layer`` is a tap name or ``penultimate``
+and ``layer_index`` its position in the forward pass; per-class values (``*_per_class``) have
+``class``, matrices (``leap``) have ``row`` and ``col``; scalars have none of them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from .cell import Cell
+from .evaluation import RESULT_COLUMNS
+from .train import COLLAPSE_LOG_COLUMNS
+
+CELL_COLUMNS = ["dataset", "model", "loss", "adversary", "seed"]
+SETTING_COLUMNS = ["dataset", "model", "loss"]
+METRIC_COLUMNS = [*CELL_COLUMNS, "epoch", *RESULT_COLUMNS]
+ROBUSTNESS_COLUMNS = [*CELL_COLUMNS, "epoch", "split", "norm", "attack", "attack_loss", "robust_accuracy", "samples"]
+TRAINING_COLUMNS = [*CELL_COLUMNS, "epoch", "lr", "loss_value", "train_accuracy", "train_robust_accuracy", "test_accuracy",
+                    *COLLAPSE_LOG_COLUMNS, "seconds"]
+
+# Final-epoch summary: (split, perturbation, layer, metric) -> column name (the cell's own threat model).
+SUMMARY_METRICS = {
+    ("train", "clean", "penultimate", "accuracy"): "train_accuracy",
+    ("train", "pgd", "penultimate", "accuracy"): "train_robust_accuracy",
+    ("test", "clean", "penultimate", "accuracy"): "test_accuracy",
+    ("test", "pgd", "penultimate", "accuracy"): "test_robust_accuracy",
+    ("train", "clean", "penultimate", "nc1"): "nc1_clean",
+    ("train", "pgd", "penultimate", "nc1"): "nc1_pgd",
+    ("train", "clean", "penultimate", "nc2_equinorm_M"): "nc2_equinorm_clean",
+    ("train", "pgd", "penultimate", "nc2_equinorm_M"): "nc2_equinorm_pgd",
+    ("train", "clean", "penultimate", "nc2_equiangle_M"): "nc2_equiangle_clean",
+    ("train", "pgd", "penultimate", "nc2_equiangle_M"): "nc2_equiangle_pgd",
+    ("train", "clean", "penultimate", "nc3"): "nc3_clean",
+    ("train", "pgd", "penultimate", "nc3"): "nc3_pgd",
+    ("train", "clean", "penultimate", "nc4"): "nc4_clean",
+    ("train", "pgd", "penultimate", "nc4"): "nc4_pgd",
+    ("train", "pgd", "penultimate", "ncc_accuracy_clean_means"): "ncc_accuracy_clean_means_pgd",
+    ("test", "pgd", "penultimate", "ncc_accuracy_clean_means"): "test_ncc_accuracy_clean_means_pgd",
+    ("train", "pgd", "penultimate", "alignment_angle"): "alignment_angle_pgd",
+    ("train", "pgd", "penultimate", "leap_rate"): "leap_rate_pgd",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# one stage's rows
+
+
+def tag(frame: pd.DataFrame, cell: Cell, epoch: int | None = None) -> pd.DataFrame:
+    """``frame`` with the cell's columns (and ``epoch``) in front: how every stage's rows join the grid."""
+    frame = frame.copy()
+    front = dict(cell.as_dict(), **({} if epoch is None else {"epoch": int(epoch)}))
+    for i, (column, value) in enumerate(front.items()):
+        frame.insert(i, column, value)
+    return frame.astype({"seed": "int64", **({} if epoch is None else {"epoch": "int64"})})
+
+
+def metrics_frame(results: pd.DataFrame, cell: Cell, epoch: int) -> pd.DataFrame:
+    """The long-format metrics table of one checkpoint of one cell (``results``: the evaluation
+    core's tidy rows, :data:`ncrobust.evaluation.RESULT_COLUMNS`)."""
+    return tag(results[RESULT_COLUMNS], cell, epoch)[METRIC_COLUMNS]
+
+
+def training_frame(rows: list[dict], cell: Cell) -> pd.DataFrame:
+    """One row per epoch of a training segment, tagged with the cell (NaN for a column the rows
+    lack, e.g. the collapse columns with ``track_collapse`` off); other columns are kept after them."""
+    frame = pd.DataFrame(rows).rename(columns={"loss": "loss_value"})
+    for column in TRAINING_COLUMNS[len(CELL_COLUMNS):]:
+        if column not in frame.columns:
+            frame[column] = np.nan
+    frame = tag(frame, cell)
+    extra = [c for c in frame.columns if c not in TRAINING_COLUMNS]
+    return frame[TRAINING_COLUMNS + extra].astype({"epoch": "int64"})
+
+
+def stack(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The grid's table from per-job tables (empty ones skipped)."""
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+# ---------------------------------------------------------------------------------------------
+# selections shared by the summary and the figures
+
+
+def scalars(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Rows that are one number per set (no ``class``, ``row`` or ``col`` index)."""
+    return metrics[metrics["class"].isna() & metrics["row"].isna()]
+
+
+def own_threat(frame: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Rows under each cell's own threat model (the norm of its clean rows in ``reference``, by
+    default ``frame``): drops the extra norms an ``st`` cell may be evaluated under
+    (``evaluation.norms``). Works on metrics and projections."""
+    reference = frame if reference is None else reference
+    own = reference[reference["perturbation"] == "clean"].groupby(CELL_COLUMNS)["norm"].first().rename("own_norm")
+    merged = frame.join(own, on=CELL_COLUMNS)
+    return frame[(merged["norm"] == merged["own_norm"]).to_numpy()]
+
+
+def final_epoch(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows at the last epoch of each cell."""
+    keys = [c for c in CELL_COLUMNS if c in frame.columns]
+    return frame[frame["epoch"] == frame.groupby(keys)["epoch"].transform("max")]
+
+
+def varying_settings(frame: pd.DataFrame) -> list[str]:
+    """The dataset/model/loss columns that take several values (they become line styles)."""
+    return [c for c in SETTING_COLUMNS if c in frame.columns and frame[c].nunique() > 1]
+
+
+def with_setting(frame: pd.DataFrame, varying: list[str] | None = None) -> pd.DataFrame:
+    """Add a ``setting`` column naming the dataset/model/loss values that vary in the grid."""
+    varying = varying_settings(frame) if varying is None else varying
+    frame = frame.copy()
+    frame["setting"] = frame[varying].astype(str).agg(" / ".join, axis=1) if varying else ""
+    return frame
+
+
+def constant_setting(frame: pd.DataFrame) -> str:
+    """The dataset/model/loss values shared by every row, joined for a title."""
+    return " / ".join(str(frame[c].iloc[0]) for c in SETTING_COLUMNS if c in frame.columns and len(frame) and frame[c].nunique() == 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the grid's summary
+
+
+def robustness_by_cell(robustness: pd.DataFrame) -> pd.DataFrame:
+    """Per cell: ``strong_robust_accuracy`` (per-example worst case over the strong attacks) and
+    ``pgd_gap`` = PGD-10 robust accuracy minus it, on the same samples (large: gradient masking)."""
+    wide = robustness.pivot_table(index=CELL_COLUMNS, columns="attack", values="robust_accuracy").reset_index()
+    strongest = "worst" if "worst" in wide.columns else "pgd"
+    out = wide[CELL_COLUMNS].copy()
+    out["strong_robust_accuracy"] = wide[strongest]
+    out["pgd_gap"] = wide["pgd"] - wide[strongest]
+    return out
+
+
+def summary(metrics: pd.DataFrame, robustness: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Final-epoch values per cell (mean and std over seeds) of the headline quantities
+    (:data:`SUMMARY_METRICS`; NC and perturbation quantities on the train split, as Su et al.,
+    under each cell's own threat model). One row per (dataset, model, loss, adversary)."""
+    group = ["dataset", "model", "loss", "adversary"]
+    if metrics.empty or not set(METRIC_COLUMNS) <= set(metrics.columns):
+        return pd.DataFrame(columns=[*group, "seeds", "epoch"])
+    final = final_epoch(own_threat(scalars(metrics)))
+    keys = pd.Series(list(zip(final["split"], final["perturbation"], final["layer"], final["metric"])), index=final.index)
+    picked = final[keys.isin(SUMMARY_METRICS.keys())].copy()
+    picked["quantity"] = [SUMMARY_METRICS[k] for k in zip(picked["split"], picked["perturbation"], picked["layer"], picked["metric"])]
+    wide = picked.pivot_table(index=CELL_COLUMNS + ["epoch"], columns="quantity", values="value").reset_index()
+    if wide.empty:
+        return pd.DataFrame(columns=[*group, "seeds", "epoch"])
+    extra = []
+    if robustness is not None and not robustness.empty:
+        wide = wide.merge(robustness_by_cell(robustness), on=CELL_COLUMNS, how="left")
+        extra = ["strong_robust_accuracy", "pgd_gap"]
+    quantities = [q for q in SUMMARY_METRICS.values() if q in wide.columns] + extra
+    agg = wide.groupby(group)[quantities].agg(["mean", "std"])
+    agg.columns = [f"{q}_{stat}" for q, stat in agg.columns]
+    agg.insert(0, "seeds", wide.groupby(group)["seed"].nunique())
+    agg.insert(1, "epoch", wide.groupby(group)["epoch"].max())
+    return agg.reset_index()
+
+
+def summary_markdown(table: pd.DataFrame) -> str:
+    """The summary as a Markdown table: ``mean ± std`` per quantity."""
+    group = ["dataset", "model", "loss", "adversary", "seeds", "epoch"]
+    quantities = [c[: -len("_mean")] for c in table.columns if c.endswith("_mean")]
+    header = group + quantities
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in table.iterrows():
+        cells = [str(row[g]) for g in group]
+        for q in quantities:
+            mean, std = row[f"{q}_mean"], row[f"{q}_std"]
+            cells.append("" if pd.isna(mean) else f"{mean:.4g}" + ("" if pd.isna(std) or math.isnan(std) else f" ± {std:.2g}"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# what each figure draws (tidy frames; ncrobust.plots takes them as they are)
+
+NC_FIGURE_METRICS = ["nc1", "nc2_equinorm_M", "nc2_equiangle_M", "nc3", "nc4"]
+LAYERWISE_METRICS = ["nc1", "ncc_accuracy_clean_means", "ncc_accuracy"]
+
+
+def _penultimate(metrics: pd.DataFrame) -> pd.DataFrame:
+    return own_threat(scalars(metrics[metrics["layer"] == "penultimate"]))
+
+
+def nc_curves(metrics: pd.DataFrame, split: str = "train") -> pd.DataFrame:
+    """NC1-NC4 of the penultimate features against epoch, every perturbation."""
+    m = _penultimate(metrics)
+    return with_setting(m[(m["split"] == split) & m["metric"].isin(NC_FIGURE_METRICS)], varying_settings(metrics))
+
+
+def accuracy_curves(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Network accuracy against the *true* labels: ``accuracy`` on clean data,
+    ``accuracy_true_labels`` on perturbed data (for ``pgd-targeted``, ``accuracy`` is the hit rate)."""
+    m = _penultimate(metrics)
+    wanted = ((m["perturbation"] == "clean") & (m["metric"] == "accuracy")) | (
+        (m["perturbation"] != "clean") & (m["metric"] == "accuracy_true_labels")
+    )
+    return with_setting(m[wanted], varying_settings(metrics))
+
+
+def training_curves(training: pd.DataFrame | None, varying: list[str]) -> pd.DataFrame | None:
+    """The per-epoch training log with the ``setting`` column of the metrics' figures."""
+    if training is None or training.empty or "epoch" not in training.columns:
+        return None
+    return with_setting(training, varying)
+
+
+def alignment_curves(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Mean angle between clean and perturbed centred class means, against epoch."""
+    m = _penultimate(metrics)
+    return with_setting(m[m["metric"] == "alignment_angle"], varying_settings(metrics))
+
+
+def leap_matrices(metrics: pd.DataFrame, split: str = "train", perturbations=("pgd", "pgd-targeted")) -> pd.DataFrame:
+    """The leap matrix ``L[row, col]`` at each cell's final epoch, mean over seeds: one row per
+    (setting, adversary, perturbation, row, col), with the epochs it averages."""
+    m = metrics[(metrics["layer"] == "penultimate") & (metrics["metric"] == "leap") & (metrics["split"] == split)]
+    m = final_epoch(own_threat(m[m["perturbation"].isin(perturbations)], metrics))
+    m = with_setting(m, varying_settings(metrics))
+    keys = ["setting", "adversary", "perturbation", "row", "col"]  # setting names dataset/model/loss when they vary
+    if m.empty:
+        return pd.DataFrame(columns=[*keys, "value", "epochs", "seeds"])
+    out = m.groupby(keys, observed=True).agg(value=("value", "mean"), seeds=("seed", "nunique")).reset_index()
+    epochs = m.groupby(["setting", "adversary", "perturbation"])["epoch"].agg(lambda e: "/".join(map(str, sorted(set(e)))))
+    return out.join(epochs.rename("epochs"), on=["setting", "adversary", "perturbation"])
+
+
+def layer_profiles(metrics: pd.DataFrame, split: str = "train") -> pd.DataFrame:
+    """NC1 and NCC accuracy (own and clean means) per layer at the final epoch; ``depth`` is the
+    1-based tap position from ``layer_index``. ``pgd-targeted`` is left out (grouped by target)."""
+    m = own_threat(scalars(metrics))
+    m = m[(m["split"] == split) & (m["perturbation"] != "pgd-targeted") & m["metric"].isin(LAYERWISE_METRICS)]
+    m = with_setting(final_epoch(m), varying_settings(metrics))
+    return m.assign(depth=m["layer_index"] + 1)
+
+
+def ncc_robustness_points(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per cell, split and epoch: the network's accuracy under PGD against the NCC accuracy of the
+    PGD features with the clean means; ``final`` marks each cell's last epoch."""
+    m = _penultimate(metrics)
+    m = m[(m["perturbation"] == "pgd") & m["metric"].isin(["accuracy_true_labels", "ncc_accuracy_clean_means"])]
+    keys = [*SETTING_COLUMNS, "adversary", "seed", "epoch", "split"]
+    wide = m.pivot_table(index=keys, columns="metric", values="value").reset_index()
+    if wide.empty or not {"accuracy_true_labels", "ncc_accuracy_clean_means"} <= set(wide.columns):
+        return pd.DataFrame(columns=[*keys, "accuracy", "ncc_accuracy_clean_means", "final", "setting"])
+    wide = wide.rename(columns={"accuracy_true_labels": "accuracy"})
+    wide["final"] = wide["epoch"] == wide.groupby([*SETTING_COLUMNS, "adversary", "seed"])["epoch"].transform("max")
+    return with_setting(wide, varying_settings(metrics))
+
+
+def simplex_points(projection: pd.DataFrame | None, split: str = "train") -> pd.DataFrame:
+    """Projected features of each (setting, adversary): its first seed at its final epoch, under
+    the cell's own threat model."""
+    if projection is None or projection.empty:
+        return pd.DataFrame(columns=["setting", "adversary", "perturbation", "kind", "label", "x", "y"])
+    p = with_setting(own_threat(projection[projection["split"] == split]))
+    p = p[p["seed"] == p.groupby(["setting", "adversary"])["seed"].transform("min")]
+    return p[p["epoch"] == p.groupby(["setting", "adversary"])["epoch"].transform("max")]
+
+
+IMBALANCE_CLASS_METRICS = ["mean_norm_per_class", "classifier_norm_per_class"]
+IMBALANCE_SCALAR_METRICS = ["minority_cos_M", "minority_cos_W"]
+IMBALANCE_COLUMNS = ["group", "variant", "adversary", "perturbation", "metric", "class", "class_count", "ratio",
+                     "value", "seeds", "epochs"]
+
+
+def imbalance_geometry(metrics: pd.DataFrame, split: str = "train", perturbations=("clean", "pgd")) -> pd.DataFrame:
+    """The geometry of imbalanced training at each cell's final epoch, mean over seeds, for the
+    ``imbalance`` figure: per class (``class``, with the class's training count ``class_count``)
+    the norms of the centred class means (clean and each of ``perturbations``) and of the
+    classifier rows (one per network: on the ``clean`` rows only), and per cell the minority
+    cosines ``minority_cos_M`` (each perturbation) and ``minority_cos_W`` (``clean`` rows only).
+
+    ``ratio`` is each cell's measured imbalance ``max / min`` of its training class counts
+    (``train_class_count``), the figure's x axis for the minority cosines. A ``variant`` column in
+    ``metrics`` (the grid's variant axis) is kept: cells of different variants are separate
+    points, told apart by ``group`` (the varying dataset/model/loss values and the variant). Empty
+    when the table has no class counts (datasets prepared before they were recorded).
+    """
+    wanted = ["train_class_count", *IMBALANCE_CLASS_METRICS, *IMBALANCE_SCALAR_METRICS]
+    m = metrics[(metrics["layer"] == "penultimate") & (metrics["split"] == split) & metrics["metric"].isin(wanted)
+                & metrics["perturbation"].isin(perturbations)]
+    m = final_epoch(own_threat(m, metrics))
+    if m.empty or not (m["metric"] == "train_class_count").any():
+        return pd.DataFrame(columns=IMBALANCE_COLUMNS)
+    m = with_setting(m, varying_settings(metrics))
+    m["variant"] = m["variant"].astype(str) if "variant" in m.columns else ""
+    m["group"] = [" / ".join(p for p in parts if p) for parts in zip(m["setting"], m["variant"])]
+    cell = CELL_COLUMNS + ([] if "variant" in CELL_COLUMNS else ["variant"])
+    counts = m[(m["metric"] == "train_class_count") & (m["perturbation"] == m["perturbation"].iloc[0])]
+    counts = counts.groupby([*cell, "class"])["value"].first().rename("class_count").reset_index()
+    ratio = counts.groupby(cell)["class_count"].agg(lambda c: c.max() / c.min()).rename("ratio")
+    # one classifier per network: its rows (and their minority cosine) come from the clean set
+    per_network = m["metric"].isin(["classifier_norm_per_class", "minority_cos_W"])
+    m = m[(m["metric"] != "train_class_count") & (~per_network | (m["perturbation"] == "clean"))]
+    m = m.merge(counts, on=[*cell, "class"], how="left").join(ratio, on=cell)
+    keys = ["group", "variant", "adversary", "perturbation", "metric", "class"]
+    out = m.groupby(keys, dropna=False, observed=True).agg(
+        class_count=("class_count", "mean"), ratio=("ratio", "mean"), value=("value", "mean"), seeds=("seed", "nunique"),
+        epochs=("epoch", lambda e: "/".join(map(str, sorted(set(e))))),
+    ).reset_index()
+    return out[IMBALANCE_COLUMNS]

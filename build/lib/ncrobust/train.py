@@ -1,0 +1,532 @@
+"""One training segment: from the checkpoint of epoch ``e0`` to the checkpoint of epoch ``e1``.
+
+Standard training (``st``), PGD adversarial training (Madry et al.; the attack runs with BatchNorm
+in train mode, as Madry, Rice and Su et al.) and TRADES (Zhang et al.; the KL attack is crafted in
+eval mode; ``trades_bn`` chooses the mode of the update: ``train``, or ``eval`` as Su et al.'s code,
+which never switches back to train mode).
+
+Reproducibility: the shuffle and the attack noise of epoch ``e`` come from a generator seeded by
+``(seed, "epoch", e)``, the global RNG (dropout) is seeded by ``(seed, "global", e)`` at the start
+of epoch ``e``, and the learning rate is a function of the global iteration; so a checkpoint needs
+no RNG state and a chain of segments gives bit-identical results to one uninterrupted run, whatever
+the segment boundaries (on a GPU with ``deterministic`` kernels).
+
+GPU speed: one step (attack, forward, loss, backward, SGD update, log sums) is one function of
+tensors only: no ``.item()``, no Python ``if`` on a device value. The log (loss and accuracy sums,
+the first non-finite step, the NC statistics) is summed on the device and read once per epoch.
+On a GPU the full-batch step is captured in a CUDA graph after a few eager warm-up steps and
+replayed (``cuda_graph``); the last, partial batch runs the same function eagerly. The attack's
+random start is drawn outside the step from the epoch's generator (exactly the draws of
+:func:`ncrobust.attacks.pgd` / :func:`~ncrobust.attacks.trades_kl`), so capture needs no
+graph-safe generator state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attacks import ThreatModel, draw_start, pgd_from_start, pgd_start, trades_from_start, trades_start
+from .experiment import adversary_kind, generator, stream_seed
+from .losses import LossFn
+from .train_collapse import EpochFeatures, ncc_accuracy
+
+TRADES_BN = ("train", "eval")
+CUDA_GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN autotuning, lazy init)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names epoch, step and lr."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Learning rate as a function of the global iteration.
+
+    ``piecewise``: ``lr * factors[i]`` once ``iteration >= milestones[i] * total`` (milestones are
+    fractions of the whole training; the paper: /10 at 25%, /100 at 37.5%); ``cosine``: cosine
+    decay to 0 over the whole training; ``constant``.
+    """
+
+    kind: str = "piecewise"
+    milestones: tuple[float, ...] = (0.25, 0.375)
+    factors: tuple[float, ...] = (0.1, 0.01)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("piecewise", "cosine", "constant"):
+            raise ValueError(f"unknown schedule {self.kind!r}; allowed: piecewise, cosine, constant")
+        if len(self.milestones) != len(self.factors):
+            raise ValueError("schedule milestones and factors must have the same length")
+
+    def lr(self, base_lr: float, iteration: int, total: int) -> float:
+        if self.kind == "constant":
+            return base_lr
+        if self.kind == "cosine":
+            return base_lr * 0.5 * (1.0 + math.cos(math.pi * iteration / total))
+        factor = 1.0
+        for milestone, f in zip(self.milestones, self.factors):
+            if iteration >= milestone * total:
+                factor = f
+        return base_lr * factor
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The training recipe of one cell (paper defaults: SGD 0.1, momentum 0.9, wd 5e-4, batch 128).
+
+    ``trades_bn``: BatchNorm mode of the TRADES update (``eval``: Su et al.'s code, where the
+    running statistics never move). ``pgd_clean_bn_pass``: the clean forward pass that every PGD-AT
+    step makes (for the log) also feeds BatchNorm's running statistics, as Su et al.'s and Rice et
+    al.'s code (otherwise it uses batch statistics without updating them). ``track_collapse``:
+    per-epoch NC of the epoch's clean and adversarial training features in the log.
+    ``cuda_graph``: capture the full-batch step in a CUDA graph (ignored on the CPU).
+    """
+
+    adversary: str
+    loss: LossFn
+    threat: ThreatModel
+    epochs: int
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Schedule = field(default_factory=Schedule)
+    trades_beta: float = 6.0
+    log_test_accuracy: bool = True
+    autocast_dtype: torch.dtype | None = None
+    trades_bn: str = "train"
+    pgd_clean_bn_pass: bool = False
+    track_collapse: bool = False
+    cuda_graph: bool = True
+
+    def __post_init__(self) -> None:
+        if self.trades_bn not in TRADES_BN:
+            raise ValueError(f"training.trades_bn = {self.trades_bn!r}: not allowed; allowed: {', '.join(TRADES_BN)}")
+        if self.batch_size < 1:
+            raise ValueError(f"training.batch_size = {self.batch_size}: must be >= 1")
+
+    def iterations_per_epoch(self, n: int) -> int:
+        return math.ceil(n / self.batch_size)
+
+
+class SGD:
+    """SGD with heavy-ball momentum and L2 weight decay: the update of ``torch.optim.SGD``
+    (dampening 0, no Nesterov) with the same formula (tested against it)::
+
+        d = grad + weight_decay * p;  b = d at the first step, else b = momentum * b + d;  p -= lr * b
+
+    Why our own: the first use of any ``torch.optim`` optimizer imports ``torch._dynamo`` (2 s),
+    paid by every training job of a chain; on the embedded default that was a tenth of the run.
+    And the learning rate lives in a device tensor (``lr_tensor``; setting ``lr`` fills it without
+    a host synchronisation), so a captured CUDA graph of the step reads the schedule's current
+    value at every replay. The update is multi-tensor (``torch._foreach_*``) on every device: one
+    code path, a handful of launches on a GPU. The state is plain:
+    ``{"lr": float, "momentum_buffer": [tensor or None per parameter]}``.
+    """
+
+    def __init__(self, params, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self.lr_tensor = torch.zeros((), dtype=torch.float32, device=device)
+        self.lr = lr
+        self.momentum_buffer: list[torch.Tensor | None] = [None] * len(self.params)
+
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._lr = float(value)
+        self.lr_tensor.fill_(self._lr)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not live:
+            return
+        params = [self.params[i] for i in live]
+        grads = [p.grad for p in params]
+        if self.weight_decay:
+            grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
+        if self.momentum:
+            bufs = [self.momentum_buffer[i] for i in live]
+            old = [j for j, b in enumerate(bufs) if b is not None]
+            if old:
+                torch._foreach_mul_([bufs[j] for j in old], self.momentum)
+                torch._foreach_add_([bufs[j] for j in old], [grads[j] for j in old])
+            for j, b in enumerate(bufs):
+                if b is None:  # the first step: b = d
+                    bufs[j] = self.momentum_buffer[live[j]] = torch.clone(grads[j]).detach()
+            grads = bufs
+        torch._foreach_sub_(params, torch._foreach_mul(grads, self.lr_tensor))
+
+    def state_dict(self) -> dict:
+        return {"lr": self.lr, "momentum_buffer": list(self.momentum_buffer)}
+
+    def load_state_dict(self, state: dict) -> None:
+        buffers = state.get("momentum_buffer") if isinstance(state, dict) else None
+        if not isinstance(buffers, list) or len(buffers) != len(self.params):
+            raise ValueError(
+                f"optimizer state does not fit the model: {len(buffers) if isinstance(buffers, list) else 'no'} momentum "
+                f"buffers for {len(self.params)} parameters (a checkpoint of another model, or of an older ncrobust?)"
+            )
+        for i, (p, buf) in enumerate(zip(self.params, buffers)):
+            if buf is not None and buf.shape != p.shape:
+                raise ValueError(f"momentum buffer {i} has shape {tuple(buf.shape)}, parameter {tuple(p.shape)}")
+            self.momentum_buffer[i] = None if buf is None else buf.to(device=p.device, dtype=p.dtype).clone()
+        self.lr = float(state.get("lr", self.lr))
+
+
+def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> SGD:
+    return SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+
+
+def _snapshot(model: torch.nn.Module, optimizer: SGD, epoch: int, iteration: int) -> dict:
+    """A checkpoint that owns its tensors (state dicts alias the live parameters). No RNG state:
+    every random draw comes from a generator seeded by ``(seed, epoch)`` (module docstring)."""
+    return copy.deepcopy(
+        {"epoch": epoch, "iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    )
+
+
+def initial_checkpoint(model: torch.nn.Module, recipe: Recipe) -> dict:
+    """Epoch 0: the seeded initialisation and a fresh optimizer."""
+    return _snapshot(model, make_optimizer(model, recipe), 0, 0)
+
+
+def _autocast(x: torch.Tensor, dtype: torch.dtype | None):
+    """bf16 autocast when ``dtype`` is set; the weight-cast cache is off because a captured CUDA
+    graph must not keep casts made before a parameter update (same values either way)."""
+    return torch.autocast(device_type=x.device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=False)
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+    """Clean accuracy in eval mode (the model's mode is restored); counted on the device, read once."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    try:
+        for i in range(0, len(x), batch_size):
+            correct += (model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum()
+    finally:
+        model.train(was_training)
+    return int(correct) / max(len(x), 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The training-time attacks, from pre-drawn noise (capture-friendly; equal to ncrobust.attacks)
+
+
+def draw_attack_noise(kind: str, threat: ThreatModel, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """One step's attack draws from ``gen`` (:func:`ncrobust.attacks.draw_start`; none for ``st``),
+    drawn outside the step so that a captured step takes them as inputs."""
+    return draw_start(kind, x, threat.norm, threat.eps, gen) if kind in ("pgd", "trades") else ()
+
+
+def pgd_from_noise(model, x, y, noise, *, threat: ThreatModel, loss: LossFn) -> torch.Tensor:
+    """:func:`ncrobust.attacks.pgd` (one restart, untargeted, in the model's current mode) from the
+    draws of :func:`draw_attack_noise`, without input checks (they read values back to the host).
+    Bit-identical to ``attacks.pgd(..., generator=gen, train_mode=...)`` (tested)."""
+    return pgd_from_start(model, x, y, pgd_start(x, noise, threat.norm, threat.eps), norm=threat.norm, eps=threat.eps,
+                          step_size=threat.step_size, steps=threat.steps, loss_fn=loss)
+
+
+def trades_from_noise(model, x, noise, *, threat: ThreatModel) -> torch.Tensor:
+    """:func:`ncrobust.attacks.trades_kl` (in the model's current mode, eval for TRADES) from the
+    draw of :func:`draw_attack_noise`, without input checks. Bit-identical to it (tested)."""
+    return trades_from_start(model, x, trades_start(x, noise), threat)
+
+
+@contextlib.contextmanager
+def _batch_norm_stats_frozen(modules: list[nn.Module]):
+    """Train-mode BatchNorm (batch statistics) that does not update its running statistics."""
+    saved = [m.track_running_stats for m in modules]
+    for m in modules:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, saved):
+            m.track_running_stats = flag
+
+
+def _forward_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if hasattr(model, "forward_features"):
+        return model.forward_features(x)
+    return model(x), None
+
+
+# --------------------------------------------------------------------------------------------
+# The step and its epoch log
+
+
+class TrainStep:
+    """One training step, as a function of tensors only: ``step(x, y, noise)`` runs the attack,
+    the forward passes, the loss, the backward pass and the SGD update with ``optimizer.lr_tensor``,
+    and adds the step's log to device tensors. No host synchronisation, so the same function runs
+    eagerly or inside a CUDA graph. :meth:`epoch_log` reads the sums back (once per epoch).
+
+    Log definitions (the same for every adversary):
+    - ``loss``: mean over the epoch's samples of the training loss of the sample's batch;
+    - ``train_accuracy``: share of the epoch's clean training images classified correctly by the
+      model when it trained on them (before the update, BatchNorm in the mode of the step: batch
+      statistics, or running statistics for TRADES with ``trades_bn: eval``); a PGD step makes a
+      clean forward pass for it (it feeds the running statistics only with ``pgd_clean_bn_pass``);
+    - ``train_robust_accuracy``: the same on the training-time adversarial examples (NaN for st);
+    - with ``track_collapse`` (:data:`COLLAPSE_LOG_COLUMNS`): NC1, NC1 trace ratio and NCC accuracy
+      of the epoch's clean and of its adversarial penultimate features (the step keeps them in
+      :class:`~ncrobust.train_collapse.EpochFeatures`), and the NCC accuracy of the adversarial
+      features with the epoch's clean class means.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: SGD, recipe: Recipe, *, num_classes: int, n_train: int,
+                 device: torch.device) -> None:
+        self.model, self.optimizer, self.recipe = model, optimizer, recipe
+        self.kind = adversary_kind(recipe.adversary)
+        self.batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.train_mode = not (self.kind == "trades" and recipe.trades_bn == "eval")
+        zeros = lambda dtype: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
+        self.loss_sum, self.bad_loss = zeros(torch.float64), zeros(torch.float32)
+        self.clean_correct, self.robust_correct, self.seen = zeros(torch.int64), zeros(torch.int64), zeros(torch.int64)
+        self.step_index, self.first_bad = zeros(torch.int64), zeros(torch.int64)
+        self.num_classes = num_classes
+        self.clean_features = self.adv_features = None
+        if recipe.track_collapse:
+            classifier = getattr(model, "classifier", None)
+            if not hasattr(model, "forward_features") or not isinstance(classifier, nn.Linear):
+                raise ValueError("training.track_collapse needs a model with forward_features() and a Linear classifier "
+                                 "(every ncrobust model has them); set training.track_collapse: false for this one")
+            d = classifier.in_features
+            self.clean_features = EpochFeatures(n_train, d, device)
+            if self.kind != "st":
+                self.adv_features = EpochFeatures(n_train, d, device)
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the epoch's sums in place (a captured graph keeps pointing at them)."""
+        for t in (self.loss_sum, self.bad_loss, self.clean_correct, self.robust_correct, self.seen, self.step_index):
+            t.zero_()
+        self.first_bad.fill_(-1)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, noise: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, ...]:
+        """One step; returns its clean and adversarial penultimate features (float32, None where
+        not tracked) for :meth:`store_features` (a graph's outputs are overwritten at every replay)."""
+        recipe, model, t = self.recipe, self.model, self.recipe.threat
+        self.optimizer.zero_grad()
+        if model.training != self.train_mode:  # Module.train walks every submodule: only when it changes
+            model.train(self.train_mode)
+        robust_logits = h_adv = None
+        with _autocast(x, recipe.autocast_dtype):
+            if self.kind == "st":
+                clean_logits, h_clean = _forward_features(model, x)
+                loss = recipe.loss(clean_logits, y)
+            elif self.kind == "pgd":
+                x_adv = pgd_from_noise(model, x, y, noise, threat=t, loss=recipe.loss)
+                robust_logits, h_adv = _forward_features(model, x_adv)
+                loss = recipe.loss(robust_logits, y)
+                frozen = contextlib.nullcontext() if recipe.pgd_clean_bn_pass else _batch_norm_stats_frozen(self.batch_norms)
+                with torch.no_grad(), frozen:
+                    clean_logits, h_clean = _forward_features(model, x)
+            else:  # trades: the KL attack in eval mode, the update in the trades_bn mode
+                model.eval()
+                x_adv = trades_from_noise(model, x, noise, threat=t)
+                model.train(self.train_mode)
+                clean_logits, h_clean = _forward_features(model, x)
+                robust_logits, h_adv = _forward_features(model, x_adv)
+                kl = F.kl_div(F.log_softmax(robust_logits.float(), 1), F.softmax(clean_logits.float(), 1), reduction="batchmean")
+                loss = recipe.loss(clean_logits, y) + recipe.trades_beta * kl
+        loss.backward()
+        self.optimizer.step()
+        return self._log(x.shape[0], y, loss.detach(), clean_logits, robust_logits, h_clean, h_adv)
+
+    def store_features(self, offset: int, features: tuple[torch.Tensor | None, ...]) -> None:
+        """Keep a step's outputs at rows ``offset : offset + n`` of the epoch's feature stores."""
+        for store, h in zip((self.clean_features, self.adv_features), features):
+            if store is not None:
+                store.store(offset, h)
+
+    @torch.no_grad()
+    def _log(self, n, y, loss, clean_logits, robust_logits, h_clean, h_adv) -> tuple[torch.Tensor | None, ...]:
+        self.loss_sum.add_(loss.double() * n)
+        newly_bad = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.first_bad.copy_(torch.where(newly_bad, self.step_index, self.first_bad))
+        self.bad_loss.copy_(torch.where(newly_bad, loss.float(), self.bad_loss))
+        self.step_index.add_(1)
+        self.clean_correct.add_((clean_logits.argmax(1) == y).sum())
+        if robust_logits is not None:
+            self.robust_correct.add_((robust_logits.argmax(1) == y).sum())
+        self.seen.add_(n)
+        return tuple(
+            None if store is None else h.float() for store, h in ((self.clean_features, h_clean), (self.adv_features, h_adv))
+        )
+
+    def epoch_log(self, labels_in_order: torch.Tensor) -> dict:
+        """The epoch's sums as numbers (one read-back, plus the NC arithmetic when tracked);
+        ``labels_in_order``: the labels of the epoch's samples in the order they were trained on."""
+        loss_sum, clean, robust, seen, first_bad, bad_loss = torch.stack([
+            self.loss_sum, self.clean_correct.double(), self.robust_correct.double(), self.seen.double(),
+            self.first_bad.double(), self.bad_loss.double(),
+        ]).tolist()
+        n = max(seen, 1.0)
+        row = {
+            "loss": loss_sum / n,
+            "train_accuracy": clean / n,
+            "train_robust_accuracy": robust / n if self.kind != "st" else math.nan,
+            "first_bad_step": int(first_bad),
+            "bad_loss": bad_loss,
+        }
+        row.update(dict.fromkeys(COLLAPSE_LOG_COLUMNS, math.nan))
+        if first_bad >= 0 or self.clean_features is None:  # a diverged epoch stops the job anyway
+            return row
+        C = self.num_classes
+        for stream, store in (("clean", self.clean_features), ("adv", self.adv_features)):
+            if store is not None:
+                for name, value in store.metrics(labels_in_order, C).items():
+                    row[f"{name}_{stream}"] = value
+        if self.adv_features is not None:
+            clean_means = self.clean_features.class_means(labels_in_order, C)
+            row["ncc_accuracy_clean_means_adv"] = ncc_accuracy(self.adv_features.features, labels_in_order, clean_means)
+        return row
+
+
+COLLAPSE_LOG_COLUMNS = (
+    "nc1_clean", "nc1_trace_ratio_clean", "ncc_accuracy_clean",
+    "nc1_adv", "nc1_trace_ratio_adv", "ncc_accuracy_adv", "ncc_accuracy_clean_means_adv",
+)
+
+
+class CapturedStep:
+    """Runs a :class:`TrainStep` eagerly, or, on a GPU with ``enabled``, replays it from a CUDA
+    graph for full batches: the first ``CUDA_GRAPH_WARMUP_STEPS`` full batches run eagerly on a
+    side stream (cuDNN autotuning, lazy initialisation, the momentum buffers), then the step is
+    captured once with static input buffers and replayed; other batch sizes (the last, partial
+    batch) run eagerly. The step function is the same either way; this is only a wrapper."""
+
+    def __init__(self, step: TrainStep, batch_size: int, device: torch.device, enabled: bool) -> None:
+        self.step, self.batch_size = step, batch_size
+        self.enabled = enabled and device.type == "cuda"
+        self.device = device
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static: tuple[torch.Tensor, ...] = ()
+        self.output: tuple[torch.Tensor | None, ...] = ()
+        self.warm = 0
+        self.stream = torch.cuda.Stream(device) if self.enabled else None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, noise: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, ...]:
+        if not self.enabled or x.shape[0] != self.batch_size:
+            return self.step(x, y, noise)
+        if self.graph is None and self.warm < CUDA_GRAPH_WARMUP_STEPS:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                out = self.step(x, y, noise)
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            self.warm += 1
+            return out
+        if self.graph is None:
+            self.static = tuple(t.clone() for t in (x, y, *noise))
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records only; the replay below runs this batch
+                self.output = self.step(self.static[0], self.static[1], self.static[2:])
+        else:
+            for buffer, value in zip(self.static, (x, y, *noise)):
+                buffer.copy_(value)
+        self.graph.replay()
+        return self.output
+
+
+def train_segment(
+    model: torch.nn.Module,
+    checkpoint: dict,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    *,
+    recipe: Recipe,
+    end_epoch: int,
+    seed: int,
+    x_test: torch.Tensor | None = None,
+    y_test: torch.Tensor | None = None,
+    num_classes: int | None = None,
+    progress=None,
+) -> tuple[dict, list[dict]]:
+    """Train from ``checkpoint`` (epoch e0) to ``end_epoch``; return the new checkpoint and one
+    log row per epoch (:class:`TrainStep` defines the columns). ``x_train`` is one resident tensor
+    in [0, 1] on the training device; batches are index slices. The checkpoint's tensors may sit
+    on any device (they are copied to the model's). ``num_classes`` defaults to the classifier's
+    output width. A non-finite loss raises :class:`NonFiniteLossError` at the end of its epoch,
+    naming the first bad step and its learning rate."""
+    start_epoch = int(checkpoint["epoch"])
+    if not start_epoch < end_epoch <= recipe.epochs:
+        raise ValueError(f"segment {start_epoch} -> {end_epoch} is not within 0..{recipe.epochs} and increasing")
+    device = x_train.device
+    y_train = y_train.to(device)
+    model.load_state_dict(checkpoint["model"])
+    optimizer = make_optimizer(model, recipe)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    n = len(x_train)
+    per_epoch = recipe.iterations_per_epoch(n)
+    total = per_epoch * recipe.epochs
+    iteration = int(checkpoint["iteration"])
+    if iteration != start_epoch * per_epoch:
+        raise ValueError(
+            f"checkpoint iteration {iteration} does not match epoch {start_epoch} x {per_epoch} iterations/epoch: "
+            "was it trained with another batch size or dataset?"
+        )
+    if num_classes is None:
+        num_classes = getattr(getattr(model, "classifier", None), "out_features", None) or int(y_train.max()) + 1
+    step = TrainStep(model, optimizer, recipe, num_classes=num_classes, n_train=n, device=device)
+    run = CapturedStep(step, recipe.batch_size, device, recipe.cuda_graph)
+    kind = step.kind
+    rows = []
+    for epoch in range(start_epoch + 1, end_epoch + 1):
+        started = time.perf_counter()
+        gen = generator(seed, "epoch", epoch, device=device)
+        torch.manual_seed(stream_seed(seed, "global", epoch))  # dropout: reproducible without RNG state in checkpoints
+        order = torch.randperm(n, generator=gen, device=device)
+        step.reset()
+        model.train()
+        first_iteration = iteration
+        for s in range(per_epoch):
+            optimizer.lr = recipe.schedule.lr(recipe.lr, iteration, total)
+            idx = order[s * recipe.batch_size : (s + 1) * recipe.batch_size]
+            xb, yb = x_train[idx], y_train[idx]
+            step.store_features(s * recipe.batch_size, run(xb, yb, draw_attack_noise(kind, recipe.threat, xb, gen)))
+            iteration += 1
+        log = step.epoch_log(y_train[order])
+        if log["first_bad_step"] >= 0:
+            bad = log["first_bad_step"]
+            lr = recipe.schedule.lr(recipe.lr, first_iteration + bad, total)
+            raise NonFiniteLossError(
+                f"non-finite training loss ({log['bad_loss']}) at epoch {epoch}, step {bad + 1}/{per_epoch}, lr {lr:g}; "
+                "lower training.optimizer.lr or check the data"
+            )
+        row = {
+            "epoch": epoch,
+            "lr": optimizer.lr,
+            "loss": log["loss"],
+            "train_accuracy": log["train_accuracy"],
+            "train_robust_accuracy": log["train_robust_accuracy"],
+            "test_accuracy": (
+                accuracy(model, x_test, y_test.to(device)) if recipe.log_test_accuracy and x_test is not None else math.nan
+            ),
+            **{c: log[c] for c in COLLAPSE_LOG_COLUMNS},
+        }
+        row["seconds"] = time.perf_counter() - started
+        rows.append(row)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['train_accuracy']:.3f}")
+    return _snapshot(model, optimizer, end_epoch, iteration), rows
