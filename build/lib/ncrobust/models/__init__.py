@@ -1,7 +1,0 @@
-"""Model families and their registry. Import a family module here to register it."""
-
-from . import convnet, deep_linear, mlp, preact_resnet, vgg, wide_resnet  # noqa: F401  (registration side effects)
-from .base import Normalize, TappedNet
-from .registry import create_model, list_models, register_model
-
-__all__ = ["Normalize", "TappedNet", "create_model", "list_models", "register_model"]
