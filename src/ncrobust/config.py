@@ -17,6 +17,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from .stages import merge  # noqa: F401  (the one deep merge; re-exported for the Snakefile)
+
 # Shipped inside the package (a non-editable install has no workflow/ beside it);
 # workflow/schemas/config.schema.yaml is a link to it, where the workflow template keeps schemas.
 SCHEMA_PATH = Path(__file__).resolve().with_name("config.schema.yaml")
@@ -140,18 +142,6 @@ def typed_overrides(overrides: Mapping) -> dict:
     ``--config training='{"epochs": 3, "checkpoints": [3]}'`` with YAML's BaseLoader, which leaves
     every scalar inside a string (``"3"``); a top-level value is already typed."""
     return {key: _typed(value) for key, value in overrides.items()}
-
-
-def merge(base: Mapping, overrides: Mapping) -> dict:
-    """``base`` with ``overrides`` merged in key by key (nested mappings merged, anything else
-    replaced): the way Snakemake applies ``--config`` to the config files."""
-    merged = copy.deepcopy(dict(base))
-    for key, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def _coerce_numbers(instance, schema, root):

@@ -20,6 +20,7 @@ Free of torch: the rules call this at parse time.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 from .cell import Cell, adversary_kind
 
@@ -163,13 +164,15 @@ def job_config(stage: str, sliced: dict, config: dict, *, cell: Cell | None = No
     return merge(*parts)
 
 
-def merge(*dicts: dict) -> dict:
-    """Deep merge, later dicts winning on leaves; the inputs are not modified."""
+def merge(*dicts: Mapping) -> dict:
+    """Deep merge, later mappings winning on leaves (nested mappings merged, anything else
+    replaced: the way Snakemake applies ``--config`` to the config files); the inputs are not
+    modified."""
     out: dict = {}
     for d in dicts:
         for key, value in d.items():
-            if isinstance(value, dict) and isinstance(out.get(key), dict):
+            if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
                 out[key] = merge(out[key], value)
             else:
-                out[key] = copy.deepcopy(value)
+                out[key] = copy.deepcopy(dict(value) if isinstance(value, Mapping) else value)
     return out
