@@ -648,8 +648,11 @@ def imbalance(f: pd.DataFrame, path: str | Path, split: str = "train"):
                     e = d[d["group"] == g]
                     if len(e):
                         _imbalance_points(ax, e, x, colour, markers[g], zorder=2 + k)
-            ax.set_xscale("log")
-            ax.xaxis.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.5)))
+            spread = f[x].max() / max(f[x].min(), 1e-12) if len(f) else 1.0
+            if spread > 3:  # class sizes over a range: log x; nearly balanced data: plain ticks
+                ax.set_xscale("log")
+                ax.xaxis.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.5)))
+                ax.xaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.5)))
             if metric == "minority_cos":
                 ax.axhline(1.0, color="0.6", linestyle=":", linewidth=0.9, zorder=1)
             ax.set_ylabel(label if j == 0 else "")
