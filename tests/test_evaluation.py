@@ -20,6 +20,7 @@ from ncrobust.models import create_model
 from ncrobust.robustness import strong_evaluation
 from ncrobust.seeding import generator
 from ncrobust import tables
+from workflow_helpers import fit_full_batch
 
 LINF = ThreatModel("linf", 0.1, 0.025, 3)
 L2 = ThreatModel("l2", 1.0, 0.25, 3)
@@ -35,13 +36,7 @@ def small():
     d = {**d, "x_train": d["x_train"][:300], "y_train": d["y_train"][:300], "x_test": d["x_test"][:200], "y_test": d["y_test"][:200]}
     torch.manual_seed(0)
     model = create_model("mlp", num_classes=10, in_chans=1, image_size=8, mean=d["mean"], std=d["std"], depth=2, width=32)
-    x, y = as_float(d, "train")
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(60):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval(), d
+    return fit_full_batch(model, *as_float(d, "train"), lr=0.1, steps=60), d
 
 
 def plan(**kw) -> EvaluationPlan:

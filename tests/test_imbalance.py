@@ -14,6 +14,7 @@ import torch
 from ncrobust import data, plots, tables
 from ncrobust.collapse import LayerStats, minority_classes
 from ncrobust.data import imbalance_counts
+from workflow_helpers import fit_full_batch
 from ncrobust.tables import METRIC_COLUMNS
 
 # --------------------------------------------------------------------------------------------
@@ -237,11 +238,7 @@ def imbalanced_evaluation():
     model = create_model("deep_linear", num_classes=10, in_chans=1, image_size=8, mean=d["mean"], std=d["std"],
                          depth=2, width=16, bias=False)
     x, y = as_float(d, "train")
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(40):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    fit_full_batch(model, x, y, lr=0.05, steps=40)
     plan = EvaluationPlan(threats=(ThreatModel("linf", 0.1, 0.025, 2),), perturbations={"clean": {}, "pgd": {}},
                           splits=("train", "test"), batch_size=128, projection_points=0, keep_features=True)
     return d, model.eval(), plan, evaluate_checkpoint(model, d, plan, seed=0, epoch=1)

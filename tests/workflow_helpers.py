@@ -69,3 +69,16 @@ def run_snakemake(
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def fit_full_batch(model, x, y, *, lr: float, steps: int):
+    """A small model trained by full-batch SGD (momentum 0.9) on ``x, y``, in eval mode: a
+    collapsed-enough network for tests of the evaluation, seconds on a CPU."""
+    import torch
+
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
