@@ -91,6 +91,7 @@ def recipe(config: dict, cell: Cell) -> Recipe:
         pgd_clean_bn_pass=t.get("pgd_clean_bn_pass", False),
         track_collapse=t.get("track_collapse", False),
         cuda_graph=t.get("cuda_graph", True),
+        mixup_alpha=t.get("mixup", {}).get("alpha", 0.0),
     )
 
 

@@ -36,6 +36,7 @@ from torch import nn
 from .attacks import ThreatModel, draw_start, pgd_from_start, pgd_start, trades_from_start, trades_start
 from .experiment import adversary_kind, generator, stream_seed
 from .losses import LossFn
+from .mixup import check_alpha, draw_mixup, majority_label, mix, mixed_loss
 from .train_collapse import EpochFeatures, ncc_accuracy
 
 TRADES_BN = ("train", "eval")
@@ -87,6 +88,8 @@ class Recipe:
     al.'s code (otherwise it uses batch statistics without updating them). ``track_collapse``:
     per-epoch NC of the epoch's clean and adversarial training features in the log.
     ``cuda_graph``: capture the full-batch step in a CUDA graph (ignored on the CPU).
+    ``mixup_alpha``: mixup's Beta(alpha, alpha) (0 = off; :mod:`ncrobust.mixup` says how it
+    combines with each adversary).
     """
 
     adversary: str
@@ -105,8 +108,13 @@ class Recipe:
     pgd_clean_bn_pass: bool = False
     track_collapse: bool = False
     cuda_graph: bool = True
+    mixup_alpha: float = 0.0
 
     def __post_init__(self) -> None:
+        check_alpha(self.mixup_alpha)
+        if self.mixup_alpha and self.track_collapse:
+            raise ValueError("training.track_collapse with training.mixup: features of mixed images have no single class; "
+                             "set track_collapse: false where mixup is on")
         if self.trades_bn not in TRADES_BN:
             raise ValueError(f"training.trades_bn = {self.trades_bn!r}: not allowed; allowed: {', '.join(TRADES_BN)}")
         if self.batch_size < 1:
@@ -237,6 +245,13 @@ def draw_attack_noise(kind: str, threat: ThreatModel, x: torch.Tensor, gen: torc
     return draw_start(kind, x, threat.norm, threat.eps, gen) if kind in ("pgd", "trades") else ()
 
 
+def draw_step_noise(kind: str, recipe: Recipe, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Every random input of one step, in draw order: the attack's start, then with mixup
+    ``(lam, perm)`` (:func:`ncrobust.mixup.draw_mixup`), the last two entries."""
+    noise = draw_attack_noise(kind, recipe.threat, x, gen)
+    return noise + draw_mixup(recipe.mixup_alpha, x.shape[0], gen) if recipe.mixup_alpha else noise
+
+
 def pgd_from_noise(model, x, y, noise, *, threat: ThreatModel, loss: LossFn) -> torch.Tensor:
     """:func:`ncrobust.attacks.pgd` (one restart, untargeted, in the model's current mode) from the
     draws of :func:`draw_attack_noise`, without input checks (they read values back to the host).
@@ -287,6 +302,8 @@ class TrainStep:
       statistics, or running statistics for TRADES with ``trades_bn: eval``); a PGD step makes a
       clean forward pass for it (it feeds the running statistics only with ``pgd_clean_bn_pass``);
     - ``train_robust_accuracy``: the same on the training-time adversarial examples (NaN for st);
+    - with mixup, a prediction on a mixed input counts against the mix's majority label
+      (:func:`ncrobust.mixup.majority_label`); PGD's clean log pass stays on the unmixed images;
     - with ``track_collapse`` (:data:`COLLAPSE_LOG_COLUMNS`): NC1, NC1 trace ratio and NCC accuracy
       of the epoch's clean and of its adversarial penultimate features (the step keeps them in
       :class:`~ncrobust.train_collapse.EpochFeatures`), and the NCC accuracy of the adversarial
@@ -329,29 +346,43 @@ class TrainStep:
         self.optimizer.zero_grad()
         if model.training != self.train_mode:  # Module.train walks every submodule: only when it changes
             model.train(self.train_mode)
+        if recipe.mixup_alpha:  # (lam, perm) are the last draws (draw_step_noise)
+            noise, (lam, perm) = noise[:-2], noise[-2:]
+            train_loss = lambda logits: mixed_loss(recipe.loss, logits, y, lam, perm)  # noqa: E731
+            y_mixed = majority_label(y, lam, perm)
+        else:
+            lam = perm = None
+            train_loss = lambda logits: recipe.loss(logits, y)  # noqa: E731
+            y_mixed = y
+        y_clean = y_robust = y_mixed
         robust_logits = h_adv = None
         with _autocast(x, recipe.autocast_dtype):
             if self.kind == "st":
-                clean_logits, h_clean = _forward_features(model, x)
-                loss = recipe.loss(clean_logits, y)
-            elif self.kind == "pgd":
+                x_in = x if lam is None else mix(x, lam, perm)
+                clean_logits, h_clean = _forward_features(model, x_in)
+                loss = train_loss(clean_logits)
+            elif self.kind == "pgd":  # each example attacked with its own label, then mixed (Lamb et al.)
                 x_adv = pgd_from_noise(model, x, y, noise, threat=t, loss=recipe.loss)
+                if lam is not None:
+                    x_adv = mix(x_adv, lam, perm)
                 robust_logits, h_adv = _forward_features(model, x_adv)
-                loss = recipe.loss(robust_logits, y)
+                loss = train_loss(robust_logits)
                 frozen = contextlib.nullcontext() if recipe.pgd_clean_bn_pass else _batch_norm_stats_frozen(self.batch_norms)
                 with torch.no_grad(), frozen:
                     clean_logits, h_clean = _forward_features(model, x)
-            else:  # trades: the KL attack in eval mode, the update in the trades_bn mode
+                y_clean = y
+            else:  # trades: the KL attack in eval mode, the update in the trades_bn mode; mixup mixes the clean input
+                x_in = x if lam is None else mix(x, lam, perm)
                 model.eval()
-                x_adv = trades_from_noise(model, x, noise, threat=t)
+                x_adv = trades_from_noise(model, x_in, noise, threat=t)
                 model.train(self.train_mode)
-                clean_logits, h_clean = _forward_features(model, x)
+                clean_logits, h_clean = _forward_features(model, x_in)
                 robust_logits, h_adv = _forward_features(model, x_adv)
                 kl = F.kl_div(F.log_softmax(robust_logits.float(), 1), F.softmax(clean_logits.float(), 1), reduction="batchmean")
-                loss = recipe.loss(clean_logits, y) + recipe.trades_beta * kl
+                loss = train_loss(clean_logits) + recipe.trades_beta * kl
         loss.backward()
         self.optimizer.step()
-        return self._log(x.shape[0], y, loss.detach(), clean_logits, robust_logits, h_clean, h_adv)
+        return self._log(x.shape[0], y_clean, y_robust, loss.detach(), clean_logits, robust_logits, h_clean, h_adv)
 
     def store_features(self, offset: int, features: tuple[torch.Tensor | None, ...]) -> None:
         """Keep a step's outputs at rows ``offset : offset + n`` of the epoch's feature stores."""
@@ -360,15 +391,15 @@ class TrainStep:
                 store.store(offset, h)
 
     @torch.no_grad()
-    def _log(self, n, y, loss, clean_logits, robust_logits, h_clean, h_adv) -> tuple[torch.Tensor | None, ...]:
+    def _log(self, n, y_clean, y_robust, loss, clean_logits, robust_logits, h_clean, h_adv) -> tuple[torch.Tensor | None, ...]:
         self.loss_sum.add_(loss.double() * n)
         newly_bad = ~torch.isfinite(loss) & (self.first_bad < 0)
         self.first_bad.copy_(torch.where(newly_bad, self.step_index, self.first_bad))
         self.bad_loss.copy_(torch.where(newly_bad, loss.float(), self.bad_loss))
         self.step_index.add_(1)
-        self.clean_correct.add_((clean_logits.argmax(1) == y).sum())
+        self.clean_correct.add_((clean_logits.argmax(1) == y_clean).sum())
         if robust_logits is not None:
-            self.robust_correct.add_((robust_logits.argmax(1) == y).sum())
+            self.robust_correct.add_((robust_logits.argmax(1) == y_robust).sum())
         self.seen.add_(n)
         return tuple(
             None if store is None else h.float() for store, h in ((self.clean_features, h_clean), (self.adv_features, h_adv))
@@ -503,7 +534,7 @@ def train_segment(
             optimizer.lr = recipe.schedule.lr(recipe.lr, iteration, total)
             idx = order[s * recipe.batch_size : (s + 1) * recipe.batch_size]
             xb, yb = x_train[idx], y_train[idx]
-            step.store_features(s * recipe.batch_size, run(xb, yb, draw_attack_noise(kind, recipe.threat, xb, gen)))
+            step.store_features(s * recipe.batch_size, run(xb, yb, draw_step_noise(kind, recipe, xb, gen)))
             iteration += 1
         log = step.epoch_log(y_train[order])
         if log["first_bad_step"] >= 0:

@@ -1,0 +1,153 @@
+"""Mixup in the training step (ncrobust.mixup, ncrobust.train) and the mixup geometry."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ncrobust import data as datasets
+from ncrobust.attacks import ThreatModel
+from ncrobust.experiment import Cell, build_model
+from ncrobust.losses import LOSSES, get_loss
+from ncrobust.mixup import draw_mixup, majority_label, mix, mixed_loss
+from ncrobust.train import Recipe, TrainStep, draw_step_noise, initial_checkpoint, make_optimizer, pgd_from_noise, train_segment
+
+CONFIG = {"models": {"mlp": {"depth": 2, "width": 32}}}
+THREAT = ThreatModel(norm="linf", eps=0.1, step_size=0.05, steps=2)
+
+
+def _setup(digits, adversary, *, epochs=3, loss="ce", **options):
+    cell = Cell("digits", "mlp", loss, adversary, 3)
+    model = build_model(CONFIG, cell, digits)
+    recipe = Recipe(adversary=adversary, loss=get_loss(loss), threat=THREAT, epochs=epochs, batch_size=256, **options)
+    x, y = datasets.as_float(digits, "train")
+    return cell, model, recipe, x, y
+
+
+def test_beta_draws_follow_alpha_and_the_generator():
+    """lam ~ Beta(alpha, alpha): mean 1/2, variance 1 / (4 (2 alpha + 1)); the same generator
+    state gives the same draws; perm is a permutation."""
+    for alpha in (0.2, 1.0, 8.0):
+        g = torch.Generator().manual_seed(0)
+        lams = torch.stack([draw_mixup(alpha, 5, g)[0] for _ in range(4000)]).double()
+        assert 0.0 <= lams.min() and lams.max() <= 1.0
+        assert lams.mean().item() == pytest.approx(0.5, abs=0.02)
+        assert lams.var().item() == pytest.approx(1 / (4 * (2 * alpha + 1)), rel=0.08)
+    a, b = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    (la, pa), (lb, pb) = draw_mixup(0.4, 9, a), draw_mixup(0.4, 9, b)
+    assert torch.equal(la, lb) and torch.equal(pa, pb) and sorted(pa.tolist()) == list(range(9))
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_mixed_loss_is_the_lam_weighted_sum_and_mixed_targets_in_closed_form(loss):
+    """lam L(y) + (1 - lam) L(y[perm]) for every loss; for CE it is CE against the mixed soft
+    target, for MSE the MSE to the mixed one-hot target plus lam (1 - lam) ||e_a - e_b||^2 / C."""
+    g = torch.Generator().manual_seed(1)
+    logits, y = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1])
+    lam, perm = torch.tensor(0.3, dtype=torch.float64), torch.tensor([1, 2, 3, 4, 5, 0])
+    fn = get_loss(loss)
+    got = mixed_loss(fn, logits, y, lam, perm)
+    assert got.item() == pytest.approx(0.3 * fn(logits, y).item() + 0.7 * fn(logits, y[perm]).item(), rel=1e-12)
+    target = 0.3 * F.one_hot(y, 4).double() + 0.7 * F.one_hot(y[perm], 4).double()
+    if loss == "ce":
+        assert got.item() == pytest.approx(F.cross_entropy(logits, target).item(), rel=1e-12)
+    if loss == "mse":
+        gap = 0.3 * 0.7 * (y != y[perm]).double() * 2 / 4
+        assert got.item() == pytest.approx(((logits - target) ** 2).mean(1).add(gap).mean().item(), rel=1e-12)
+
+
+def test_mixed_adversarial_examples_stay_in_the_threat_ball_of_the_mixed_clean_inputs(digits):
+    """PGD-AT with mixup mixes per-example adversarial examples: by convexity of the ball the
+    mix is within eps of the mix of the clean inputs, and in [0, 1]."""
+    _, model, recipe, x, y = _setup(digits, "pgd-linf", mixup_alpha=1.0)
+    x, y = x[:64], y[:64]
+    g = torch.Generator().manual_seed(0)
+    noise = draw_step_noise("pgd", recipe, x, g)
+    lam, perm = noise[-2:]
+    x_adv = pgd_from_noise(model, x, y, noise[:-2], threat=THREAT, loss=recipe.loss)
+    delta = mix(x_adv, lam, perm) - mix(x, lam, perm)
+    assert delta.abs().max().item() <= THREAT.eps + 1e-6
+    assert 0.0 <= mix(x_adv, lam, perm).min() and mix(x_adv, lam, perm).max() <= 1.0
+    assert torch.equal(majority_label(y, torch.tensor(0.7), perm), y)
+    assert torch.equal(majority_label(y, torch.tensor(0.2), perm), y[perm])
+
+
+def test_st_mixup_step_trains_on_the_mix_with_the_mixed_loss(digits):
+    """One st step with mixup equals a hand-written step: forward on lam x + (1 - lam) x[perm],
+    loss lam CE(y) + (1 - lam) CE(y[perm]), accuracy against the majority label."""
+    _, model, recipe, x, y = _setup(digits, "st", mixup_alpha=0.5, weight_decay=0.0, momentum=0.0)
+    x, y = x[:64], y[:64]
+    reference = build_model(CONFIG, Cell("digits", "mlp", "ce", "st", 3), digits)
+    step = TrainStep(model, make_optimizer(model, recipe), recipe, num_classes=10, n_train=64, device=x.device)
+    noise = draw_step_noise("st", recipe, x, torch.Generator().manual_seed(4))
+    lam, perm = noise
+    step(x, y, noise)
+    reference.train()
+    logits = reference(lam * x + (1 - lam) * x[perm])
+    loss = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
+    loss.backward()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= recipe.lr * p.grad
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    log = step.epoch_log(y)
+    assert log["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert log["train_accuracy"] == pytest.approx((logits.argmax(1) == majority_label(y, lam, perm)).double().mean().item())
+
+
+@pytest.mark.parametrize("adversary", ["st", "pgd-linf", "trades-linf"])
+def test_mixup_chain_equals_uninterrupted_bit_for_bit_and_changes_training(digits, adversary):
+    cell, model, recipe, x, y = _setup(digits, adversary, mixup_alpha=1.0)
+    start = initial_checkpoint(model, recipe)
+    straight, rows = train_segment(model, start, x, y, recipe=recipe, end_epoch=3, seed=cell.seed)
+    ckpt, chained = start, []
+    for end in (1, 3):
+        fresh = build_model(CONFIG, Cell("digits", "mlp", "ce", adversary, 99), digits)
+        ckpt, seg = train_segment(fresh, ckpt, x, y, recipe=recipe, end_epoch=end, seed=cell.seed)
+        chained += seg
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in straight["model"].items())
+    assert [r["loss"] for r in chained] == [r["loss"] for r in rows]
+    plain = Recipe(**{**recipe.__dict__, "mixup_alpha": 0.0})
+    other, plain_rows = train_segment(model, start, x, y, recipe=plain, end_epoch=3, seed=cell.seed)
+    assert not torch.equal(other["model"]["classifier.weight"], straight["model"]["classifier.weight"])
+    assert rows[-1]["loss"] > plain_rows[-1]["loss"]  # mixed targets cannot be fitted as well
+
+
+def test_bad_mixup_settings_are_one_line_errors(digits):
+    with pytest.raises(ValueError, match=r"training.mixup.alpha = -1: must be a finite number >= 0"):
+        _setup(digits, "st", mixup_alpha=-1)
+    with pytest.raises(ValueError, match="training.mixup.alpha = nan"):
+        _setup(digits, "st", mixup_alpha=math.nan)
+    with pytest.raises(ValueError, match="track_collapse with training.mixup"):
+        _setup(digits, "st", mixup_alpha=0.2, track_collapse=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("adversary", ["st", "pgd-linf", "trades-linf"])
+def test_mixup_step_makes_no_host_synchronisation_and_graphs_equal_eager_on_gpu(digits, adversary):
+    from ncrobust.pipeline import setup
+
+    setup({"device": "cuda"}, deterministic=True)
+    _, model, recipe, x, y = _setup(digits, adversary, epochs=2, mixup_alpha=1.0)
+    model, xs, ys = model.cuda(), x[:256].cuda(), y[:256].cuda()
+    step = TrainStep(model, make_optimizer(model, recipe), recipe, num_classes=10, n_train=256, device=xs.device)
+    gen = torch.Generator(xs.device).manual_seed(0)
+    step(xs, ys, draw_step_noise(step.kind, recipe, xs, gen))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            step(xs, ys, draw_step_noise(step.kind, recipe, xs, gen))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    results = {}
+    for graphed in (False, True):
+        _, model, recipe, x, y = _setup(digits, adversary, epochs=2, mixup_alpha=1.0, cuda_graph=graphed)
+        model, x, y = model.cuda(), x.cuda(), y.cuda()
+        results[graphed] = train_segment(model, initial_checkpoint(model, recipe), x, y, recipe=recipe, end_epoch=2, seed=1)
+    for k, v in results[False][0]["model"].items():
+        torch.testing.assert_close(results[True][0]["model"][k], v, rtol=1e-5, atol=1e-6)
