@@ -280,3 +280,50 @@ def test_train_mode_taps_consistent():
 def test_bad_options(name, kwargs, message):
     with pytest.raises(ValueError, match=message):
         build(name, **kwargs)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_normalized_features(name, forward_cache):
+    """``normalized_features`` (every model, Yaras et al.): penultimate features and classifier rows
+    on the unit sphere, no bias, logits = cos(w_c, h) / temperature; the family's own
+    initialisation of the directions is kept; ``bias: true`` with it is refused."""
+    torch.manual_seed(0)
+    model = build(name, normalized_features={"temperature": 0.25}).eval()
+    x = forward_cache(name)[1]
+    with torch.no_grad():
+        logits, taps = model(x, taps=True)
+    h, W = taps["penultimate"], model.classifier.weight.detach()
+    assert isinstance(model.classifier, nn.Linear) and model.classifier.bias is None
+    torch.testing.assert_close(h.norm(dim=1), torch.ones(len(h)), rtol=0, atol=1e-5)
+    torch.testing.assert_close(W.norm(dim=1), torch.ones(10), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits, h @ W.T / 0.25, rtol=1e-5, atol=1e-5)
+    assert logits.abs().max() <= 4 + 1e-4  # |cos| / temperature
+    torch.testing.assert_close(model.features(x), h)
+    torch.manual_seed(0)
+    plain = build(name, bias=False).classifier.weight.detach()  # seeded alike: the same directions
+    torch.testing.assert_close(W, plain / plain.norm(dim=1, keepdim=True), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="normalized_features has a bias-free classifier"):
+        build(name, normalized_features={}, bias=True)
+
+
+def test_normalized_features_state_round_trip_and_bad_options():
+    """A checkpoint of a normalized model loads into a fresh one (the trained tensor is the raw
+    weight; the unit rows follow); a bad temperature or key is one line naming the option."""
+    import io
+
+    a, b = build("mlp", normalized_features={"temperature": 0.1}), build("mlp", normalized_features={"temperature": 0.1})
+    with torch.no_grad():
+        a.classifier.parametrizations.weight.original.mul_(3.0).add_(1.0)
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    buffer.seek(0)
+    b.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(b.classifier.weight, a.classifier.weight)
+    for options, message in [
+        ({"temperature": 0}, "temperature must be a finite number > 0"),
+        ({"temperature": float("nan")}, "temperature must be a finite number > 0"),
+        ({"temp": 1.0}, "normalized_features must be a mapping"),
+        (0.1, "normalized_features must be a mapping"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            build("mlp", normalized_features=options)

@@ -4,13 +4,19 @@ Inputs are images in [0, 1]; normalisation is the model's first layer, so attack
 space. ``model(x)`` gives logits; ``model(x, taps=True)`` gives ``(logits, taps)`` where ``taps``
 is an ordered dict ``{tap_name: activation}`` over every hidden stage, whose last entry is
 ``"penultimate"`` (the features fed to ``model.classifier``, the last ``nn.Linear``). Every model
-takes ``bias`` (default ``True``): ``bias=False`` builds the classifier without a bias.
+takes ``bias`` (default ``True``): ``bias=False`` builds the classifier without a bias, and
+``normalized_features={"temperature": t}`` (applied by :func:`ncrobust.models.create_model`, so
+every family has it): :func:`normalize_features`.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 
 class Normalize(nn.Module):
@@ -80,3 +86,52 @@ class TappedNet(nn.Module):
     def tap_names(self) -> list[str]:
         """Tap names in forward order, ``"penultimate"`` last."""
         return [*self.stages.keys(), "penultimate"]
+
+
+class UnitSphere(nn.Module):
+    """Rows scaled to unit L2 norm (``F.normalize``: a zero row stays zero instead of NaN)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.normalize(h, dim=1)
+
+
+class NormalizedLinear(nn.Linear):
+    """Yaras et al.'s classifier: ``logits = (W_unit h) / temperature`` with the rows of ``W`` on
+    the unit sphere and no bias. ``weight`` is a parametrization (``torch.nn.utils.parametrize``),
+    so ``classifier.weight`` is the unit-row matrix the network uses (what the NC2/NC3 metrics and
+    the mixup geometry read); the trained tensor is ``parametrizations.weight.original``."""
+
+    def __init__(self, in_features: int, out_features: int, temperature: float) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        self.temperature = float(temperature)
+        parametrize.register_parametrization(self, "weight", UnitSphere())
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight) / self.temperature
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, temperature={self.temperature:g}"
+
+
+def check_normalized_features(model: str, options) -> float:
+    """The temperature of a ``normalized_features`` option; a one-line error for anything else."""
+    if not isinstance(options, dict) or set(options) - {"temperature"}:
+        raise ValueError(f"{model} option normalized_features must be a mapping {{temperature: t}}, got {options!r}")
+    t = options.get("temperature", 0.1)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        raise ValueError(f"{model} option normalized_features.temperature must be a finite number > 0, got {t!r}")
+    return float(t)
+
+
+def normalize_features(model: TappedNet, temperature: float) -> TappedNet:
+    """Yaras et al.'s setting on any :class:`TappedNet`: the penultimate features (the ``head``'s
+    output, so the ``penultimate`` tap too) projected on the unit sphere, and the classifier
+    replaced by a bias-free :class:`NormalizedLinear` with ``temperature``. In place; returns it."""
+    if not isinstance(model.head, nn.Sequential):
+        model.head = nn.Sequential(model.head)
+    model.head.append(UnitSphere())
+    old = model.classifier
+    model.classifier = NormalizedLinear(old.in_features, old.out_features, temperature)
+    with torch.no_grad():  # keep the family's own initialisation of the directions
+        model.classifier.parametrizations.weight.original.copy_(old.weight)
+    return model

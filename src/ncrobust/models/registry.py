@@ -7,6 +7,8 @@ from typing import Callable
 
 from torch import nn
 
+from .base import check_normalized_features, normalize_features
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -37,15 +39,26 @@ def create_model(
     std: tuple[float, ...] | list[float],
     **kwargs,
 ) -> nn.Module:
-    """Build model ``name``; ``kwargs`` are the family's own options (width, depth, ...)."""
+    """Build model ``name``; ``kwargs`` are the family's own options (width, depth, ...) and
+    ``normalized_features`` (every family: :func:`ncrobust.models.base.normalize_features`; it
+    implies a bias-free classifier, so ``bias=True`` with it is an error)."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
     shape = dict(num_classes=num_classes, in_chans=in_chans, image_size=image_size, mean=mean, std=std)
+    temperature = None
+    if "normalized_features" in kwargs:
+        kwargs = dict(kwargs)
+        temperature = check_normalized_features(name, kwargs.pop("normalized_features"))
+        if kwargs.get("bias", False) is not False:
+            raise ValueError(f"{name}: normalized_features has a bias-free classifier (Yaras et al.); drop bias: true")
+        kwargs["bias"] = False
     try:
-        return _MODELS[name](**shape, **kwargs)
+        model = _MODELS[name](**shape, **kwargs)
+        return model if temperature is None else normalize_features(model, temperature)
     except TypeError as err:  # a misspelt option (config models.<name>) is bad input, not a bug
         if "unexpected keyword argument" not in str(err):
             raise
         allowed = [p for p in inspect.signature(type(_MODELS[name](**shape)).__init__).parameters if p not in ("self", *shape)]
+        allowed.append("normalized_features")
         unknown = sorted(set(kwargs) - set(allowed)) or sorted(kwargs)
         raise ValueError(f"unknown option {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}") from None
