@@ -151,3 +151,85 @@ def test_mixup_step_makes_no_host_synchronisation_and_graphs_equal_eager_on_gpu(
         results[graphed] = train_segment(model, initial_checkpoint(model, recipe), x, y, recipe=recipe, end_epoch=2, seed=1)
     for k, v in results[False][0]["model"].items():
         torch.testing.assert_close(results[True][0]["model"][k], v, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# The mixup geometry (Fisher et al.)
+
+
+def _simplex_net(C: int):
+    """A network whose penultimate features are ``x - 1/C`` (x a one-hot 'image' e_c gives the
+    centred simplex vertex M_c = e_c - 1/C) and whose classifier rows are those vertices."""
+    from torch import nn
+
+    from ncrobust.models.base import Normalize, TappedNet
+
+    class Simplex(TappedNet):
+        def __init__(self):
+            super().__init__()
+            self.normalize = Normalize([1.0 / C], [1.0])
+            self.stages = nn.ModuleDict()
+            self.head = nn.Flatten()
+            self.classifier = nn.Linear(C, C)
+            with torch.no_grad():
+                self.classifier.weight.copy_(torch.eye(C) - 1.0 / C)
+                self.classifier.bias.zero_()
+
+    x = torch.eye(C).repeat(3, 1).view(-1, 1, 1, C)  # three copies of each vertex
+    return Simplex(), x, torch.arange(C).repeat(3)
+
+
+def test_mixup_geometry_of_a_simplex_in_closed_form():
+    """Same-class mixes sit on their row (angle 0); a cross mix lam M_i + (1 - lam) M_j lies at
+    atan(|2 lam - 1| tan(theta / 2)) from the i/j boundary, theta = arccos(-1/(C-1)), with plane
+    coordinates (r (lam + (1 - lam) cos theta), r (1 - lam) sin theta), r = ||M_c||; predictions
+    follow the majority class."""
+    from ncrobust.mixup_geometry import GEOMETRY_COLUMNS, mixup_geometry
+
+    C = 5
+    model, x, y = _simplex_net(C)
+    lams = [0.0, 0.2, 0.5, 0.7, 1.0]
+    points, summary = mixup_geometry(model, x, y, num_classes=C, pairs=[(0, 1), (3, 2)], lambdas=lams, per_class=3)
+    assert list(points.columns) == GEOMETRY_COLUMNS
+    assert set(points.kind) == {"cross", "same-0", "same-1", "same-3", "same-2"}
+    same = points[points.kind != "cross"]
+    assert same.row_angle.max() < 1e-3
+    theta = math.acos(-1 / (C - 1))
+    r = math.sqrt((C - 1) / C)
+    cross = points[points.kind == "cross"]
+    lam = cross.lam.to_numpy()
+    expected = [math.degrees(math.atan(abs(2 * v - 1) * math.tan(theta / 2))) for v in lam]
+    assert cross.boundary_angle.to_numpy() == pytest.approx(expected, abs=1e-6)
+    assert cross.x.to_numpy() == pytest.approx(r * (lam + (1 - lam) * math.cos(theta)), abs=1e-6)
+    assert cross.y.to_numpy() == pytest.approx(r * (1 - lam) * math.sin(theta), abs=1e-6)
+    decided = cross[cross.lam != 0.5]
+    assert (decided.prediction == decided.class_i.where(decided.lam > 0.5, decided.class_j)).all()
+    values = summary.set_index("metric").value
+    assert values["same_class_angle"] == pytest.approx(0.0, abs=1e-3)
+    interior = [v for v in lams if 0 < v < 1]
+    assert values["cross_boundary_angle"] == pytest.approx(
+        sum(math.degrees(math.atan(abs(2 * v - 1) * math.tan(theta / 2))) for v in interior) / len(interior), abs=1e-6)
+
+
+def test_mixup_geometry_pgd_rows_and_bad_input():
+    from ncrobust.mixup_geometry import mixup_geometry
+
+    C = 4
+    model, x, y = _simplex_net(C)
+    threat = ThreatModel(norm="linf", eps=0.05, step_size=0.02, steps=3)
+    points, summary = mixup_geometry(model, x, y, num_classes=C, pairs=[(0, 1)], lambdas=[0.3, 0.8], per_class=3,
+                                     perturbations=("clean", "pgd"), threat=threat, loss=get_loss("ce"))
+    clean, pgd = (points[points.perturbation == p].reset_index(drop=True) for p in ("clean", "pgd"))
+    moved = ((clean.x - pgd.x) ** 2 + (clean.y - pgd.y) ** 2) ** 0.5
+    assert 0 < moved.max() <= threat.eps * math.sqrt(C) + 1e-6  # a linear model moves features by at most ||delta||_2
+    assert set(summary.perturbation) == {"clean", "pgd"}
+    for kwargs, message in [
+        ({"pairs": [(0, 0)]}, "needs two different classes"),
+        ({"pairs": [(0, 9)]}, "needs two different classes"),
+        ({"lambdas": [1.5]}, "lambdas must be a non-empty list of numbers in"),
+        ({"perturbations": ("pgd",)}, "pgd needs the threat model and the loss"),
+        ({"perturbations": ("gaussian",)}, "perturbation 'gaussian': allowed: clean, pgd"),
+        ({"per_class": 1}, "per_class = 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            mixup_geometry(model, x, y, num_classes=C, **{"pairs": [(0, 1)], **kwargs})
