@@ -204,7 +204,8 @@ def test_mixup_geometry_of_a_simplex_in_closed_form():
     assert cross.y.to_numpy() == pytest.approx(r * (1 - lam) * math.sin(theta), abs=1e-6)
     decided = cross[cross.lam != 0.5]
     assert (decided.prediction == decided.class_i.where(decided.lam > 0.5, decided.class_j)).all()
-    values = summary.set_index("metric").value
+    assert set(summary.pair) == {"0-1", "3-2", "all"}
+    values = summary[summary.pair == "all"].set_index("metric").value
     assert values["same_class_angle"] == pytest.approx(0.0, abs=1e-3)
     interior = [v for v in lams if 0 < v < 1]
     assert values["cross_boundary_angle"] == pytest.approx(
@@ -233,3 +234,39 @@ def test_mixup_geometry_pgd_rows_and_bad_input():
     ]:
         with pytest.raises(ValueError, match=message):
             mixup_geometry(model, x, y, num_classes=C, **{"pairs": [(0, 1)], **kwargs})
+
+
+def test_mixup_tables_and_figure(tmp_path):
+    """tables.mixup_points keeps one pair, each cell's final epoch and first seed; mixup_summary
+    averages the 'all' rows over seeds; plots.mixup draws one panel per (variant) x (adversary,
+    perturbation), and a placeholder without data."""
+    import pandas as pd
+
+    from ncrobust import plots
+    from ncrobust.cell import Cell
+    from ncrobust.mixup_geometry import mixup_geometry
+    from ncrobust.tables import mixup_points, mixup_summary, tag
+
+    model, x, y = _simplex_net(4)
+    threat = ThreatModel(norm="linf", eps=0.05, step_size=0.02, steps=2)
+    points, summaries = [], []
+    for adversary in ("st", "pgd-linf"):
+        for variant in ("base", "mixup"):
+            for seed in (1, 2):
+                p, s = mixup_geometry(model, x, y, num_classes=4, pairs=[(2, 3), (0, 1)], lambdas=[0.0, 0.5, 1.0], per_class=3,
+                                      perturbations=("clean", "pgd"), threat=threat, loss=get_loss("ce"), seed=seed)
+                cell = Cell("digits", "mlp", "ce", adversary, seed)
+                points.append(tag(p, cell, 5).assign(variant=variant))
+                summaries.append(tag(s, cell, 5).assign(variant=variant))
+    points, summaries = pd.concat(points), pd.concat(summaries)
+    shaped = mixup_points(points)
+    assert set(shaped.pair) == {"0-1"} and set(shaped.seed) == {1} and set(shaped.group) == {"base", "mixup"}
+    summary = mixup_summary(summaries)
+    assert set(summary.metric) == {"same_class_angle", "cross_boundary_angle"} and (summary.seeds == 2).all()
+    assert len(summary) == 2 * 2 * 2 * 2
+    fig = plots.mixup(shaped, summary, tmp_path / "mixup.png")
+    assert (tmp_path / "mixup.png").exists()
+    assert len([ax for ax in fig.axes if ax.get_title() or ax.get_xlabel() or ax.get_ylabel()]) >= 2 * 4
+    assert "2-3" not in fig.texts[-1].get_text() and "classes 0 and 1" in fig.texts[-1].get_text()
+    empty = plots.mixup(mixup_points(pd.DataFrame()), mixup_summary(pd.DataFrame()), tmp_path / "none.png")
+    assert "no mixup geometry" in " ".join(t.get_text() for t in empty.axes[0].texts)

@@ -29,7 +29,7 @@ def test_solution_is_a_stationary_point_of_the_joint_objective(lam):
     """The gradient of Phi(W, H) in both W and H vanishes at the returned (W, H), in the input's
     coordinates: the reduced solver, the basis change and the closed form of H(W) agree."""
     H0, y = _features()
-    sol = solve(H0, y, lam=lam, weight_decay=5e-3)
+    sol = solve(H0, y, lam=lam, weight_decay=5e-3, tol=1e-8)
     assert sol.converged
     W, H = sol.W.clone().requires_grad_(True), sol.H.clone().requires_grad_(True)
     f = _objective(W, H, H0, y, lam, 5e-3)
@@ -118,3 +118,39 @@ def test_bad_input_is_one_line(kwargs, message):
         probe(H0 * float("nan"), y, [1.0])
     with pytest.raises(ValueError, match="labels for"):
         probe(H0, y[:-1], [1.0])
+
+
+def _probe_table():
+    from ncrobust.cell import Cell
+    from ncrobust.tables import tag
+
+    H0, y = _features()
+    frames = []
+    for adversary in ("st", "pgd-linf"):
+        for seed in (1, 2):
+            f = probe(H0 * seed, y, [0.1, 1.0, 10.0]).assign(perturbation="clean", layer="penultimate")
+            frames.append(tag(f, Cell("digits", "mlp", "ce", adversary, seed), 5).assign(variant="base"))
+    return frames
+
+
+def test_probe_curves_and_figure(tmp_path):
+    """tables.probe_curves keeps each cell's final epoch in long form; plots.probe draws one column
+    per variant, two rows (NC1 of the solution, ratio), and a placeholder without data."""
+    import pandas as pd
+
+    from ncrobust import plots
+    from ncrobust.tables import probe_curves
+
+    frames = _probe_table()
+    early = frames[0].assign(epoch=1, nc1_ratio=99.0)  # an earlier checkpoint of a cell: dropped
+    curves = probe_curves(pd.concat([*frames, early]))
+    assert set(curves.metric) == {"nc1_input", "nc1_solution", "nc1_ratio"} and (curves.value != 99.0).all()
+    assert len(curves) == 4 * 3 * 3 and set(curves.group) == {"base"}
+    # rescaled: seed 2's features (2 x seed 1's) give the same solution
+    r = curves[curves.metric == "nc1_ratio"].pivot_table(index=["adversary", "lam"], columns="seed", values="value")
+    assert (r[1] - r[2]).abs().max() < 1e-8
+    fig = plots.probe(curves, tmp_path / "probe.png")
+    assert (tmp_path / "probe.png").exists() and (tmp_path / "probe.pdf").exists()
+    assert len([ax for ax in fig.axes if ax.axison]) == 2
+    empty = plots.probe(probe_curves(pd.DataFrame()), tmp_path / "none.png")
+    assert "no probe tables" in " ".join(t.get_text() for t in empty.axes[0].texts)

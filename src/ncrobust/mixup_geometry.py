@@ -37,7 +37,7 @@ from .seeding import generator
 DEFAULT_PAIRS = ((0, 1), (2, 3), (4, 5))
 DEFAULT_LAMBDAS = tuple(i / 10 for i in range(11))
 GEOMETRY_COLUMNS = ["pair", "class_i", "class_j", "kind", "lam", "perturbation", "x", "y", "row_angle", "boundary_angle",
-                    "prediction"]
+                    "prediction", "wi_x", "wj_x", "wj_y"]
 SUMMARY_METRICS = ("same_class_angle", "cross_boundary_angle")
 
 
@@ -96,8 +96,9 @@ def mixup_geometry(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(points, summary)``: one row per mixed example (:data:`GEOMETRY_COLUMNS`; ``row_angle``:
     degrees to the majority class's row, ``boundary_angle``: in-plane degrees to the i/j boundary,
-    ``prediction``: the network's class) and the summary numbers (``perturbation, metric, value``,
-    metrics :data:`SUMMARY_METRICS`); definitions in the module docstring. ``perturbations``:
+    ``prediction``: the network's class; ``wi_x``, ``wj_x``, ``wj_y``: the plane coordinates of the
+    two classifier rows, to draw them and the boundary) and the summary numbers (``pair, perturbation, metric, value``,
+    metrics :data:`SUMMARY_METRICS`, per pair and ``all``); definitions in the module docstring. ``perturbations``:
     ``clean`` and/or ``pgd`` (needs ``threat`` and ``loss``). Draws come from
     ``generator(seed, "mixup_geometry")``; the model's mode is restored."""
     from .attacks import pgd
@@ -133,6 +134,7 @@ def mixup_geometry(
         rows = []
         for i, j in pairs:
             basis = plane_basis(W[i], W[j])
+            wi_xy, wj_xy = W[i] @ basis.T, W[j] @ basis.T  # the rows' own plane coordinates (wi_xy = (||w_i||, 0))
             normal = (W[i] - W[j]) @ basis.T  # the boundary's normal within the plane
             normal = normal / normal.norm()
             along = torch.stack([-normal[1], normal[0]])
@@ -161,7 +163,7 @@ def mixup_geometry(
                         "perturbation": perturbation, "x": xy[:, 0].numpy(), "y": xy[:, 1].numpy(),
                         "row_angle": _angle(centred, W[labels_cpu]).numpy(),
                         "boundary_angle": torch.rad2deg(torch.arctan2((xy @ normal).abs(), (xy @ along).abs())).numpy(),
-                        "prediction": pred.numpy(),
+                        "prediction": pred.numpy(), "wi_x": float(wi_xy[0]), "wj_x": float(wj_xy[0]), "wj_y": float(wj_xy[1]),
                     }))
     finally:
         model.train(was_training)
@@ -170,13 +172,14 @@ def mixup_geometry(
 
 
 def geometry_summary(points: pd.DataFrame) -> pd.DataFrame:
-    """The summary numbers of a points frame (module docstring): ``perturbation, metric, value``."""
+    """The summary numbers of a points frame (module docstring): ``pair, perturbation, metric,
+    value``, per pair and over all pairs (``pair = "all"``)."""
     out = []
-    for perturbation, p in points.groupby("perturbation", sort=False):
-        same = p[p.kind != "cross"]
-        cross = p[(p.kind == "cross") & (p.lam > 0) & (p.lam < 1)]
-        out.append({"perturbation": perturbation, "metric": "same_class_angle",
-                    "value": float(same.row_angle.mean()) if len(same) else math.nan})
-        out.append({"perturbation": perturbation, "metric": "cross_boundary_angle",
-                    "value": float(cross.boundary_angle.mean()) if len(cross) else math.nan})
-    return pd.DataFrame(out, columns=["perturbation", "metric", "value"])
+    for pair, frame in [*points.groupby("pair", sort=False), ("all", points)]:
+        for perturbation, p in frame.groupby("perturbation", sort=False):
+            same = p[p.kind != "cross"]
+            cross = p[(p.kind == "cross") & (p.lam > 0) & (p.lam < 1)]
+            for metric, values in (("same_class_angle", same.row_angle), ("cross_boundary_angle", cross.boundary_angle)):
+                out.append({"pair": pair, "perturbation": perturbation, "metric": metric,
+                            "value": float(values.mean()) if len(values) else math.nan})
+    return pd.DataFrame(out, columns=["pair", "perturbation", "metric", "value"])

@@ -739,3 +739,139 @@ def render(
         jobs = [pool.submit(_render_one, name, metrics, training, projection, path) for name, path in outputs.items()]
         for job in jobs:
             job.result()  # re-raises a figure's error here
+
+
+# ---------------------------------------------------------------------------------------------
+# related questions: mixup geometry (Fisher et al.) and the near-collapse probe (Tirer et al.)
+
+MIXUP_KIND_MARKERS = {"cross": "o", "same-i": "^", "same-j": "v"}
+
+
+@_themed
+def mixup(points: pd.DataFrame, summary: pd.DataFrame, path: str | Path):
+    """Penultimate features of mixed examples of one class pair in the plane of the two classifier
+    rows (``tables.mixup_points``; Fisher et al.'s picture): one row per variant (and varying
+    setting), one column per (training adversary, evaluation perturbation); colour = the weight
+    ``lam`` on class i of a cross-class mix (blue: all j, red: all i), marker = its kind; arrows =
+    the rows w_i, w_j, dashed line = their decision boundary (biases left out); same-class mixes in
+    grey. Each panel names the
+    summary numbers of ``tables.mixup_summary`` (mean over all pairs)."""
+    if points is None or points.empty:
+        return _placeholder(path, "Mixup geometry", "no mixup geometry tables (evaluation.mixup_geometry.enabled: false?)")
+    pair = points["pair"].iloc[0]
+    i, j = (int(c) for c in pair.split("-"))
+    groups = sorted(points["group"].unique(), key=lambda g: (g not in ("", "base"), g))
+    advs = _present(points["adversary"], ADVERSARY_ORDER)
+    perts = _present(points["perturbation"], ["clean", "pgd"])
+    cols = [(a, p) for a in advs for p in perts]
+    fig, axes = _grid(len(groups), len(cols), sharex=False, sharey=False, width=3.0, height=3.0)
+    norm = matplotlib.colors.Normalize(0.0, 1.0)
+    cmap = plt.get_cmap("coolwarm")
+    kinds = {"cross": "cross", f"same-{i}": "same-i", f"same-{j}": "same-j"}
+    for r, group in enumerate(groups):
+        for c, (adv, pert) in enumerate(cols):
+            ax = axes[r, c]
+            d = points[(points["group"] == group) & (points["adversary"] == adv) & (points["perturbation"] == pert)]
+            if d.empty:
+                _empty_panel(ax)
+                continue
+            for kind, key in kinds.items():  # same-class mixes in grey under the cross-class ones, coloured by lam
+                k = d[d["kind"] == kind]
+                colour = {"c": k["lam"], "cmap": cmap, "norm": norm} if key == "cross" else {"color": "0.45"}
+                ax.scatter(k["x"], k["y"], s=7 if key == "cross" else 6, alpha=0.55 if key == "cross" else 0.3, linewidths=0,
+                           marker=MIXUP_KIND_MARKERS[key], zorder=3 if key == "cross" else 2, **colour)
+            radius = float(np.hypot(d["x"], d["y"]).quantile(0.95)) or 1.0
+            wi = np.array([d["wi_x"].iloc[0], 0.0])
+            wj = np.array([d["wj_x"].iloc[0], d["wj_y"].iloc[0]])
+            for w, name, colour in ((wi, f"w_{i}", cmap(1.0)), (wj, f"w_{j}", cmap(0.0))):
+                tip = w / np.linalg.norm(w) * radius
+                ax.annotate("", xy=tip, xytext=(0, 0), arrowprops=dict(arrowstyle="-|>", color=colour, lw=1.6), zorder=4)
+                ax.text(*(tip * 1.08), name, color=colour, fontsize=9, weight="bold", ha="center", va="center", zorder=4)
+            n = wi - wj
+            along = np.array([-n[1], n[0]]) / np.linalg.norm(n) * radius * 1.2
+            ax.plot([-along[0], along[0]], [-along[1], along[1]], color="0.35", linestyle="--", linewidth=0.9, zorder=1)
+            ax.axhline(0, color="0.85", linewidth=0.6, zorder=0)
+            ax.axvline(0, color="0.85", linewidth=0.6, zorder=0)
+            ax.set_aspect("equal", adjustable="datalim")
+            s = summary[(summary["group"] == group) & (summary["adversary"] == adv) & (summary["perturbation"] == pert)]
+            values = s.set_index("metric")["value"] if len(s) else pd.Series(dtype=float)
+            if len(values):
+                ax.text(0.02, 0.02, f"same∠row {values.get('same_class_angle', np.nan):.0f}°\n"
+                        f"cross∠boundary {values.get('cross_boundary_angle', np.nan):.0f}°",
+                        transform=ax.transAxes, fontsize=8, va="bottom", ha="left",
+                        bbox=dict(boxstyle="round,pad=0.2", facecolor="white", alpha=0.8, linewidth=0))
+            if r == 0:
+                ax.set_title(f"trained {adv}\n{pert} mixes", fontsize=10, weight="bold")
+            ax.set_xlabel(f"⟨h − μ_G, ŵ_{i}⟩" if r == len(groups) - 1 else "")
+            ax.set_ylabel(f"{group or 'base'}\n⟨h − μ_G, e₂⟩" if c == 0 else "")
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.5, pad=0.01,
+                 label=f"λ: weight on class {i} (1 − λ on {j})")
+    handles = [Line2D([], [], color="0.3", marker=MIXUP_KIND_MARKERS[v], linestyle="none", markersize=5, label=label)
+               for v, label in (("cross", f"{i} mixed with {j}"), ("same-i", f"{i} with {i}"), ("same-j", f"{j} with {j}"))]
+    handles.append(Line2D([], [], color="0.35", linestyle="--", label=f"boundary {i} vs {j}"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
+    seeds = points["seed"].nunique() if "seed" in points.columns else 1
+    fig.suptitle(
+        f"Mixup geometry: penultimate features h of mixed examples of classes {i} and {j}, centred by the clean global mean μ_G,\n"
+        f"in the plane of w_{i}, w_{j} (e₂: the part of w_{j} orthogonal to w_{i}) · PGD mixes attacked against the majority label"
+        f" · final epoch · first seed of {seeds}", fontsize=10,
+    )
+    return _save(fig, path)
+
+
+@_themed
+def probe(frame: pd.DataFrame, path: str | Path):
+    """The near-collapse probe (``tables.probe_curves``; Tirer et al.): NC1 of the solution of the
+    regularised unconstrained-features problem against lambda (log-log), for the clean and PGD
+    features of the probed layer, the input's NC1 as a dotted line of the same colour (the
+    lambda -> infinity limit); below, the ratio solution / input, the predicted reduction. One
+    column per variant (and varying setting); colour = training adversary, style = perturbation."""
+    if frame is None or frame.empty:
+        return _placeholder(path, "Near-collapse probe", "no probe tables (probe.enabled: false?)")
+    groups = sorted(frame["group"].unique(), key=lambda g: (g not in ("", "base"), g))
+    advs = _present(frame["adversary"], ADVERSARY_ORDER)
+    palette = _palette(advs, ADVERSARY_PALETTE)
+    perts = _present(frame["perturbation"], PERTURBATION_ORDER)
+    dashes = {p: PERTURBATION_DASHES.get(p, (1, 1)) or "" for p in perts}
+    markers = {p: PERTURBATION_MARKERS.get(p, "X") for p in perts}
+    rows = [("nc1_solution", "NC1 of the solution\ntr(Σ_W Σ_B⁺)/C"), ("nc1_ratio", "NC1 solution / input\n(predicted reduction)")]
+    fig, axes = _grid(len(rows), len(groups), sharex=True, sharey="row")
+    for c, group in enumerate(groups):
+        for r, (metric, label) in enumerate(rows):
+            ax = axes[r, c]
+            d = frame[(frame["group"] == group) & (frame["metric"] == metric) & (frame["value"] > 0)]
+            if d.empty:
+                _empty_panel(ax)
+                continue
+            sns.lineplot(data=d, x="lam", y="value", hue="adversary", hue_order=advs, palette=palette, style="perturbation",
+                         style_order=perts, dashes=dashes, markers=markers, markersize=5, errorbar=("pi", 100),
+                         err_kws={"alpha": 0.18, "linewidth": 0}, ax=ax, legend=False)
+            if metric == "nc1_solution":
+                inputs = frame[(frame["group"] == group) & (frame["metric"] == "nc1_input")]
+                for (adv, pert), v in inputs.groupby(["adversary", "perturbation"])["value"]:
+                    ax.axhline(v.mean(), color=palette[adv], linestyle=":", linewidth=1.1, alpha=0.9)
+            else:
+                ax.axhline(1.0, color="0.6", linestyle=":", linewidth=0.9)
+            ax.set_xscale("log")
+            _log_y(ax)
+            ax.set_ylabel(label if c == 0 else "")
+            ax.set_xlabel("λ (proximity to the input features)" if r == len(rows) - 1 else "")
+        axes[0, c].set_title(group or "base", fontsize=11, weight="bold")
+    handles = [Line2D([], [], linestyle="none", label="trained with")]
+    handles += [Line2D([], [], color=palette[a], label=a) for a in advs]
+    handles += [Line2D([], [], linestyle="none", label=" "), Line2D([], [], linestyle="none", label="features")]
+    for p in perts:
+        line = Line2D([], [], color="0.3", marker=markers[p], markersize=4, label=p)
+        if dashes[p]:
+            line.set_dashes(dashes[p])
+        handles.append(line)
+    handles.append(Line2D([], [], color="0.3", linestyle=":", label="input NC1 (λ → ∞)"))
+    fig.legend(handles=handles, labels=[h.get_label() for h in handles], loc="outside right center", frameon=False)
+    layer = "/".join(sorted(frame["layer"].astype(str).unique()))
+    seeds = frame["seed"].nunique() if "seed" in frame.columns else 1
+    fig.suptitle(
+        f"Near-collapse probe (Tirer et al.): min over W, H of MSE + λ_W‖W‖² + λ‖H − H₀‖², H₀ = features of {layer}"
+        f" (rescaled to unit RMS norm)\n"
+        f"final epoch · {'1 seed' if seeds <= 1 else f'mean over {seeds} seeds, band = seed range'}", fontsize=10,
+    )
+    return _save(fig, path)

@@ -314,3 +314,54 @@ def imbalance_geometry(metrics: pd.DataFrame, split: str = "train", perturbation
         epochs=("epoch", lambda e: "/".join(map(str, sorted(set(e))))),
     ).reset_index()
     return out[IMBALANCE_COLUMNS]
+
+
+# ---------------------------------------------------------------------------------------------
+# related questions: the mixup geometry and the near-collapse probe
+
+
+def _grouped(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with ``variant`` (``""`` without the axis) and ``group`` (the varying
+    dataset/model/loss values and the variant, joined), as :func:`imbalance_geometry` names cells."""
+    frame = with_setting(frame, varying_settings(frame))
+    frame["variant"] = frame["variant"].astype(str) if "variant" in frame.columns else ""
+    frame["group"] = [" / ".join(p for p in parts if p) for parts in zip(frame["setting"], frame["variant"])]
+    return frame
+
+
+def mixup_points(points: pd.DataFrame, pair: str | None = None) -> pd.DataFrame:
+    """The mixed examples of one class pair (``pair`` like ``"0-1"``; default the first present)
+    for the ``mixup`` figure: each (group, adversary)'s first seed at its final epoch, with the
+    ``group`` column of :func:`_grouped`."""
+    if points is None or points.empty:
+        return pd.DataFrame()
+    pair = pair if pair is not None else sorted(points["pair"].unique(), key=lambda p: [int(c) for c in p.split("-")])[0]
+    p = _grouped(final_epoch(points[points["pair"] == pair]))
+    keys = ["group", "adversary"]
+    return p[p["seed"] == p.groupby(keys)["seed"].transform("min")].reset_index(drop=True)
+
+
+def mixup_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    """The mixup geometry's summary numbers at each cell's final epoch, mean over seeds and pairs:
+    ``group, variant, adversary, perturbation, metric, value, seeds``."""
+    columns = ["group", "variant", "adversary", "perturbation", "metric", "value", "seeds"]
+    if summary is None or summary.empty:
+        return pd.DataFrame(columns=columns)
+    s = _grouped(final_epoch(summary))
+    s = s[s["pair"] == "all"] if "pair" in s.columns else s
+    out = s.groupby(["group", "variant", "adversary", "perturbation", "metric"], dropna=False).agg(
+        value=("value", "mean"), seeds=("seed", "nunique")).reset_index()
+    return out[columns]
+
+
+def probe_curves(probe: pd.DataFrame) -> pd.DataFrame:
+    """The near-collapse probe at each cell's final epoch, mean over seeds, long: ``group, variant,
+    adversary, perturbation, layer, lam, metric (nc1_input, nc1_solution, nc1_ratio), value, seed``
+    (seeds kept, the figure draws a mean with a seed band)."""
+    columns = ["group", "variant", "adversary", "perturbation", "layer", "lam", "seed", "metric", "value"]
+    if probe is None or probe.empty:
+        return pd.DataFrame(columns=columns)
+    p = _grouped(final_epoch(probe))
+    long = p.melt(id_vars=["group", "variant", "adversary", "perturbation", "layer", "lam", "seed"],
+                  value_vars=["nc1_input", "nc1_solution", "nc1_ratio"], var_name="metric", value_name="value")
+    return long[columns]
