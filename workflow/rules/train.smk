@@ -3,7 +3,7 @@
 rule init_model:
     """Epoch 0 of a cell: the seeded initialisation of its model."""
     input:
-        data=f"{RESULTS}/data/{{dataset}}.pt",
+        data=data_file,
     output:
         checkpoint=update(f"{RUN}/checkpoints/epoch0.pt"),
     log:
@@ -20,7 +20,7 @@ rule init_model:
 rule train:
     """Train a cell from its previous checkpoint to the next one (ST, PGD-AT or TRADES)."""
     input:
-        data=f"{RESULTS}/data/{{dataset}}.pt",
+        data=data_file,
         previous=previous_checkpoint,
     output:
         checkpoint=update(f"{RUN}/checkpoints/epoch{{epoch}}.pt"),
@@ -36,6 +36,6 @@ rule train:
     resources:
         **job_resources("train"),
     group:
-        "train_{dataset}_{model}_{loss}_{adversary}_{seed}" if config["group_training"] else None
+        "train_{dataset}_{model}_{loss}_{adversary}_{variant}_{seed}" if config["group_training"] else None
     script:
         "../scripts/train.py"
