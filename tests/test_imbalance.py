@@ -259,6 +259,9 @@ def test_evaluation_emits_the_imbalance_geometry(imbalanced_evaluation):
             n_c = np.bincount(d[f"y_{split}"].numpy(), minlength=10)
             accuracy = float(pen[pen.metric == "accuracy"]["value"].iloc[0])
             assert float((per_class * n_c).sum() / n_c.sum()) == pytest.approx(accuracy)
+            minority = d["class_counts"].numpy() <= d["class_counts"].numpy().max() / 2  # step ratio 10: the last 5
+            assert minority.tolist() == [False] * 5 + [True] * 5
+            assert float(pen[pen.metric == "minority_accuracy"]["value"].iloc[0]) == pytest.approx(per_class[minority].mean())
             w_norms = pen[pen.metric == "classifier_norm_per_class"].sort_values("class")["value"].to_numpy()
             np.testing.assert_allclose(w_norms, model.classifier.weight.detach().double().norm(dim=1).numpy())
             for layer in ("layer1", "penultimate"):  # the means' geometry at every layer
@@ -287,7 +290,7 @@ def test_without_class_counts_no_class_is_a_minority(imbalanced_evaluation):
     d, model, plan, _ = imbalanced_evaluation
     old = {k: v for k, v in d.items() if k != "class_counts"}
     m = evaluate_checkpoint(model, old, plan, seed=0, epoch=1).metrics
-    assert not m.metric.isin(["minority_cos_W", "minority_cos_M", "train_class_count"]).any()
+    assert not m.metric.isin(["minority_cos_W", "minority_cos_M", "minority_accuracy", "train_class_count"]).any()
     assert m.metric.isin(["orthogonality_W", "accuracy_per_class"]).any()
 
 

@@ -48,6 +48,12 @@ SUMMARY_METRICS = {
     ("test", "pgd", "penultimate", "ncc_accuracy_clean_means"): "test_ncc_accuracy_clean_means_pgd",
     ("train", "pgd", "penultimate", "alignment_angle"): "alignment_angle_pgd",
     ("train", "pgd", "penultimate", "leap_rate"): "leap_rate_pgd",
+    # imbalanced training data only (absent without minority classes, so absent from the columns)
+    ("train", "clean", "penultimate", "minority_cos_W"): "minority_cos_W",
+    ("train", "clean", "penultimate", "minority_cos_M"): "minority_cos_M_clean",
+    ("train", "pgd", "penultimate", "minority_cos_M"): "minority_cos_M_pgd",
+    ("test", "clean", "penultimate", "minority_accuracy"): "test_minority_accuracy",
+    ("test", "pgd", "penultimate", "minority_accuracy"): "test_minority_robust_accuracy",
 }
 
 
@@ -150,8 +156,8 @@ def robustness_by_cell(robustness: pd.DataFrame) -> pd.DataFrame:
 def summary(metrics: pd.DataFrame, robustness: pd.DataFrame | None = None) -> pd.DataFrame:
     """Final-epoch values per cell (mean and std over seeds) of the headline quantities
     (:data:`SUMMARY_METRICS`; NC and perturbation quantities on the train split, as Su et al.,
-    under each cell's own threat model). One row per (dataset, model, loss, adversary)."""
-    group = ["dataset", "model", "loss", "adversary"]
+    under each cell's own threat model). One row per (dataset, model, loss, adversary, variant)."""
+    group = ["dataset", "model", "loss", "adversary", "variant"]
     if metrics.empty or not set(METRIC_COLUMNS) <= set(metrics.columns):
         return pd.DataFrame(columns=[*group, "seeds", "epoch"])
     final = final_epoch(own_threat(scalars(metrics)))
@@ -175,7 +181,7 @@ def summary(metrics: pd.DataFrame, robustness: pd.DataFrame | None = None) -> pd
 
 def summary_markdown(table: pd.DataFrame) -> str:
     """The summary as a Markdown table: ``mean ± std`` per quantity."""
-    group = ["dataset", "model", "loss", "adversary", "seeds", "epoch"]
+    group = ["dataset", "model", "loss", "adversary", "variant", "seeds", "epoch"]
     quantities = [c[: -len("_mean")] for c in table.columns if c.endswith("_mean")]
     header = group + quantities
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
