@@ -35,7 +35,9 @@ rule train:
     threads: config["threads"]
     resources:
         **job_resources("train"),
+    # one group name for every cell: a cell's chain of segments is one connected component, so
+    # each cell is one group job, and `--group-components train=k` packs k cells into one
     group:
-        "train_{dataset}_{model}_{loss}_{adversary}_{variant}_{seed}" if config["group_training"] else None
+        "train" if config["group_training"] else None
     script:
         "../scripts/train.py"
