@@ -7,7 +7,9 @@ allowed, before any job starts. Defaults from the schema are filled in.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
+import json
 import math
 import os
 import sys
@@ -335,7 +337,14 @@ def _check_model_options(config: dict) -> None:
         if not kwargs:
             continue  # the constructor's defaults
         for chans, side, classes in shapes:
-            _build(name, kwargs, chans, side, classes)
+            _build_once(name, json.dumps(kwargs, sort_keys=True), chans, side, classes)
+
+
+@functools.lru_cache(maxsize=None)
+def _build_once(name: str, kwargs_json: str, chans: int, side: int, classes: int) -> None:
+    """:func:`_build`, once per model, options and shape in a process: each grid variant is
+    validated as a whole config, and most share the base model's options."""
+    _build(name, json.loads(kwargs_json), chans, side, classes)
 
 
 def _build(name: str, kwargs: dict, chans: int, side: int, classes: int) -> None:
