@@ -243,10 +243,11 @@ def test_strong_evaluation_reports_every_attack_on_the_same_samples_with_one_los
 
 
 def test_tag_puts_the_cell_in_front():
-    frame = tables.tag(pd.DataFrame({"metric": ["nc1"], "value": [0.5]}), Cell("digits", "mlp", "ce", "st", 2), 4)
+    frame = tables.tag(pd.DataFrame({"metric": ["nc1"], "value": [0.5]}), Cell("digits", "mlp", "ce", "st", 2, "r10"), 4)
     assert list(frame.columns) == [*tables.CELL_COLUMNS, "epoch", "metric", "value"]
-    assert frame.iloc[0].to_dict() == {"dataset": "digits", "model": "mlp", "loss": "ce", "adversary": "st", "seed": 2,
-                                       "epoch": 4, "metric": "nc1", "value": 0.5}
+    assert frame.iloc[0].to_dict() == {"dataset": "digits", "model": "mlp", "loss": "ce", "adversary": "st", "variant": "r10",
+                                       "seed": 2, "epoch": 4, "metric": "nc1", "value": 0.5}
+    assert tables.tag(frame[["value"]], Cell("digits", "mlp", "ce", "st", 2))["variant"].tolist() == ["base"]
 
 
 def test_summary_and_figures_use_each_cells_own_threat_model(small):

@@ -259,6 +259,9 @@ def test_evaluation_emits_the_imbalance_geometry(imbalanced_evaluation):
             n_c = np.bincount(d[f"y_{split}"].numpy(), minlength=10)
             accuracy = float(pen[pen.metric == "accuracy"]["value"].iloc[0])
             assert float((per_class * n_c).sum() / n_c.sum()) == pytest.approx(accuracy)
+            minority = d["class_counts"].numpy() <= d["class_counts"].numpy().max() / 2  # step ratio 10: the last 5
+            assert minority.tolist() == [False] * 5 + [True] * 5
+            assert float(pen[pen.metric == "minority_accuracy"]["value"].iloc[0]) == pytest.approx(per_class[minority].mean())
             w_norms = pen[pen.metric == "classifier_norm_per_class"].sort_values("class")["value"].to_numpy()
             np.testing.assert_allclose(w_norms, model.classifier.weight.detach().double().norm(dim=1).numpy())
             for layer in ("layer1", "penultimate"):  # the means' geometry at every layer
@@ -287,7 +290,7 @@ def test_without_class_counts_no_class_is_a_minority(imbalanced_evaluation):
     d, model, plan, _ = imbalanced_evaluation
     old = {k: v for k, v in d.items() if k != "class_counts"}
     m = evaluate_checkpoint(model, old, plan, seed=0, epoch=1).metrics
-    assert not m.metric.isin(["minority_cos_W", "minority_cos_M", "train_class_count"]).any()
+    assert not m.metric.isin(["minority_cos_W", "minority_cos_M", "minority_accuracy", "train_class_count"]).any()
     assert m.metric.isin(["orthogonality_W", "accuracy_per_class"]).any()
 
 
@@ -295,27 +298,30 @@ def test_without_class_counts_no_class_is_a_minority(imbalanced_evaluation):
 # the figure: tables.imbalance_geometry + plots.imbalance
 
 
-VARIANT_COUNTS = {"base": [10, 10, 10, 10], "step10": [10, 10, 1, 1]}
+VARIANT_COUNTS = {"base": [10, 10, 10, 10], "step10": [10, 10, 1, 1], "step10-nobias": [10, 10, 1, 1]}
+VARIANTS = {  # as in config.variants
+    "step10": {"dataset": {"imbalance": {"profile": "step", "ratio": 10}}},
+    "step10-nobias": {"dataset": {"imbalance": {"profile": "step", "ratio": 10}}, "model": {"bias": False}},
+}
 
 
 def mean_norm(count, pert, seed):
     return (2.0 if pert == "pgd" else 1.0) * (1.0 + math.log(count)) + 0.1 * seed
 
 
-def synthetic_imbalance_metrics(adversaries=("st", "pgd-linf"), seeds=(1, 2), epochs=(0, 10), variant=True,
-                                variants=tuple(VARIANT_COUNTS)) -> pd.DataFrame:
-    """Penultimate rows as the evaluation writes them for two variants (balanced, step ratio 10);
-    epoch 0 values are absurd (1e6): the figure shows the final epoch only."""
+def synthetic_imbalance_metrics(adversaries=("st", "pgd-linf"), seeds=(1, 2), epochs=(0, 10), variants=("base", "step10")) -> pd.DataFrame:
+    """Penultimate rows as the evaluation writes them for ``variants`` (balanced, step ratio 10,
+    step ratio 10 without bias); epoch 0 values are absurd (1e6): the figure shows the final epoch only."""
     rows = []
     for (name, counts), adv, seed, epoch, split, pert in itertools.product(
         [(v, VARIANT_COUNTS[v]) for v in variants], adversaries, seeds, epochs, ["train", "test"], ["clean", "pgd"]
     ):
-        cell = dict(dataset="digits", model="deep_linear", loss="ce", adversary=adv, seed=seed, epoch=epoch, split=split,
+        cell = dict(dataset="digits", model="deep_linear", loss="ce", adversary=adv, variant=name, seed=seed, epoch=epoch, split=split,
                     norm="linf", perturbation=pert, layer="penultimate", layer_index=2, row=None, col=None)
         junk = 1e6 if epoch != max(epochs) else 1.0
 
         def add(metric, value, klass=None):
-            rows.append({**cell, **({"variant": name} if variant else {}), "metric": metric, "class": klass, "value": float(value)})
+            rows.append({**cell, "metric": metric, "class": klass, "value": float(value)})
 
         add("accuracy", 0.9)
         minority = [c for c, n in enumerate(counts) if n < max(counts)]
@@ -327,23 +333,22 @@ def synthetic_imbalance_metrics(adversaries=("st", "pgd-linf"), seeds=(1, 2), ep
             add("minority_cos_M", junk * (0.5 if pert == "clean" else 0.2) + (0.01 * seed if epoch else 0))
             add("minority_cos_W", junk * (0.8 if adv == "st" else 0.6))
     frame = pd.DataFrame(rows)
-    columns = METRIC_COLUMNS[:5] + (["variant"] if variant else []) + METRIC_COLUMNS[5:]
-    return frame[columns].astype({"seed": "int64", "epoch": "int64", "class": "Int64", "row": "Int64", "col": "Int64"})
+    return frame[METRIC_COLUMNS].astype({"seed": "int64", "epoch": "int64", "class": "Int64", "row": "Int64", "col": "Int64"})
 
 
 def test_imbalance_frame_pairs_each_class_with_its_train_count():
-    f = tables.imbalance_geometry(synthetic_imbalance_metrics())
+    f = tables.imbalance_geometry(synthetic_imbalance_metrics(), variants=VARIANTS)
     assert list(f.columns) == tables.IMBALANCE_COLUMNS
     assert set(f["epochs"]) == {"10"} and set(f["seeds"]) == {2}
-    assert set(f["group"]) == {"base", "step10"}  # the variant tells cells apart
+    assert set(f["group"]) == {""}  # base and step10 differ only by the imbalance: one series over the ratio
     norms = f[f["metric"] == "mean_norm_per_class"]
     for _, r in norms.iterrows():
-        n = VARIANT_COUNTS[r["variant"]][int(r["class"])]
+        n = VARIANT_COUNTS["base" if r["ratio"] == 1 else "step10"][int(r["class"])]
         assert r["class_count"] == n
         assert r["value"] == pytest.approx(np.mean([mean_norm(n, r["perturbation"], s) for s in (1, 2)]))
     assert set(f.loc[f["metric"] == "classifier_norm_per_class", "perturbation"]) == {"clean"}  # one W per network
     cos = f[f["metric"].isin(["minority_cos_M", "minority_cos_W"])]
-    assert set(cos["ratio"]) == {10.0} and set(cos["variant"]) == {"step10"}  # no minorities when balanced
+    assert set(cos["ratio"]) == {10.0}  # no minorities when balanced
     st_clean = cos[(cos["adversary"] == "st") & (cos["metric"] == "minority_cos_M") & (cos["perturbation"] == "clean")]
     assert st_clean["value"].tolist() == pytest.approx([0.515])  # mean of 0.51 and 0.52 over seeds
     assert set(f.loc[f["metric"] == "minority_cos_W", "perturbation"]) == {"clean"}
@@ -357,7 +362,8 @@ def _points(ax):
 
 
 def test_imbalance_figure_draws_norms_against_class_size_and_minority_cos_against_ratio(tmp_path):
-    f = tables.imbalance_geometry(synthetic_imbalance_metrics())
+    f = tables.imbalance_geometry(synthetic_imbalance_metrics(variants=("base", "step10", "step10-nobias")), variants=VARIANTS)
+    assert set(f["group"]) == {"", "model.bias=False"}
     fig = plots.imbalance(f, tmp_path / "imbalance.png")
     assert (tmp_path / "imbalance.png").exists() and (tmp_path / "imbalance.pdf").exists()
     axes = np.array(fig.axes).reshape(3, 2)
@@ -368,18 +374,21 @@ def test_imbalance_figure_draws_norms_against_class_size_and_minority_cos_agains
     )
     assert _points(axes[0, 0]) == expected
     assert axes[0, 0].get_xscale() == "log" and axes[0, 0].get_xlabel() == "training samples of the class"
-    assert len(_points(axes[1, 0])) == 8  # one classifier row per class and variant
+    assert len(_points(axes[1, 0])) == 12  # one classifier row per class and variant
     cos = _points(axes[2, 0])
-    assert {x for x, _ in cos} == {10.0}  # only the imbalanced variant has minorities
-    assert sorted(y for _, y in cos) == pytest.approx([0.215, 0.515, 0.8])  # pgd means, clean means, W rows
+    assert {x for x, _ in cos} == {10.0}  # only the imbalanced variants have minorities
+    assert sorted(y for _, y in cos) == pytest.approx([0.215, 0.215, 0.515, 0.515, 0.8, 0.8])  # pgd means, clean means, W rows
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert {"clean", "pgd", "classifier rows", "base", "step10"} <= set(legend)
+    assert {"clean", "pgd", "classifier rows", "(base)", "model.bias=False"} <= set(legend)
 
 
-def test_imbalance_figure_without_variant_column_and_without_metrics(tmp_path):
-    plain = synthetic_imbalance_metrics(variant=False, variants=("step10",), seeds=(1,))
+def test_imbalance_figure_without_variant_overrides_and_without_metrics(tmp_path):
+    assert tables.variant_groups(VARIANTS) == {"step10": "", "step10-nobias": "model.bias=False"}
+    named = tables.imbalance_geometry(synthetic_imbalance_metrics(variants=("base", "step10"), seeds=(1,)))
+    assert set(named["group"]) == {"", "step10"}  # without config.variants, each variant is its own series
+    plain = synthetic_imbalance_metrics(variants=("step10",), seeds=(1,))
     f = tables.imbalance_geometry(plain)
-    assert set(f["group"]) == {""} and set(f["variant"]) == {""} and set(f["ratio"]) == {10.0}
+    assert set(f["group"]) == {"step10"} and set(f["ratio"]) == {10.0}
     fig = plots.imbalance(f, tmp_path / "plain.png")
     assert [x for x, _ in _points(fig.axes[0])] == [1.0] * 4 + [10.0] * 4  # 2 classes x clean/pgd at each size
     # a table without the imbalance metrics: a placeholder that says why, through the registry

@@ -31,7 +31,7 @@ def synthetic_metrics(adversaries=("st", "pgd-linf"), seeds=(1, 2), epochs=(0, 5
     for model, loss, adv, seed, epoch, split, pert in itertools.product(models, losses, adversaries, seeds, epochs, ["train", "test"], PERTURBATIONS):
         norms = ["linf", "l2"] if adv == "st" and pert != "clean" else ["linf"]
         for norm in norms:
-            cell = dict(dataset="digits", model=model, loss=loss, adversary=adv, seed=seed, epoch=epoch, split=split, norm=norm, perturbation=pert)
+            cell = dict(dataset="digits", model=model, loss=loss, adversary=adv, variant="base", seed=seed, epoch=epoch, split=split, norm=norm, perturbation=pert)
             t = epoch / max(epochs)
             robust = adv != "st"
             attacked = pert in ("pgd", "pgd-targeted")
@@ -81,7 +81,7 @@ def synthetic_training(adversaries=("st", "pgd-linf"), seeds=(1, 2), epochs=10) 
     for adv, seed, epoch in itertools.product(adversaries, seeds, range(1, epochs + 1)):
         t = epoch / epochs
         rows.append(dict(
-            dataset="digits", model="mlp", loss="ce", adversary=adv, seed=seed, epoch=epoch, lr=0.1, loss_value=1 - t,
+            dataset="digits", model="mlp", loss="ce", adversary=adv, variant="base", seed=seed, epoch=epoch, lr=0.1, loss_value=1 - t,
             train_accuracy=0.3 + 0.7 * t, train_robust_accuracy=np.nan if adv == "st" else 0.2 + 0.4 * t,
             test_accuracy=0.3 + 0.6 * t, seconds=1.0,
         ))
@@ -114,7 +114,7 @@ def synthetic_projection(adversaries=("st", "pgd-linf"), seeds=(1, 2), points=50
                 stats.accumulate_means(H, y if targets is None else targets)
                 stats.finish_means()
                 f = plane.project((split, "linf", pert), H[idx], y[idx], None if targets is None else targets[idx], stats)
-                frames.append(f.assign(dataset="digits", model="mlp", loss="ce", adversary=adv, seed=seed, epoch=10))
+                frames.append(f.assign(dataset="digits", model="mlp", loss="ce", adversary=adv, variant="base", seed=seed, epoch=10))
     return pd.concat(frames, ignore_index=True)
 
 

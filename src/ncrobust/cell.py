@@ -1,11 +1,13 @@
-"""A grid cell ``(dataset, model, loss, adversary, seed)``. Free of torch, so that parsing the
-workflow (once per job on a cluster) does not pay for importing it."""
+"""A grid cell ``(dataset, model, loss, adversary, variant, seed)``. Free of torch, so that parsing
+the workflow (once per job on a cluster) does not pay for importing it."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 ADVERSARIES = ("st", "pgd-linf", "pgd-l2", "trades-linf", "trades-l2")
+BASE_VARIANT = "base"
+"""The variant without overrides (``config.variants``): the recipe as the config states it."""
 
 
 @dataclass(frozen=True)
@@ -15,6 +17,7 @@ class Cell:
     loss: str
     adversary: str
     seed: int
+    variant: str = BASE_VARIANT
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -7,7 +7,9 @@ allowed, before any job starts. Defaults from the schema are filled in.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
+import json
 import math
 import os
 import sys
@@ -17,7 +19,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from .stages import merge  # noqa: F401  (the one deep merge; re-exported for the Snakefile)
+from .stages import BASE_VARIANT, VARIANT_FIXED_TRAINING, merge, variant_overrides  # merge: re-exported for the Snakefile
 
 # Shipped inside the package (a non-editable install has no workflow/ beside it);
 # workflow/schemas/config.schema.yaml is a link to it, where the workflow template keeps schemas.
@@ -56,6 +58,8 @@ def _explain(error: jsonschema.ValidationError) -> str:
     if v == "required":
         missing = [k for k in arg if k not in value]
         return f"missing key {_key([*error.absolute_path, missing[0]])}"
+    if "propertyNames" in error.schema_path and v in ("pattern", "not"):  # a name refused by a pattern or a `not`
+        return f"{key}: the name {value!r} is not allowed ({'reserved' if v == 'not' else 'use lower-case letters, digits and _ . + -'})"
     if v == "propertyNames":
         allowed = error.schema["propertyNames"].get("enum", [])
         return f"{key}: unknown name {error.instance!r}; allowed: {', '.join(allowed)}"
@@ -182,7 +186,33 @@ def validate_config(config: dict, *, schema_path: str | Path = SCHEMA_PATH, base
     _fill_defaults(config, schema, schema)
     _coerce_numbers(config, schema, schema)
     _check_semantics(config, Path(base_dir))
+    _check_variants(config, schema_path, Path(base_dir))
     return config
+
+
+def _check_variants(config: dict, schema_path, base_dir: Path) -> None:
+    """Each variant of ``grid.variant`` is defined, and the config with it applied to every grid
+    dataset and model validates like any config (so a variant's option names, types and ranges
+    get the same one-line errors, prefixed with the variant)."""
+    defined = config["variants"]
+    for name in config["grid"]["variant"]:
+        if name != BASE_VARIANT and name not in defined:
+            raise ConfigError(
+                f"grid.variant: unknown variant {name!r}; define it under variants (defined: {', '.join(sorted(defined)) or 'none'})"
+            )
+    for name in config["grid"]["variant"]:
+        if name == BASE_VARIANT:
+            continue
+        fixed = sorted(set(defined[name].get("training", {})) & set(VARIANT_FIXED_TRAINING))
+        if fixed:
+            raise ConfigError(f"variants.{name}.training.{fixed[0]}: the checkpoint epochs are the grid's; set them in training, not in a variant")
+        applied = merge(config, *(variant_overrides(config, name, ds, m) for ds in config["grid"]["dataset"] for m in config["grid"]["model"]))
+        applied["grid"] = {**applied["grid"], "variant": [BASE_VARIANT]}
+        applied["variants"] = {}
+        try:
+            validate_config(applied, schema_path=schema_path, base_dir=base_dir)
+        except ConfigError as err:
+            raise ConfigError(f"variants.{name}: {err}") from None
 
 
 def _check_semantics(config: dict, base_dir: Path) -> None:
@@ -307,7 +337,14 @@ def _check_model_options(config: dict) -> None:
         if not kwargs:
             continue  # the constructor's defaults
         for chans, side, classes in shapes:
-            _build(name, kwargs, chans, side, classes)
+            _build_once(name, json.dumps(kwargs, sort_keys=True), chans, side, classes)
+
+
+@functools.lru_cache(maxsize=None)
+def _build_once(name: str, kwargs_json: str, chans: int, side: int, classes: int) -> None:
+    """:func:`_build`, once per model, options and shape in a process: each grid variant is
+    validated as a whole config, and most share the base model's options."""
+    _build(name, json.loads(kwargs_json), chans, side, classes)
 
 
 def _build(name: str, kwargs: dict, chans: int, side: int, classes: int) -> None:

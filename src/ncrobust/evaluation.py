@@ -202,6 +202,8 @@ def _set_metrics(
             values.update(s.class_geometry(weight))
             values.update(s.prediction_metrics())
             values.update(s.class_accuracy())
+            if minority is not None and int(minority.sum()) >= 2:  # as minority_cos_*: absent on balanced data
+                values["minority_accuracy"] = float(values["accuracy_per_class"][minority.to(values["accuracy_per_class"].device)].mean())
             if class_counts is not None:
                 values["train_class_count"] = class_counts.to(torch.float64)
             if perturbed:

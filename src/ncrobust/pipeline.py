@@ -191,11 +191,13 @@ def aggregate(
 
 
 def figures(
-    metrics: str, training: str, outputs: dict[str, str], projections: list[str] | tuple[str, ...] = (), *, workers: int = 1
+    metrics: str, training: str, outputs: dict[str, str], projections: list[str] | tuple[str, ...] = (), *,
+    workers: int = 1, variants: dict | None = None,
 ) -> None:
     """Render every figure named in ``outputs`` (figure name -> PNG path; a PDF is written beside),
-    ``workers`` at a time. ``projections`` are the per-cell projection tables of the ``simplex`` figure."""
+    ``workers`` at a time. ``projections`` are the per-cell projection tables of the ``simplex``
+    figure; ``variants`` (``config.variants``) says which variants differ only by their imbalance."""
     from .plots import render
 
     projection = stack([read_parquet(p) for p in projections]) if projections else None
-    render(read_parquet(metrics), read_parquet(training), outputs, projection=projection, workers=workers)
+    render(read_parquet(metrics), read_parquet(training), outputs, projection=projection, workers=workers, variants=variants)

@@ -683,8 +683,9 @@ def imbalance(f: pd.DataFrame, path: str | Path, split: str = "train"):
 # ---------------------------------------------------------------------------------------------
 # registry
 
-def _draw(name: str, metrics: pd.DataFrame, training, projection, path: str):
-    """Shape (``tables``) and draw one figure; returns the matplotlib figure (closed, saved)."""
+def _draw(name: str, metrics: pd.DataFrame, training, projection, path: str, variants: dict | None = None):
+    """Shape (``tables``) and draw one figure; returns the matplotlib figure (closed, saved).
+    ``variants`` (``config.variants``) groups the variants of one recipe in the ``imbalance`` figure."""
     if name == "simplex":
         return simplex(tables.simplex_points(projection), path)
     if metrics is None or metrics.empty:
@@ -700,15 +701,15 @@ def _draw(name: str, metrics: pd.DataFrame, training, projection, path: str):
     if name == "layerwise":
         return layerwise(tables.layer_profiles(metrics), path)
     if name == "imbalance":
-        return imbalance(tables.imbalance_geometry(metrics), path)
+        return imbalance(tables.imbalance_geometry(metrics, variants=variants), path)
     return ncc_robustness(tables.ncc_robustness_points(metrics), path)
 
 
 FIGURES = ("nc_vs_epoch", "accuracy", "alignment", "leap", "layerwise", "simplex", "ncc_robustness", "imbalance")
 
 
-def _render_one(name: str, metrics, training, projection, path: str) -> None:
-    _draw(name, metrics, training, projection, path)
+def _render_one(name: str, metrics, training, projection, path: str, variants: dict | None) -> None:
+    _draw(name, metrics, training, projection, path, variants)
 
 
 def render(
@@ -718,11 +719,12 @@ def render(
     projection: pd.DataFrame | None = None,
     *,
     workers: int = 1,
+    variants: dict | None = None,
 ) -> None:
     """Render each figure named in ``outputs`` (name -> PNG path; a PDF is written beside it).
 
     ``projection`` is the concatenated table of :func:`ncrobust.projection.project` outputs (with
-    the cell columns), needed by ``simplex`` only. With ``workers > 1`` the figures are drawn in
+    the cell columns), needed by ``simplex`` only; ``variants`` is ``config.variants``. With ``workers > 1`` the figures are drawn in
     that many forked processes (matplotlib is single-threaded; the figure job is the last of a run
     and would otherwise leave the other cores idle).
     """
@@ -732,11 +734,11 @@ def render(
     workers = min(workers, len(outputs))
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         for name, path in outputs.items():
-            _render_one(name, metrics, training, projection, path)
+            _render_one(name, metrics, training, projection, path, variants)
         return
     pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
     with pool:
-        jobs = [pool.submit(_render_one, name, metrics, training, projection, path) for name, path in outputs.items()]
+        jobs = [pool.submit(_render_one, name, metrics, training, projection, path, variants) for name, path in outputs.items()]
         for job in jobs:
             job.result()  # re-raises a figure's error here
 

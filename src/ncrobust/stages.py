@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 
-from .cell import Cell, adversary_kind
+from .cell import BASE_VARIANT, Cell, adversary_kind
 
 STAGES = ("prepare_data", "init_model", "train", "evaluate", "robustness")
 
@@ -55,6 +55,53 @@ EVALUATION_IGNORED = {
 
 EVALUATION_USED_BY = {"norms": "st"}
 """``evaluation`` keys that only one adversary kind reads: in the slices of that kind's cells only."""
+
+
+VARIANT_PARTS = ("dataset", "model", "training")
+"""What a variant may override: the cell's dataset loader options, its model's options, and
+``training`` (but :data:`VARIANT_FIXED_TRAINING`)."""
+
+VARIANT_FIXED_TRAINING = ("epochs", "checkpoints")
+"""``training`` keys a variant may not change: the checkpoint epochs are the grid's, shared by
+every cell (file names, the evaluated epochs, the tables' epoch axis)."""
+
+
+def variant_overrides(config: dict, variant: str, dataset: str, model: str) -> dict:
+    """The partial config that variant ``variant`` lays over ``config`` for a cell of ``dataset``
+    and ``model``: ``{"datasets": {dataset: {"options": ...}}, "models": {model: ...},
+    "training": ...}`` (empty for ``base``)."""
+    if variant == BASE_VARIANT:
+        return {}
+    variants = config.get("variants", {})
+    if variant not in variants:
+        raise ValueError(f"unknown variant {variant!r}; defined in config.variants: {', '.join(sorted(variants)) or 'none'}")
+    entry = variants[variant]
+    out: dict = {}
+    if entry.get("dataset"):
+        out["datasets"] = {dataset: {"options": entry["dataset"]}}
+    if entry.get("model"):
+        out["models"] = {model: entry["model"]}
+    if entry.get("training"):
+        out["training"] = entry["training"]
+    return out
+
+
+def cell_config(config: dict, cell: Cell) -> dict:
+    """The config as the cell's variant sees it: ``config`` with the variant's overrides merged
+    in (``config`` itself for ``base``). Every stage reads its cell's config through this, so a
+    library function never needs to know about variants."""
+    overrides = variant_overrides(config, cell.variant, cell.dataset, cell.model)
+    return merge(config, overrides) if overrides else config
+
+
+def data_variant(config: dict, variant: str) -> str:
+    """The name of the prepared-data file a variant's cells read: ``base`` when the variant
+    leaves the dataset options alone, else the alphabetically first variant with the same
+    dataset overrides (variants that differ only in model or training share one file)."""
+    wanted = config.get("variants", {}).get(variant, {}).get("dataset") if variant != BASE_VARIANT else None
+    if not wanted:
+        return BASE_VARIANT
+    return min(name for name, entry in config["variants"].items() if canonical(entry.get("dataset")) == canonical(wanted))
 
 
 def canonical(value):
@@ -108,9 +155,13 @@ def _evaluation(stage: str, config: dict, cell: Cell) -> dict:
     return merge(_training(config, cell), cell_threat(config, cell), {"evaluation": evaluation})
 
 
-def stage_slice(stage: str, config: dict, *, cell: Cell | None = None, dataset: str | None = None) -> dict:
+def stage_slice(
+    stage: str, config: dict, *, cell: Cell | None = None, dataset: str | None = None, variant: str = BASE_VARIANT,
+) -> dict:
     """The canonical part of a validated ``config`` that the output of one job of ``stage``
-    depends on: ``dataset`` for ``prepare_data``, ``cell`` for every other stage.
+    depends on: ``dataset`` (and the data file's ``variant``) for ``prepare_data``, ``cell`` for
+    every other stage. Variants are applied first (:func:`cell_config`): a slice holds what the
+    cell computes with, never the variant's name.
 
     - ``prepare_data``: the dataset's loader options.
     - ``init_model``: the model's options (the seed and the dataset's shapes come with the
@@ -126,11 +177,15 @@ def stage_slice(stage: str, config: dict, *, cell: Cell | None = None, dataset: 
     if stage == "prepare_data":
         if dataset is None:
             raise ValueError("stage prepare_data needs dataset=")
-        return canonical({"datasets": {dataset: {"options": config["datasets"][dataset].get("options", {})}}})
+        options = config["datasets"][dataset].get("options", {})
+        if variant != BASE_VARIANT:
+            options = merge(options, config["variants"][variant].get("dataset", {}))
+        return canonical({"datasets": {dataset: {"options": options}}})
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages with a config slice: {', '.join(STAGES)}")
     if cell is None:
         raise ValueError(f"stage {stage} needs cell=")
+    config = cell_config(config, cell)
     if stage == "init_model":
         return canonical({"models": {cell.model: config.get("models", {}).get(cell.model, {})}})
     if stage == "train":
@@ -153,6 +208,8 @@ def job_config(stage: str, sliced: dict, config: dict, *, cell: Cell | None = No
     A stage that reads a key outside these fails with a ``KeyError`` instead of silently not
     rerunning when that key changes.
     """
+    if cell is not None:
+        config = cell_config(config, cell)
     parts = [sliced]
     if stage == "init_model":
         parts.append(_training(config, cell))

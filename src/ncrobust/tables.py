@@ -1,7 +1,7 @@
 """Every reshaping of results: tagging a stage's rows with their cell, the grid's tables, the
 final-epoch summary, and the tidy frame each figure draws (:mod:`ncrobust.plots` only draws).
 
-Metrics table (long, tidy): ``dataset, model, loss, adversary, seed, epoch, split, norm,
+Metrics table (long, tidy): ``dataset, model, loss, adversary, variant, seed, epoch, split, norm,
 perturbation, layer, layer_index, metric, class, row, col, value``. ``norm`` is the threat model a
 perturbation used (clean rows carry the cell's own); ``layer`` is a tap name or ``penultimate``
 and ``layer_index`` its position in the forward pass; per-class values (``*_per_class``) have
@@ -19,8 +19,10 @@ from .cell import Cell
 from .evaluation import RESULT_COLUMNS
 from .train import COLLAPSE_LOG_COLUMNS
 
-CELL_COLUMNS = ["dataset", "model", "loss", "adversary", "seed"]
-SETTING_COLUMNS = ["dataset", "model", "loss"]
+CELL_COLUMNS = ["dataset", "model", "loss", "adversary", "variant", "seed"]
+SETTING_COLUMNS = ["dataset", "model", "loss", "variant"]
+"""The cell columns a figure tells apart by line style, row or marker where they vary (the
+adversary has its own panels, seeds are averaged)."""
 METRIC_COLUMNS = [*CELL_COLUMNS, "epoch", *RESULT_COLUMNS]
 ROBUSTNESS_COLUMNS = [*CELL_COLUMNS, "epoch", "split", "norm", "attack", "attack_loss", "robust_accuracy", "samples"]
 TRAINING_COLUMNS = [*CELL_COLUMNS, "epoch", "lr", "loss_value", "train_accuracy", "train_robust_accuracy", "test_accuracy",
@@ -46,6 +48,12 @@ SUMMARY_METRICS = {
     ("test", "pgd", "penultimate", "ncc_accuracy_clean_means"): "test_ncc_accuracy_clean_means_pgd",
     ("train", "pgd", "penultimate", "alignment_angle"): "alignment_angle_pgd",
     ("train", "pgd", "penultimate", "leap_rate"): "leap_rate_pgd",
+    # imbalanced training data only (absent without minority classes, so absent from the columns)
+    ("train", "clean", "penultimate", "minority_cos_W"): "minority_cos_W",
+    ("train", "clean", "penultimate", "minority_cos_M"): "minority_cos_M_clean",
+    ("train", "pgd", "penultimate", "minority_cos_M"): "minority_cos_M_pgd",
+    ("test", "clean", "penultimate", "minority_accuracy"): "test_minority_accuracy",
+    ("test", "pgd", "penultimate", "minority_accuracy"): "test_minority_robust_accuracy",
 }
 
 
@@ -56,7 +64,8 @@ SUMMARY_METRICS = {
 def tag(frame: pd.DataFrame, cell: Cell, epoch: int | None = None) -> pd.DataFrame:
     """``frame`` with the cell's columns (and ``epoch``) in front: how every stage's rows join the grid."""
     frame = frame.copy()
-    front = dict(cell.as_dict(), **({} if epoch is None else {"epoch": int(epoch)}))
+    values = cell.as_dict()
+    front = {column: values[column] for column in CELL_COLUMNS} | ({} if epoch is None else {"epoch": int(epoch)})
     for i, (column, value) in enumerate(front.items()):
         frame.insert(i, column, value)
     return frame.astype({"seed": "int64", **({} if epoch is None else {"epoch": "int64"})})
@@ -112,12 +121,12 @@ def final_epoch(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def varying_settings(frame: pd.DataFrame) -> list[str]:
-    """The dataset/model/loss columns that take several values (they become line styles)."""
+    """The dataset/model/loss/variant columns that take several values (they become line styles)."""
     return [c for c in SETTING_COLUMNS if c in frame.columns and frame[c].nunique() > 1]
 
 
 def with_setting(frame: pd.DataFrame, varying: list[str] | None = None) -> pd.DataFrame:
-    """Add a ``setting`` column naming the dataset/model/loss values that vary in the grid."""
+    """Add a ``setting`` column naming the dataset/model/loss/variant values that vary in the grid."""
     varying = varying_settings(frame) if varying is None else varying
     frame = frame.copy()
     frame["setting"] = frame[varying].astype(str).agg(" / ".join, axis=1) if varying else ""
@@ -125,7 +134,7 @@ def with_setting(frame: pd.DataFrame, varying: list[str] | None = None) -> pd.Da
 
 
 def constant_setting(frame: pd.DataFrame) -> str:
-    """The dataset/model/loss values shared by every row, joined for a title."""
+    """The dataset/model/loss/variant values shared by every row, joined for a title."""
     return " / ".join(str(frame[c].iloc[0]) for c in SETTING_COLUMNS if c in frame.columns and len(frame) and frame[c].nunique() == 1)
 
 
@@ -147,8 +156,8 @@ def robustness_by_cell(robustness: pd.DataFrame) -> pd.DataFrame:
 def summary(metrics: pd.DataFrame, robustness: pd.DataFrame | None = None) -> pd.DataFrame:
     """Final-epoch values per cell (mean and std over seeds) of the headline quantities
     (:data:`SUMMARY_METRICS`; NC and perturbation quantities on the train split, as Su et al.,
-    under each cell's own threat model). One row per (dataset, model, loss, adversary)."""
-    group = ["dataset", "model", "loss", "adversary"]
+    under each cell's own threat model). One row per (dataset, model, loss, adversary, variant)."""
+    group = ["dataset", "model", "loss", "adversary", "variant"]
     if metrics.empty or not set(METRIC_COLUMNS) <= set(metrics.columns):
         return pd.DataFrame(columns=[*group, "seeds", "epoch"])
     final = final_epoch(own_threat(scalars(metrics)))
@@ -172,7 +181,7 @@ def summary(metrics: pd.DataFrame, robustness: pd.DataFrame | None = None) -> pd
 
 def summary_markdown(table: pd.DataFrame) -> str:
     """The summary as a Markdown table: ``mean ± std`` per quantity."""
-    group = ["dataset", "model", "loss", "adversary", "seeds", "epoch"]
+    group = ["dataset", "model", "loss", "adversary", "variant", "seeds", "epoch"]
     quantities = [c[: -len("_mean")] for c in table.columns if c.endswith("_mean")]
     header = group + quantities
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -274,11 +283,28 @@ def simplex_points(projection: pd.DataFrame | None, split: str = "train") -> pd.
 
 IMBALANCE_CLASS_METRICS = ["mean_norm_per_class", "classifier_norm_per_class"]
 IMBALANCE_SCALAR_METRICS = ["minority_cos_M", "minority_cos_W"]
-IMBALANCE_COLUMNS = ["group", "variant", "adversary", "perturbation", "metric", "class", "class_count", "ratio",
-                     "value", "seeds", "epochs"]
+IMBALANCE_COLUMNS = ["group", "adversary", "perturbation", "metric", "class", "class_count", "ratio", "value", "seeds", "epochs"]
 
 
-def imbalance_geometry(metrics: pd.DataFrame, split: str = "train", perturbations=("clean", "pgd")) -> pd.DataFrame:
+def _flat(overrides, prefix=""):
+    for key, value in sorted(overrides.items()):
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def variant_groups(variants: dict, ignore: tuple[str, ...] = ("dataset.imbalance",)) -> dict[str, str]:
+    """Each variant's overrides (``config.variants``) but those under ``ignore``, as one label
+    (``"model.bias=False"``; ``""`` for none): variants that differ only in what a figure puts on
+    its x axis (the imbalance ratio) fall in one group."""
+    return {
+        name: ", ".join(f"{key}={value}" for key, value in _flat(entry) if not key.startswith(ignore))
+        for name, entry in variants.items()
+    }
+
+
+def imbalance_geometry(metrics: pd.DataFrame, split: str = "train", perturbations=("clean", "pgd"), variants: dict | None = None) -> pd.DataFrame:
     """The geometry of imbalanced training at each cell's final epoch, mean over seeds, for the
     ``imbalance`` figure: per class (``class``, with the class's training count ``class_count``)
     the norms of the centred class means (clean and each of ``perturbations``) and of the
@@ -286,10 +312,11 @@ def imbalance_geometry(metrics: pd.DataFrame, split: str = "train", perturbation
     cosines ``minority_cos_M`` (each perturbation) and ``minority_cos_W`` (``clean`` rows only).
 
     ``ratio`` is each cell's measured imbalance ``max / min`` of its training class counts
-    (``train_class_count``), the figure's x axis for the minority cosines. A ``variant`` column in
-    ``metrics`` (the grid's variant axis) is kept: cells of different variants are separate
-    points, told apart by ``group`` (the varying dataset/model/loss values and the variant). Empty
-    when the table has no class counts (datasets prepared before they were recorded).
+    (``train_class_count``), the figure's x axis for the minority cosines. ``group`` tells apart
+    the points of different settings: the varying dataset/model/loss values, and each variant's
+    overrides other than the imbalance (:func:`variant_groups` of ``variants``, the config's
+    ``variants``; without it, the variant's name), so that the variants of one recipe at several
+    ratios form one series. Empty when the table has no class counts.
     """
     wanted = ["train_class_count", *IMBALANCE_CLASS_METRICS, *IMBALANCE_SCALAR_METRICS]
     m = metrics[(metrics["layer"] == "penultimate") & (metrics["split"] == split) & metrics["metric"].isin(wanted)
@@ -297,20 +324,22 @@ def imbalance_geometry(metrics: pd.DataFrame, split: str = "train", perturbation
     m = final_epoch(own_threat(m, metrics))
     if m.empty or not (m["metric"] == "train_class_count").any():
         return pd.DataFrame(columns=IMBALANCE_COLUMNS)
-    m = with_setting(m, varying_settings(metrics))
-    m["variant"] = m["variant"].astype(str) if "variant" in m.columns else ""
-    m["group"] = [" / ".join(p for p in parts if p) for parts in zip(m["setting"], m["variant"])]
-    cell = CELL_COLUMNS + ([] if "variant" in CELL_COLUMNS else ["variant"])
+    m = with_setting(m, [c for c in varying_settings(metrics) if c != "variant"])
+    labels = variant_groups(variants or {})
+    recipe = m["variant"].map(lambda v: labels.get(v, "" if v == "base" else v))
+    m["group"] = [" / ".join(p for p in parts if p) for parts in zip(m["setting"], recipe)]
     counts = m[(m["metric"] == "train_class_count") & (m["perturbation"] == m["perturbation"].iloc[0])]
-    counts = counts.groupby([*cell, "class"])["value"].first().rename("class_count").reset_index()
-    ratio = counts.groupby(cell)["class_count"].agg(lambda c: c.max() / c.min()).rename("ratio")
+    counts = counts.groupby([*CELL_COLUMNS, "class"])["value"].first().rename("class_count").reset_index()
+    ratio = counts.groupby(CELL_COLUMNS)["class_count"].agg(lambda c: c.max() / c.min()).rename("ratio")
     # one classifier per network: its rows (and their minority cosine) come from the clean set
     per_network = m["metric"].isin(["classifier_norm_per_class", "minority_cos_W"])
     m = m[(m["metric"] != "train_class_count") & (~per_network | (m["perturbation"] == "clean"))]
-    m = m.merge(counts, on=[*cell, "class"], how="left").join(ratio, on=cell)
-    keys = ["group", "variant", "adversary", "perturbation", "metric", "class"]
+    m = m.merge(counts, on=[*CELL_COLUMNS, "class"], how="left").join(ratio, on=CELL_COLUMNS)
+    # a cell is its own point (its ratio); seeds of one (group, adversary, ratio) are averaged
+    m["ratio"] = m["ratio"].round(6)
+    keys = ["group", "adversary", "perturbation", "metric", "ratio", "class"]
     out = m.groupby(keys, dropna=False, observed=True).agg(
-        class_count=("class_count", "mean"), ratio=("ratio", "mean"), value=("value", "mean"), seeds=("seed", "nunique"),
+        class_count=("class_count", "mean"), value=("value", "mean"), seeds=("seed", "nunique"),
         epochs=("epoch", lambda e: "/".join(map(str, sorted(set(e))))),
     ).reset_index()
     return out[IMBALANCE_COLUMNS]

@@ -6,7 +6,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from ncrobust.config import ConfigError, merge, typed_overrides, validate_config
 from ncrobust.cell import Cell
-from ncrobust.stages import stage_slice
+from ncrobust.stages import data_variant, stage_slice
 
 # Snakemake leaves the scalars of a nested --config value as strings (training='{"epochs": 3}'
 # gives "3"): merge the overrides again with YAML's types, then check everything that can be
@@ -22,7 +22,8 @@ config.update(_checked)
 
 RESULTS = config["results"]
 GRID = config["grid"]
-RUN = f"{RESULTS}/runs/{{dataset}}/{{model}}/{{loss}}/{{adversary}}/seed{{seed}}"
+RUN = f"{RESULTS}/runs/{{dataset}}/{{model}}/{{loss}}/{{adversary}}/{{variant}}/seed{{seed}}"
+DATA = f"{RESULTS}/data/{{dataset}}/{{data_variant}}.pt"  # data_variant: base, or a variant with dataset overrides
 CHECKPOINT_EPOCHS = [0, *config["training"]["checkpoints"]]
 EVAL_EPOCHS = config["evaluation"].get("epochs") or CHECKPOINT_EPOCHS
 FIGURES = ["nc_vs_epoch", "accuracy", "alignment", "leap", "layerwise", "simplex", "ncc_robustness", "imbalance"]
@@ -33,18 +34,25 @@ wildcard_constraints:
     model="|".join(GRID["model"]),
     loss="|".join(GRID["loss"]),
     adversary="|".join(GRID["adversary"]),
+    variant="|".join(GRID["variant"]),
+    data_variant="|".join(sorted({data_variant(config, v) for v in GRID["variant"]})),
     seed=r"\d+",
     epoch=r"\d+",
 
 
 def cells():
     """Every cell of the grid, as dicts of wildcard values."""
-    keys = ["dataset", "model", "loss", "adversary", "seed"]
+    keys = ["dataset", "model", "loss", "adversary", "variant", "seed"]
     return [dict(zip(keys, values)) for values in itertools.product(*(GRID[k] for k in keys))]
 
 
 def cell_of(wildcards):
-    return Cell(wildcards.dataset, wildcards.model, wildcards.loss, wildcards.adversary, int(wildcards.seed))
+    return Cell(wildcards.dataset, wildcards.model, wildcards.loss, wildcards.adversary, int(wildcards.seed), wildcards.variant)
+
+
+def data_file(wildcards):
+    """The prepared data a cell reads: its dataset, with its variant's dataset overrides."""
+    return DATA.format(dataset=wildcards.dataset, data_variant=data_variant(config, wildcards.variant))
 
 
 def config_slice(stage):
@@ -52,7 +60,7 @@ def config_slice(stage):
     Snakemake reruns a job when this slice's text changes, and only then; the job script adds
     the execution settings (threads, device, ...) from snakemake.config, which it does not compare."""
     if stage == "prepare_data":
-        return lambda wildcards: stage_slice(stage, config, dataset=wildcards.dataset)
+        return lambda wildcards: stage_slice(stage, config, dataset=wildcards.dataset, variant=wildcards.data_variant)
     return lambda wildcards: stage_slice(stage, config, cell=cell_of(wildcards))
 
 
@@ -105,11 +113,13 @@ def final_outputs():
 
 
 def job_resources(kind):
-    """SLURM requests of a rule kind (train, evaluate, cpu) from the config."""
+    """SLURM requests of a rule kind (train, evaluate, cpu) from the config. GPUs are requested as
+    the string resource `gres` (`gpu:1`, `gpu:a100:1`), not the number `gpu`: Snakemake sums a
+    number over the parallel jobs of a group job but keeps a string that all of them share, so k
+    training chains packed into one allocation (`--group-components train=k`) share one GPU."""
     r = config["resources"].get(kind, {})
     res = dict(mem_mb=r.get("mem_mb", 4000), runtime=r.get("runtime", 60), cpus_per_task=r.get("cpus", 1))
     if r.get("gpu", 0):
-        res["gpu"] = r["gpu"]
-        if config["resources"].get("gpu_model"):
-            res["gpu_model"] = config["resources"]["gpu_model"]
+        model = config["resources"].get("gpu_model")
+        res["gres"] = f"gpu:{model}:{r['gpu']}" if model else f"gpu:{r['gpu']}"
     return res

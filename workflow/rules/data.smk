@@ -1,11 +1,11 @@
 # No conda env or container per rule (`snakemake --lint`): the project installs into one Python
 # environment (`pip install -e .`, see the README), which every rule runs in.
 rule prepare_data:
-    """Load a dataset, split it, and save it as one tensor file (images in [0,1], labels, classes)."""
+    """Load a dataset, split it (and subsample it, for a variant with dataset overrides), and save it as one tensor file."""
     output:
-        f"{RESULTS}/data/{{dataset}}.pt",
+        DATA,
     log:
-        f"{RESULTS}/logs/prepare_data/{{dataset}}.log",
+        f"{RESULTS}/logs/prepare_data/{{dataset}}/{{data_variant}}.log",
     params:
         config=config_slice("prepare_data"),
     resources:

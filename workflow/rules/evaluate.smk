@@ -3,7 +3,7 @@
 rule evaluate:
     """Attack one checkpoint with every perturbation; write its NC metrics and simplex projection."""
     input:
-        data=f"{RESULTS}/data/{{dataset}}.pt",
+        data=data_file,
         checkpoint=f"{RUN}/checkpoints/epoch{{epoch}}.pt",
     output:
         metrics=update(f"{RUN}/metrics/epoch{{epoch}}.parquet"),
@@ -25,7 +25,7 @@ rule evaluate:
 rule robustness:
     """Robust accuracy of a cell's final checkpoint under PGD-10 and the strong attacks (AutoAttack's APGD)."""
     input:
-        data=f"{RESULTS}/data/{{dataset}}.pt",
+        data=data_file,
         checkpoint=f"{RUN}/checkpoints/epoch{{epoch}}.pt",
     output:
         update(f"{RUN}/robustness/epoch{{epoch}}.parquet"),

@@ -15,6 +15,8 @@ rule figures:
         },
     log:
         f"{RESULTS}/logs/figures.log",
+    params:
+        variants={name: config["variants"][name] for name in GRID["variant"] if name in config["variants"]},
     threads: 4  # one process per figure (Snakemake caps this at --cores)
     resources:
         **job_resources("cpu"),

@@ -3,7 +3,7 @@
 rule init_model:
     """Epoch 0 of a cell: the seeded initialisation of its model."""
     input:
-        data=f"{RESULTS}/data/{{dataset}}.pt",
+        data=data_file,
     output:
         checkpoint=update(f"{RUN}/checkpoints/epoch0.pt"),
     log:
@@ -20,7 +20,7 @@ rule init_model:
 rule train:
     """Train a cell from its previous checkpoint to the next one (ST, PGD-AT or TRADES)."""
     input:
-        data=f"{RESULTS}/data/{{dataset}}.pt",
+        data=data_file,
         previous=previous_checkpoint,
     output:
         checkpoint=update(f"{RUN}/checkpoints/epoch{{epoch}}.pt"),
@@ -35,7 +35,9 @@ rule train:
     threads: config["threads"]
     resources:
         **job_resources("train"),
+    # one group name for every cell: a cell's chain of segments is one connected component, so
+    # each cell is one group job, and `--group-components train=k` packs k cells into one
     group:
-        "train_{dataset}_{model}_{loss}_{adversary}_{seed}" if config["group_training"] else None
+        "train" if config["group_training"] else None
     script:
         "../scripts/train.py"

@@ -1,0 +1,119 @@
+"""The `variant` grid axis: named overrides of a cell's recipe (config.variants, grid.variant),
+their config slices and data files, their validation, and a variant cell built by the workflow."""
+
+import pytest
+import torch
+
+from ncrobust.cell import Cell
+from ncrobust.config import ConfigError, validate_config
+from ncrobust.stages import cell_config, data_variant, job_config, stage_slice
+from workflow_helpers import run_snakemake, tiny_config, write_tiny_config
+
+STEP10 = {"imbalance": {"profile": "step", "ratio": 10}}
+VARIANTS = {
+    "r10": {"dataset": STEP10},
+    "nobias": {"model": {"bias": False}},
+    "r10-nobias": {"dataset": STEP10, "model": {"bias": False}},
+    "slow": {"training": {"optimizer": {"lr": 0.01}}},
+}
+
+
+def config_with(variants=VARIANTS, grid_variants=("base", *VARIANTS), **overrides):
+    config = tiny_config(variants=variants, **overrides)
+    config["grid"]["variant"] = list(grid_variants)
+    return validate_config(config)
+
+
+def cell(variant="base", adversary="st", model="mlp"):
+    return Cell("digits", model, "ce", adversary, 1, variant)
+
+
+# ---------------------------------------------------------------------------------- the slices
+
+
+def test_base_is_the_default_and_its_slices_ignore_the_variants():
+    plain = validate_config(tiny_config())
+    assert plain["grid"]["variant"] == ["base"] and plain["variants"] == {}
+    config = config_with()
+    for stage in ("init_model", "train", "evaluate", "robustness"):
+        assert stage_slice(stage, config, cell=cell()) == stage_slice(stage, plain, cell=cell())
+    assert stage_slice("prepare_data", config, dataset="digits") == stage_slice("prepare_data", plain, dataset="digits")
+
+
+def test_a_variant_slice_holds_its_overrides_and_nothing_of_the_other_variants():
+    config = config_with()
+    base = stage_slice("train", config, cell=cell())
+    slow = stage_slice("train", config, cell=cell("slow"))
+    assert slow["training"]["optimizer"]["lr"] == 0.01 and base["training"]["optimizer"]["lr"] == 0.1
+    assert {k: v for k, v in slow["training"].items() if k != "optimizer"} == {k: v for k, v in base["training"].items() if k != "optimizer"}
+    assert stage_slice("init_model", config, cell=cell("nobias")) == {"models": {"mlp": {"bias": False, "depth": 2, "width": 32}}}
+    assert stage_slice("init_model", config, cell=cell("slow")) == stage_slice("init_model", config, cell=cell())
+    assert "variants" not in stage_slice("evaluate", config, cell=cell("r10"))  # what a cell computes with, not names
+    # a variant's dataset options reach prepare_data's slice through the data file's variant
+    options = stage_slice("prepare_data", config, dataset="digits", variant="r10")["datasets"]["digits"]["options"]
+    assert options == {"imbalance": {"profile": "step", "ratio": 10.0}, "split_seed": 0, "test_fraction": 0.25}
+
+
+def test_job_config_and_cell_config_apply_the_cells_variant():
+    config = config_with()
+    job = job_config("train", stage_slice("train", config, cell=cell("slow")), config, cell=cell("slow"))
+    assert job["training"]["optimizer"]["lr"] == 0.01
+    assert cell_config(config, cell("r10-nobias"))["models"]["mlp"]["bias"] is False
+    assert cell_config(config, cell()) is config
+    with pytest.raises(ValueError, match="unknown variant 'r11'; defined in config.variants: nobias, r10, r10-nobias, slow"):
+        cell_config(config, cell("r11"))
+
+
+def test_variants_with_the_same_dataset_overrides_share_one_data_file():
+    config = config_with()
+    assert {v: data_variant(config, v) for v in config["grid"]["variant"]} == {
+        "base": "base", "r10": "r10", "nobias": "base", "r10-nobias": "r10", "slow": "base",
+    }
+
+
+# ---------------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("variants, grid_variants, message", [
+    ({}, ("base", "r10"), r"grid\.variant: unknown variant 'r10'; define it under variants \(defined: none\)"),
+    ({"r10": {"dataset": {"imbalance": {"profile": "step", "ratio": 0.5}}}}, ("r10",),
+     r"variants\.r10: datasets\.digits\.options\.imbalance\.ratio = 0\.5: must be >= 1"),
+    ({"wide": {"model": {"widht": 64}}}, ("wide",), r"variants\.wide: models\.mlp: unknown option 'widht'; allowed: .*width"),
+    ({"long": {"training": {"epochs": 8}}}, ("long",), r"variants\.long\.training\.epochs: the checkpoint epochs are the grid's"),
+    ({"odd": {"losses": {}}}, ("odd",), r"unknown key 'losses' under variants\.odd; allowed: dataset, model, training"),
+    ({"base": {"model": {"bias": False}}}, ("base",), r"variants: the name 'base' is not allowed \(reserved\)"),
+    ({"R 10": {"dataset": STEP10}}, ("R 10",), r"variants: the name 'R 10' is not allowed"),
+    ({"empty": {}}, ("empty",), r"variants\.empty = \{\}: must name at least 1 entry"),
+])
+def test_a_bad_variant_is_one_clear_line(variants, grid_variants, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        config_with(variants, grid_variants)
+    assert "\n" not in str(info.value)
+
+
+def test_a_variant_defined_but_not_in_the_grid_is_not_run_but_still_needs_a_valid_name():
+    config = config_with({"r10": {"dataset": STEP10}}, ("base",))
+    assert config["grid"]["variant"] == ["base"]
+
+
+# ---------------------------------------------------------------------------------- the workflow
+
+
+@pytest.mark.slow
+def test_a_variant_cell_gets_its_own_path_data_and_model(tmp_path):
+    config = tiny_config(variants=VARIANTS)
+    config["grid"].update(variant=["base", "r10", "r10-nobias"], adversary=["st"])
+    path = write_tiny_config(tmp_path, **config)
+    out = run_snakemake(tmp_path, "--dry-run", configfile=path).stdout
+    assert "results/data/digits/base.pt" in out and "results/data/digits/r10.pt" in out
+    assert "results/data/digits/r10-nobias.pt" not in out  # shares r10's file
+    for v in ("base", "r10", "r10-nobias"):
+        assert f"results/runs/digits/mlp/ce/st/{v}/seed1/metrics/epoch4.parquet" in out
+    run = "results/runs/digits/mlp/ce/st/r10-nobias/seed1"
+    run_snakemake(tmp_path, f"{run}/checkpoints/epoch0.pt", "results/data/digits/base.pt", configfile=path)
+    balanced = torch.load(tmp_path / "results/data/digits/base.pt")["class_counts"]
+    skewed = torch.load(tmp_path / "results/data/digits/r10.pt")["class_counts"]
+    assert skewed.max() / skewed.min() == pytest.approx(10, rel=0.1) and balanced.max() / balanced.min() < 1.2
+    checkpoint = torch.load(tmp_path / run / "checkpoints/epoch0.pt")
+    assert checkpoint["cell"]["variant"] == "r10-nobias"
+    assert "classifier.weight" in checkpoint["model"] and "classifier.bias" not in checkpoint["model"]
