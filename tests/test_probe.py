@@ -145,7 +145,7 @@ def test_probe_curves_and_figure(tmp_path):
     early = frames[0].assign(epoch=1, nc1_ratio=99.0)  # an earlier checkpoint of a cell: dropped
     curves = probe_curves(pd.concat([*frames, early]))
     assert set(curves.metric) == {"nc1_input", "nc1_solution", "nc1_ratio"} and (curves.value != 99.0).all()
-    assert len(curves) == 4 * 3 * 3 and set(curves.group) == {"base"}
+    assert len(curves) == 4 * 3 * 3 and set(curves.group) == {""}  # nothing varies but the adversary and seed
     # rescaled: seed 2's features (2 x seed 1's) give the same solution
     r = curves[curves.metric == "nc1_ratio"].pivot_table(index=["adversary", "lam"], columns="seed", values="value")
     assert (r[1] - r[2]).abs().max() < 1e-8

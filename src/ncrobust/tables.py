@@ -350,12 +350,12 @@ def imbalance_geometry(metrics: pd.DataFrame, split: str = "train", perturbation
 
 
 def _grouped(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with ``variant`` (``""`` without the axis) and ``group`` (the varying
-    dataset/model/loss values and the variant, joined), as :func:`imbalance_geometry` names cells."""
+    """``frame`` with ``group``: the dataset/model/loss/variant values that vary (:func:`with_setting`;
+    ``""`` when none does), the facet of the ``mixup`` and ``probe`` figures; ``variant`` is
+    ``"base"`` for rows written before the axis existed."""
+    frame = frame.assign(variant=frame["variant"].astype(str)) if "variant" in frame.columns else frame.assign(variant="base")
     frame = with_setting(frame, varying_settings(frame))
-    frame["variant"] = frame["variant"].astype(str) if "variant" in frame.columns else ""
-    frame["group"] = [" / ".join(p for p in parts if p) for parts in zip(frame["setting"], frame["variant"])]
-    return frame
+    return frame.assign(group=frame["setting"])
 
 
 def mixup_points(points: pd.DataFrame, pair: str | None = None) -> pd.DataFrame:
