@@ -36,6 +36,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/metrics.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/related.smk"
 
 
 rule all:
@@ -43,4 +44,5 @@ rule all:
     input:
         final_outputs(),
         f"{RESULTS}/report/front_page.html",
+        related_outputs(),
     default_target: True

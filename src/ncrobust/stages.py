@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 from .cell import BASE_VARIANT, Cell, adversary_kind
 
-STAGES = ("prepare_data", "init_model", "train", "evaluate", "robustness")
+STAGES = ("prepare_data", "init_model", "train", "evaluate", "robustness", "mixup_geometry", "probe")
 
 EXECUTION_KEYS = ("results", "data_root", "download", "device", "threads", "resources", "group_training")
 """Top-level keys that say where and how a job runs, never what it computes: in no slice.
@@ -46,10 +46,11 @@ TRAINING_USED_BY = {"trades_beta": "trades", "trades_bn": "trades", "pgd_clean_b
 EVALUATION_IGNORED = {
     # which checkpoints are evaluated (one file per epoch), and whether the features file is also
     # written (an output of its own): neither changes a metric; `strong` is the robustness stage's
-    "evaluate": frozenset({"epochs", "keep_features", "strong"}),
+    "evaluate": frozenset({"epochs", "keep_features", "strong", "mixup_geometry"}),
     # extra threat models are attacked on `st` cells only (EVALUATION_USED_BY)
     # the strong evaluation reads only `strong`, `batch_size` and what later keys bring
-    "robustness": frozenset({"epochs", "keep_features", "splits", "perturbations", "layerwise", "feature_dtype", "norms"}),
+    "robustness": frozenset({"epochs", "keep_features", "splits", "perturbations", "layerwise", "feature_dtype", "norms",
+                             "mixup_geometry"}),
 }
 
 
@@ -171,6 +172,8 @@ def stage_slice(
       unless the cell is ``st``.
     - ``evaluate``: that, the cell's threat model, and ``evaluation`` but the keys in
       :data:`EVALUATION_IGNORED`; ``robustness`` likewise, with its own ignored keys.
+    - ``mixup_geometry``, ``probe``: the train slice, the cell's threat model and their own
+      section (:data:`RELATED_SECTIONS`).
 
     ``aggregate`` and ``figures`` read files only: no slice.
     """
@@ -190,7 +193,16 @@ def stage_slice(
         return canonical({"models": {cell.model: config.get("models", {}).get(cell.model, {})}})
     if stage == "train":
         return canonical(_training(config, cell))
+    if stage in RELATED_SECTIONS:  # the checkpoint's recipe, the threat model and the stage's own section
+        section = RELATED_SECTIONS[stage]
+        own = {section[0]: {section[1]: config[section[0]][section[1]]}} if len(section) == 2 else {section[0]: config[section[0]]}
+        return canonical(merge(_training(config, cell), cell_threat(config, cell), own))
     return canonical(_evaluation(stage, config, cell))
+
+
+RELATED_SECTIONS = {"mixup_geometry": ("evaluation", "mixup_geometry"), "probe": ("probe",)}
+"""The config section of each related-question stage (``mixup_geometry``, ``probe``): its slice is
+that section with the train slice and the cell's threat model (their attacks use it)."""
 
 
 def job_config(stage: str, sliced: dict, config: dict, *, cell: Cell | None = None) -> dict:

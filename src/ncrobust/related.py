@@ -1,0 +1,72 @@
+"""The stages of the related questions (mixup geometry, near-collapse probe) as file-to-file
+functions, one call per Snakemake script, like :mod:`ncrobust.pipeline`: each reads the final
+checkpoint of a cell and writes tidy, cell-tagged Parquet tables; :func:`related_figures` stacks
+them into the grid's tables and draws the ``mixup`` and ``probe`` figures."""
+
+from __future__ import annotations
+
+from . import data as datasets
+from .experiment import Cell, build_model, cell_loss, threat_model
+from .io import load_torch, read_parquet, write_parquet
+from .mixup_geometry import mixup_geometry
+from .pipeline import load_dataset, place, setup
+from .probe import probe_model
+from .tables import mixup_points, mixup_summary, probe_curves, stack, tag
+
+
+def _checkpoint_model(config: dict, cell: Cell, data_path: str, checkpoint: str, split: str, max_samples: int | None = None):
+    """The cell's model with the checkpoint's weights and the split's tensors, on the job's device."""
+    device = setup(config)
+    data = load_dataset(data_path)
+    ckpt = load_torch(checkpoint, map_location=device)
+    model = build_model(config, cell, data)
+    model.load_state_dict(ckpt["model"])
+    x, y = datasets.as_float(data, split)
+    if max_samples and len(x) > max_samples:
+        x, y = x[:max_samples], y[:max_samples]
+    model, x, y = place(model, device, x, y)
+    return model.eval(), x, y, len(data["classes"]), int(ckpt["epoch"])
+
+
+def mixup_geometry_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, points_out: str, summary_out: str) -> None:
+    """:func:`ncrobust.mixup_geometry.mixup_geometry` of one checkpoint (settings
+    ``evaluation.mixup_geometry``; clean and PGD mixes, the cell's threat model and loss)."""
+    g = config["evaluation"]["mixup_geometry"]
+    model, x, y, num_classes, epoch = _checkpoint_model(config, cell, data_path, checkpoint, g["split"])
+    points, summary = mixup_geometry(
+        model, x, y, num_classes=num_classes, pairs=[tuple(p) for p in g["pairs"]], lambdas=g["lambdas"],
+        per_class=g["per_class"], perturbations=("clean", "pgd"), threat=threat_model(config, cell),
+        loss=cell_loss(config, cell), seed=cell.seed,
+    )
+    write_parquet(tag(points.assign(split=g["split"]), cell, epoch), points_out)
+    write_parquet(tag(summary.assign(split=g["split"]), cell, epoch), summary_out)
+
+
+def probe_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, output: str) -> None:
+    """:func:`ncrobust.probe.probe_model` of one checkpoint (settings ``probe``): NC1 of Tirer et
+    al.'s solution against NC1 of the layer's clean and PGD features, per lambda."""
+    p = config["probe"]
+    model, x, y, num_classes, epoch = _checkpoint_model(config, cell, data_path, checkpoint, p["split"], p["max_samples"])
+    frame = probe_model(
+        model, x, y, layer=p["layer"], lambdas=p["lambdas"], threat=threat_model(config, cell), loss=cell_loss(config, cell),
+        seed=cell.seed, num_classes=num_classes, weight_decay=p["weight_decay"],
+    )
+    write_parquet(tag(frame.assign(split=p["split"]), cell, epoch), output)
+
+
+def related_figures(
+    points: list[str], summaries: list[str], probes: list[str], *, tables: dict[str, str], figures: dict[str, str],
+) -> None:
+    """Stack the per-cell tables into ``tables`` (``mixup_geometry``: the summary numbers of every
+    cell and pair, ``probe``: every probe row) and draw ``figures`` (``mixup``, ``probe``), each
+    only when its inputs are given."""
+    from . import plots
+
+    if "mixup_geometry" in tables:
+        s = stack([read_parquet(f) for f in summaries])
+        write_parquet(s, tables["mixup_geometry"])
+        plots.mixup(mixup_points(stack([read_parquet(f) for f in points])), mixup_summary(s), figures["mixup"])
+    if "probe" in tables:
+        p = stack([read_parquet(f) for f in probes])
+        write_parquet(p, tables["probe"])
+        plots.probe(probe_curves(p), figures["probe"])

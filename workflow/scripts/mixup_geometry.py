@@ -1,0 +1,11 @@
+# The config slice (params) plus execution settings from snakemake.config: see ncrobust.stages.
+from ncrobust.io import job_log
+from ncrobust.related import mixup_geometry_cell
+from ncrobust.stages import job_config
+
+with job_log(snakemake.log[0]):
+    cell = snakemake.params.cell
+    mixup_geometry_cell(
+        job_config("mixup_geometry", snakemake.params.config, snakemake.config, cell=cell), cell,
+        snakemake.input.data, snakemake.input.checkpoint, snakemake.output.points, snakemake.output.summary,
+    )
