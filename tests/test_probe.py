@@ -154,3 +154,27 @@ def test_probe_curves_and_figure(tmp_path):
     assert len([ax for ax in fig.axes if ax.axison]) == 2
     empty = plots.probe(probe_curves(pd.DataFrame()), tmp_path / "none.png")
     assert "no probe tables" in " ".join(t.get_text() for t in empty.axes[0].texts)
+
+
+@pytest.mark.slow  # two Snakemake dry runs (DAG only), about 10 s
+def test_related_rules_are_opt_in_per_cell_at_the_final_epoch(tmp_path):
+    """Dry runs: the tiny config has no mixup_geometry, probe or related_figures job; switched on,
+    each cell (variants included) gets one of each at its final checkpoint, plus one figures job."""
+    import re
+
+    from workflow_helpers import run_snakemake, write_tiny_config
+
+    def jobs(**overrides) -> dict:
+        config = write_tiny_config(tmp_path / str(len(overrides)), **overrides)
+        out = run_snakemake(config.parent, "-n", "--quiet", "rules", configfile=config).stdout
+        return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", out, re.M)}
+
+    off = jobs()
+    assert not {"mixup_geometry", "probe", "related_figures"} & set(off)
+    from workflow_helpers import TINY_CONFIG
+
+    evaluation = {**TINY_CONFIG["evaluation"], "mixup_geometry": {"enabled": True}}
+    grid = {**TINY_CONFIG["grid"], "variant": ["base", "mixup"]}
+    on = jobs(evaluation=evaluation, probe={"enabled": True}, grid=grid, variants={"mixup": {"training": {"mixup": {"alpha": 1.0}}}})
+    assert on["mixup_geometry"] == on["probe"] == 4 and on["related_figures"] == 1
+    assert on["train"] == 2 * off["train"]

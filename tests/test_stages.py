@@ -13,6 +13,7 @@ ST = Cell("digits", "mlp", "ce", "st", 1)
 PGD = Cell("digits", "mlp", "ce", "pgd-linf", 1)
 TRADES = Cell("digits", "mlp", "ce", "trades-linf", 1)
 CELL_STAGES = [s for s in STAGES if s != "prepare_data"]
+RELATED = ["mixup_geometry", "probe"]  # like robustness: the checkpoint's recipe and threat model, and their own section
 
 
 def _config(**overrides) -> dict:
@@ -79,21 +80,25 @@ EDITS = {
     "model width": (_set("models.mlp.width", 64), _all(CELL_STAGES)),
     "linf eps": (
         _set("datasets.digits.threat.linf.eps", 0.05),
-        _all(["train"], ["pgd-linf", "trades-linf"]) | _all(["evaluate", "robustness"]),
+        _all(["train"], ["pgd-linf", "trades-linf"]) | _all(["evaluate", "robustness", *RELATED]),
     ),
-    "st norm": (_set("datasets.digits.norm", "l2"), _all(["evaluate", "robustness"], ["st"])),
-    "trades beta": (_set("training.trades_beta", 3.0), _all(["train", "evaluate", "robustness"], ["trades-linf"])),
-    "training batch size": (_set("training.batch_size", 64), _all(["train", "evaluate", "robustness"])),
-    "precision": (_set("precision", "bf16"), _all(["train", "evaluate", "robustness"])),
+    "st norm": (_set("datasets.digits.norm", "l2"), _all(["evaluate", "robustness", *RELATED], ["st"])),
+    "trades beta": (_set("training.trades_beta", 3.0), _all(["train", "evaluate", "robustness", *RELATED], ["trades-linf"])),
+    "training batch size": (_set("training.batch_size", 64), _all(["train", "evaluate", "robustness", *RELATED])),
+    "precision": (_set("precision", "bf16"), _all(["train", "evaluate", "robustness", *RELATED])),
     "evaluation batch size": (_set("evaluation.batch_size", 250), _all(["evaluate", "robustness"])),
     "perturbations": (_set("evaluation.perturbations", {"clean": {}, "pgd": {"steps": 7}}), _all(["evaluate"])),
     "strong samples": (_set("evaluation.strong", {"max_samples": 50}), _all(["robustness"])),
     "unused loss options": (_set("losses", {"focal": {"gamma": 1.0}}), set()),
     "loss defaults spelled out": (_set("losses", {"focal": {"gamma": 2.0}, "label_smoothing": {"smoothing": 0.1}}), set()),
     "extra norm for st": (_set("evaluation.norms", ["linf", "l2"]), {("evaluate", "st")}),
-    "training-time collapse": (_set("training.track_collapse", True), _all(["train", "evaluate", "robustness"])),
-    "authors' TRADES BN": (_set("training.trades_bn", "eval"), _all(["train", "evaluate", "robustness"], ["trades-linf"])),
-    "authors' clean BN pass": (_set("training.pgd_clean_bn_pass", True), _all(["train", "evaluate", "robustness"], ["pgd-linf"])),
+    "training-time collapse": (_set("training.track_collapse", True), _all(["train", "evaluate", "robustness", *RELATED])),
+    "authors' TRADES BN": (_set("training.trades_bn", "eval"), _all(["train", "evaluate", "robustness", *RELATED], ["trades-linf"])),
+    "authors' clean BN pass": (_set("training.pgd_clean_bn_pass", True), _all(["train", "evaluate", "robustness", *RELATED], ["pgd-linf"])),
+    "mixup training": (_set("training.mixup", {"alpha": 0.4}), _all(["train", "evaluate", "robustness", *RELATED])),
+    "mixup geometry": (_set("evaluation.mixup_geometry", {"enabled": True, "pairs": [[1, 2]]}), _all(["mixup_geometry"])),
+    "probe": (_set("probe", {"enabled": True, "lambdas": [1.0]}), _all(["probe"])),
+    "probe defaults spelled out": (_set("probe", {"layer": "penultimate", "weight_decay": 5e-3}), set()),
 }
 
 

@@ -827,21 +827,25 @@ def probe(frame: pd.DataFrame, path: str | Path):
     regularised unconstrained-features problem against lambda (log-log), for the clean and PGD
     features of the probed layer, the input's NC1 as a dotted line of the same colour (the
     lambda -> infinity limit); below, the ratio solution / input, the predicted reduction. One
-    column per variant (and varying setting); colour = training adversary, style = perturbation."""
+    column per variant, a pair of rows per other varying setting (dataset, model, loss); colour =
+    training adversary, style = perturbation."""
     if frame is None or frame.empty:
         return _placeholder(path, "Near-collapse probe", "no probe tables (probe.enabled: false?)")
-    groups = sorted(frame["group"].unique(), key=lambda g: (g not in ("", "base"), g))
+    variants = sorted(frame["variant"].unique(), key=lambda v: (v != "base", v))
+    others = sorted(frame["others"].unique()) if "others" in frame.columns else [""]
     advs = _present(frame["adversary"], ADVERSARY_ORDER)
     palette = _palette(advs, ADVERSARY_PALETTE)
     perts = _present(frame["perturbation"], PERTURBATION_ORDER)
     dashes = {p: PERTURBATION_DASHES.get(p, (1, 1)) or "" for p in perts}
     markers = {p: PERTURBATION_MARKERS.get(p, "X") for p in perts}
-    rows = [("nc1_solution", "NC1 of the solution\ntr(Σ_W Σ_B⁺)/C"), ("nc1_ratio", "NC1 solution / input\n(predicted reduction)")]
-    fig, axes = _grid(len(rows), len(groups), sharex=True, sharey="row")
-    for c, group in enumerate(groups):
-        for r, (metric, label) in enumerate(rows):
+    metrics = [("nc1_solution", "NC1 of the solution\ntr(Σ_W Σ_B⁺)/C"), ("nc1_ratio", "NC1 solution / input\n(predicted reduction)")]
+    rows = [(other, metric, label) for other in others for metric, label in metrics]  # variants across, the rest down
+    fig, axes = _grid(len(rows), len(variants), sharex=True, sharey="row")
+    for c, variant in enumerate(variants):
+        for r, (other, metric, label) in enumerate(rows):
             ax = axes[r, c]
-            d = frame[(frame["group"] == group) & (frame["metric"] == metric) & (frame["value"] > 0)]
+            cell = frame[(frame["variant"] == variant) & (frame.get("others", "") == other)]
+            d = cell[(cell["metric"] == metric) & (cell["value"] > 0)]
             if d.empty:
                 _empty_panel(ax)
                 continue
@@ -849,16 +853,16 @@ def probe(frame: pd.DataFrame, path: str | Path):
                          style_order=perts, dashes=dashes, markers=markers, markersize=5, errorbar=("pi", 100),
                          err_kws={"alpha": 0.18, "linewidth": 0}, ax=ax, legend=False)
             if metric == "nc1_solution":
-                inputs = frame[(frame["group"] == group) & (frame["metric"] == "nc1_input")]
+                inputs = cell[cell["metric"] == "nc1_input"]
                 for (adv, pert), v in inputs.groupby(["adversary", "perturbation"])["value"]:
                     ax.axhline(v.mean(), color=palette[adv], linestyle=":", linewidth=1.1, alpha=0.9)
             else:
                 ax.axhline(1.0, color="0.6", linestyle=":", linewidth=0.9)
             ax.set_xscale("log")
             _log_y(ax)
-            ax.set_ylabel(label if c == 0 else "")
+            ax.set_ylabel((f"{other}\n" if other else "") + label if c == 0 else "")
             ax.set_xlabel("λ (proximity to the input features)" if r == len(rows) - 1 else "")
-        axes[0, c].set_title(group or "base", fontsize=11, weight="bold")
+        axes[0, c].set_title(variant, fontsize=11, weight="bold")
     handles = [Line2D([], [], linestyle="none", label="trained with")]
     handles += [Line2D([], [], color=palette[a], label=a) for a in advs]
     handles += [Line2D([], [], linestyle="none", label=" "), Line2D([], [], linestyle="none", label="features")]

@@ -351,11 +351,13 @@ def imbalance_geometry(metrics: pd.DataFrame, split: str = "train", perturbation
 
 def _grouped(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` with ``group``: the dataset/model/loss/variant values that vary (:func:`with_setting`;
-    ``""`` when none does), the facet of the ``mixup`` and ``probe`` figures; ``variant`` is
-    ``"base"`` for rows written before the axis existed."""
+    ``""`` when none does), the facet of the ``mixup`` and ``probe`` figures, and ``others``: the
+    same without the variant; ``variant`` is ``"base"`` for rows written before the axis existed."""
     frame = frame.assign(variant=frame["variant"].astype(str)) if "variant" in frame.columns else frame.assign(variant="base")
-    frame = with_setting(frame, varying_settings(frame))
-    return frame.assign(group=frame["setting"])
+    varying = varying_settings(frame)
+    others = with_setting(frame, [c for c in varying if c != "variant"])["setting"]
+    frame = with_setting(frame, varying)
+    return frame.assign(group=frame["setting"], others=others)
 
 
 def mixup_points(points: pd.DataFrame, pair: str | None = None) -> pd.DataFrame:
@@ -384,13 +386,13 @@ def mixup_summary(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def probe_curves(probe: pd.DataFrame) -> pd.DataFrame:
-    """The near-collapse probe at each cell's final epoch, mean over seeds, long: ``group, variant,
+    """The near-collapse probe at each cell's final epoch, long: ``group, others, variant,
     adversary, perturbation, layer, lam, metric (nc1_input, nc1_solution, nc1_ratio), value, seed``
     (seeds kept, the figure draws a mean with a seed band)."""
-    columns = ["group", "variant", "adversary", "perturbation", "layer", "lam", "seed", "metric", "value"]
+    columns = ["group", "others", "variant", "adversary", "perturbation", "layer", "lam", "seed", "metric", "value"]
     if probe is None or probe.empty:
         return pd.DataFrame(columns=columns)
     p = _grouped(final_epoch(probe))
-    long = p.melt(id_vars=["group", "variant", "adversary", "perturbation", "layer", "lam", "seed"],
+    long = p.melt(id_vars=["group", "others", "variant", "adversary", "perturbation", "layer", "lam", "seed"],
                   value_vars=["nc1_input", "nc1_solution", "nc1_ratio"], var_name="metric", value_name="value")
     return long[columns]
