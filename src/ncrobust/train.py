@@ -112,9 +112,6 @@ class Recipe:
 
     def __post_init__(self) -> None:
         check_alpha(self.mixup_alpha)
-        if self.mixup_alpha and self.track_collapse:
-            raise ValueError("training.track_collapse with training.mixup: features of mixed images have no single class; "
-                             "set track_collapse: false where mixup is on")
         if self.trades_bn not in TRADES_BN:
             raise ValueError(f"training.trades_bn = {self.trades_bn!r}: not allowed; allowed: {', '.join(TRADES_BN)}")
         if self.batch_size < 1:
@@ -303,7 +300,8 @@ class TrainStep:
       clean forward pass for it (it feeds the running statistics only with ``pgd_clean_bn_pass``);
     - ``train_robust_accuracy``: the same on the training-time adversarial examples (NaN for st);
     - with mixup, a prediction on a mixed input counts against the mix's majority label
-      (:func:`ncrobust.mixup.majority_label`); PGD's clean log pass stays on the unmixed images;
+      (:func:`ncrobust.mixup.majority_label`), and the NC columns group the features of mixed
+      inputs by it; PGD's clean log pass stays on the unmixed images;
     - with ``track_collapse`` (:data:`COLLAPSE_LOG_COLUMNS`): NC1, NC1 trace ratio and NCC accuracy
       of the epoch's clean and of its adversarial penultimate features (the step keeps them in
       :class:`~ncrobust.train_collapse.EpochFeatures`), and the NCC accuracy of the adversarial
@@ -331,6 +329,14 @@ class TrainStep:
             self.clean_features = EpochFeatures(n_train, d, device)
             if self.kind != "st":
                 self.adv_features = EpochFeatures(n_train, d, device)
+        # with mixup a stream's features are labelled by the label each prediction was counted
+        # against (the majority label of a mix), kept on the device as the features are
+        self.stream_labels = None
+        if recipe.track_collapse and recipe.mixup_alpha:
+            self.stream_labels = tuple(
+                None if store is None else torch.zeros(n_train, dtype=torch.int64, device=device)
+                for store in (self.clean_features, self.adv_features)
+            )
         self.reset()
 
     def reset(self) -> None:
@@ -389,6 +395,10 @@ class TrainStep:
         for store, h in zip((self.clean_features, self.adv_features), features):
             if store is not None:
                 store.store(offset, h)
+        if self.stream_labels is not None:
+            for labels, y in zip(self.stream_labels, features[2:]):
+                if labels is not None:
+                    labels[offset : offset + y.shape[0]].copy_(y)
 
     @torch.no_grad()
     def _log(self, n, y_clean, y_robust, loss, clean_logits, robust_logits, h_clean, h_adv) -> tuple[torch.Tensor | None, ...]:
@@ -401,13 +411,15 @@ class TrainStep:
         if robust_logits is not None:
             self.robust_correct.add_((robust_logits.argmax(1) == y_robust).sum())
         self.seen.add_(n)
-        return tuple(
+        out = tuple(
             None if store is None else h.float() for store, h in ((self.clean_features, h_clean), (self.adv_features, h_adv))
         )
+        return out if self.stream_labels is None else (*out, y_clean, y_robust)
 
     def epoch_log(self, labels_in_order: torch.Tensor) -> dict:
         """The epoch's sums as numbers (one read-back, plus the NC arithmetic when tracked);
-        ``labels_in_order``: the labels of the epoch's samples in the order they were trained on."""
+        ``labels_in_order``: the labels of the epoch's samples in the order they were trained on
+        (with mixup, each stream's own stored labels are used: the majority label of each mix)."""
         loss_sum, clean, robust, seen, first_bad, bad_loss = torch.stack([
             self.loss_sum, self.clean_correct.double(), self.robust_correct.double(), self.seen.double(),
             self.first_bad.double(), self.bad_loss.double(),
@@ -424,13 +436,14 @@ class TrainStep:
         if first_bad >= 0 or self.clean_features is None:  # a diverged epoch stops the job anyway
             return row
         C = self.num_classes
-        for stream, store in (("clean", self.clean_features), ("adv", self.adv_features)):
+        clean_labels, adv_labels = self.stream_labels or (labels_in_order, labels_in_order)
+        for stream, store, labels in (("clean", self.clean_features, clean_labels), ("adv", self.adv_features, adv_labels)):
             if store is not None:
-                for name, value in store.metrics(labels_in_order, C).items():
+                for name, value in store.metrics(labels, C).items():
                     row[f"{name}_{stream}"] = value
         if self.adv_features is not None:
-            clean_means = self.clean_features.class_means(labels_in_order, C)
-            row["ncc_accuracy_clean_means_adv"] = ncc_accuracy(self.adv_features.features, labels_in_order, clean_means)
+            clean_means = self.clean_features.class_means(clean_labels, C)
+            row["ncc_accuracy_clean_means_adv"] = ncc_accuracy(self.adv_features.features, adv_labels, clean_means)
         return row
 
 
