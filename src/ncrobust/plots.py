@@ -660,7 +660,7 @@ def imbalance(f: pd.DataFrame, path: str | Path, split: str = "train"):
     for i, (_, x, _) in enumerate(rows):
         live = [ax for ax in axes[i] if ax.axison]
         for ax in live:
-            ax.set_xlabel("training samples of the class" if x == "class_count" else "imbalance ratio n_max / n_min")
+            ax.set_xlabel("training samples of the class" if x == "class_count" else "imbalance n_max / n_min")
     _col_titles(axes, cols, "trained with ")
     handles = [Line2D([], [], linestyle="none", label="class means on")]
     handles += [Line2D([], [], color=palette[p], marker="o", markersize=4, label=p) for p in perts]
