@@ -73,6 +73,10 @@ BAD = [
     ("datasets.digits.options", {"test_fraction": 1.5}, r"datasets\.digits\.options\.test_fraction = 1\.5: must be < 1"),
     ("datasets.digits.options", {"train_per_class": 0}, r"datasets\.digits\.options\.train_per_class = 0: must be >= 1"),
     ("datasets.digits.options", {"image_size": 16}, r"datasets\.digits\.options: unknown option 'image_size'; allowed: test_fraction, "),
+    # the related stages, before any training
+    ("evaluation.mixup_geometry", {"enabled": True, "pairs": [[3, 10]]}, r"evaluation\.mixup_geometry\.pairs: \[3, 10\] is not a pair of two classes of digits \(0\.\.9\)"),
+    ("evaluation.mixup_geometry", {"enabled": True, "pairs": [[4, 4]]}, r"\[4, 4\] is not a pair of two classes"),
+    ("probe", {"enabled": True, "layer": "layer9"}, r"probe\.layer = 'layer9': not a tap of mlp; its taps: layer1, penultimate"),
 ]
 
 

@@ -256,6 +256,41 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
                 )
     _check_dataset_options(config)
     _check_model_options(config)
+    _check_related(config)
+
+
+def _check_related(config: dict) -> None:
+    """The class pairs of the mixup geometry exist in every grid dataset, and the probe's layer is
+    a tap of every grid model (checked here, not when the job runs after training)."""
+    geometry = config["evaluation"]["mixup_geometry"]
+    if geometry["enabled"]:
+        for ds in config["grid"]["dataset"]:
+            classes = _model_input(ds, config["datasets"][ds].get("options", {}))[2]
+            for pair in geometry["pairs"]:
+                i, j = pair
+                if i == j or max(i, j) >= classes:
+                    raise ConfigError(
+                        f"evaluation.mixup_geometry.pairs: {pair} is not a pair of two classes of {ds} (0..{classes - 1})"
+                    )
+    probe = config["probe"]
+    if probe["enabled"] and probe["layer"] != "penultimate":
+        for ds in config["grid"]["dataset"]:
+            chans, side, classes = _model_input(ds, config["datasets"][ds].get("options", {}))
+            for name in config["grid"]["model"]:
+                taps = _tap_names(name, json.dumps(config.get("models", {}).get(name, {}), sort_keys=True), chans, side, classes)
+                if probe["layer"] not in taps:
+                    raise ConfigError(f"probe.layer = {probe['layer']!r}: not a tap of {name}; its taps: {', '.join(taps)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _tap_names(name: str, kwargs_json: str, chans: int, side: int, classes: int) -> tuple[str, ...]:
+    import torch
+
+    from .models import create_model
+
+    shape = dict(num_classes=classes, in_chans=chans, image_size=side, mean=[0.5] * chans, std=[0.25] * chans)
+    with torch.random.fork_rng(devices=[]):
+        return tuple(create_model(name, **shape, **json.loads(kwargs_json)).tap_names)
 
 
 def _check_finite(node, path=()) -> None:

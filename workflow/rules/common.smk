@@ -27,6 +27,9 @@ DATA = f"{RESULTS}/data/{{dataset}}/{{data_variant}}.pt"  # data_variant: base, 
 CHECKPOINT_EPOCHS = [0, *config["training"]["checkpoints"]]
 EVAL_EPOCHS = config["evaluation"].get("epochs") or CHECKPOINT_EPOCHS
 FIGURES = ["nc_vs_epoch", "accuracy", "alignment", "leap", "layerwise", "simplex", "ncc_robustness", "imbalance"]
+MIXUP_GEOMETRY = config["evaluation"]["mixup_geometry"]["enabled"]  # opt-in stages of related.smk
+PROBE = config["probe"]["enabled"]
+RELATED_FIGURES = [name for name, on in (("mixup", MIXUP_GEOMETRY), ("probe", PROBE)) if on]
 
 
 wildcard_constraints:

@@ -1,10 +1,9 @@
 # The related questions (README, "Related questions: mixup, normalized features, near collapse"):
 # Fisher et al.'s mixup geometry and Tirer et al.'s near-collapse probe on every cell's final
 # checkpoint, each opt-in (evaluation.mixup_geometry.enabled, probe.enabled; off in the embedded
-# default, which then has none of these jobs). Their figures come from their own rule, so that
-# switching them on reruns none of the eight study figures.
-MIXUP_GEOMETRY = config["evaluation"]["mixup_geometry"]["enabled"]
-PROBE = config["probe"]["enabled"]
+# default, which then has none of these jobs; the switches MIXUP_GEOMETRY and PROBE are in
+# common.smk). Their figures come from their own rule, so that switching them on reruns none of
+# the eight study figures; the report's front page shows them too.
 FINAL_EPOCH = CHECKPOINT_EPOCHS[-1]
 
 

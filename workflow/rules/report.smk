@@ -28,14 +28,14 @@ rule report_page:
     """The report's front page: the summary table and every figure with its caption (workflow/report/workflow.rst)."""
     input:
         summary=f"{RESULTS}/tables/summary.md",
-        figures=[f"{RESULTS}/figures/{name}.png" for name in FIGURES],
-        captions=[str(Path(workflow.basedir) / "workflow" / "report" / f"{name}.rst") for name in FIGURES],
+        figures=[f"{RESULTS}/figures/{name}.png" for name in FIGURES + RELATED_FIGURES],
+        captions=[str(Path(workflow.basedir) / "workflow" / "report" / f"{name}.rst") for name in FIGURES + RELATED_FIGURES],
     output:
         f"{RESULTS}/report/front_page.html",
     log:
         f"{RESULTS}/logs/report_page.log",
     params:
-        names=FIGURES,
+        names=FIGURES + RELATED_FIGURES,
     resources:
         **job_resources("cpu"),
     script:
