@@ -264,7 +264,7 @@ def test_summary_and_figures_use_each_cells_own_threat_model(small):
 
 
 def test_leap_matrices_average_over_seeds():
-    base = dict(dataset="digits", model="mlp", loss="ce", adversary="st", epoch=4, split="train", norm="linf",
+    base = dict(dataset="digits", model="mlp", loss="ce", adversary="st", variant="base", epoch=4, split="train", norm="linf",
                 layer="penultimate", layer_index=1, metric="leap", **{"class": pd.NA})
     frame = pd.DataFrame([
         {**base, "seed": s, "perturbation": p, "row": r, "col": c, "value": v}
