@@ -60,12 +60,17 @@ def reference(tmp_path_factory) -> Reference:
     return Reference(workdir, _metrics(workdir), second)
 
 
-def _before_training(reference: Reference, tmp_path: Path) -> Path:
-    """A copy of the reference run as it was before its first training job (the dataset and the
-    cell's initial checkpoint): the tests that kill training start it at once."""
+# what the reference run had made before its last training segment (epoch 100 -> 200)
+BEFORE_LAST_SEGMENT = ("checkpoints/epoch0.pt", "logs/init.log", "checkpoints/epoch100.pt", "train_log/epoch100.parquet")
+
+
+def _before_last_segment(reference: Reference, tmp_path: Path) -> Path:
+    """A copy of the reference run as it was before its last training segment: the tests that
+    kill training start it at once, and it resumes from a checkpoint (epoch 100, with its
+    optimizer state) as a preempted job's rerun does."""
     workdir = copy_run(reference.workdir, tmp_path / "run")
     for path in (workdir / CELL).rglob("*"):
-        if path.is_file() and path.relative_to(workdir / CELL).as_posix() not in ("checkpoints/epoch0.pt", "logs/init.log"):
+        if path.is_file() and path.relative_to(workdir / CELL).as_posix() not in BEFORE_LAST_SEGMENT:
             path.unlink()
     return workdir
 
@@ -121,7 +126,7 @@ def test_killed_training_then_rerun_is_bit_identical(tmp_path, reference, sig):
     same command: the result is bit-identical to the uninterrupted run. With SIGTERM (a preempted
     job), right after the first kill: the job exited cleanly (its log says so), with no temporary
     file and no incomplete checkpoint, and after the last kill no temporary file either."""
-    workdir = _before_training(reference, tmp_path)
+    workdir = _before_last_segment(reference, tmp_path)
     config = workdir / "config.yaml"
     assert _kill_a_training_job(workdir, config, sig, 0.5), "no training job was caught running"
     if sig == signal.SIGTERM:
@@ -410,7 +415,7 @@ def _interrupt_while_training(workdir: Path, config: Path, how: str, *extra: str
 def test_interrupted_then_the_same_command_resumes(tmp_path, reference, how):
     """The same command goes on (the default profile's rerun-incomplete), and the result is that
     of an uninterrupted run."""
-    workdir = _before_training(reference, tmp_path)
+    workdir = _before_last_segment(reference, tmp_path)
     config = workdir / "config.yaml"
     _interrupt_while_training(workdir, config, how)
     if how == "kill-snakemake":  # a killed Snakemake leaves its lock: the README's `--unlock` first
@@ -479,7 +484,7 @@ def test_corrupt_checkpoint_and_deleted_files_are_rebuilt_by_the_same_command(tm
     After the rm, the same command rebuilds everything missing, the tables and figures equal the
     undamaged run's, and nothing is left to do."""
     workdir = _damaged_copy(finished_run, tmp_path)
-    damaged = f"{ST_CELL}/checkpoints/epoch2.pt"
+    damaged = f"{ST_CELL}/checkpoints/epoch4.pt"  # the last one: fewer jobs to rebuild
     (workdir / damaged).write_bytes(b"garbage")
     deleted = [f"{CELL}/metrics/epoch2.parquet", f"{CELL}/train_log/epoch4.parquet"]
     for name in deleted:
