@@ -7,7 +7,9 @@ and the workflow hands GPUs to ``train`` and ``evaluate`` only.
 
 The status checks: there is no slurmdbd on the test cluster, so ``sacct`` cannot answer and the
 runs pass ``--slurm-status-command squeue`` (the cluster keeps finished jobs visible to squeue
-for ``MinJobAge=600`` s); ``--slurm-init-seconds-before-status-checks 5`` only makes them faster.
+for ``MinJobAge=600`` s); ``--slurm-init-seconds-before-status-checks 4`` only makes them faster: the
+plugin checks 4 s after a submission, then 14 s later, then 24 s later (+10 s each time no job
+ended); the test's jobs take 8 to 17 s, so most are seen at 18 s (with 5: at 20 s).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def snakemake_on_slurm(workdir: Path, configfile: Path, *extra: str) -> list[str
         "--snakefile", str(REPO_ROOT / "Snakefile"), "--directory", str(workdir),
         "--configfile", str(configfile), "--cores", "8",
         "--default-resources", f"slurm_partition={SlurmCluster.partition}", "slurm_account=ncrobust",
-        "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5",
+        "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "4",
         "--slurm-keep-successful-logs",
         *extra,
     ]
@@ -177,7 +179,8 @@ def test_toy_workflow_gpu_request(cluster, tmp_path):
     a rule without it asks for none."""
     (tmp_path / "Snakefile").write_text(TOY_SNAKEFILE)
     cmd = [SNAKEMAKE, "--profile", str(PROFILE), "--directory", str(tmp_path), "--cores", "8",
-           "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
+           # its jobs end within about 3 s of their submission: seen at the first check (with 2: at 14 s)
+           "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5",
            "--slurm-keep-successful-logs"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=cluster.env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:] + cluster.logs()
