@@ -1,22 +1,22 @@
-"""A config edit reruns only what it changes: after one complete run of the tiny config, each edit's
-dry run schedules exactly the jobs it must (parsed from `snakemake -n`'s job blocks)."""
+"""A config edit reruns only what it changes: after one complete run of the tiny config (the
+session's finished run, conftest.py), each edit's dry run schedules exactly the jobs it must
+(parsed from `snakemake -n`'s job blocks)."""
 
 import copy
 import re
-import shutil
 
 import pandas as pd
 import pytest
 import yaml
 
-from workflow_helpers import run_snakemake, tiny_config
+from workflow_helpers import cell_dir, copy_run, file_mtimes, run_snakemake, tiny_config
 
 pytestmark = pytest.mark.slow
 
 CELLS = ("st", "pgd-linf")
 FINAL = {("aggregate",), ("figures",), ("report_page",), ("all",)}
-# The strong evaluation on 40 samples with PGD-10 only: the rule runs, in seconds.
-BASE = tiny_config(evaluation={**tiny_config()["evaluation"], "strong": {"attacks": [], "max_samples": 40}})
+# The tiny config (its strong evaluation: 40 samples, PGD-10 only): what the finished run ran.
+BASE = tiny_config()
 
 
 def jobs(rule: str, adversaries=CELLS, epochs=(None,), seeds=(1,)) -> set:
@@ -55,12 +55,10 @@ def scheduled(workdir, config: dict) -> set:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("incremental")
-    path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(BASE, sort_keys=False))
-    run_snakemake(workdir, configfile=path)
-    return workdir
+def finished(tmp_path_factory, finished_tiny_run):
+    """A copy of the session's finished run of BASE (the dry runs write their config into it)."""
+    assert yaml.safe_load((finished_tiny_run / "config.yaml").read_text()) == BASE
+    return copy_run(finished_tiny_run, tmp_path_factory.mktemp("incremental") / "run")
 
 
 def edited(edit) -> dict:
@@ -154,17 +152,16 @@ def test_an_edit_schedules_exactly_the_jobs_it_changes(finished, name):
     assert scheduled(finished, edited(edit)) == expected
 
 
-def test_removing_a_cell_keeps_its_files_and_the_tables_hold_the_current_grid(finished, tmp_path):
-    """Run the removal for real, in a copy (the other tests dry-run on the finished directory)."""
-    workdir = tmp_path / "copy"
-    shutil.copytree(finished, workdir, symlinks=True)  # copy2: modification times are kept
-    dropped = workdir / "results/runs/digits/mlp/ce/pgd-linf/seed1/checkpoints/epoch4.pt"
-    kept = workdir / "results/runs/digits/mlp/ce/st/seed1/metrics/epoch4.parquet"
-    before = (dropped.stat().st_mtime_ns, kept.stat().st_mtime_ns)
-    path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(edited(lambda c: c["grid"].update(adversary=["st"])), sort_keys=False))
-    run_snakemake(workdir, configfile=path)
-    assert (dropped.stat().st_mtime_ns, kept.stat().st_mtime_ns) == before
+def test_removing_a_cell_keeps_its_files_and_the_tables_hold_the_current_grid(st_only_run):
+    """Run the removal for real (conftest.st_only_run: a copy of the finished run, pgd-linf dropped
+    from the grid): no file of any cell is touched, the removed cell's included, and the tables
+    hold the st cell alone."""
+    workdir, before = st_only_run
+    dropped = workdir / cell_dir(adversary="pgd-linf") / "checkpoints/epoch4.pt"
+    kept = workdir / cell_dir(adversary="st") / "metrics/epoch4.parquet"
+    assert dropped in before and kept in before
+    after = file_mtimes(workdir / "results/runs")
+    assert after == before, [str(p.relative_to(workdir)) for p in set(after) | set(before) if after.get(p) != before.get(p)]
     for table in ("metrics", "training", "summary", "robustness"):
         assert set(pd.read_parquet(workdir / f"results/tables/{table}.parquet")["adversary"]) == {"st"}, table
 

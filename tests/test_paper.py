@@ -10,18 +10,19 @@ import yaml
 
 from ncrobust.config import validate_config
 from test_data import write_py2_pickle
-from workflow_helpers import REPO_ROOT, run_snakemake
+from workflow_helpers import REPO_ROOT, cell_dir, run_snakemake
 
 PAPER = REPO_ROOT / "config" / "paper.yaml"
 
 
-def write_fake_cifar10(root, n_train_per_file=8, n_test=20):
-    """cifar-10-batches-py/ with every class present in both splits (labels cycle through 0..9)."""
+def write_fake_cifar10(root, n_train_per_file=4, n_test=20):
+    """cifar-10-batches-py/ with every class present in both splits (labels cycle through 0..9
+    across the five training files, twice with the default 20 training images)."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(1, 6):
-        labels = [(j + i) % 10 for j in range(n_train_per_file)]
+        labels = [((i - 1) * n_train_per_file + j) % 10 for j in range(n_train_per_file)]
         data = rng.integers(0, 256, size=(n_train_per_file, 3072), dtype=np.uint8)
         write_py2_pickle({"batch_label": f"training batch {i} of 5", "labels": labels, "data": data, "filenames": []}, folder / f"data_batch_{i}")
     write_py2_pickle(
@@ -47,7 +48,7 @@ def test_paper_config_is_the_papers_recipe(tmp_path):
 def test_one_paper_cell_runs_on_fake_cifar(tmp_path):
     data_root = tmp_path / "data"
     write_fake_cifar10(data_root)
-    cell = "results/runs/cifar10/preact_resnet18/ce/pgd-linf/seed1"
+    cell = cell_dir(dataset="cifar10", model="preact_resnet18", adversary="pgd-linf")
     override = tmp_path / "short.yaml"
     override.write_text(yaml.safe_dump({
         "data_root": str(data_root),

@@ -15,7 +15,7 @@ from ncrobust.collapse import LayerStats
 from ncrobust.plots import FIGURES, render
 from ncrobust.projection import PROJECTION_COLUMNS, SimplexPlane, simplex_plane
 from ncrobust.tables import METRIC_COLUMNS, summary, summary_markdown
-from workflow_helpers import run_snakemake, write_tiny_config
+from workflow_helpers import run_snakemake
 
 C = 4
 PERTURBATIONS = ["clean", "pgd", "pgd-targeted", "gaussian", "sign"]
@@ -280,17 +280,15 @@ def test_summary_has_every_headline_quantity():
 
 
 @pytest.mark.slow
-def test_report_includes_every_figure_and_table(tmp_path):
-    """The smallest workflow (one `st` cell, one checkpoint): every figure is made, even on a grid
-    with only standard training, and the report embeds every figure and table."""
-    grid = {"dataset": ["digits"], "model": ["mlp"], "loss": ["ce"], "adversary": ["st"], "seed": [1]}
-    config = write_tiny_config(tmp_path, grid=grid, evaluation={
-        "splits": ["train", "test"], "perturbations": {"clean": {}, "pgd": {}, "pgd-targeted": {}}, "batch_size": 500,
-    }, training={"epochs": 2, "checkpoints": [2], "batch_size": 128})
-    run_snakemake(tmp_path, configfile=config)
-    assert sorted(p.name for p in (tmp_path / "results/runs/digits/mlp/ce/st/seed1/projection").iterdir()) == ["epoch0.parquet", "epoch2.parquet"]
-    run_snakemake(tmp_path, "--report", "results/report.html", configfile=config)
-    html = (tmp_path / "results/report.html").read_text(errors="replace")
+def test_report_includes_every_figure_and_table(st_only_run):
+    """The tiny workflow with only standard training in its grid (conftest.st_only_run): every
+    figure is made, and the report embeds every figure and table."""
+    workdir, before = st_only_run
+    for name in FIGURES:  # drawn again after the grid lost pgd-linf: later than any file of the cells
+        png = workdir / f"results/figures/{name}.png"
+        assert png.stat().st_size > 0 and png.stat().st_mtime_ns > max(before.values()), f"figure {name} not redrawn for an st-only grid"
+    run_snakemake(workdir, "--report", "results/report.html", configfile=workdir / "config.yaml")
+    html = (workdir / "results/report.html").read_text(errors="replace")
     assert len(html) > 100_000
     for name in FIGURES:
         assert re.search(rf"{name}\.png", html), f"report misses figure {name}"

@@ -7,7 +7,9 @@ and the workflow hands GPUs to ``train`` and ``evaluate`` only.
 
 The status checks: there is no slurmdbd on the test cluster, so ``sacct`` cannot answer and the
 runs pass ``--slurm-status-command squeue`` (the cluster keeps finished jobs visible to squeue
-for ``MinJobAge=600`` s); ``--slurm-init-seconds-before-status-checks 5`` only makes them faster.
+for ``MinJobAge=600`` s); ``--slurm-init-seconds-before-status-checks 4`` only makes them faster: the
+plugin checks 4 s after a submission, then 14 s later, then 24 s later (+10 s each time no job
+ended); the test's jobs take 8 to 17 s, so most are seen at 18 s (with 5: at 20 s).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pandas as pd
 import pytest
 
 from slurm_cluster import SlurmCluster, unavailable_reason
-from workflow_helpers import REPO_ROOT, SNAKEMAKE, run_snakemake, write_tiny_config
+from workflow_helpers import REPO_ROOT, SNAKEMAKE, cell_dir, run_snakemake, write_tiny_config
 
 PROFILE = REPO_ROOT / "profiles" / "slurm"
 # Rules that must ask for a GPU and rules that must not (others, e.g. a GPU-side attack rule,
@@ -40,7 +42,7 @@ TEST_RESOURCES = {
 # One cell, two training segments (epochs 0 -> 2 -> 4), evaluated at epochs 0 and 4: the
 # shortest chain that has a resume point between two segments. Every SLURM job costs two
 # Snakemake start-ups on top of its work, so the grid is kept to the minimum.
-CELL = "results/runs/digits/mlp/ce/pgd-linf/seed1"
+CELL = cell_dir(adversary="pgd-linf")
 SLURM_TINY = {
     "grid": {"dataset": ["digits"], "model": ["mlp"], "loss": ["ce"], "adversary": ["pgd-linf"], "seed": [1]},
     "training": {"epochs": 4, "checkpoints": [2, 4], "batch_size": 128},
@@ -70,7 +72,7 @@ def snakemake_on_slurm(workdir: Path, configfile: Path, *extra: str) -> list[str
         "--snakefile", str(REPO_ROOT / "Snakefile"), "--directory", str(workdir),
         "--configfile", str(configfile), "--cores", "8",
         "--default-resources", f"slurm_partition={SlurmCluster.partition}", "slurm_account=ncrobust",
-        "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5",
+        "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "4",
         "--slurm-keep-successful-logs",
         *extra,
     ]
@@ -177,7 +179,8 @@ def test_toy_workflow_gpu_request(cluster, tmp_path):
     a rule without it asks for none."""
     (tmp_path / "Snakefile").write_text(TOY_SNAKEFILE)
     cmd = [SNAKEMAKE, "--profile", str(PROFILE), "--directory", str(tmp_path), "--cores", "8",
-           "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
+           # its jobs end within about 3 s of their submission: seen at the first check (with 2: at 14 s)
+           "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5",
            "--slurm-keep-successful-logs"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=cluster.env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:] + cluster.logs()
@@ -204,15 +207,17 @@ def test_workflow_on_slurm_survives_preemption_and_cancellation(cluster, tmp_pat
        (`--retries 0`), the first segment's checkpoint stays, and rerunning the same command
        finishes the workflow from it.
 
-    The metrics table is then identical to that of an uninterrupted local run (CPU: same bits).
+    The cell's metrics are then identical to those of an uninterrupted local run (CPU: same bits;
+    the local run makes only that file, the tables of one cell are made from it).
     """
     ref_dir, run_dir = tmp_path / "local", tmp_path / "slurm"
     ref_config = write_tiny_config(ref_dir, **SLURM_TINY)
     config = write_tiny_config(run_dir, **SLURM_TINY)
 
     # The uninterrupted reference, locally, while the cluster run waits on its jobs.
+    metrics = f"{CELL}/metrics/epoch4.parquet"
     reference: dict = {}
-    local = threading.Thread(target=lambda: reference.update(proc=run_snakemake(ref_dir, configfile=ref_config, check=False)))
+    local = threading.Thread(target=lambda: reference.update(proc=run_snakemake(ref_dir, metrics, configfile=ref_config, check=False)))
     local.start()
 
     def in_run(job):
@@ -275,10 +280,10 @@ def test_workflow_on_slurm_survives_preemption_and_cancellation(cluster, tmp_pat
     local.join(timeout=900)
     ref = reference["proc"]
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    pd.testing.assert_frame_equal(sorted_frame(run_dir / metrics), sorted_frame(ref_dir / metrics), check_exact=True)
+    # the table is that file (one cell, one evaluated epoch)
     pd.testing.assert_frame_equal(
-        sorted_frame(run_dir / "results/tables/metrics.parquet"),
-        sorted_frame(ref_dir / "results/tables/metrics.parquet"),
-        check_exact=True,
+        sorted_frame(run_dir / "results/tables/metrics.parquet"), sorted_frame(run_dir / metrics), check_exact=True
     )
 
 

@@ -1,25 +1,23 @@
 """End to end: Snakemake on the tiny config in a temporary directory."""
 
 import re
-import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from ncrobust.tables import METRIC_COLUMNS
-from workflow_helpers import run_snakemake, tiny_config, write_tiny_config
+from workflow_helpers import cell_dir, copy_run, run_snakemake, tiny_config, write_tiny_config
 
 pytestmark = pytest.mark.slow
 
-CELL = "results/runs/digits/mlp/ce/pgd-linf/seed1"
+CELL = cell_dir(adversary="pgd-linf")
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, finished_tiny_run):
     """A copy of the session's finished tiny run (conftest.py), which these tests may change."""
-    workdir = tmp_path_factory.mktemp("tiny") / "run"
-    shutil.copytree(finished_tiny_run, workdir, symlinks=True, copy_function=shutil.copy2)
+    workdir = copy_run(finished_tiny_run, tmp_path_factory.mktemp("tiny") / "run")
     return workdir, workdir / "config.yaml"
 
 
@@ -90,20 +88,22 @@ def test_no_features_files_by_default_and_every_job_has_a_log(tiny_run):
                     "robustness_epoch4.log", "train_epoch2.log", "train_epoch4.log"]
 
 
-def test_kept_features_give_back_the_metrics_table(tmp_path):
+def test_kept_features_give_back_the_metrics_table(tmp_path, finished_tiny_run):
     """With ``keep_features: true`` the features file is an output of ``evaluate``, and the
     penultimate metrics recomputed from it (the same code, without attacking again) equal the table
-    the job wrote, to rounding: the job's second pass re-runs the forward pass."""
+    the job wrote, to rounding: the job's second pass re-runs the forward pass. (In a copy of the
+    finished run: only that evaluation runs.)"""
     from ncrobust.evaluation import RESULT_COLUMNS, penultimate_metrics
     from ncrobust.io import load_torch
 
+    workdir = copy_run(finished_tiny_run, tmp_path / "run")
     evaluation = {**tiny_config()["evaluation"], "keep_features": True}
-    config = write_tiny_config(tmp_path, evaluation=evaluation)
-    run_snakemake(tmp_path, f"{CELL}/features/epoch0.pt", configfile=config)
-    blob = load_torch(tmp_path / CELL / "features/epoch0.pt")
+    config = write_tiny_config(workdir, evaluation=evaluation)
+    run_snakemake(workdir, f"{CELL}/features/epoch0.pt", configfile=config)
+    blob = load_torch(workdir / CELL / "features/epoch0.pt")
     assert set(blob["sets"]) == {f"{s}/linf/{p}" for s in ("train", "test") for p in evaluation["perturbations"]}
     recomputed = penultimate_metrics(blob)
-    written = pd.read_parquet(tmp_path / CELL / "metrics/epoch0.parquet")
+    written = pd.read_parquet(workdir / CELL / "metrics/epoch0.parquet")
     written = written[written["layer"] == "penultimate"][RESULT_COLUMNS].reset_index(drop=True)
     pd.testing.assert_frame_equal(recomputed.drop(columns="value"), written.drop(columns="value"))
     np.testing.assert_allclose(recomputed["value"], written["value"], rtol=1e-12, atol=1e-15)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,8 +32,23 @@ TINY_CONFIG = {
         "splits": ["train", "test"],
         "perturbations": {"clean": {}, "pgd": {}, "pgd-targeted": {}, "gaussian": {}, "sign": {}},
         "batch_size": 500,
+        # the strong evaluation with PGD-10 only, on 40 test samples: the rule runs, in seconds
+        "strong": {"attacks": [], "max_samples": 40},
     },
 }
+
+
+def cell_dir(dataset: str = "digits", model: str = "mlp", loss: str = "ce", adversary: str = "pgd-linf", seed: int = 1) -> str:
+    """The directory of one cell's files, relative to the workflow directory (the one place the
+    tests spell the layout of results/runs/)."""
+    return f"results/runs/{dataset}/{model}/{loss}/{adversary}/seed{seed}"
+
+
+def copy_run(source: str | os.PathLike, destination: str | os.PathLike) -> Path:
+    """A copy of a workflow directory with its modification times (copy2: what Snakemake compares)
+    and its .snakemake/ metadata, for a test that changes it."""
+    shutil.copytree(source, destination, symlinks=True, copy_function=shutil.copy2)
+    return Path(destination)
 
 
 def tiny_config(**overrides) -> dict:
@@ -50,6 +66,22 @@ def write_tiny_config(directory: str | os.PathLike, **overrides) -> Path:
     return path
 
 
+def file_mtimes(directory: str | os.PathLike) -> dict[Path, int]:
+    """Modification time (ns) of every file below ``directory``."""
+    return {p: p.stat().st_mtime_ns for p in Path(directory).rglob("*") if p.is_file()}
+
+
+def snakemake_command(workdir: str | os.PathLike, *args: str, configfile: str | os.PathLike | None = None,
+                      extra_configfiles: list[str] | None = None, cores: int = 2) -> list[str]:
+    """The command line :func:`run_snakemake` runs (for tests that start it with Popen)."""
+    cmd = [SNAKEMAKE, "--snakefile", str(REPO_ROOT / "Snakefile"), "--directory", str(workdir), "--cores", str(cores)]
+    cmd += list(args)
+    configfiles = ([str(configfile)] if configfile is not None else []) + list(extra_configfiles or [])
+    if configfiles:  # last: --configfile takes several values and would swallow targets
+        cmd += ["--configfile", *configfiles]
+    return cmd
+
+
 def run_snakemake(
     workdir: str | os.PathLike,
     *args: str,
@@ -60,11 +92,7 @@ def run_snakemake(
 ):
     """Run the repository's Snakefile in ``workdir`` with ``--cores 2``; return the CompletedProcess.
     ``extra_configfiles`` are merged in order (``--configfile A B``)."""
-    cmd = [SNAKEMAKE, "--snakefile", str(REPO_ROOT / "Snakefile"), "--directory", str(workdir), "--cores", "2"]
-    cmd += list(args)
-    configfiles = ([str(configfile)] if configfile is not None else []) + list(extra_configfiles or [])
-    if configfiles:  # last: --configfile takes several values and would swallow targets
-        cmd += ["--configfile", *configfiles]
+    cmd = snakemake_command(workdir, *args, configfile=configfile, extra_configfiles=extra_configfiles)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
