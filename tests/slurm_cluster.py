@@ -235,6 +235,16 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
         keys = ("TresPerJob", "TresPerNode", "TresPerTask", "TresPerSocket", "TRES", "ReqTRES")
         return any("gpu" in job.get(k, "") for k in keys)
 
+    @staticmethod
+    def gpu_count(job: dict[str, str]) -> int:
+        """How many GPUs a job (from ``jobs()``) asked for: ``--gpus=N`` and ``--gres=gpu:N`` show as
+        ``gres:gpu:N`` or ``gres/gpu:N`` (with a type: ``gres/gpu:a100:N``) in its TRES fields."""
+        for key in ("TresPerJob", "TresPerNode", "TresPerTask", "TRES", "ReqTRES"):
+            found = re.search(r"gres[:/]gpu(?::[A-Za-z][\w.]*)?[:=](\d+)", job.get(key, ""))
+            if found:
+                return int(found.group(1))
+        return 0
+
     def logs(self, tail: int = 40) -> str:
         parts = []
         for path in sorted(self.log_dir.glob("*")):

@@ -139,6 +139,16 @@ EDITS = {
         jobs("train", epochs=(2, 4)) | jobs("evaluate", epochs=(0, 2, 4)) | jobs("robustness", epochs=(4,)) | FINAL,
     ),
     "model width": (lambda c: c["models"]["mlp"].update(width=16), cell_jobs() | FINAL),
+    "variant defined, not in the grid": (lambda c: c.update(variants={"nobias": {"model": {"bias": False}}}), set()),
+    "new variant (model override)": (
+        lambda c: (c.update(variants={"nobias": {"model": {"bias": False}}}), c["grid"].update(variant=["base", "nobias"])),
+        cell_jobs() | FINAL,  # the new variant's cells (same adversaries and seed), its own path; no prepare_data
+    ),
+    "new variant (dataset override)": (
+        lambda c: (c.update(variants={"r10": {"dataset": {"imbalance": {"profile": "step", "ratio": 10}}}}),
+                   c["grid"].update(variant=["base", "r10"])),
+        {("prepare_data", "digits")} | cell_jobs() | FINAL,  # its own data file, then its cells
+    ),
     "dataset split": (
         lambda c: c["datasets"]["digits"]["options"].update(test_fraction=0.3),
         {("prepare_data", "digits")} | cell_jobs() | FINAL,

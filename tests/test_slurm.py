@@ -128,8 +128,8 @@ def test_profile_resolves_from_repository_root(tmp_path):
 
 
 def test_gpu_requests_go_to_train_and_evaluate_only(tmp_path):
-    """The resources every rule hands to the plugin (dry run): gpu (and gpu_model) for train and
-    evaluate, none elsewhere; CPUs, memory and runtime from the config."""
+    """The resources every rule hands to the plugin (dry run): a GPU as the string `gres` (with
+    gpu_model) for train and evaluate, none elsewhere; CPUs, memory and runtime from the config."""
     resources = dict(TEST_RESOURCES, gpu_model="a100")
     config = write_tiny_config(tmp_path, **dict(SLURM_TINY, resources=resources))
     proc = subprocess.run([SNAKEMAKE, "--profile", str(PROFILE), "--snakefile", str(REPO_ROOT / "Snakefile"),
@@ -149,10 +149,11 @@ def test_gpu_requests_go_to_train_and_evaluate_only(tmp_path):
     for rule, jobs in seen.items():
         for res in jobs:
             assert res.get("runtime") == "10" and res.get("mem_mb") == "1000" and res.get("cpus_per_task") == "1", (rule, res)
-            if rule in GPU_RULES or (rule not in CPU_RULES and "gpu" in res):
-                assert res.get("gpu") == "1" and res.get("gpu_model") == "a100", (rule, res)
+            assert "gpu" not in res and "gpu_model" not in res, (rule, res)  # numbers a job group would sum
+            if rule in GPU_RULES or (rule not in CPU_RULES and "gres" in res):
+                assert res.get("gres") == "gpu:a100:1", (rule, res)
             else:
-                assert "gpu" not in res and "gpu_model" not in res, (rule, res)
+                assert "gres" not in res, (rule, res)
 
 
 # -------------------------------------------------------------------- on the cluster
@@ -194,6 +195,29 @@ def test_toy_workflow_gpu_request(cluster, tmp_path):
     # (kept for successful jobs only with --slurm-keep-successful-logs).
     for rule, job in jobs.items():
         assert (tmp_path / ".snakemake/slurm_logs" / f"rule_{rule}" / f"{job['JobId']}.log").is_file()
+
+
+@pytest.mark.slurm
+def test_packed_training_chains_share_one_gpu(cluster, tmp_path):
+    """`group_training: true` with `--group-components train=2`: the training chains of two cells
+    go to SLURM as one job holding one GPU (`gres`, a string Snakemake does not sum over a
+    group's parallel jobs) and the CPUs and memory of both, and both chains finish in it."""
+    tiny = dict(SLURM_TINY, grid={**SLURM_TINY["grid"], "adversary": ["st", "pgd-linf"]}, group_training=True)
+    tiny["training"] = {**tiny["training"], "epochs": 2, "checkpoints": [2]}
+    tiny["evaluation"] = {**tiny["evaluation"], "epochs": [2]}
+    config = write_tiny_config(tmp_path, **tiny)
+    # the data and the initial checkpoints locally: only the training goes through SLURM
+    run_snakemake(tmp_path, *(f"{cell_dir(adversary=a)}/checkpoints/epoch0.pt" for a in ("st", "pgd-linf")), configfile=config)
+    targets = [f"{cell_dir(adversary=a)}/checkpoints/epoch2.pt" for a in ("st", "pgd-linf")]
+    proc = subprocess.run(snakemake_on_slurm(tmp_path, config, *targets, "--group-components", "train=2"),
+                          env=cluster.env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:] + cluster.logs()
+    assert all((tmp_path / t).is_file() for t in targets)
+    packed = [j for j in cluster.jobs() if j.get("WorkDir") == str(tmp_path) and cluster.requests_gpu(j)]
+    assert len(packed) == 1, packed  # the segments of 2 cells: one allocation
+    job = packed[0]
+    assert cluster.gpu_count(job) == 1 and job["NumCPUs"] == "2", job
+    assert job["JobState"] == "COMPLETED", job
 
 
 @pytest.mark.slurm
@@ -272,7 +296,7 @@ def test_workflow_on_slurm_survives_preemption_and_cancellation(cluster, tmp_pat
     assert GPU_RULES | CPU_RULES <= rules
     for job in jobs:
         if rule_of(job) in GPU_RULES:
-            assert cluster.requests_gpu(job) and job["TresPerJob"] == "gres:gpu:1", job
+            assert cluster.gpu_count(job) == 1, job
         elif rule_of(job) in CPU_RULES:
             assert not cluster.requests_gpu(job), job
         assert job["Partition"] == cluster.partition and job["Account"] == "ncrobust"

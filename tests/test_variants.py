@@ -7,7 +7,7 @@ import torch
 from ncrobust.cell import Cell
 from ncrobust.config import ConfigError, validate_config
 from ncrobust.stages import cell_config, data_variant, job_config, stage_slice
-from workflow_helpers import run_snakemake, tiny_config, write_tiny_config
+from workflow_helpers import cell_dir, run_snakemake, tiny_config, write_tiny_config
 
 STEP10 = {"imbalance": {"profile": "step", "ratio": 10}}
 VARIANTS = {
@@ -108,8 +108,8 @@ def test_a_variant_cell_gets_its_own_path_data_and_model(tmp_path):
     assert "results/data/digits/base.pt" in out and "results/data/digits/r10.pt" in out
     assert "results/data/digits/r10-nobias.pt" not in out  # shares r10's file
     for v in ("base", "r10", "r10-nobias"):
-        assert f"results/runs/digits/mlp/ce/st/{v}/seed1/metrics/epoch4.parquet" in out
-    run = "results/runs/digits/mlp/ce/st/r10-nobias/seed1"
+        assert f"{cell_dir(adversary='st', variant=v)}/metrics/epoch4.parquet" in out
+    run = cell_dir(adversary="st", variant="r10-nobias")
     run_snakemake(tmp_path, f"{run}/checkpoints/epoch0.pt", "results/data/digits/base.pt", configfile=path)
     balanced = torch.load(tmp_path / "results/data/digits/base.pt")["class_counts"]
     skewed = torch.load(tmp_path / "results/data/digits/r10.pt")["class_counts"]

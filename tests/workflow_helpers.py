@@ -38,10 +38,12 @@ TINY_CONFIG = {
 }
 
 
-def cell_dir(dataset: str = "digits", model: str = "mlp", loss: str = "ce", adversary: str = "pgd-linf", seed: int = 1) -> str:
+def cell_dir(
+    dataset: str = "digits", model: str = "mlp", loss: str = "ce", adversary: str = "pgd-linf", seed: int = 1, variant: str = "base",
+) -> str:
     """The directory of one cell's files, relative to the workflow directory (the one place the
     tests spell the layout of results/runs/)."""
-    return f"results/runs/{dataset}/{model}/{loss}/{adversary}/seed{seed}"
+    return f"results/runs/{dataset}/{model}/{loss}/{adversary}/{variant}/seed{seed}"
 
 
 def copy_run(source: str | os.PathLike, destination: str | os.PathLike) -> Path:
