@@ -51,6 +51,7 @@ SLURM_TINY = {
         "perturbations": {"clean": {}, "pgd": {}},
         "epochs": [4],
         "batch_size": 500,
+        "strong": {"attacks": [], "max_samples": 40},  # the robustness rule runs, PGD-10 on 40 images
     },
     "resources": TEST_RESOURCES,
 }
