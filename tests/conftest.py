@@ -5,13 +5,14 @@ import pytest
 import torch
 
 
-# The test files that take longest start first (pytest-xdist, `-n 2 --dist loadfile` in
-# pyproject.toml, hands whole files to its two workers in collection order).
-FIRST = ("test_slurm", "test_faults")
+# The test files that take longest start first, longest first (pytest-xdist, `-n 2 --dist
+# loadfile` in pyproject.toml, hands whole files to its two workers in collection order): the
+# short files then fill the gaps, and no long file is left for the end of the run.
+FIRST = ("test_slurm", "test_faults", "test_incremental", "test_plots", "test_paper")
 
 
 def pytest_collection_modifyitems(items):
-    """Put the longest test files first, so that neither is left for the end of the run."""
+    """Put the longest test files first (:data:`FIRST`)."""
     items.sort(key=lambda item: FIRST.index(item.module.__name__) if item.module.__name__ in FIRST else len(FIRST))
 
 
