@@ -277,20 +277,10 @@ def _check_related(config: dict) -> None:
         for ds in config["grid"]["dataset"]:
             chans, side, classes = _model_input(ds, config["datasets"][ds].get("options", {}))
             for name in config["grid"]["model"]:
-                taps = _tap_names(name, json.dumps(config.get("models", {}).get(name, {}), sort_keys=True), chans, side, classes)
+                kwargs = json.dumps(config.get("models", {}).get(name, {}), sort_keys=True)
+                taps = _model_taps(name, kwargs, chans, side, classes)
                 if probe["layer"] not in taps:
                     raise ConfigError(f"probe.layer = {probe['layer']!r}: not a tap of {name}; its taps: {', '.join(taps)}")
-
-
-@functools.lru_cache(maxsize=None)
-def _tap_names(name: str, kwargs_json: str, chans: int, side: int, classes: int) -> tuple[str, ...]:
-    import torch
-
-    from .models import create_model
-
-    shape = dict(num_classes=classes, in_chans=chans, image_size=side, mean=[0.5] * chans, std=[0.25] * chans)
-    with torch.random.fork_rng(devices=[]):
-        return tuple(create_model(name, **shape, **json.loads(kwargs_json)).tap_names)
 
 
 def _check_finite(node, path=()) -> None:
@@ -372,25 +362,23 @@ def _check_model_options(config: dict) -> None:
         if not kwargs:
             continue  # the constructor's defaults
         for chans, side, classes in shapes:
-            _build_once(name, json.dumps(kwargs, sort_keys=True), chans, side, classes)
+            _model_taps(name, json.dumps(kwargs, sort_keys=True), chans, side, classes)
 
 
 @functools.lru_cache(maxsize=None)
-def _build_once(name: str, kwargs_json: str, chans: int, side: int, classes: int) -> None:
-    """:func:`_build`, once per model, options and shape in a process: each grid variant is
-    validated as a whole config, and most share the base model's options."""
-    _build(name, json.loads(kwargs_json), chans, side, classes)
-
-
-def _build(name: str, kwargs: dict, chans: int, side: int, classes: int) -> None:
+def _model_taps(name: str, kwargs_json: str, chans: int, side: int, classes: int) -> tuple[str, ...]:
+    """The tap names of grid model ``name`` built with its options (JSON) on the CPU for one input
+    shape, or a :class:`ConfigError`. Once per process (each grid variant is validated as a whole
+    config, and most share the base model's options); the model itself is not kept."""
     import torch
 
     from .models import create_model
 
+    kwargs = json.loads(kwargs_json)
     shape = dict(num_classes=classes, in_chans=chans, image_size=side, mean=[0.5] * chans, std=[0.25] * chans)
     with torch.random.fork_rng(devices=[]):
         try:
-            create_model(name, **shape, **kwargs)
+            return tuple(create_model(name, **shape, **kwargs).tap_names)
         except ValueError as err:
             if str(err).startswith("unknown option"):
                 raise ConfigError(f"models.{name}: {err}") from None

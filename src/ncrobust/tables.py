@@ -352,8 +352,7 @@ def imbalance_geometry(metrics: pd.DataFrame, split: str = "train", perturbation
 def _grouped(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` with ``group``: the dataset/model/loss/variant values that vary (:func:`with_setting`;
     ``""`` when none does), the facet of the ``mixup`` and ``probe`` figures, and ``others``: the
-    same without the variant; ``variant`` is ``"base"`` for rows written before the axis existed."""
-    frame = frame.assign(variant=frame["variant"].astype(str)) if "variant" in frame.columns else frame.assign(variant="base")
+    same without the variant."""
     varying = varying_settings(frame)
     others = with_setting(frame, [c for c in varying if c != "variant"])["setting"]
     frame = with_setting(frame, varying)

@@ -1,3 +1,5 @@
+# `snakemake --lint` asks for a conda env or container per rule: none, every rule runs in the
+# project's one Python environment (`pip install -e .`); see data.smk.
 # The related questions (README, "Related questions: mixup, normalized features, near collapse"):
 # Fisher et al.'s mixup geometry and Tirer et al.'s near-collapse probe on every cell's final
 # checkpoint, each opt-in (evaluation.mixup_geometry.enabled, probe.enabled; off in the embedded
