@@ -91,9 +91,13 @@ def test_a_bad_variant_is_one_clear_line(variants, grid_variants, message):
     assert "\n" not in str(info.value)
 
 
-def test_a_variant_defined_but_not_in_the_grid_is_not_run_but_still_needs_a_valid_name():
+def test_a_variant_outside_the_grid_is_kept_and_its_name_and_keys_are_still_checked():
     config = config_with({"r10": {"dataset": STEP10}}, ("base",))
-    assert config["grid"]["variant"] == ["base"]
+    assert config["grid"]["variant"] == ["base"] and config["variants"] == {"r10": {"dataset": STEP10}}
+    with pytest.raises(ConfigError, match=r"variants: the name 'R10' is not allowed"):
+        config_with({"R10": {"dataset": STEP10}}, ("base",))
+    with pytest.raises(ConfigError, match=r"unknown key 'losses' under variants\.r10; allowed: dataset, model, training"):
+        config_with({"r10": {"losses": {}}}, ("base",))
 
 
 # ---------------------------------------------------------------------------------- the workflow
