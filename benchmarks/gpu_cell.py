@@ -4,6 +4,8 @@ of config/paper.yaml.
 
     python benchmarks/gpu_cell.py                  # GPU: 50,000 + 10,000 fake images, 3 epochs per cell
     python benchmarks/gpu_cell.py --smoke          # a tiny version (default without a GPU): a smoke test
+    python benchmarks/gpu_cell.py --packed 1 2 4 --models preact_resnet18 --adversaries pgd-linf
+                                                   # k cells training at once on one GPU: aggregate images/s
 
 The data are random images in the real on-disk format (tests/test_paper.py: ``write_fake_cifar10``):
 learning curves mean nothing, timings do. Each cell runs ``prepare_data -> init_cell -> train_cell
@@ -17,6 +19,11 @@ cell is evaluated with the same perturbations). The projection multiplies, per c
 grid, ``epochs x epoch seconds + len(evaluation.epochs) x evaluation seconds + strong seconds``
 (CIFAR-100 costs what CIFAR-10 costs: same image count and networks but for the last layer), and
 ignores job start-up and queueing.
+
+``--packed k ...`` measures what ``group_training`` with ``--group-components train=k`` gives: k
+processes (as a Snakemake job group runs them) train k cells (seeds 1..k) of the first model and
+adversary at once on the one GPU; the aggregate images/s is k x training images / the median of
+the processes' later-epoch seconds, printed against one cell alone.
 """
 
 from __future__ import annotations
@@ -75,6 +82,26 @@ def projected_hours(paper: dict, epoch_s: dict, eval_s: dict, strong_s: dict) ->
     return seconds / 3600
 
 
+def _train_one(config: dict, cell: Cell, data_path: str, run: str, epochs: int) -> list[float]:
+    """One cell from its initialisation to ``epochs``; its epoch seconds (a process of --packed)."""
+    Path(run).mkdir(parents=True, exist_ok=True)
+    init_cell(config, cell, data_path, f"{run}/epoch0.pt")
+    train_cell(config, cell, data_path, f"{run}/epoch0.pt", epochs, f"{run}/epoch{epochs}.pt", f"{run}/log.parquet")
+    return pd.read_parquet(f"{run}/log.parquet")["seconds"].tolist()
+
+
+def packed_throughput(config: dict, data_path: str, work: Path, model: str, adversary: str, epochs: int, k: int) -> float:
+    """Aggregate training images/s of ``k`` cells trained at once by ``k`` processes on one device."""
+    import multiprocessing
+
+    cells = [Cell("cifar10", model, "ce", adversary, seed) for seed in range(1, k + 1)]
+    runs = [str(work / f"packed{k}" / f"seed{c.seed}") for c in cells]
+    with multiprocessing.get_context("spawn").Pool(k) as pool:
+        seconds = pool.starmap(_train_one, [(config, c, data_path, r, epochs) for c, r in zip(cells, runs)])
+    n_train = len(torch.load(data_path, weights_only=True)["y_train"])
+    return k * n_train / statistics.median(s for per_cell in seconds for s in per_cell[1:])
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -83,6 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--adversaries", nargs="+", default=list(ADVERSARIES), choices=ADVERSARIES)
     parser.add_argument("--deterministic", action="store_true", help="deterministic kernels (paper.yaml: off)")
+    parser.add_argument("--packed", type=int, nargs="+", default=None, metavar="K",
+                        help="instead: aggregate images/s of K cells training at once (first --models / --adversaries)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the files here (default: a temporary directory)")
     args = parser.parse_args(argv)
     smoke = args.smoke or args.device == "cpu"
@@ -102,6 +131,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"device {args.device}{' (smoke)' if smoke else ''}, precision {config['precision']}, "
               f"deterministic {config['training']['deterministic']}, cuda_graph {config['training']['cuda_graph']}, "
               f"{epochs} epochs per cell")
+        if args.packed:
+            model, adversary = args.models[0], args.adversaries[0]
+            result = {}
+            for k in args.packed:
+                result[k] = packed_throughput(config, data_path, work, model, adversary, epochs, k)
+                print(f"{model} {adversary}: {k} cell(s) at once on one device: {result[k]:,.0f} images/s in all "
+                      f"({result[k] / result[args.packed[0]]:.2f} x {args.packed[0]})", flush=True)
+            return {"packed_images_per_second": result}
         print(f"{'model':<16} {'adversary':<12} {'epoch 1 s':>10} {'epoch s':>9} {'eval s':>8} {'strong s':>9}")
         epoch_s, eval_s, strong_s = {}, {}, {}
         for model, adversary in itertools.product(args.models, args.adversaries):

@@ -318,6 +318,26 @@ def test_compile_is_no_longer_a_config_key():
         validate_config({**config, "compile": True})
 
 
+@pytest.mark.parametrize("adversary", ["pgd-linf", "trades-linf"])
+def test_captured_step_buffers_can_be_refilled_after_the_step_consumed_its_attack_start(digits, adversary):
+    """Regression (issue 13, found on an H100): the captured step runs on static buffers, and the
+    attack consumes its start buffer in place and marks it ``requires_grad``; refilling that buffer
+    for the next replay with a plain ``copy_`` raised "a leaf Variable that requires grad is being
+    used in an in-place operation" at the first replay of every PGD / TRADES cell."""
+    from ncrobust.train import TrainStep, _refill, make_optimizer
+
+    _, model, recipe, x, y = _setup(digits, adversary, epochs=1)
+    xs, ys = x[:64], y[:64]
+    step = TrainStep(model, make_optimizer(model, recipe), recipe, num_classes=10, n_train=64, device=xs.device)
+    gen = torch.Generator().manual_seed(0)
+    static = tuple(t.clone() for t in (xs, ys, *draw_attack_noise(step.kind, recipe.threat, xs, gen)))
+    step(static[0], static[1], static[2:])  # what the capture records, on the same buffers
+    assert static[2].requires_grad
+    fresh = draw_attack_noise(step.kind, recipe.threat, xs, gen)
+    _refill(static, (xs, ys, *fresh))
+    assert all(torch.equal(a, b) for a, b in zip(static, (xs, ys, *fresh)))
+
+
 # --------------------------------------------------------------------------------------------
 # GPU only: the captured step equals the eager one
 

@@ -453,6 +453,15 @@ COLLAPSE_LOG_COLUMNS = (
 )
 
 
+def _refill(buffers: tuple[torch.Tensor, ...], values: tuple[torch.Tensor, ...]) -> None:
+    """Copy a step's inputs into the captured graph's static buffers. Outside autograd: the step
+    consumes its attack start in place and marks it ``requires_grad`` (the buffer becomes a leaf
+    that requires grad), and an in-place copy into such a leaf is refused under grad mode."""
+    with torch.no_grad():
+        for buffer, value in zip(buffers, values):
+            buffer.copy_(value)
+
+
 class CapturedStep:
     """Runs a :class:`TrainStep` eagerly, or, on a GPU with ``enabled``, replays it from a CUDA
     graph for full batches: the first ``CUDA_GRAPH_WARMUP_STEPS`` full batches run eagerly on a
@@ -486,8 +495,7 @@ class CapturedStep:
             with torch.cuda.graph(self.graph):  # records only; the replay below runs this batch
                 self.output = self.step(self.static[0], self.static[1], self.static[2:])
         else:
-            for buffer, value in zip(self.static, (x, y, *noise)):
-                buffer.copy_(value)
+            _refill(self.static, (x, y, *noise))
         self.graph.replay()
         return self.output
 
