@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--adversaries", nargs="+", default=list(ADVERSARIES), choices=ADVERSARIES)
     parser.add_argument("--deterministic", action="store_true", help="deterministic kernels (paper.yaml: off)")
+    parser.add_argument("--train-only", action="store_true", help="time the training epochs only (no evaluations, no projection)")
     parser.add_argument("--packed", type=int, nargs="+", default=None, metavar="K",
                         help="instead: aggregate images/s of K cells training at once (first --models / --adversaries)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the files here (default: a temporary directory)")
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
             seconds = pd.read_parquet(run / "log.parquet")["seconds"].tolist()
             epoch_s[model, adversary] = statistics.median(seconds[1:])
             line = f"{model:<16} {adversary:<12} {seconds[0]:>10.2f} {epoch_s[model, adversary]:>9.2f}"
-            if adversary == "pgd-linf" or (adversary == args.adversaries[-1] and model not in eval_s):
+            if not args.train_only and (adversary == "pgd-linf" or (adversary == args.adversaries[-1] and model not in eval_s)):
                 started = time.perf_counter()
                 evaluate_cell(config, cell, data_path, str(run / f"epoch{epochs}.pt"), str(run / "metrics.parquet"), str(run / "projection.parquet"))
                 eval_s[model] = time.perf_counter() - started
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
                 line += f" {eval_s[model]:>8.2f} {strong_s[model]:>9.2f}"
             print(line, flush=True)
         result = {"epoch_seconds": epoch_s, "evaluation_seconds": eval_s, "strong_seconds": strong_s}
-        if set(args.models) == set(MODELS) and set(args.adversaries) == set(ADVERSARIES):
+        if not args.train_only and set(args.models) == set(MODELS) and set(args.adversaries) == set(ADVERSARIES):
             paper = validate_config(yaml.safe_load((ROOT / "config" / "paper.yaml").read_text()) | {"data_root": str(data_root)})
             result["paper_gpu_hours"] = projected_hours(paper, epoch_s, eval_s, strong_s)
             scale = " (smoke: tiny data, meaningless)" if smoke else ""

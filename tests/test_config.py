@@ -53,6 +53,7 @@ BAD = [
     ("training.schedule", {"milestones": [0.5], "factors": [0.1, 0.01]}, r"training\.schedule\.factors = \[0\.1, 0\.01\]: needs one factor per milestone"),
     ("evaluation.perturbations", {"clean": {}, "pgd": {"restarts": 0}}, r"evaluation\.perturbations\.pgd\.restarts = 0: must be >= 1"),
     ("evaluation.epochs", [0, 3], r"evaluation\.epochs: 3 is not a checkpoint epoch; allowed: \[0, 2, 4\]"),
+    ("evaluation.attack_precision", "fp16", r"evaluation\.attack_precision = 'fp16': not allowed; allowed: fp32, bf16"),
     ("evaluation.feature_dtype", "int8", r"evaluation\.feature_dtype = 'int8': not allowed; allowed: float16, bfloat16, float32"),
     ("evaluation.strong", {"attacks": ["fab"]}, r"evaluation\.strong\.attacks\.0 = 'fab': not allowed; allowed: pgd-strong, apgd-ce, apgd-t"),
     ("resources", {"train": {"gpu": -1}}, r"resources\.train\.gpu = -1: must be >= 0"),

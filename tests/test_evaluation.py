@@ -145,6 +145,19 @@ def test_feature_dtype_changes_only_the_kept_file(small):
     np.testing.assert_allclose(recomputed["value"], written["value"], rtol=1e-12, atol=1e-15)
 
 
+def test_attack_dtype_changes_the_attacks_only_and_the_metrics_stay_fp32(small):
+    """``evaluation.attack_precision: bf16`` autocasts the attacks' passes; the clean and random-noise
+    sets (no attack) are measured identically, and every metric is still a float32 forward pass."""
+    model, d = small
+    fp32 = evaluate_checkpoint(model, d, plan(), seed=SEED, epoch=EPOCH).metrics
+    bf16 = evaluate_checkpoint(model, d, plan(attack_dtype=torch.bfloat16), seed=SEED, epoch=EPOCH).metrics
+    attacked = fp32.perturbation.isin(["pgd", "pgd-targeted", "trades-kl"])
+    pd.testing.assert_frame_equal(fp32[~attacked], bf16[~attacked])
+    assert attacked.any() and not np.allclose(fp32[attacked].value, bf16[attacked].value, equal_nan=True)
+    one = evaluate_checkpoint(model, d, plan(attack_dtype=torch.bfloat16), seed=SEED, epoch=EPOCH).metrics
+    pd.testing.assert_frame_equal(bf16, one)  # seeded: the bf16 attack is as reproducible as the fp32 one
+
+
 def test_an_st_cell_is_also_measured_under_the_other_norm(small):
     model, d = small
     one = evaluate_checkpoint(model, d, plan(), seed=SEED, epoch=EPOCH).metrics
@@ -216,6 +229,7 @@ def test_non_finite_features_are_reported_at_the_end_of_a_pass():
     ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
     ({"projection_points": -1}, "projection_points must be an integer >= 0"),
     ({"feature_dtype": "int8"}, "feature_dtype 'int8'; allowed: float32, float16, bfloat16"),
+    ({"attack_dtype": torch.float64}, r"attack_dtype torch.float64; allowed: None \(fp32\), torch.bfloat16, torch.float16"),
 ])
 def test_plan_is_validated_once_with_a_clear_message(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -1,7 +1,7 @@
 """benchmarks/gpu_cell.py: its smoke mode runs the real pipeline functions, and its projection
 is the paper grid's arithmetic."""
 
-import importlib.util
+import sys
 
 import pytest
 import yaml
@@ -9,9 +9,8 @@ import yaml
 from ncrobust.config import validate_config
 from workflow_helpers import REPO_ROOT
 
-spec = importlib.util.spec_from_file_location("gpu_cell", REPO_ROOT / "benchmarks" / "gpu_cell.py")
-gpu_cell = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gpu_cell)
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # importable by name: --packed's spawned processes import it too
+import gpu_cell  # noqa: E402
 
 
 def test_smoke_mode_trains_evaluates_and_attacks_a_cell(tmp_path):
@@ -21,6 +20,14 @@ def test_smoke_mode_trains_evaluates_and_attacks_a_cell(tmp_path):
     assert result["evaluation_seconds"]["preact_resnet18"] > 0 and result["strong_seconds"]["preact_resnet18"] > 0
     assert (tmp_path / "preact_resnet18" / "pgd-linf" / "metrics.parquet").exists()
     assert "paper_gpu_hours" not in result  # a restricted run projects nothing
+
+
+def test_packed_mode_trains_k_cells_at_once_in_k_processes(tmp_path):
+    result = gpu_cell.main(["--smoke", "--device", "cpu", "--packed", "1", "2", "--models", "preact_resnet18",
+                            "--adversaries", "st", "--workdir", str(tmp_path)])
+    assert set(result["packed_images_per_second"]) == {1, 2} and all(v > 0 for v in result["packed_images_per_second"].values())
+    assert sorted(p.name for p in (tmp_path / "packed2").iterdir()) == ["seed1", "seed2"]  # two cells, each trained
+    assert all((tmp_path / "packed2" / s / "epoch2.pt").exists() for s in ("seed1", "seed2"))
 
 
 def test_projection_is_cells_times_epochs_evaluations_and_strong_evaluation(tmp_path):

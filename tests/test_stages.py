@@ -87,6 +87,8 @@ EDITS = {
     "training batch size": (_set("training.batch_size", 64), _all(["train", "evaluate", "robustness", *RELATED])),
     "precision": (_set("precision", "bf16"), _all(["train", "evaluate", "robustness", *RELATED])),
     "evaluation batch size": (_set("evaluation.batch_size", 250), _all(["evaluate", "robustness"])),
+    "bf16 evaluation attacks": (_set("evaluation.attack_precision", "bf16"), _all(["evaluate"])),
+    "fp32 evaluation attacks spelled out": (_set("evaluation.attack_precision", "fp32"), set()),
     "perturbations": (_set("evaluation.perturbations", {"clean": {}, "pgd": {"steps": 7}}), _all(["evaluate"])),
     "strong samples": (_set("evaluation.strong", {"max_samples": 50}), _all(["robustness"])),
     "unused loss options": (_set("losses", {"focal": {"gamma": 1.0}}), set()),

@@ -136,6 +136,12 @@ def as_float(data: Dataset, split: str, device: torch.device | str = "cpu") -> t
     return x, data[f"y_{split}"].to(device)
 
 
+def device_layout(t: torch.Tensor) -> torch.Tensor:
+    """Images on a GPU in channels_last (cuDNN's tensor-core convolutions want NHWC: about twice as
+    fast on an H100); anything else unchanged. The values are the same either way."""
+    return t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 and t.device.type == "cuda" else t
+
+
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded stratified split into (train indices, test indices), each sorted."""
     if not 0.0 < test_fraction < 1.0:

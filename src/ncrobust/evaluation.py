@@ -32,7 +32,7 @@ import torch
 
 from .attacks import PERTURBATIONS, ThreatModel, perturb, target_labels
 from .collapse import LayerStats, minority_classes
-from .data import as_float
+from .data import as_float, device_layout
 from .seeding import generator
 from .projection import SimplexPlane
 
@@ -50,7 +50,9 @@ class EvaluationPlan:
     other norm: ``evaluation.norms``); ``perturbations``: name -> overrides of the threat model
     (``steps``, ``step_size``, ``eps``, ``restarts``); ``attack_loss``: the loss the attacks ascend
     (the cell's training loss); ``projection_points``: penultimate features kept per set for the
-    ``simplex`` figure; ``keep_features``: keep every set's penultimate features and logits.
+    ``simplex`` figure; ``keep_features``: keep every set's penultimate features and logits;
+    ``attack_dtype``: autocast dtype of the attacks' forward and backward passes (None: fp32; the
+    metrics are measured in fp32 on the perturbed inputs either way).
     """
 
     threats: tuple[ThreatModel, ...]
@@ -62,6 +64,7 @@ class EvaluationPlan:
     projection_points: int = 300
     keep_features: bool = False
     feature_dtype: str = "float32"
+    attack_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if not self.threats or not all(isinstance(t, ThreatModel) for t in self.threats):
@@ -81,6 +84,8 @@ class EvaluationPlan:
             raise ValueError(f"projection_points must be an integer >= 0, got {self.projection_points!r}")
         if self.feature_dtype not in FEATURE_DTYPES:
             raise ValueError(f"feature_dtype {self.feature_dtype!r}; allowed: {', '.join(FEATURE_DTYPES)}")
+        if self.attack_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"attack_dtype {self.attack_dtype!r}; allowed: None (fp32), torch.bfloat16, torch.float16")
 
     @property
     def attacked(self) -> list[str]:
@@ -273,6 +278,7 @@ def evaluate_checkpoint(
 
     for split in plan.splits:
         x, y = as_float(data, split, device)
+        x = device_layout(x)
         index = _projection_indices(len(y), plan.projection_points, seed)
         clean, plane = measure(x, y, y, None, (split, primary, "clean"), None, None, index)
         for threat in plan.threats:
@@ -280,7 +286,8 @@ def evaluate_checkpoint(
                 stream = (seed, "evaluate", epoch, split, name) + (() if threat.norm == primary else (threat.norm,))
                 x_p = perturb(
                     name, model, x, y, threat=threat, num_classes=num_classes, generator=generator(*stream, device=device),
-                    batch_size=plan.batch_size, loss=plan.attack_loss, **plan.perturbations[name],
+                    batch_size=plan.batch_size, loss=plan.attack_loss, autocast_dtype=plan.attack_dtype,
+                    **plan.perturbations[name],
                 )
                 targets = target_labels(y, num_classes) if name == "pgd-targeted" else None
                 groups = y if targets is None else targets

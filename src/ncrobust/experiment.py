@@ -16,6 +16,9 @@ from .losses import get_loss
 from .models import create_model
 from .seeding import generator, stream_seed  # noqa: F401  (re-exported)
 
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
+"""``precision`` and ``evaluation.attack_precision`` -> the autocast dtype (None: none)."""
+
 
 def threat_model(config: dict, cell: Cell, norm: str | None = None) -> ThreatModel:
     """The cell's threat model: the adversary's norm, or the dataset's default norm for ``st``
@@ -50,6 +53,7 @@ def evaluation_plan(config: dict, cell: Cell, *, keep_features: bool = False, pr
         projection_points=projection_points,
         keep_features=keep_features,
         feature_dtype=ev["feature_dtype"],
+        attack_dtype=AUTOCAST[ev.get("attack_precision", "fp32")],
     )
 
 
