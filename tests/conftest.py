@@ -5,9 +5,9 @@ import pytest
 import torch
 
 
-# The test files that take longest start first, longest first (pytest-xdist, `-n 2 --dist
-# loadfile` in pyproject.toml, hands whole files to its two workers in collection order): the
-# short files then fill the gaps, and no long file is left for the end of the run.
+# The test files that take longest start first, longest first (pytest-xdist, `-n 4 --dist
+# loadfile` in pyproject.toml, hands whole files to its workers in collection order): the short
+# files then fill the gaps, and no long file is left for the end of the run.
 FIRST = ("test_slurm", "test_faults", "test_incremental", "test_plots", "test_paper")
 
 

@@ -226,6 +226,9 @@ def test_packed_training_chains_share_one_gpu(cluster, tmp_path):
 def test_workflow_on_slurm_survives_preemption_and_cancellation(cluster, tmp_path):
     """The tiny workflow through `--profile slurm` on the cluster, with two interruptions:
 
+    0. the data and the initial checkpoint are made locally first (as in the packed test: every
+       SLURM job here costs a status-check wait of about 18 s, and these two are tested there and
+       in the dry run of `test_gpu_requests_go_to_train_and_evaluate_only`);
     1. the first training segment is requeued while it runs (what preemption does with
        `slurm-requeue`): SLURM runs it again and Snakemake, still waiting, goes on;
     2. the second training segment is cancelled (`scancel`) while it runs: the run fails
@@ -251,6 +254,7 @@ def test_workflow_on_slurm_survives_preemption_and_cancellation(cluster, tmp_pat
     def train_segment(epoch):
         return lambda job: in_run(job) and rule_of(job) == "train" and job["Comment"].endswith(f"_{epoch}")
 
+    run_snakemake(run_dir, f"{CELL}/checkpoints/epoch0.pt", configfile=config)
     log = open(tmp_path / "first_run.log", "w")
     first = subprocess.Popen(snakemake_on_slurm(run_dir, config, "--retries", "0"), env=cluster.env,
                              stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -291,10 +295,12 @@ def test_workflow_on_slurm_survives_preemption_and_cancellation(cluster, tmp_pat
         assert (run_dir / "results/tables" / name).stat().st_size > 0
     assert list((run_dir / "results/figures").glob("*.png"))
 
-    # GPUs for train and evaluate, none for the rest; every job in the partition and account.
+    # GPUs for train and evaluate, none for the rest; every job in the partition and account;
+    # the front page (a local rule) and the jobs made locally before the first run not on SLURM.
     jobs = [j for j in cluster.jobs() if in_run(j)]
     rules = {rule_of(j) for j in jobs}
-    assert GPU_RULES | CPU_RULES <= rules
+    assert GPU_RULES | CPU_RULES - {"prepare_data"} <= rules
+    assert not rules & {"report_page", "prepare_data", "init_model"}
     for job in jobs:
         if rule_of(job) in GPU_RULES:
             assert cluster.gpu_count(job) == 1, job

@@ -1,5 +1,12 @@
 # `snakemake --lint` asks for a conda env or container per rule: none, every rule runs in the
 # project's one Python environment (`pip install -e .`); see data.smk.
+
+# The front page only copies text and links the figures (well under a second): on a cluster it
+# runs where Snakemake runs instead of waiting in the queue for a job of its own.
+localrules:
+    report_page,
+
+
 rule figures:
     """Draw every figure of the study from the tables and the simplex projections."""
     input:
