@@ -137,8 +137,9 @@ def as_float(data: Dataset, split: str, device: torch.device | str = "cpu") -> t
 
 
 def device_layout(t: torch.Tensor) -> torch.Tensor:
-    """Images on a GPU in channels_last (cuDNN's tensor-core convolutions want NHWC: about twice as
-    fast on an H100); anything else unchanged. The values are the same either way."""
+    """Images on a GPU in channels_last (cuDNN's tensor-core convolutions want NHWC: PGD-10 on
+    10,000 CIFAR images took 2.45 s against 2.73 s in NCHW on an H100); anything else unchanged.
+    The values are the same either way."""
     return t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 and t.device.type == "cuda" else t
 
 
