@@ -126,3 +126,26 @@ def job_resources(kind):
         model = config["resources"].get("gpu_model")
         res["gres"] = f"gpu:{model}:{r['gpu']}" if model else f"gpu:{r['gpu']}"
     return res
+
+
+# The related stages' per-cell outputs at the final epoch (related.smk), and what rule all asks of them.
+FINAL_EPOCH = CHECKPOINT_EPOCHS[-1]
+
+
+def related_files(kind):
+    """The per-cell outputs of one related stage at the final epoch: mixup_geometry (points),
+    mixup_summary, probe."""
+    folder, name = {"mixup_geometry": ("mixup_geometry", "points"), "mixup_summary": ("mixup_geometry", "summary"),
+                    "probe": ("probe", "probe")}[kind]
+    return [f"{RUN}/{folder}/{name}_epoch{FINAL_EPOCH}.parquet".format(**c) for c in cells()]
+
+
+def related_outputs():
+    """Every related output the config switches on (none by default)."""
+    out = []
+    if MIXUP_GEOMETRY:
+        out += related_files("mixup_geometry") + related_files("mixup_summary")
+        out += [f"{RESULTS}/tables/mixup_geometry.parquet", f"{RESULTS}/figures/mixup.png"]
+    if PROBE:
+        out += related_files("probe") + [f"{RESULTS}/tables/probe.parquet", f"{RESULTS}/figures/probe.png"]
+    return out

@@ -5,27 +5,8 @@
 # checkpoint, each opt-in (evaluation.mixup_geometry.enabled, probe.enabled; off in the embedded
 # default, which then has none of these jobs; the switches MIXUP_GEOMETRY and PROBE are in
 # common.smk). Their figures come from their own rule, so that switching them on reruns none of
-# the eight study figures; the report's front page shows them too.
-FINAL_EPOCH = CHECKPOINT_EPOCHS[-1]
-
-
-def related_files(kind):
-    """The per-cell outputs of one related stage at the final epoch: mixup_geometry (points),
-    mixup_summary, probe."""
-    folder, name = {"mixup_geometry": ("mixup_geometry", "points"), "mixup_summary": ("mixup_geometry", "summary"),
-                    "probe": ("probe", "probe")}[kind]
-    return [f"{RUN}/{folder}/{name}_epoch{FINAL_EPOCH}.parquet".format(**c) for c in cells()]
-
-
-def related_outputs():
-    """Every related output the config switches on (none by default)."""
-    out = []
-    if MIXUP_GEOMETRY:
-        out += related_files("mixup_geometry") + related_files("mixup_summary")
-        out += [f"{RESULTS}/tables/mixup_geometry.parquet", f"{RESULTS}/figures/mixup.png"]
-    if PROBE:
-        out += related_files("probe") + [f"{RESULTS}/tables/probe.parquet", f"{RESULTS}/figures/probe.png"]
-    return out
+# the eight study figures; the report's front page shows them too. Their input functions
+# (related_files, related_outputs) are in common.smk.
 
 
 rule mixup_geometry:
