@@ -483,3 +483,44 @@ def test_trades_kl_perturbation_is_the_trades_attack_against_the_model():
     want = trades_kl(model, x, norm="linf", eps=0.1, step_size=0.02, steps=3, generator=_gen())
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert "trades-kl" in PERTURBATIONS
+
+
+def _confident_linear() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A linear classifier sure of class 0 by a logit margin of ~10 on 8x8 grey images, and a batch
+    labelled 0: ``1 - p_0`` (~4e-4) exists in fp32 and rounds to 0 in bf16 (below 2^-9)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, C)).eval()
+    with torch.no_grad():
+        model[1].weight.normal_(0.0, 0.1)
+        model[1].bias.zero_()[0] = 10.0
+    x, _ = _batch(64, 1)
+    return model, x, torch.zeros(64, dtype=torch.int64)
+
+
+def test_pgd_under_bf16_autocast_ascends_the_fp32_loss_of_confident_examples():
+    """The attack's loss is taken on fp32 logits: a bf16 cross-entropy rounds ``p_0 - 1`` to 0 and
+    drops the 'lower the true logit' half of the gradient, which weakened bf16 PGD on standard
+    networks (benchmarks/attack_precision.py). One sign step from x agrees with fp32's."""
+    model, x, y = _confident_linear()
+    kw = dict(norm="linf", eps=0.1, step_size=0.1, steps=1, random_start=False)
+    fp32 = pgd(model, x, y, **kw)
+    bf16 = pgd(model, x, y, autocast_dtype=torch.bfloat16, **kw)
+    moved = (x > 0.1) & (x < 0.9)  # away from the [0, 1] clamp: the step's sign shows
+    agree = (torch.sign(bf16 - x) == torch.sign(fp32 - x))[moved].float().mean().item()
+    assert agree > 0.95, agree
+    assert ((fp32 - x)[moved] != 0).all()
+
+
+def test_trades_kl_first_step_runs_in_fp32_under_any_autocast():
+    """TRADES starts 0.001 from x, below bf16's resolution: its first step (and the clean
+    prediction it compares against) run in fp32, also inside a caller's autocast (the training
+    step), so one step under bf16 equals one step in fp32 bit for bit."""
+    model, (x, _) = _mlp(1), _batch(32, 1)
+    kw = dict(norm="linf", eps=0.1, step_size=0.02, steps=1)
+    fp32 = trades_kl(model, x, generator=_gen(), **kw)
+    torch.testing.assert_close(trades_kl(model, x, generator=_gen(), autocast_dtype=torch.bfloat16, **kw), fp32, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = trades_kl(model, x, generator=_gen(), **kw)
+    torch.testing.assert_close(inside, fp32, rtol=0, atol=0)
+    later = trades_kl(model, x, generator=_gen(), autocast_dtype=torch.bfloat16, **{**kw, "steps": 3})
+    _assert_valid(later, x, norm="linf", eps=0.1)

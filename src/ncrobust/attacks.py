@@ -25,6 +25,8 @@ Conventions (DESIGN.md, "Attack and training conventions"):
   model in ``eval()``; training-time PGD (``train_mode=True``) runs it in ``train()`` so BatchNorm
   uses (and updates) batch statistics, as in Madry et al., Rice et al. and Su et al. Every attack
   restores the training flag of every submodule afterwards, also on error.
+- ``autocast_dtype`` (bf16 on a GPU) autocasts the model's passes; the loss is taken on fp32
+  logits, and TRADES' clean prediction and first step run in fp32 (what bf16 cannot resolve).
 - Randomness comes only from ``generator`` (a ``torch.Generator``; ``None`` means the global RNG).
   Noise is drawn on the generator's device and moved to ``x``'s device, so a fixed seed gives
   the same perturbation.
@@ -211,6 +213,11 @@ def _autocast(x: torch.Tensor, dtype):
     return torch.autocast(device_type=x.device.type, dtype=dtype)
 
 
+def _fp32(x: torch.Tensor):
+    """Autocast off, also inside a caller's autocast (the captured training step's)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def _noise(kind: str, x: torch.Tensor, generator) -> torch.Tensor:
     """``rand`` (U[0,1)) or ``randn`` noise shaped like ``x``, drawn from ``generator``."""
     fn = torch.rand if kind == "rand" else torch.randn
@@ -313,7 +320,7 @@ def pgd_from_start(model, x, y, x_adv, *, norm, eps, step_size, steps, targeted=
                 logits = model(x_adv)
             if check_labels and i == 0:
                 _check_labels_range(y, logits.shape[1])
-            loss = summed(logits, y)
+            loss = summed(logits.float(), y)  # fp32 loss: p - onehot of a confident example rounds to 0 in bf16
             if targeted:
                 loss = -loss
             (grad,) = torch.autograd.grad(loss, x_adv)
@@ -434,12 +441,16 @@ def trades_from_start(model, x, x_adv, threat: ThreatModel, *, autocast_dtype=No
     :func:`trades_kl` (in eval mode) and the captured training step share."""
     norm, eps, step_size, steps = threat.norm, threat.eps, threat.step_size, threat.steps
     bounds = _linf_bounds(x, eps) if norm == "linf" else None
-    with torch.no_grad(), _autocast(x, autocast_dtype):
+    # The start lies 0.001 from x, below bf16's resolution of a normalised pixel, and the KL is
+    # zero at x: under autocast the first gradient would be rounding noise (a random first step).
+    # So the clean prediction and the first step run in fp32, even inside a caller's autocast;
+    # the later iterates are a step size away and bf16 resolves them.
+    with torch.no_grad(), _fp32(x):
         p_nat = F.softmax(model(x).float(), dim=1)
     x_adv.requires_grad_(True)
-    for _ in range(steps):
-        with torch.enable_grad():
-            with _autocast(x, autocast_dtype):
+    for i in range(steps):
+        with torch.enable_grad(), _fp32(x) if i == 0 else contextlib.nullcontext():  # the first step's backward too
+            with _autocast(x, autocast_dtype if i else None):
                 logits = model(x_adv)
             kl = F.kl_div(F.log_softmax(logits.float(), dim=1), p_nat, reduction="sum")
             (grad,) = torch.autograd.grad(kl, x_adv)
