@@ -38,3 +38,17 @@ def test_projection_is_cells_times_epochs_evaluations_and_strong_evaluation(tmp_
     assert hours == pytest.approx(cells * (400 * 1.0 + len(paper["evaluation"]["epochs"]) * 10.0 + 100.0) / 3600)
     with pytest.raises(ValueError, match="no measurement for vgg11_bn"):
         gpu_cell.projected_hours(paper, epoch_s, {"preact_resnet18": 10.0}, {m: 100.0 for m in gpu_cell.MODELS})
+
+
+def test_the_evaluations_attack_precision_is_paper_yamls_unless_overridden(tmp_path):
+    """On a GPU the benchmark measures paper.yaml's bf16 attacks, or fp32 ones with
+    ``--attack-precision fp32`` (both were measured on the H100); the CPU smoke test runs fp32."""
+    (tmp_path / "data").mkdir()
+
+    def precision(**kw):
+        options = dict(device="cuda", epochs=2, smoke=False, deterministic=False) | kw
+        return gpu_cell.benchmark_config(tmp_path / "data", **options)["evaluation"]["attack_precision"]
+
+    assert precision() == "bf16"
+    assert precision(attack_precision="fp32") == "fp32"
+    assert precision(device="cpu", smoke=True) == "fp32"
