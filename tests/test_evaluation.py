@@ -229,7 +229,8 @@ def test_non_finite_features_are_reported_at_the_end_of_a_pass():
     ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
     ({"projection_points": -1}, "projection_points must be an integer >= 0"),
     ({"feature_dtype": "int8"}, "feature_dtype 'int8'; allowed: float32, float16, bfloat16"),
-    ({"attack_dtype": torch.float64}, r"attack_dtype torch.float64; allowed: None \(fp32\), torch.bfloat16, torch.float16"),
+    ({"attack_dtype": torch.float64}, r"attack_dtype torch.float64; allowed: None \(fp32\), torch.bfloat16$"),
+    ({"attack_dtype": torch.float16}, r"attack_dtype torch.float16; allowed: None \(fp32\), torch.bfloat16$"),
 ])
 def test_plan_is_validated_once_with_a_clear_message(kwargs, message):
     with pytest.raises(ValueError, match=message):
