@@ -226,6 +226,25 @@ def test_blocking_does_not_change_results(small_blocks):
     np.testing.assert_array_equal(ncc_predict(H, M).numpy(), np.argmin(((H[:, None] - M.numpy()[None]) ** 2).sum(-1), 1))
 
 
+def test_gpu_class_sums_equal_the_cpu_ones():
+    """A GPU sums per class by a one-hot matmul, the CPU by index_add_: the same sums up to float64
+    rounding, for rows ([n, d]) and scalars ([n]); counts without torch.bincount are exact."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 7, (300,), generator=g)
+    H = torch.randn(300, 40, generator=g, dtype=torch.float64) * 100 + 5
+    for values in (H, H[:, 0]):
+        index_add = torch.zeros(7, *values.shape[1:], dtype=torch.float64)
+        collapse._add_per_class_(index_add, y, values)  # the CPU path
+        one_hot = collapse._one_hot(y, 7, torch.float64) @ values  # the GPU path
+        reference = np.stack([values[y == c].numpy().sum(axis=0) for c in range(7)])
+        np.testing.assert_allclose(index_add.numpy(), reference, rtol=1e-13)
+        np.testing.assert_allclose(one_hot.numpy(), reference, rtol=1e-13)
+    counts = torch.zeros(7, dtype=torch.int64)
+    collapse._count_(counts, y)
+    collapse._count_(counts, y[:10])
+    assert counts.tolist() == (np.bincount(y.numpy(), minlength=7) + np.bincount(y[:10].numpy(), minlength=7)).tolist()
+
+
 def test_low_precision_inputs_are_accumulated_in_float64():
     H, y, W, _ = random_problem(10, 16, balanced=False, seed=3)
     H16 = torch.from_numpy(H).half()

@@ -4,6 +4,10 @@ over digits: fast unit tests of the wiring against the dense functions of ncrobu
 
 from __future__ import annotations
 
+import collections
+import copy
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,6 +24,7 @@ from ncrobust.models import create_model
 from ncrobust.robustness import strong_evaluation
 from ncrobust.seeding import generator
 from ncrobust import tables
+from host_syncs import HostSyncs
 from workflow_helpers import fit_full_batch
 
 LINF = ThreatModel("linf", 0.1, 0.025, 3)
@@ -183,9 +188,10 @@ def test_projection_pairs_the_same_samples_in_every_set(small):
     assert sorted(means["label"]) == list(range(10))
 
 
-def test_batch_updates_never_read_back_to_the_host(monkeypatch):
-    """The per-batch accumulation (_add_means, _add_scatter) makes no host sync: any read-back
-    (item, bool, int, float, tolist) raises while batches stream."""
+def test_batch_updates_never_read_back_to_the_host():
+    """The per-batch accumulation (_add_means, _add_scatter) makes no call that would synchronise
+    with a GPU: no read-back (item, bool, tolist, ...) and no torch.bincount, which sizes its
+    output from the input's maximum (it was in three of these updates)."""
     g = torch.Generator().manual_seed(0)
     H = torch.randn(200, 16, generator=g)
     y = torch.arange(200) % 5
@@ -194,22 +200,57 @@ def test_batch_updates_never_read_back_to_the_host(monkeypatch):
     clean.accumulate_means(H, y)
     clean.finish_means()
     stats = LayerStats(5, reference=clean)
-
-    def sync(*args, **kwargs):
-        raise AssertionError("host sync in the batch loop")
-
-    with monkeypatch.context() as mp:
-        for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
-            mp.setattr(torch.Tensor, name, sync)
+    with HostSyncs() as syncs:
         for s in range(0, 200, 50):
             stats._add_means(H[s : s + 50], y[s : s + 50])
+    assert syncs.calls == []
     stats.finish_means()
-    with monkeypatch.context() as mp:
-        for name in ("item", "__bool__", "__int__", "__float__", "tolist"):
-            mp.setattr(torch.Tensor, name, sync)
+    with HostSyncs() as syncs:
         for s in range(0, 200, 50):
             stats._add_scatter(H[s : s + 50], y[s : s + 50], pred[s : s + 50])
-    assert stats.compute()["ncc_accuracy"] == pytest.approx(nc_metrics(H, y)["ncc_accuracy"])
+    assert syncs.calls == []
+    dense = nc_metrics(H, y)
+    assert stats.compute()["ncc_accuracy"] == pytest.approx(dense["ncc_accuracy"])
+    assert stats.compute()["nc1"] == pytest.approx(dense["nc1"], rel=1e-12)
+    assert stats.counts.tolist() == [40] * 5
+    assert int(stats._confusion.sum()) == 200 and int(stats._seen.sum()) == 200
+
+
+def test_evaluation_synchronises_per_set_not_per_batch(small):
+    """Every perturbation, every layer: splitting the same samples into 4x more batches adds no
+    call that would synchronise with a GPU (validation and metrics read back once per pass)."""
+    model, d = small
+    perturbations = {"clean": {}, "pgd": {}, "pgd-targeted": {}, "gaussian": {}, "sign": {}, "trades-kl": {}}
+    counts = []
+    for batch_size in (300, 75):
+        with HostSyncs() as syncs:
+            evaluate_checkpoint(model, d, plan(perturbations=perturbations, batch_size=batch_size), seed=SEED, epoch=EPOCH)
+        counts.append(collections.Counter(syncs.calls))
+    assert counts[0] == counts[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_evaluation_equals_the_cpu_one_and_synchronises_per_set(small):
+    """On a GPU (class sums by one-hot matmul, counts without bincount): the clean metrics equal
+    the CPU's, and 4x more batches add no synchronisation that CUDA's own sync debug mode sees."""
+    model, d = small
+    clean = plan(perturbations={"clean": {}})
+    cpu = evaluate_checkpoint(copy.deepcopy(model), d, clean, seed=SEED, epoch=EPOCH).metrics
+    gpu = evaluate_checkpoint(copy.deepcopy(model), d, clean, seed=SEED, epoch=EPOCH, device="cuda").metrics
+    pd.testing.assert_frame_equal(gpu, cpu, rtol=1e-5)
+    perturbations = {"clean": {}, "pgd": {}, "pgd-targeted": {}, "gaussian": {}, "sign": {}, "trades-kl": {}}
+    counts = []
+    for batch_size in (300, 75):
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                evaluate_checkpoint(copy.deepcopy(model), d, plan(perturbations=perturbations, batch_size=batch_size),
+                                    seed=SEED, epoch=EPOCH, device="cuda")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert counts[0] == counts[1] > 0
 
 
 def test_non_finite_features_are_reported_at_the_end_of_a_pass():

@@ -187,6 +187,29 @@ def _blocks(n: int, d: int, device: torch.device | None = None):
         yield start, min(n, start + step)
 
 
+def _count_(counts: torch.Tensor, index: torch.Tensor) -> None:
+    """``counts[k] += #{i: index_i = k}`` in place. Not ``torch.bincount``: it reads the input's
+    minimum and maximum back to the host to size its output, two synchronisations per call on a
+    GPU, which would stall the per-batch loops."""
+    counts.index_add_(0, index, torch.ones_like(index))
+
+
+def _one_hot(y: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[C, n]``: entry ``(c, i)`` is 1 where ``y_i = c``."""
+    return (y == torch.arange(num_classes, device=y.device)[:, None]).to(dtype)
+
+
+def _add_per_class_(sums: torch.Tensor, y: torch.Tensor, values: torch.Tensor) -> None:
+    """``sums[c] += sum_{y_i = c} values_i`` in place (``values`` [n, ...] float64). On a GPU a
+    one-hot matmul: deterministic, on the matrix units, where ``index_add_``'s float atomics pile
+    onto C rows in a run-dependent order. On the CPU ``index_add_``: as fast at C = 10 and twice as
+    fast at C = 100 (d = 65,536)."""
+    if sums.device.type == "cpu":
+        sums.index_add_(0, y, values)
+    else:
+        sums.add_(_one_hot(y, sums.shape[0], values.dtype) @ values)
+
+
 # --------------------------------------------------------------------------------------------
 # class means and the geometry derived from them
 # --------------------------------------------------------------------------------------------
@@ -197,7 +220,7 @@ def _means_from(H: torch.Tensor, y: torch.Tensor, C: int, name: str) -> tuple[to
     _check_counts(counts, f"the labels of the {name}")
     sums = torch.zeros(C, H.shape[1], dtype=_F64, device=H.device)  # [C, d]
     for s, e in _blocks(H.shape[0], H.shape[1], H.device):
-        sums.index_add_(0, y[s:e], H[s:e].to(_F64))
+        _add_per_class_(sums, y[s:e], H[s:e].to(_F64))
     # A NaN or inf anywhere in H makes its class sum NaN or inf: an O(C d) test instead of O(N d).
     if not bool(torch.isfinite(sums).all()):
         _check_finite_rows(H, name)
@@ -412,8 +435,8 @@ class LayerStats:
             self._sums = torch.zeros(self.num_classes, self._d, dtype=_F64, device=H.device)
             self._counts = torch.zeros(self.num_classes, dtype=torch.int64, device=H.device)
         for s, e in _blocks(H.shape[0], H.shape[1], H.device):
-            self._sums.index_add_(0, y[s:e], H[s:e].to(_F64))
-        self._counts += torch.bincount(y, minlength=self.num_classes)
+            _add_per_class_(self._sums, y[s:e], H[s:e].to(_F64))
+        _count_(self._counts, y)
 
     def finish_means(self) -> None:
         """End pass 1: form the class means and the basis of their span."""
@@ -485,7 +508,7 @@ class LayerStats:
         for s, e in _blocks(H.shape[0], H.shape[1], H.device):
             Hb, yb = H[s:e].to(_F64), y[s:e]  # [n, d], [n]
             D = torch.sub(Hb, g.M.index_select(0, yb))  # h_i - mu_{y_i}: [n, d]
-            self._sq.index_add_(0, yb, torch.linalg.vecdot(D, D))  # ||h_i - mu_{y_i}||^2, no cancellation
+            _add_per_class_(self._sq, yb, torch.linalg.vecdot(D, D))  # ||h_i - mu_{y_i}||^2, no cancellation
             Z = D @ g.U  # z_i = U^T (h_i - mu_{y_i}): [n, r]
             self._zz += Z.square().sum(dim=0)
             own = torch.addmm(g.T.index_select(0, yb), Z, g.A).argmax(dim=1)  # NCC, own means: [n]
@@ -493,16 +516,16 @@ class LayerStats:
             if self._ref is not None:
                 M_ref, half_sq_norm_ref = self._ref
                 nearest = torch.addmm(half_sq_norm_ref, Hb, M_ref.T, beta=-1.0).argmax(dim=1)  # [n]
-                self._confusion += torch.bincount(yb * C + nearest, minlength=C * C)
+                _count_(self._confusion, yb * C + nearest)
             if predictions is not None:
                 pb = predictions[s:e]
                 hit = pb == yb
                 self._net_correct += hit.sum()
-                self._net_correct_per_class.index_add_(0, yb, hit.long())  # a bincount of the hits, no sync
+                self._net_correct_per_class.index_add_(0, yb, hit.long())  # integer: exact in any order
                 self._own_agree += (own == pb).sum()
                 if self._ref is not None:
                     self._ref_agree += (nearest == pb).sum()
-        self._seen += torch.bincount(y, minlength=C)
+        _count_(self._seen, y)
 
     # ---------------------------------------------------------------------------- results
     def _scattered(self) -> _Geometry:
