@@ -1,9 +1,12 @@
+import collections
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from host_syncs import HostSyncs
 from ncrobust import data as datasets
 from ncrobust.attacks import ThreatModel
 from ncrobust.experiment import Cell, build_model
@@ -386,6 +389,20 @@ def test_cuda_graph_training_equals_eager_training_on_gpu(digits, adversary, swi
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["train_accuracy"] == pytest.approx(b["train_accuracy"], abs=2 / len(x))
         assert (a["nc1_clean"] == pytest.approx(b["nc1_clean"], rel=1e-4)) if switches else math.isnan(b["nc1_clean"])
+
+
+@pytest.mark.parametrize("adversary", ["st", "pgd-linf", "trades-linf"])
+def test_training_synchronises_per_epoch_not_per_step(digits, adversary):
+    """The CPU's view of the GPU test below, for the whole eager epoch (tracked collapse
+    included): 8x more steps add no call that would synchronise with a GPU."""
+    counts = []
+    for batch_size in (512, 64):
+        cell, model, recipe, x, y = _setup(digits, adversary, epochs=1, track_collapse=True)
+        recipe = dataclasses.replace(recipe, batch_size=batch_size)
+        with HostSyncs() as syncs:
+            train_segment(model, initial_checkpoint(model, recipe), x, y, recipe=recipe, end_epoch=1, seed=cell.seed)
+        counts.append(collections.Counter(syncs.calls))
+    assert counts[0] == counts[1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
