@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ncrobust import collapse
+from ncrobust import collapse, evaluation
 from ncrobust.attacks import ThreatModel, perturb, target_labels
 from ncrobust.cell import Cell
 from ncrobust.collapse import LayerStats, nc_metrics, perturbation_metrics
@@ -238,6 +238,7 @@ def test_gpu_evaluation_equals_the_cpu_one_and_synchronises_per_set(small):
     cpu = evaluate_checkpoint(copy.deepcopy(model), d, clean, seed=SEED, epoch=EPOCH).metrics
     gpu = evaluate_checkpoint(copy.deepcopy(model), d, clean, seed=SEED, epoch=EPOCH, device="cuda").metrics
     pd.testing.assert_frame_equal(gpu, cpu, rtol=1e-5)
+    assert evaluation.activation_cache_bytes("cuda") > 1 << 30  # pass 2 reuses the activations
     perturbations = {"clean": {}, "pgd": {}, "pgd-targeted": {}, "gaussian": {}, "sign": {}, "trades-kl": {}}
     counts = []
     for batch_size in (300, 75):
@@ -251,6 +252,43 @@ def test_gpu_evaluation_equals_the_cpu_one_and_synchronises_per_set(small):
             torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchroniz" in str(w.message) for w in caught))
     assert counts[0] == counts[1] > 0
+
+
+def test_kept_activations_spare_the_second_forward_pass_and_change_nothing(small, monkeypatch):
+    """Pass 2 reuses pass 1's activations within the memory budget and computes the rest again:
+    the metrics are the same to the bit with no budget, a part of a set or all of it."""
+    model, d = small
+    forwards = collections.Counter()
+    model_forward = evaluation._model_forward
+
+    def counted(model, x, layers):
+        forward = model_forward(model, x, layers)
+
+        def run(sl):
+            forwards[len(x)] += 1
+            return forward(sl)
+
+        return run
+
+    monkeypatch.setattr(evaluation, "_model_forward", counted)
+    x, _ = as_float(d, "train")
+    with torch.no_grad():
+        _, taps = model(x, taps=True)
+    set_bytes = sum(t.float().numel() * 4 for t in taps.values())  # every layer of the 300 train samples
+    frames = {}
+    for budget in (0, set_bytes // 2, set_bytes):
+        monkeypatch.setattr(evaluation, "activation_cache_bytes", lambda device: budget)
+        forwards.clear()
+        frames[budget] = evaluate_checkpoint(model, d, plan(perturbations={"clean": {}, "gaussian": {}}), seed=SEED, epoch=EPOCH).metrics
+        batches = -(-300 // 64)
+        expected = {0: 2 * batches, set_bytes // 2: None, set_bytes: batches}[budget]
+        per_set = forwards[300] // 2  # clean and gaussian: two sets of the train split
+        if expected is None:
+            assert batches < per_set < 2 * batches
+        else:
+            assert per_set == expected
+    for frame in frames.values():
+        pd.testing.assert_frame_equal(frame, frames[0], check_exact=True)
 
 
 def test_non_finite_features_are_reported_at_the_end_of_a_pass():

@@ -18,7 +18,9 @@ Su et al. measure it: the angle between clean mean ``c`` and the mean of the sam
 ``accuracy_true_labels`` and ``target_hit_rate`` say how the attack did.
 
 Metrics come from the float32 activations of the forward pass, whatever ``feature_dtype`` the kept
-features file uses. Nothing in the per-batch loop reads a value back to the host.
+features file uses. Pass 2 reuses pass 1's activations as far as memory allows
+(:func:`activation_cache_bytes`) and runs the forward pass again only for the batches beyond.
+Nothing in the per-batch loop reads a value back to the host (``tests/host_syncs.py`` checks it).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from .projection import SimplexPlane
 RESULT_COLUMNS = ["split", "norm", "perturbation", "layer", "layer_index", "metric", "class", "row", "col", "value"]
 PENULTIMATE = "penultimate"
 FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CPU_ACTIVATION_CACHE_BYTES = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -138,12 +141,18 @@ Forward = Callable[[slice], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 def _measure(
     forward: Forward, n: int, groups: torch.Tensor, layers: list[str], num_classes: int, batch_size: int,
     reference: dict[str, LayerStats] | None, collect: Callable[[slice, torch.Tensor, torch.Tensor], None] | None = None,
+    cache_bytes: int = 0,
 ) -> tuple[dict[str, LayerStats], torch.Tensor]:
     """Both passes of every layer's statistics over one set; returns them and the network's
     predictions. ``forward(slice)`` gives ``(logits, {layer: activations})`` of those samples;
-    ``collect(slice, logits, penultimate)`` sees each batch of pass 1 (to keep features)."""
+    ``collect(slice, logits, penultimate)`` sees each batch of pass 1 (to keep features).
+    Pass 1 keeps its batches' activations while they total at most ``cache_bytes``, and pass 2
+    uses them instead of a second forward pass (and so sees the very features pass 1 saw, also
+    under non-deterministic kernels); the batches beyond are computed again."""
     stats = {name: LayerStats(num_classes, reference=None if reference is None else reference[name]) for name in layers}
     predictions = torch.empty(n, dtype=torch.int64, device=groups.device)
+    cached: dict[int, dict[str, torch.Tensor]] = {}
+    held = 0
     for sl in _batches(n, batch_size):
         logits, acts = forward(sl)
         predictions[sl] = logits.argmax(dim=1)
@@ -151,13 +160,35 @@ def _measure(
             s._add_means(acts[name], groups[sl])
         if collect is not None:
             collect(sl, logits, acts[PENULTIMATE])
+        size = _nbytes(acts)
+        if held + size <= cache_bytes:
+            cached[sl.start], held = acts, held + size
     for s in stats.values():
         s.finish_means()
     for sl in _batches(n, batch_size):
-        _, acts = forward(sl)
+        acts = cached.pop(sl.start, None)
+        if acts is None:
+            _, acts = forward(sl)
         for name, s in stats.items():
             s._add_scatter(acts[name], groups[sl], predictions[sl] if name == PENULTIMATE else None)
     return stats, predictions
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Memory that keeping ``tensors`` holds: their storages, each counted once."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors.values()}
+    return sum(storages.values())
+
+
+def activation_cache_bytes(device: torch.device | str) -> int:
+    """How many bytes of pass-1 activations a set may keep for pass 2: on a GPU half of what it has
+    left (free plus cached by PyTorch; the other half stays for the forward pass and the float64
+    statistics), on the CPU :data:`CPU_ACTIVATION_CACHE_BYTES` (a job asks for little memory)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)) // 2
+    return CPU_ACTIVATION_CACHE_BYTES
 
 
 class _Keep:
@@ -259,7 +290,8 @@ def evaluate_checkpoint(
     def measure(x, labels, groups, targets, keys, reference, plane, index):
         keep = _Keep(index, len(x), plan.batch_size, x.device, plan.keep_features)
         stats, predictions = _measure(
-            _model_forward(model, x, layers), len(x), groups, layers, num_classes, plan.batch_size, reference, keep
+            _model_forward(model, x, layers), len(x), groups, layers, num_classes, plan.batch_size, reference, keep,
+            cache_bytes=activation_cache_bytes(x.device),
         )
         _set_metrics(rows, keys, layers, stats, predictions, labels, targets, weight, class_counts=class_counts)
         plane = plane or SimplexPlane.of(stats[PENULTIMATE])
