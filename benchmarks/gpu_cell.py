@@ -17,7 +17,8 @@ kernels off) unless overridden.
 A training epoch's seconds come from the training log; epoch 1 pays the CUDA-graph capture and
 cuDNN autotuning, so the table reports it apart and the projection uses the median of the later
 epochs. Evaluation and strong evaluation are timed once per model (on the pgd-linf cell: every
-cell is evaluated with the same perturbations). The projection multiplies, per cell of the paper
+cell is evaluated with the same perturbations); its ``attacks s`` and ``measure s`` columns split an
+evaluation into the perturbations and the two statistics passes of every layer. The projection multiplies, per cell of the paper
 grid, ``epochs x epoch seconds + len(evaluation.epochs) x evaluation seconds + strong seconds``
 (CIFAR-100 costs what CIFAR-10 costs: same image count and networks but for the last layer), and
 ignores job start-up and queueing.
@@ -45,6 +46,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # write_fake_cifar10 (tests/test_paper.py)
 
+from ncrobust import evaluation  # noqa: E402
 from ncrobust.cell import Cell  # noqa: E402
 from ncrobust.config import validate_config  # noqa: E402
 from ncrobust.pipeline import evaluate_cell, init_cell, prepare_data, robustness_cell, train_cell  # noqa: E402
@@ -86,6 +88,36 @@ def projected_hours(paper: dict, epoch_s: dict, eval_s: dict, strong_s: dict) ->
             raise ValueError(f"no measurement for {model} {adversary}: run without --models/--adversaries restrictions")
         seconds += t["epochs"] * epoch_s[model, adversary] + evaluations * eval_s[model] + strong_s[model]
     return seconds / 3600
+
+
+class EvaluationPhases:
+    """Seconds that evaluations spend attacking (``perturb``) and measuring (``_measure``, both
+    passes of every layer): wraps the two in ``ncrobust.evaluation`` while in use, synchronising
+    the device before and after each call (a few times per set: no cost worth counting)."""
+
+    def __init__(self, device: str) -> None:
+        self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        self.seconds = {"attacks": 0.0, "measure": 0.0}
+
+    def _timed(self, phase: str, function):
+        def run(*args, **kwargs):
+            self.sync()
+            started = time.perf_counter()
+            out = function(*args, **kwargs)
+            self.sync()
+            self.seconds[phase] += time.perf_counter() - started
+            return out
+
+        return run
+
+    def __enter__(self) -> "EvaluationPhases":
+        self.saved = evaluation.perturb, evaluation._measure
+        evaluation.perturb = self._timed("attacks", evaluation.perturb)
+        evaluation._measure = self._timed("measure", evaluation._measure)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        evaluation.perturb, evaluation._measure = self.saved
 
 
 def _train_one(config: dict, cell: Cell, data_path: str, run: str, epochs: int) -> list[float]:
@@ -150,8 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{model} {adversary}: {k} cell(s) at once on one device: {result[k]:,.0f} images/s in all "
                       f"({result[k] / result[args.packed[0]]:.2f} x {args.packed[0]})", flush=True)
             return {"packed_images_per_second": result}
-        print(f"{'model':<16} {'adversary':<12} {'epoch 1 s':>10} {'epoch s':>9} {'eval s':>8} {'strong s':>9}")
-        epoch_s, eval_s, strong_s = {}, {}, {}
+        print(f"{'model':<16} {'adversary':<12} {'epoch 1 s':>10} {'epoch s':>9} {'eval s':>8} {'strong s':>9}"
+              f" {'attacks s':>10} {'measure s':>10}")
+        epoch_s, eval_s, strong_s, phase_s = {}, {}, {}, {}
         for model, adversary in itertools.product(args.models, args.adversaries):
             cell = Cell("cifar10", model, "ce", adversary, 1)
             run = work / model / adversary
@@ -163,14 +196,17 @@ def main(argv: list[str] | None = None) -> dict:
             line = f"{model:<16} {adversary:<12} {seconds[0]:>10.2f} {epoch_s[model, adversary]:>9.2f}"
             if not args.train_only and (adversary == "pgd-linf" or (adversary == args.adversaries[-1] and model not in eval_s)):
                 started = time.perf_counter()
-                evaluate_cell(config, cell, data_path, str(run / f"epoch{epochs}.pt"), str(run / "metrics.parquet"), str(run / "projection.parquet"))
+                with EvaluationPhases(args.device) as phases:
+                    evaluate_cell(config, cell, data_path, str(run / f"epoch{epochs}.pt"), str(run / "metrics.parquet"), str(run / "projection.parquet"))
                 eval_s[model] = time.perf_counter() - started
+                phase_s[model] = phases.seconds
                 started = time.perf_counter()
                 robustness_cell(config, cell, data_path, str(run / f"epoch{epochs}.pt"), str(run / "robustness.parquet"))
                 strong_s[model] = time.perf_counter() - started
-                line += f" {eval_s[model]:>8.2f} {strong_s[model]:>9.2f}"
+                line += f" {eval_s[model]:>8.2f} {strong_s[model]:>9.2f} {phase_s[model]['attacks']:>10.2f} {phase_s[model]['measure']:>10.2f}"
             print(line, flush=True)
-        result = {"epoch_seconds": epoch_s, "evaluation_seconds": eval_s, "strong_seconds": strong_s}
+        result = {"epoch_seconds": epoch_s, "evaluation_seconds": eval_s, "strong_seconds": strong_s,
+                  "evaluation_phase_seconds": phase_s}
         if not args.train_only and set(args.models) == set(MODELS) and set(args.adversaries) == set(ADVERSARIES):
             paper = validate_config(yaml.safe_load((ROOT / "config" / "paper.yaml").read_text()) | {"data_root": str(data_root)})
             result["paper_gpu_hours"] = projected_hours(paper, epoch_s, eval_s, strong_s)

@@ -18,6 +18,11 @@ def test_smoke_mode_trains_evaluates_and_attacks_a_cell(tmp_path):
                             "--workdir", str(tmp_path)])
     assert result["epoch_seconds"][("preact_resnet18", "pgd-linf")] > 0
     assert result["evaluation_seconds"]["preact_resnet18"] > 0 and result["strong_seconds"]["preact_resnet18"] > 0
+    phases = result["evaluation_phase_seconds"]["preact_resnet18"]
+    assert 0 < phases["attacks"] and 0 < phases["measure"]
+    assert phases["attacks"] + phases["measure"] < result["evaluation_seconds"]["preact_resnet18"]
+    from ncrobust import evaluation
+    assert evaluation.perturb.__name__ == "perturb" and evaluation._measure.__name__ == "_measure"  # restored
     assert (tmp_path / "preact_resnet18" / "pgd-linf" / "metrics.parquet").exists()
     assert "paper_gpu_hours" not in result  # a restricted run projects nothing
 
