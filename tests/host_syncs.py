@@ -6,7 +6,8 @@ for every queued kernel: inside a per-batch loop it keeps the GPU idle while Pyt
 next kernels. ``torch.cuda.set_sync_debug_mode`` only sees them on a GPU; :class:`HostSyncs`
 records the calls that would synchronise there from any device, so a CPU test can check that a
 loop's synchronisations do not grow with its number of batches. ``.to(device)`` is not counted:
-on the CPU it cannot tell a move to the host from a move to the data's own device.
+on the CPU it cannot tell a move to the host from a move to the data's own device; a tensor made
+from host data (a list, an array) on an explicit ``device`` is (a host-to-device copy).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class HostSyncs(TorchFunctionMode):
         name = getattr(func, "__name__", str(func))
         if name in SYNCING:
             self.calls.append(name)
+        elif name in ("tensor", "as_tensor") and kwargs.get("device") is not None and not isinstance(args[0], torch.Tensor):
+            self.calls.append(f"{name}(host data, device=...)")  # a copy from pageable host memory waits
         elif name in ("__getitem__", "__setitem__", "index_put_", "index_put") and len(args) > 1 and _bool_index(args[1]):
             self.calls.append(f"{name}[bool mask]")
         return func(*args, **kwargs)

@@ -193,14 +193,15 @@ def activation_cache_bytes(device: torch.device | str) -> int:
 
 class _Keep:
     """Pass 1's penultimate features of the projection subsample (and, with ``everything``, all
-    features and logits). The subsample's positions within each batch are sent to the device
-    before the loop (a host-to-device copy inside it would wait for the GPU)."""
+    features and logits). The subsample's positions (``index``, sorted) go to the device in one
+    copy per set, and each batch's are a slice of them found on the host (a host-to-device copy
+    per batch would wait for the GPU each time)."""
 
     def __init__(self, index: np.ndarray, n: int, batch_size: int, device, everything: bool) -> None:
-        self.local = {
-            sl.start: torch.as_tensor(index[(index >= sl.start) & (index < sl.stop)] - sl.start, device=device)
-            for sl in _batches(n, batch_size)
-        }
+        on_device = torch.as_tensor(index, device=device)
+        starts = [sl.start for sl in _batches(n, batch_size)]
+        bounds = np.searchsorted(index, [*starts, n])
+        self.local = {start: on_device[a:b] - start for start, a, b in zip(starts, bounds[:-1], bounds[1:])}
         self.everything = everything
         self.sample: list[torch.Tensor] = []
         self.features: list[torch.Tensor] = []
