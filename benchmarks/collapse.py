@@ -16,6 +16,8 @@
     already converted to float64 (the conversion is not counted: the strictest floor).
 (d) ``LayerStats`` on d = 65,536, C = 10, N = 10,000, batches of 500 generated on the fly (both
     passes), in a fresh child process so that its peak resident memory (``ru_maxrss``) is its own.
+(e) one batch's class sums (500 x 65,536, float64) by ``index_add_`` (the CPU's path in
+    ``LayerStats``) and by a one-hot matmul (the GPU's), at C = 10 and 100.
 
 Targets: baseline/ours >= 50, ours/floor <= 5, LayerStats peak memory < 2 GiB.
 
@@ -41,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ncrobust.collapse import LayerStats, nc_metrics  # noqa: E402
+from ncrobust.collapse import LayerStats, _one_hot, nc_metrics  # noqa: E402
 
 BASELINE_BATCH = 128
 
@@ -281,6 +283,16 @@ def main():
     print(f"  peak RSS {peak:.0f} MiB (whole child process, ru_maxrss): {peak - base:.0f} MiB above the {base:.0f} MiB "
           f"after imports, of which {res['peak_generating_mib'] - base:.0f} MiB is generating a batch "
           f"({res['batch_mib']:.0f} MiB of float32) without LayerStats; limit 2048 MiB: {'OK' if peak < 2048 else 'EXCEEDED'}")
+
+    # (e) the per-batch class sums: index_add_ (the CPU's path) against the one-hot matmul (the GPU's)
+    for C in classes:
+        H64 = torch.randn(ls_batch, ls_d, dtype=torch.float64)
+        yb = torch.randint(0, C, (ls_batch,))
+        sums = torch.zeros(C, ls_d, dtype=torch.float64)
+        t_index = best_of(lambda: sums.index_add_(0, yb, H64), max(repeats, 3))
+        t_matmul = best_of(lambda: sums.add_(_one_hot(yb, C, torch.float64) @ H64), max(repeats, 3))
+        print(f"class sums of one batch ({ls_batch} x {ls_d}, float64), C={C}: index_add_ {t_index * 1e3:.1f} ms, "
+              f"one-hot matmul {t_matmul * 1e3:.1f} ms ({t_matmul / t_index:.2f}x) on the CPU")
 
 
 if __name__ == "__main__":
