@@ -492,7 +492,10 @@ class CapturedStep:
         if self.graph is None:
             self.static = tuple(t.clone() for t in (x, y, *noise))
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # records only; the replay below runs this batch
+            # captured on the step's own stream, not the process-wide default capture stream: cuBLAS
+            # keeps one workspace per stream, and two graphs captured on one stream would share it
+            # (a race, or a hang, when two cells' graphs replay at once on two streams)
+            with torch.cuda.graph(self.graph, stream=self.stream):  # records only; the replay below runs this batch
                 self.output = self.step(self.static[0], self.static[1], self.static[2:])
         else:
             _refill(self.static, (x, y, *noise))
