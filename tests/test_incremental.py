@@ -92,7 +92,7 @@ def _halve_linf(config):
 
 
 def _execution_settings(config):
-    config.update(threads=2, group_training=True, device="auto")
+    config.update(threads=2, group_training=True, mps=True, device="auto")
     config["training"].update(cuda_graph=False, deterministic=False)
     config["resources"] = {"train": {"cpus": 2, "mem_mb": 8000, "runtime": 90}, "cpu": {"mem_mb": 1000}}
 
@@ -111,7 +111,7 @@ EDITS = {
     "keys reordered at every level": (_reorder_keys, set()),
     "defaults spelled out": (_spell_out_defaults, set()),
     "1 for 1.0 at a number key": (lambda c: c["training"].update(trades_beta=6), set()),
-    "threads, resources, group_training, device, GPU switches": (_execution_settings, set()),
+    "threads, resources, group_training, mps, device, GPU switches": (_execution_settings, set()),
     "grid axis reordered": (lambda c: c["grid"].update(adversary=["pgd-linf", "st"]), set()),
     "threat model no cell uses": (_add_unused_l2, set()),
     "trades_beta without TRADES cells": (lambda c: c["training"].update(trades_beta=3.0), set()),

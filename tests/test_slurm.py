@@ -202,8 +202,11 @@ def test_toy_workflow_gpu_request(cluster, tmp_path):
 def test_packed_training_chains_share_one_gpu(cluster, tmp_path):
     """`group_training: true` with `--group-components train=2`: the training chains of two cells
     go to SLURM as one job holding one GPU (`gres`, a string Snakemake does not sum over a
-    group's parallel jobs) and the CPUs and memory of both, and both chains finish in it."""
-    tiny = dict(SLURM_TINY, grid={**SLURM_TINY["grid"], "adversary": ["st", "pgd-linf"]}, group_training=True)
+    group's parallel jobs) and the CPUs and memory of both, and both chains finish in it. With
+    `mps: true` each training job looks for its allocation's MPS daemon: this cluster has no GPU
+    and no MPS, so each says so in its log and trains without it."""
+    tiny = dict(SLURM_TINY, grid={**SLURM_TINY["grid"], "adversary": ["st", "pgd-linf"]}, group_training=True,
+                mps=True, device="auto")
     tiny["training"] = {**tiny["training"], "epochs": 2, "checkpoints": [2]}
     tiny["evaluation"] = {**tiny["evaluation"], "epochs": [2]}
     config = write_tiny_config(tmp_path, **tiny)
@@ -219,6 +222,9 @@ def test_packed_training_chains_share_one_gpu(cluster, tmp_path):
     job = packed[0]
     assert cluster.gpu_count(job) == 1 and job["NumCPUs"] == "2", job
     assert job["JobState"] == "COMPLETED", job
+    for adversary in ("st", "pgd-linf"):
+        log = (tmp_path / cell_dir(adversary=adversary) / "logs/train_epoch2.log").read_text()
+        assert "mps: nvidia-cuda-mps-control not found on PATH" in log and "training without it" in log, log
 
 
 @pytest.mark.slurm

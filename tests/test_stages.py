@@ -70,6 +70,7 @@ EDITS = {
     "deterministic kernels": (_set("training.deterministic", False), set()),
     "resources": (_set("resources", {"train": {"mem_mb": 9000, "gpu": 1}}), set()),
     "group_training": (_set("group_training", True), set()),
+    "mps": (_set("mps", True), set()),
     "results path": (_set("results", "elsewhere"), set()),
     "default spelled out": (_set("training.optimizer", {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}), set()),
     "int for a number": (_set("training.trades_beta", 6), set()),

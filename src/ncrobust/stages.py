@@ -26,7 +26,7 @@ from .cell import BASE_VARIANT, Cell, adversary_kind
 
 STAGES = ("prepare_data", "init_model", "train", "evaluate", "robustness", "mixup_geometry", "probe")
 
-EXECUTION_KEYS = ("results", "data_root", "download", "device", "threads", "resources", "group_training")
+EXECUTION_KEYS = ("results", "data_root", "download", "device", "threads", "resources", "group_training", "mps")
 """Top-level keys that say where and how a job runs, never what it computes: in no slice.
 ``data_root`` and ``download`` say where a dataset comes from, not which one it is."""
 
