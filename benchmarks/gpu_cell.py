@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import sys
 import tempfile
@@ -77,17 +78,31 @@ def benchmark_config(data_root: Path, *, device: str, epochs: int, smoke: bool, 
     return validate_config(config)
 
 
+def _grid_cells(paper: dict):
+    grid = paper["grid"]
+    return itertools.product(*(grid[k] for k in ("dataset", "model", "loss", "adversary", "seed")))
+
+
+def training_hours(paper: dict, epoch_s: dict) -> float:
+    """GPU-hours of the paper grid's training from per-(model, adversary) GPU seconds per epoch."""
+    seconds = 0.0
+    for _dataset, model, _loss, adversary, _seed in _grid_cells(paper):
+        if (model, adversary) not in epoch_s:
+            raise ValueError(f"no measurement for {model} {adversary}: run without --models/--adversaries restrictions")
+        seconds += paper["training"]["epochs"] * epoch_s[model, adversary]
+    return seconds / 3600
+
+
 def projected_hours(paper: dict, epoch_s: dict, eval_s: dict, strong_s: dict) -> float:
     """GPU-hours of the paper grid from per-(model, adversary) epoch seconds and per-model
     evaluation and strong-evaluation seconds (see the module docstring)."""
-    grid, t = paper["grid"], paper["training"]
-    evaluations = len(paper["evaluation"].get("epochs", [0, *t["checkpoints"]]))
+    evaluations = len(paper["evaluation"].get("epochs", [0, *paper["training"]["checkpoints"]]))
     seconds = 0.0
-    for _dataset, model, _loss, adversary, _seed in itertools.product(*(grid[k] for k in ("dataset", "model", "loss", "adversary", "seed"))):
-        if (model, adversary) not in epoch_s or model not in eval_s or model not in strong_s:
-            raise ValueError(f"no measurement for {model} {adversary}: run without --models/--adversaries restrictions")
-        seconds += t["epochs"] * epoch_s[model, adversary] + evaluations * eval_s[model] + strong_s[model]
-    return seconds / 3600
+    for _dataset, model, _loss, _adversary, _seed in _grid_cells(paper):
+        if model not in eval_s or model not in strong_s:
+            raise ValueError(f"no evaluation measured for {model}: run without --models/--adversaries restrictions")
+        seconds += evaluations * eval_s[model] + strong_s[model]
+    return training_hours(paper, epoch_s) + seconds / 3600
 
 
 class EvaluationPhases:
@@ -140,6 +155,33 @@ def packed_throughput(config: dict, data_path: str, work: Path, model: str, adve
     return k * n_train / statistics.median(s for per_cell in seconds for s in per_cell[1:])
 
 
+def packed(args, config: dict, data_path: str, work: Path, data_root: Path, epochs: int) -> dict:
+    """``--packed``: images/s in all of k cells at once, per (model, adversary); with every pair
+    measured, the paper grid's training GPU-hours with one cell per GPU and with k (the largest)."""
+    from ncrobust import mps
+
+    key = f"gpu_cell{os.getpid()}"
+    if args.mps:
+        mps.start(key)  # the spawned processes inherit its variables
+    try:
+        result = {}
+        for model, adversary in itertools.product(args.models, args.adversaries):
+            for k in args.packed:
+                result[model, adversary, k] = ips = packed_throughput(config, data_path, work / model / adversary, model, adversary, epochs, k)
+                print(f"{model} {adversary}: {k} cell(s) at once on one device{' under MPS' if args.mps else ''}: "
+                      f"{ips:,.0f} images/s in all ({ips / result[model, adversary, args.packed[0]]:.2f} x {args.packed[0]})", flush=True)
+    finally:
+        if args.mps:
+            mps.stop(key)
+    if set(args.models) == set(MODELS) and set(args.adversaries) == set(ADVERSARIES):
+        paper = validate_config(yaml.safe_load((ROOT / "config" / "paper.yaml").read_text()) | {"data_root": str(data_root)})
+        n_train = len(torch.load(data_path, weights_only=True)["y_train"])
+        for k in args.packed:  # GPU seconds per cell-epoch: n_train / (images/s in all)
+            hours = training_hours(paper, {(m, a): n_train / result[m, a, k] for m, a, kk in result if kk == k})
+            print(f"config/paper.yaml training with {k} cell(s) per GPU: {hours:.1f} GPU-hours")
+    return {"packed_images_per_second": result}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -152,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the evaluation's attacks (default: paper.yaml's bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--train-only", action="store_true", help="time the training epochs only (no evaluations, no projection)")
     parser.add_argument("--packed", type=int, nargs="+", default=None, metavar="K",
-                        help="instead: aggregate images/s of K cells training at once (first --models / --adversaries)")
+                        help="instead: aggregate images/s of K cells training at once, for every --models x --adversaries")
+    parser.add_argument("--mps", action="store_true", help="with --packed: the K processes share the GPU through a CUDA MPS daemon")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the files here (default: a temporary directory)")
     args = parser.parse_args(argv)
     smoke = args.smoke or args.device == "cpu"
@@ -175,13 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"deterministic {config['training']['deterministic']}, cuda_graph {config['training']['cuda_graph']}, "
               f"{epochs} epochs per cell")
         if args.packed:
-            model, adversary = args.models[0], args.adversaries[0]
-            result = {}
-            for k in args.packed:
-                result[k] = packed_throughput(config, data_path, work, model, adversary, epochs, k)
-                print(f"{model} {adversary}: {k} cell(s) at once on one device: {result[k]:,.0f} images/s in all "
-                      f"({result[k] / result[args.packed[0]]:.2f} x {args.packed[0]})", flush=True)
-            return {"packed_images_per_second": result}
+            return packed(args, config, data_path, work, data_root, epochs)
         print(f"{'model':<16} {'adversary':<12} {'epoch 1 s':>10} {'epoch s':>9} {'eval s':>8} {'strong s':>9}"
               f" {'attacks s':>10} {'measure s':>10}")
         epoch_s, eval_s, strong_s, phase_s = {}, {}, {}, {}
