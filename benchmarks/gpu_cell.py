@@ -157,7 +157,7 @@ def packed_throughput(config: dict, data_path: str, work: Path, model: str, adve
 
 def packed(args, config: dict, data_path: str, work: Path, data_root: Path, epochs: int) -> dict:
     """``--packed``: images/s in all of k cells at once, per (model, adversary); with every pair
-    measured, the paper grid's training GPU-hours with one cell per GPU and with k (the largest)."""
+    measured, the paper grid's training GPU-hours with each k cells per GPU."""
     from ncrobust import mps
 
     key = f"gpu_cell{os.getpid()}"

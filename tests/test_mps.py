@@ -104,3 +104,19 @@ def test_without_mps_on_the_node_a_training_job_goes_on_without_it(monkeypatch, 
     with caplog.at_level("WARNING", logger="ncrobust.mps"):
         assert mps.join_allocation_daemon() is False
     assert "training without it" in caplog.text
+
+
+def test_a_daemon_that_died_is_started_again_and_its_stale_socket_is_not_taken_for_the_new_one(control):
+    import signal
+
+    mps.start("job2")
+    root = mps.daemon_root("job2")
+    old = int((root / "pid").read_text())
+    os.kill(old, signal.SIGKILL)
+    os.waitpid(old, 0)
+    (root / "pipe" / "control").write_text("stale")  # left behind, as by a killed MPS daemon
+    mps.start("job2")
+    new = int((root / "pid").read_text())
+    assert new != old and mps._alive(root / "pid") and _starts("job2") == 2
+    assert (root / "pipe" / "control").read_text() == ""  # start returned once the new daemon had made its own
+    mps.stop("job2")

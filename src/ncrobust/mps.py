@@ -51,11 +51,11 @@ def _alive(pid_file: Path) -> bool:
     return True
 
 
-def start(key: str, *, control: str | None = None) -> dict[str, str]:
+def start(key: str) -> dict[str, str]:
     """Start the daemon ``key`` unless it runs already (processes racing to start it agree under a
     file lock), point this process's CUDA at it, and return the environment variables that point
     other processes at it. Call it before this process's first CUDA call: CUDA reads them once."""
-    control = control or shutil.which(CONTROL)
+    control = shutil.which(CONTROL)
     if control is None:
         raise MPSUnavailableError(f"{CONTROL} not found on PATH: this machine's CUDA install has no MPS")
     root = daemon_root(key)
@@ -66,6 +66,7 @@ def start(key: str, *, control: str | None = None) -> dict[str, str]:
     with open(root / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _alive(pid_file):
+            (root / "pipe" / "control").unlink(missing_ok=True)  # a dead daemon's socket: wait for the new one's
             with open(root / "log" / "daemon.out", "ab") as out:
                 # -f: in the foreground of its own session, so that its pid is known and it outlives this process
                 daemon = subprocess.Popen([control, "-f"], env={**os.environ, **env}, stdout=out, stderr=out,
@@ -80,13 +81,13 @@ def start(key: str, *, control: str | None = None) -> dict[str, str]:
     return env
 
 
-def stop(key: str, *, control: str | None = None) -> None:
+def stop(key: str) -> None:
     """Ask the daemon ``key`` to quit (it waits for its clients to finish) and wait for it."""
     root = daemon_root(key)
     pid_file = root / "pid"
     if not _alive(pid_file):
         return
-    subprocess.run([control or shutil.which(CONTROL) or CONTROL], input=b"quit\n", env={**os.environ, **_environment(root)},
+    subprocess.run([shutil.which(CONTROL) or CONTROL], input=b"quit\n", env={**os.environ, **_environment(root)},
                    check=False, capture_output=True, timeout=60)
     pid = int(pid_file.read_text())
     deadline = time.monotonic() + 60
