@@ -43,7 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ncrobust.collapse import LayerStats, _one_hot, nc_metrics  # noqa: E402
+from ncrobust.collapse import LayerStats, nc_metrics  # noqa: E402
+from ncrobust.collapse.accumulate import _one_hot  # noqa: E402
 
 BASELINE_BATCH = 128
 

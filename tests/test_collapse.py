@@ -13,7 +13,7 @@ import pytest
 import torch
 from sklearn.neighbors import NearestCentroid
 
-from ncrobust import collapse
+from ncrobust.collapse import accumulate, blocks, measure
 from ncrobust.collapse import (
     LayerStats,
     alignment,
@@ -135,8 +135,8 @@ def stream(H, y, C, batch, *, reference=None) -> dict[str, float]:
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Force many row blocks inside each call, so that the blocking itself is exercised."""
-    monkeypatch.setattr(collapse, "_BLOCK_BYTES", 8)
-    monkeypatch.setattr(collapse, "_MIN_BLOCK_ROWS", 3)
+    monkeypatch.setattr(blocks, "_BLOCK_BYTES", 8)
+    monkeypatch.setattr(blocks, "_MIN_BLOCK_ROWS", 3)
 
 
 # ------------------------------------------------------------------------------------------
@@ -234,14 +234,14 @@ def test_gpu_class_sums_equal_the_cpu_ones():
     H = torch.randn(300, 40, generator=g, dtype=torch.float64) * 100 + 5
     for values in (H, H[:, 0]):
         index_add = torch.zeros(7, *values.shape[1:], dtype=torch.float64)
-        collapse._add_per_class_(index_add, y, values)  # the CPU path
-        one_hot = collapse._one_hot(y, 7, torch.float64) @ values  # the GPU path
+        accumulate._add_per_class_(index_add, y, values)  # the CPU path
+        one_hot = accumulate._one_hot(y, 7, torch.float64) @ values  # the GPU path
         reference = np.stack([values[y == c].numpy().sum(axis=0) for c in range(7)])
         np.testing.assert_allclose(index_add.numpy(), reference, rtol=1e-13)
         np.testing.assert_allclose(one_hot.numpy(), reference, rtol=1e-13)
     counts = torch.zeros(7, dtype=torch.int64)
-    collapse._count_(counts, y)
-    collapse._count_(counts, y[:10])
+    accumulate._count_(counts, y)
+    accumulate._count_(counts, y[:10])
     assert counts.tolist() == (np.bincount(y.numpy(), minlength=7) + np.bincount(y[:10].numpy(), minlength=7)).tolist()
 
 
@@ -265,7 +265,7 @@ def test_class_means():
 def test_rank_is_capped_by_dimension_when_d_below_c_minus_1():
     """d < C-1: Sigma_B has rank d, and nc1 uses all d directions (no 1/0 from the missing ones)."""
     H, y, _, _ = random_problem(10, 3, balanced=True, seed=5)
-    g = collapse._Geometry(*class_means(H, y, 10))
+    g = measure._Geometry(*class_means(H, y, 10))
     assert g.r == 3 and g.U.shape == (3, 3)
     assert math.isfinite(nc_metrics(H, y)["nc1"])
 
@@ -414,6 +414,83 @@ def test_ncc_predict_matches_sklearn_nearest_centroid(C, d):
     assert got.dtype == torch.int64
     np.testing.assert_array_equal(got.numpy(), sk.predict(queries))
     assert nc_metrics(H, y, num_classes=C)["ncc_accuracy"] == float(np.mean(sk.predict(H) == y))
+
+
+# ------------------------------------------------------------------------------------------
+# one computation of the class means, the NCC decision and the leap counts
+# ------------------------------------------------------------------------------------------
+
+
+def near_ties(M: torch.Tensor, per_pair: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points midway between every pair ``(a, b)`` of the rows of ``M`` (exactly, and moved by
+    ~1e-13 of the spread), and the pairs: between ``a`` and ``b`` the nearest-mean decision is
+    left to float64 rounding."""
+    g = torch.Generator().manual_seed(seed)
+    C = M.shape[0]
+    pairs = torch.tensor([(a, b) for a in range(C) for b in range(a + 1, C)])
+    mids = (M[pairs[:, 0]] + M[pairs[:, 1]]) / 2
+    jitter = 1e-13 * float(M.abs().max()) * torch.randn(per_pair, *mids.shape, generator=g, dtype=torch.float64)
+    return torch.cat([mids, *(mids + jitter)]), pairs.repeat(per_pair + 1, 1)
+
+
+@pytest.mark.parametrize("batch", [None, 7], ids=["one-batch", "b7"])
+def test_dense_and_streamed_class_means_are_the_same_numbers(batch):
+    H, y, _, _ = random_problem(10, 12, balanced=False, seed=21)
+    H, y = torch.from_numpy(H), torch.from_numpy(y)
+    M, counts = class_means(H, y, 10)
+    stats = LayerStats(10)
+    for s in range(0, len(y), batch or len(y)):
+        stats.accumulate_means(H[s : s + (batch or len(y))], y[s : s + (batch or len(y))])
+    stats.finish_means()
+    assert torch.equal(stats.means, M) and torch.equal(stats.counts, counts)
+
+
+def test_ncc_predict_leap_and_layerstats_agree_at_near_ties():
+    """The nearest clean mean of perturbed features, decided by ncc_predict, leap and a LayerStats
+    with the clean set as reference: the same decision for every sample, near-ties included."""
+    C = 6
+    H0, y0, _, _ = random_problem(C, 9, balanced=True, seed=31)
+    clean = LayerStats(C)
+    clean.accumulate_means(H0, y0)
+    clean.finish_means()
+    M = clean.means
+    ties, pairs = near_ties(M, per_pair=3, seed=1)
+    rng = np.random.default_rng(5)
+    H = torch.cat([torch.from_numpy(H0 + rng.standard_normal(H0.shape)), ties])
+    y = torch.from_numpy(rng.integers(0, C, len(H)))
+    logits = torch.from_numpy(rng.standard_normal((len(H), C)))
+    pred = ncc_predict(H, M)
+    # the near-ties really are: the two means of each pair are equally far up to rounding
+    d2 = ((ties[:, None] - M[None]) ** 2).sum(-1).gather(1, pairs)
+    assert bool(((d2[:, 0] - d2[:, 1]).abs() <= 1e-9 * d2[:, 0]).all())
+    joint = torch.zeros(C, C, dtype=torch.float64)
+    joint.index_put_((y, pred), torch.ones(len(y), dtype=torch.float64), accumulate=True)
+    L = leap(M, H, y, C)
+    assert torch.equal(L, joint / joint.sum(dim=1, keepdim=True))
+    pert = LayerStats(C, reference=clean)
+    for s in range(0, len(y), 11):
+        pert.accumulate_means(H[s : s + 11], y[s : s + 11])
+    pert.finish_means()
+    for s in range(0, len(y), 11):
+        pert.accumulate_scatter(H[s : s + 11], y[s : s + 11], logits[s : s + 11].argmax(dim=1))
+    assert torch.equal(pert.reference_geometry()["leap"], L)
+    assert pert.compute()["ncc_accuracy_clean_means"] == float((pred == y).double().mean())
+    assert pert.prediction_metrics()["leap_to_prediction"] == float((pred == logits.argmax(dim=1)).double().mean())
+    dense = perturbation_metrics(H0, y0, H, y, num_classes=C)
+    assert torch.equal(dense["leap"], L)
+
+
+def test_own_mean_ncc_of_layerstats_is_ncc_predict_with_the_own_means():
+    """Pass 2 decides the NCC with the own means through the projected residuals: on features
+    without near-ties the same decisions as ncc_predict with the class means."""
+    for C, d in [(2, 5), (10, 4), (10, 40)]:
+        H, y, W, b = random_problem(C, d, balanced=False, seed=C * d)
+        M, _ = class_means(H, y, C)
+        pred = ncc_predict(H, M).numpy()
+        logits = H @ W.T + b
+        m = nc_metrics(H, y, num_classes=C, logits=logits)
+        assert m["ncc_accuracy"] == float(np.mean(pred == y))
+        assert m["nc4"] == 1.0 - float(np.mean(pred == logits.argmax(axis=1)))
 
 
 # ------------------------------------------------------------------------------------------

@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-from ncrobust import collapse, evaluation
+from ncrobust import evaluation
 from ncrobust.attacks import ThreatModel, perturb, target_labels
 from ncrobust.cell import Cell
-from ncrobust.collapse import LayerStats, nc_metrics, perturbation_metrics
+from ncrobust.collapse import LayerStats, accumulate, blocks, nc_metrics, perturbation_metrics
 from ncrobust.data import as_float
 from ncrobust.evaluation import RESULT_COLUMNS, EvaluationPlan, evaluate_checkpoint, penultimate_metrics
 from ncrobust.losses import get_loss
@@ -189,9 +189,10 @@ def test_projection_pairs_the_same_samples_in_every_set(small):
 
 
 def test_batch_updates_never_read_back_to_the_host():
-    """The per-batch accumulation (_add_means, _add_scatter) makes no call that would synchronise
-    with a GPU: no read-back (item, bool, tolist, ...) and no torch.bincount, which sizes its
-    output from the input's maximum (it was in three of these updates)."""
+    """The per-batch accumulation (accumulate_means_unchecked, accumulate_scatter_unchecked) makes
+    no call that would synchronise with a GPU: no read-back (item, bool, tolist, ...) and no
+    torch.bincount, which sizes its output from the input's maximum (it was in three of these
+    updates)."""
     g = torch.Generator().manual_seed(0)
     H = torch.randn(200, 16, generator=g)
     y = torch.arange(200) % 5
@@ -202,12 +203,12 @@ def test_batch_updates_never_read_back_to_the_host():
     stats = LayerStats(5, reference=clean)
     with HostSyncs() as syncs:
         for s in range(0, 200, 50):
-            stats._add_means(H[s : s + 50], y[s : s + 50])
+            stats.accumulate_means_unchecked(H[s : s + 50], y[s : s + 50])
     assert syncs.calls == []
     stats.finish_means()
     with HostSyncs() as syncs:
         for s in range(0, 200, 50):
-            stats._add_scatter(H[s : s + 50], y[s : s + 50], pred[s : s + 50])
+            stats.accumulate_scatter_unchecked(H[s : s + 50], y[s : s + 50], pred[s : s + 50])
     assert syncs.calls == []
     dense = nc_metrics(H, y)
     assert stats.compute()["ncc_accuracy"] == pytest.approx(dense["ncc_accuracy"])
@@ -241,10 +242,10 @@ def _streamed_statistics(device: str) -> dict:
     def stream(features, reference=None):
         stats = LayerStats(6, reference=reference)
         for s in range(0, 600, 100):
-            stats._add_means(features[s : s + 100], y[s : s + 100])
+            stats.accumulate_means_unchecked(features[s : s + 100], y[s : s + 100])
         stats.finish_means()
         for s in range(0, 600, 100):
-            stats._add_scatter(features[s : s + 100], y[s : s + 100], pred[s : s + 100])
+            stats.accumulate_scatter_unchecked(features[s : s + 100], y[s : s + 100], pred[s : s + 100])
         return stats
 
     clean = stream(H)
@@ -255,7 +256,7 @@ def _streamed_statistics(device: str) -> dict:
 
 def test_the_gpus_one_hot_class_sums_give_the_same_statistics_on_the_cpu(monkeypatch):
     index_add = _streamed_statistics("cpu")
-    monkeypatch.setattr(collapse, "_sums_by_matmul", lambda device: True)
+    monkeypatch.setattr(accumulate, "_sums_by_matmul", lambda device: True)
     one_hot = _streamed_statistics("cpu")
     for key in index_add:
         np.testing.assert_allclose(np.asarray(one_hot[key]), np.asarray(index_add[key]), rtol=1e-12, err_msg=key)
@@ -324,7 +325,7 @@ def test_non_finite_features_are_reported_at_the_end_of_a_pass():
     stats = LayerStats(3)
     H = torch.randn(9, 4)
     H[4, 1] = float("nan")
-    stats._add_means(H, torch.arange(9) % 3)
+    stats.accumulate_means_unchecked(H, torch.arange(9) % 3)
     with pytest.raises(ValueError, match="non-finite"):
         stats.finish_means()
 
@@ -399,5 +400,5 @@ def test_leap_matrices_average_over_seeds():
 
 
 def test_gpu_block_size_is_the_whole_batch():
-    assert collapse._block_rows(512, torch.device("cuda")) >= 1 << 40
-    assert collapse._block_rows(512, torch.device("cpu")) == max(collapse._MIN_BLOCK_ROWS, collapse._BLOCK_BYTES // (8 * 512))
+    assert blocks._block_rows(512, torch.device("cuda")) >= 1 << 40
+    assert blocks._block_rows(512, torch.device("cpu")) == max(blocks._MIN_BLOCK_ROWS, blocks._BLOCK_BYTES // (8 * 512))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ncrobust import data as datasets
-from ncrobust.collapse import nc_metrics
+from ncrobust.collapse import LayerStats, class_means, leap, nc_metrics, ncc_predict
 from ncrobust.experiment import Cell, build_model
 from ncrobust.train_collapse import EpochFeatures, ncc_accuracy
 
@@ -40,6 +40,33 @@ def test_a_missing_class_or_a_diverged_stream_gives_nan_not_an_error():
     assert all(math.isnan(v) for v in store.metrics(y, 6).values())
     with pytest.raises(ValueError, match="n >= 1"):
         EpochFeatures(0, 4, "cpu")
+
+
+@pytest.mark.parametrize("block", [8192, 7])
+def test_training_time_means_and_ncc_are_the_evaluations_numbers(block):
+    """The epoch's class means are class_means' and LayerStats' to the bit, and ncc_accuracy with
+    them decides as ncc_predict, leap and a LayerStats with that reference, also at near-ties
+    (points midway between two clean means, stored in float32 as the training stream is)."""
+    h, y = _clustered(seed=3)
+    store = EpochFeatures(len(h), h.shape[1], "cpu")
+    store.store(0, h)
+    means = store.class_means(y, 6)
+    clean = LayerStats(6)
+    clean.accumulate_means(h, y)
+    clean.finish_means()
+    assert torch.equal(means, class_means(h, y, 6)[0]) and torch.equal(means, clean.means)
+    pairs = torch.combinations(torch.arange(6))
+    mids = ((means[pairs[:, 0]] + means[pairs[:, 1]]) / 2).float()
+    adv = torch.cat([h + 2.0 * torch.randn(h.shape, generator=torch.Generator().manual_seed(4)), mids])
+    adv_y = torch.cat([y, pairs[:, 1]])
+    got = ncc_accuracy(adv, adv_y, means, block=block)
+    assert got == float((ncc_predict(adv, means) == adv_y).double().mean())
+    pert = LayerStats(6, reference=clean)
+    pert.accumulate_means(adv, adv_y)
+    pert.finish_means()
+    pert.accumulate_scatter(adv, adv_y)
+    assert got == pert.compute()["ncc_accuracy_clean_means"]
+    assert torch.equal(pert.reference_geometry()["leap"], leap(means, adv, adv_y, 6))
 
 
 def test_ncc_accuracy_with_other_means_classifies_by_the_nearest_one():

@@ -157,7 +157,7 @@ def _measure(
         logits, acts = forward(sl)
         predictions[sl] = logits.argmax(dim=1)
         for name, s in stats.items():
-            s._add_means(acts[name], groups[sl])
+            s.accumulate_means_unchecked(acts[name], groups[sl])
         if collect is not None:
             collect(sl, logits, acts[PENULTIMATE])
         size = _nbytes(acts)
@@ -170,7 +170,7 @@ def _measure(
         if acts is None:
             _, acts = forward(sl)
         for name, s in stats.items():
-            s._add_scatter(acts[name], groups[sl], predictions[sl] if name == PENULTIMATE else None)
+            s.accumulate_scatter_unchecked(acts[name], groups[sl], predictions[sl] if name == PENULTIMATE else None)
     return stats, predictions
 
 

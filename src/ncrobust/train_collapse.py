@@ -1,17 +1,18 @@
 """Neural Collapse of the training stream: penultimate NC of every epoch's training batches.
 
 Su et al. 2024 plot NC of adversarially trained networks on the adversarial examples made during
-training, every epoch. Re-attacking a checkpoint (``ncrobust.features``) gives that only at the
-checkpoint epochs; here the penultimate features that the training step computes anyway (clean and
-adversarial, BatchNorm in the mode of the step, the model changing within the epoch) are kept on
-the device as they stream by, and the epoch's metrics come from :func:`ncrobust.collapse.nc_metrics`
-at its end: one NC implementation for the whole project, exact, with no host synchronisation per
-step.
+training, every epoch. Re-attacking a checkpoint gives that only at the checkpoint epochs; here the
+penultimate features that the training step computes anyway (clean and adversarial, BatchNorm in
+the mode of the step, the model changing within the epoch) are kept on the device as they stream
+by, and the epoch's numbers come from the collapse package at its end, with no host
+synchronisation per step: NC1 and the NCC accuracy from :func:`ncrobust.collapse.nc_metrics`
+(the evaluation's :class:`~ncrobust.collapse.LayerStats` on one batch), the class means and the
+nearest-class-centre decision from :mod:`ncrobust.collapse.accumulate`.
 
 Why keep the features rather than sum moments: the epoch's NC1 needs ``Sigma_W`` only projected on
-the span of the class means (``collapse`` module docstring), which costs ``O(N d C)`` once the means
-are known, while a streaming ``sum h h^T`` costs ``O(N d^2)`` (50x more at d = 512, C = 10: a
-third of a small CPU training step); and the NCC accuracy of the adversarial features with the
+the span of the class means (:mod:`ncrobust.collapse.measure`), which costs ``O(N d C)`` once the
+means are known, while a streaming ``sum h h^T`` costs ``O(N d^2)`` (50x more at d = 512, C = 10:
+a third of a small CPU training step); and the NCC accuracy of the adversarial features with the
 epoch's clean means needs the features after the means exist anyway. Memory: ``N x d`` float32 per
 stream on the training device (50,000 x 512: 102 MB; two streams for adversarial training).
 """
@@ -23,6 +24,7 @@ import math
 import torch
 
 from .collapse import nc_metrics
+from .collapse.accumulate import class_means_from, class_sums, half_sq_norms, nearest_mean
 
 _F64 = torch.float64
 
@@ -55,25 +57,25 @@ class EpochFeatures:
         return {k: m[k] for k in ("nc1", "nc1_trace_ratio", "ncc_accuracy")}
 
     def class_means(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-        """``mu_c`` [C, d] in float64 (NaN rows for classes without a sample)."""
-        one_hot = (labels[:, None] == torch.arange(num_classes, device=labels.device)).to(_F64)  # [N, C]
-        return (one_hot.T @ self.features.to(_F64)) / one_hot.sum(dim=0)[:, None]
+        """``mu_c`` [C, d] in float64 (NaN rows for classes without a sample); ``labels`` [N]
+        int64 in [0, C), in the stored order."""
+        return class_means_from(*class_sums(self.features, labels, num_classes))
 
 
 @torch.no_grad()
 def ncc_accuracy(features: torch.Tensor, labels: torch.Tensor, means: torch.Tensor, *, block: int = 8192) -> float:
     """Share of ``features`` [N, d] whose nearest (Euclidean) row of ``means`` [C, d] is their
-    label: ``argmin_c ||h - mu_c||^2 = argmax_c (h . mu_c - ||mu_c||^2 / 2)``, in float64. With
-    the clean class means and adversarial features: Su et al.'s "NCC accuracy with clean means".
-    NaN when a mean is not finite (a class without a sample)."""
+    label (:func:`~ncrobust.collapse.accumulate.nearest_mean`, in float64, ``block`` rows at a
+    time to bound the float64 copy of a whole epoch). With the clean class means and adversarial
+    features: Su et al.'s "NCC accuracy with clean means". NaN when a mean is not finite (a class
+    without a sample)."""
     if features.ndim != 2 or means.ndim != 2 or features.shape[1] != means.shape[1]:
         raise ValueError(f"ncc_accuracy needs features [N, d] and means [C, d], got {tuple(features.shape)}, {tuple(means.shape)}")
     if len(features) == 0 or not bool(torch.isfinite(means).all()):
         return math.nan
     M = means.to(device=features.device, dtype=_F64)
-    half_sq = 0.5 * (M * M).sum(dim=1)  # [C]
+    half_sq = half_sq_norms(M)  # [C]
     correct = torch.zeros((), dtype=torch.int64, device=features.device)
     for s in range(0, len(features), block):
-        scores = torch.addmm(half_sq, features[s : s + block].to(_F64), M.T, beta=-1.0)  # [n, C]
-        correct += (scores.argmax(dim=1) == labels[s : s + block]).sum()
+        correct += (nearest_mean(features[s : s + block], M, half_sq) == labels[s : s + block]).sum()
     return int(correct) / len(features)
