@@ -29,7 +29,15 @@ import torch
 
 from .blocks import _blocks
 from .checks import _all_finite, _check_counts, _check_finite_rows, _features, _labels, _matrix, _num_classes, _tensor
-from .measure import _Geometry, class_accuracy, class_geometry, imbalance_geometry, prediction_metrics, reference_geometry, within_class
+from .measure import (
+    _Geometry,
+    class_accuracy,
+    class_geometry,
+    imbalance_geometry,
+    prediction_metrics,
+    reference_geometry,
+    within_class,
+)
 
 _F64 = torch.float64
 

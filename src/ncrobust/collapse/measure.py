@@ -198,7 +198,9 @@ def class_geometry(g: _Geometry, W: torch.Tensor | None) -> dict[str, float]:
     return out
 
 
-def prediction_metrics(N: int, net_correct: torch.Tensor, own_agree: torch.Tensor, ref_agree: torch.Tensor | None) -> dict[str, float]:
+def prediction_metrics(
+    N: int, net_correct: torch.Tensor, own_agree: torch.Tensor, ref_agree: torch.Tensor | None,
+) -> dict[str, float]:
     """``accuracy``, ``nc4`` and with a reference ``leap_to_prediction`` from the pass-2 counts of
     network argmax == label, NCC (own means) == argmax, nearest reference mean == argmax."""
     out = {"accuracy": int(net_correct) / N, "nc4": 1.0 - int(own_agree) / N}
