@@ -13,9 +13,9 @@ import torch
 
 from ncrobust import data, plots, tables
 from ncrobust.collapse import LayerStats, minority_classes
+from ncrobust.columns import FIGURES, METRIC_COLUMNS
 from ncrobust.data import imbalance_counts
 from workflow_helpers import fit_full_batch
-from ncrobust.tables import METRIC_COLUMNS
 
 # --------------------------------------------------------------------------------------------
 # the dataset option
@@ -396,4 +396,4 @@ def test_imbalance_figure_without_variant_overrides_and_without_metrics(tmp_path
     assert tables.imbalance_geometry(no_counts).empty
     fig = plots._draw("imbalance", no_counts, None, None, str(tmp_path / "none.png"))
     assert any("no imbalance metrics" in t.get_text() for ax in fig.axes for t in ax.texts)
-    assert "imbalance" in plots.FIGURES
+    assert "imbalance" in FIGURES

@@ -190,7 +190,7 @@ def test_report_opens_on_the_front_page_with_the_summary_and_every_figure(finish
     desc = json.loads(re.search(r"var workflow_desc = (\".*?\");\n", page, re.S).group(1))
     assert "Grid of this run: dataset digits" in desc and "training adversary st, pgd-linf" in desc
     assert desc.count("<tr>") == 1 + 2  # header and one row per (dataset, model, loss, adversary)
-    from ncrobust.plots import FIGURES
+    from ncrobust.columns import FIGURES
 
     assert desc.count("<figure") == desc.count("data:image/png;base64,") == len(FIGURES) == 8
     assert "<strong>Leap matrix at the final epoch.</strong>" in desc

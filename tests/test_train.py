@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from host_syncs import HostSyncs
 from ncrobust import data as datasets
 from ncrobust.attacks import ThreatModel
+from ncrobust.columns import COLLAPSE_LOG_COLUMNS
 from ncrobust.experiment import Cell, build_model
 from ncrobust.losses import get_loss
 from ncrobust import attacks
 from ncrobust.train import (
-    COLLAPSE_LOG_COLUMNS, SGD, NonFiniteLossError, Recipe, Schedule, draw_attack_noise, initial_checkpoint, pgd_from_noise, trades_from_noise,
+    SGD, NonFiniteLossError, Recipe, Schedule, draw_attack_noise, initial_checkpoint, pgd_from_noise, trades_from_noise,
     train_segment,
 )
 

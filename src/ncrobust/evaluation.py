@@ -34,13 +34,11 @@ import torch
 
 from .attacks import PERTURBATIONS, ThreatModel, perturb, target_labels
 from .collapse import LayerStats, minority_classes
+from .columns import PENULTIMATE, RESULT_COLUMNS
 from .data import as_float, device_layout
 from .seeding import generator
 from .projection import SimplexPlane
 
-# Columns of one checkpoint's metrics before the cell columns are added (ncrobust.tables).
-RESULT_COLUMNS = ["split", "norm", "perturbation", "layer", "layer_index", "metric", "class", "row", "col", "value"]
-PENULTIMATE = "penultimate"
 FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CPU_ACTIVATION_CACHE_BYTES = 512 << 20
 

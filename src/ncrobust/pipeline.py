@@ -13,10 +13,11 @@ from tqdm import tqdm
 
 from . import data as datasets
 from . import mps
+from .columns import ROBUSTNESS_COLUMNS
 from .evaluation import evaluate_checkpoint
 from .experiment import AUTOCAST, Cell, build_model, cell_loss, evaluation_plan, resolve_device, threat_model
 from .io import CorruptFileError, load_torch, read_parquet, save_torch, write_parquet, write_text
-from .tables import ROBUSTNESS_COLUMNS, metrics_frame, stack, summary, summary_markdown, tag, training_frame
+from .tables import metrics_frame, stack, summary, summary_markdown, tag, training_frame
 from .train import Recipe, Schedule, initial_checkpoint, train_segment
 
 log = logging.getLogger("ncrobust")
@@ -108,7 +109,7 @@ def init_cell(config: dict, cell: Cell, data_path: str, output: str) -> None:
 
 def train_cell(config: dict, cell: Cell, data_path: str, previous: str, epoch: int, checkpoint_out: str, log_out: str) -> None:
     """Train from the previous checkpoint to ``epoch``; write the checkpoint and the epoch log
-    (with the streaming NC columns of :data:`ncrobust.train.COLLAPSE_LOG_COLUMNS`). With ``mps``,
+    (with the streaming NC columns of :data:`ncrobust.columns.COLLAPSE_LOG_COLUMNS`). With ``mps``,
     first joins the MPS daemon of the SLURM allocation (before CUDA starts: it reads the variables once)."""
     if config.get("mps") and config.get("device", "auto") != "cpu":
         mps.join_allocation_daemon()
