@@ -309,3 +309,64 @@ def test_the_schemas_threat_models_schedules_and_loss_options_are_the_librarys()
     assert set(_schema_node("losses")["properties"]) == with_options
     for kind in _schema_node("training.schedule.kind")["enum"]:
         Schedule(kind)  # each is one the library draws
+
+
+# --------------------------------------------------------------------------------------------
+# the library's defaults are the schema's (the validated config is the source: the workflow
+# passes every value; the library keeps defaults for direct use, and they must not drift)
+
+
+def _default(path: str):
+    return _schema_node(path)["default"]
+
+
+def test_the_training_recipes_defaults_are_the_schemas():
+    import dataclasses
+
+    from ncrobust.experiment import AUTOCAST
+    from ncrobust.train import Recipe, Schedule
+
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe) if f.default is not dataclasses.MISSING}
+    schedule = {key: _default(f"training.schedule.{key}") for key in ("kind", "milestones", "factors")}
+    assert defaults == {
+        **{key: _default(f"training.{key}") for key in ("batch_size", "trades_beta", "log_test_accuracy", "trades_bn",
+                                                        "pgd_clean_bn_pass", "track_collapse", "cuda_graph")},
+        **{key: _default(f"training.optimizer.{key}") for key in ("lr", "momentum", "weight_decay")},
+        "autocast_dtype": AUTOCAST[_default("precision")],
+        "mixup_alpha": _default("training.mixup.alpha"),
+    }
+    assert Schedule() == Schedule(schedule["kind"], tuple(schedule["milestones"]), tuple(schedule["factors"]))
+
+
+def test_the_evaluation_plans_defaults_are_the_schemas():
+    import dataclasses
+
+    from ncrobust.evaluation import EvaluationPlan
+    from ncrobust.experiment import AUTOCAST
+
+    defaults = {f.name: f.default for f in dataclasses.fields(EvaluationPlan) if f.default is not dataclasses.MISSING}
+    assert defaults == {
+        **{key: _default(f"evaluation.{key}") for key in ("batch_size", "layerwise", "projection_points", "keep_features",
+                                                          "feature_dtype")},
+        "splits": tuple(_default("evaluation.splits")),
+        "attack_loss": None,  # the cell's loss: the workflow always passes it
+        "attack_dtype": AUTOCAST[_default("evaluation.attack_precision")],
+    }
+
+
+def test_the_losses_models_and_related_stages_defaults_are_the_schemas():
+    import inspect
+
+    from ncrobust.losses import LOSSES
+    from ncrobust.mixup_geometry import mixup_geometry
+    from ncrobust.models.base import check_normalized_features
+    from ncrobust.probe import probe_model
+
+    for name, option in (("label_smoothing", "smoothing"), ("focal", "gamma")):
+        assert inspect.signature(LOSSES[name]).parameters[option].default == _default(f"losses.{name}.{option}")
+    assert check_normalized_features("mlp", {}) == _default("models.*.normalized_features.temperature")
+    geometry = inspect.signature(mixup_geometry).parameters
+    assert [list(p) for p in geometry["pairs"].default] == _default("evaluation.mixup_geometry.pairs")
+    assert list(geometry["lambdas"].default) == _default("evaluation.mixup_geometry.lambdas")
+    assert geometry["per_class"].default == _default("evaluation.mixup_geometry.per_class")
+    assert inspect.signature(probe_model).parameters["weight_decay"].default == _default("probe.weight_decay")

@@ -83,7 +83,8 @@ def _reorder_keys(config):
 def _spell_out_defaults(config):
     config["training"]["optimizer"] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5.0e-4}
     config["training"]["schedule"] = {"kind": "piecewise", "milestones": [0.25, 0.375], "factors": [0.1, 0.01]}
-    config["evaluation"].update(layerwise=True, feature_dtype="float32", keep_features=False, attack_precision="fp32")
+    config["evaluation"].update(layerwise=True, feature_dtype="float32", keep_features=False, attack_precision="fp32",
+                                projection_points=300)
     config.update(precision="fp32", data_root="data", download=False)
 
 

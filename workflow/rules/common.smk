@@ -120,10 +120,10 @@ def job_resources(kind):
     the string resource `gres` (`gpu:1`, `gpu:a100:1`), not the number `gpu`: Snakemake sums a
     number over the parallel jobs of a group job but keeps a string that all of them share, so k
     training chains packed into one allocation (`--group-components train=k`) share one GPU."""
-    r = config["resources"].get(kind, {})
-    res = dict(mem_mb=r.get("mem_mb", 4000), runtime=r.get("runtime", 60), cpus_per_task=r.get("cpus", 1))
-    if r.get("gpu", 0):
-        model = config["resources"].get("gpu_model")
+    r = config["resources"][kind]
+    res = dict(mem_mb=r["mem_mb"], runtime=r["runtime"], cpus_per_task=r["cpus"])
+    if r["gpu"]:
+        model = config["resources"]["gpu_model"]
         res["gres"] = f"gpu:{model}:{r['gpu']}" if model else f"gpu:{r['gpu']}"
     return res
 
