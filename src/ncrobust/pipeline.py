@@ -16,7 +16,7 @@ from . import mps
 from .columns import ROBUSTNESS_COLUMNS
 from .evaluation import evaluate_checkpoint
 from .experiment import AUTOCAST, Cell, build_model, cell_loss, evaluation_plan, resolve_device, threat_model
-from .io import CorruptFileError, load_torch, read_parquet, save_torch, write_parquet, write_text
+from .io import CorruptFileError, OutdatedFileError, load_torch, read_parquet, save_torch, write_parquet, write_text
 from .tables import metrics_frame, stack, summary, summary_markdown, tag, training_frame
 from .train import Recipe, Schedule, initial_checkpoint, train_segment
 
@@ -53,8 +53,10 @@ def place(model: torch.nn.Module, device: torch.device, *tensors: torch.Tensor):
 
 
 def load_dataset(path: str | os.PathLike) -> dict:
-    """A prepared dataset file, checked (a broken file names its path and the fix)."""
+    """A prepared dataset file, checked (a broken or outdated file names its path and the fix)."""
     data = load_torch(path)
+    if isinstance(data, dict) and "class_counts" not in data:
+        raise OutdatedFileError.at(path, "class_counts", "prepare_data")
     try:
         datasets.validate(data)
     except ValueError as err:

@@ -616,7 +616,7 @@ def imbalance(f: pd.DataFrame, path: str | Path, split: str = "train"):
         return _placeholder(
             path, "Geometry of imbalanced classes",
             "no imbalance metrics in the metrics table (train_class_count, mean_norm_per_class, ...): "
-            "datasets prepared before class counts were recorded",
+            "the train split was not evaluated",
         )
     cols = _present(f["adversary"], ADVERSARIES)
     perts = _present(f["perturbation"], PERTURBATION_ORDER)

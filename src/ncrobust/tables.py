@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
 
 from .cell import Cell
@@ -68,13 +67,9 @@ def metrics_frame(results: pd.DataFrame, cell: Cell, epoch: int) -> pd.DataFrame
 
 
 def training_frame(rows: list[dict], cell: Cell) -> pd.DataFrame:
-    """One row per epoch of a training segment, tagged with the cell (NaN for a column the rows
-    lack, e.g. the collapse columns with ``track_collapse`` off); other columns are kept after them."""
-    frame = pd.DataFrame(rows).rename(columns={"loss": "loss_value"})
-    for column in TRAINING_COLUMNS[len(CELL_COLUMNS):]:
-        if column not in frame.columns:
-            frame[column] = np.nan
-    frame = tag(frame, cell)
+    """One row per epoch of a training segment (:func:`ncrobust.train.train_segment`'s rows),
+    tagged with the cell; columns beyond :data:`ncrobust.columns.TRAINING_COLUMNS` are kept after them."""
+    frame = tag(pd.DataFrame(rows).rename(columns={"loss": "loss_value"}), cell)
     extra = [c for c in frame.columns if c not in TRAINING_COLUMNS]
     return frame[TRAINING_COLUMNS + extra].astype({"epoch": "int64"})
 
