@@ -256,8 +256,11 @@ def test_render_rejects_an_unknown_figure(tmp_path):
 
 
 def test_palettes_are_fixed_for_known_names():
-    assert set(plots.PERTURBATION_PALETTE) == set(plots.PERTURBATION_ORDER)
-    assert set(plots.ADVERSARY_PALETTE) == set(plots.ADVERSARY_ORDER)
+    from ncrobust.attacks import PERTURBATIONS
+    from ncrobust.cell import ADVERSARIES
+
+    assert set(plots.PERTURBATION_PALETTE) == set(plots.PERTURBATION_ORDER) == set(PERTURBATIONS)
+    assert set(plots.ADVERSARY_PALETTE) == set(ADVERSARIES)
     assert not set(plots.PERTURBATION_PALETTE.values()) & set(plots.ADVERSARY_PALETTE.values())
 
 
