@@ -377,7 +377,7 @@ def test_cuda_graph_training_equals_eager_training_on_gpu(digits, adversary, swi
     steps, the capture and a replay, epoch 2 only replays; the partial batch runs eagerly."""
     from ncrobust.pipeline import setup
 
-    setup({"device": "cuda"}, deterministic=True)
+    setup({"device": "cuda", "threads": 1}, deterministic=True)
     results = {}
     for graphed in (False, True):
         cell, model, recipe, x, y = _setup(digits, adversary, epochs=2, model="convnet", cuda_graph=graphed, **switches)
