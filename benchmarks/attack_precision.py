@@ -27,7 +27,8 @@ import torch
 
 from ncrobust import data as datasets
 from ncrobust.attacks import ThreatModel
-from ncrobust.evaluation import PENULTIMATE, EvaluationPlan, evaluate_checkpoint
+from ncrobust.columns import PENULTIMATE
+from ncrobust.evaluation import EvaluationPlan, evaluate_checkpoint
 from ncrobust.experiment import Cell, build_model
 from ncrobust.losses import get_loss
 from ncrobust.train import Recipe, initial_checkpoint, train_segment

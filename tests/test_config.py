@@ -239,3 +239,134 @@ def test_the_default_config_missing_or_broken_is_one_line(tmp_path):
     proc = run()
     assert proc.returncode != 0
     assert f"ncrobust: config error: {default}: config file not found" in proc.stderr, proc.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------
+# the schema's enums are the library's registries (the config code stays torch-free, so the
+# schema names them by hand: these tests keep the two lists one)
+
+
+def _schema_node(path: str) -> dict:
+    """The schema node at ``path``: property names joined by dots, ``[]`` for a list's items,
+    ``*`` for the value of any name (``additionalProperties``)."""
+    from ncrobust.config import load_schema
+
+    schema = load_schema()
+    node = schema
+    for key in path.split("."):
+        if "$ref" in node:
+            node = schema["definitions"][node["$ref"].split("/")[-1]]
+        node = node["items"] if key == "[]" else node["additionalProperties"] if key == "*" else node["properties"][key]
+    return schema["definitions"][node["$ref"].split("/")[-1]] if "$ref" in node else node
+
+
+ENUM_REGISTRIES = {  # schema path -> the library's name for the same list
+    "grid.dataset.[]": "ncrobust.data.list_datasets",
+    "datasets": "ncrobust.data.list_datasets",
+    "grid.model.[]": "ncrobust.models.list_models",
+    "grid.loss.[]": "ncrobust.losses.LOSSES",
+    "grid.adversary.[]": "ncrobust.cell.ADVERSARIES",
+    "evaluation.perturbations": "ncrobust.attacks.PERTURBATIONS",
+    "evaluation.strong.attacks.[]": "ncrobust.attacks.STRONG_ATTACKS",
+    "datasets.*.norm": "ncrobust.attacks.NORMS",
+    "evaluation.norms.[]": "ncrobust.attacks.NORMS",
+    "training.trades_bn": "ncrobust.train.TRADES_BN",
+    "precision": "ncrobust.experiment.AUTOCAST",
+    "evaluation.attack_precision": "ncrobust.experiment.AUTOCAST",
+    "evaluation.feature_dtype": "ncrobust.evaluation.FEATURE_DTYPES",
+    "datasets.*.options.imbalance.profile": "ncrobust.data.IMBALANCE_PROFILES",
+}
+
+
+def _registry(name: str) -> set:
+    import importlib
+
+    module, attribute = name.rsplit(".", 1)
+    value = getattr(importlib.import_module(module), attribute)
+    return set(value() if callable(value) else value)
+
+
+@pytest.mark.parametrize("path", list(ENUM_REGISTRIES))
+def test_a_schema_enum_is_its_registry(path):
+    node = _schema_node(path)
+    enum = node["propertyNames"]["enum"] if "propertyNames" in node else node["enum"]
+    assert len(enum) == len(set(enum)) and set(enum) == _registry(ENUM_REGISTRIES[path])
+
+
+def test_the_schemas_threat_models_schedules_and_loss_options_are_the_librarys():
+    """Names the schema spells as keys rather than an enum, or that the library has no list of."""
+    import inspect
+
+    from ncrobust.attacks import NORMS
+    from ncrobust.config import DATASET_SHAPES, REAL_DATASETS
+    from ncrobust.data import list_datasets
+    from ncrobust.losses import LOSSES
+    from ncrobust.train import Schedule
+
+    assert set(_schema_node("datasets.*.threat")["properties"]) == set(NORMS)
+    assert set(DATASET_SHAPES) == set(list_datasets()) and set(REAL_DATASETS) < set(list_datasets())
+    with_options = {name for name, make in LOSSES.items() if inspect.signature(make).parameters}
+    assert set(_schema_node("losses")["properties"]) == with_options
+    for kind in _schema_node("training.schedule.kind")["enum"]:
+        Schedule(kind)  # each is one the library draws
+
+
+# --------------------------------------------------------------------------------------------
+# the library's defaults are the schema's (the validated config is the source: the workflow
+# passes every value; the library keeps defaults for direct use, and they must not drift)
+
+
+def _default(path: str):
+    return _schema_node(path)["default"]
+
+
+def test_the_training_recipes_defaults_are_the_schemas():
+    import dataclasses
+
+    from ncrobust.experiment import AUTOCAST
+    from ncrobust.train import Recipe, Schedule
+
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe) if f.default is not dataclasses.MISSING}
+    schedule = {key: _default(f"training.schedule.{key}") for key in ("kind", "milestones", "factors")}
+    assert defaults == {
+        **{key: _default(f"training.{key}") for key in ("batch_size", "trades_beta", "log_test_accuracy", "trades_bn",
+                                                        "pgd_clean_bn_pass", "track_collapse", "cuda_graph")},
+        **{key: _default(f"training.optimizer.{key}") for key in ("lr", "momentum", "weight_decay")},
+        "autocast_dtype": AUTOCAST[_default("precision")],
+        "mixup_alpha": _default("training.mixup.alpha"),
+    }
+    assert Schedule() == Schedule(schedule["kind"], tuple(schedule["milestones"]), tuple(schedule["factors"]))
+
+
+def test_the_evaluation_plans_defaults_are_the_schemas():
+    import dataclasses
+
+    from ncrobust.evaluation import EvaluationPlan
+    from ncrobust.experiment import AUTOCAST
+
+    defaults = {f.name: f.default for f in dataclasses.fields(EvaluationPlan) if f.default is not dataclasses.MISSING}
+    assert defaults == {
+        **{key: _default(f"evaluation.{key}") for key in ("batch_size", "layerwise", "projection_points", "keep_features",
+                                                          "feature_dtype")},
+        "splits": tuple(_default("evaluation.splits")),
+        "attack_loss": None,  # the cell's loss: the workflow always passes it
+        "attack_dtype": AUTOCAST[_default("evaluation.attack_precision")],
+    }
+
+
+def test_the_losses_models_and_related_stages_defaults_are_the_schemas():
+    import inspect
+
+    from ncrobust.losses import LOSSES
+    from ncrobust.mixup_geometry import mixup_geometry
+    from ncrobust.models.base import check_normalized_features
+    from ncrobust.probe import probe_model
+
+    for name, option in (("label_smoothing", "smoothing"), ("focal", "gamma")):
+        assert inspect.signature(LOSSES[name]).parameters[option].default == _default(f"losses.{name}.{option}")
+    assert check_normalized_features("mlp", {}) == _default("models.*.normalized_features.temperature")
+    geometry = inspect.signature(mixup_geometry).parameters
+    assert [list(p) for p in geometry["pairs"].default] == _default("evaluation.mixup_geometry.pairs")
+    assert list(geometry["lambdas"].default) == _default("evaluation.mixup_geometry.lambdas")
+    assert geometry["per_class"].default == _default("evaluation.mixup_geometry.per_class")
+    assert inspect.signature(probe_model).parameters["weight_decay"].default == _default("probe.weight_decay")

@@ -17,8 +17,9 @@ from ncrobust import evaluation
 from ncrobust.attacks import ThreatModel, perturb, target_labels
 from ncrobust.cell import Cell
 from ncrobust.collapse import LayerStats, accumulate, blocks, nc_metrics, perturbation_metrics
+from ncrobust.columns import CELL_COLUMNS, RESULT_COLUMNS
 from ncrobust.data import as_float
-from ncrobust.evaluation import RESULT_COLUMNS, EvaluationPlan, evaluate_checkpoint, penultimate_metrics
+from ncrobust.evaluation import EvaluationPlan, evaluate_checkpoint, penultimate_metrics
 from ncrobust.losses import get_loss
 from ncrobust.models import create_model
 from ncrobust.robustness import strong_evaluation
@@ -368,7 +369,7 @@ def test_strong_evaluation_reports_every_attack_on_the_same_samples_with_one_los
 
 def test_tag_puts_the_cell_in_front():
     frame = tables.tag(pd.DataFrame({"metric": ["nc1"], "value": [0.5]}), Cell("digits", "mlp", "ce", "st", 2, "r10"), 4)
-    assert list(frame.columns) == [*tables.CELL_COLUMNS, "epoch", "metric", "value"]
+    assert list(frame.columns) == [*CELL_COLUMNS, "epoch", "metric", "value"]
     assert frame.iloc[0].to_dict() == {"dataset": "digits", "model": "mlp", "loss": "ce", "adversary": "st", "variant": "r10",
                                        "seed": 2, "epoch": 4, "metric": "nc1", "value": 0.5}
     assert tables.tag(frame[["value"]], Cell("digits", "mlp", "ce", "st", 2))["variant"].tolist() == ["base"]

@@ -13,9 +13,9 @@ import torch
 
 from ncrobust import data, plots, tables
 from ncrobust.collapse import LayerStats, minority_classes
+from ncrobust.columns import FIGURES, METRIC_COLUMNS
 from ncrobust.data import imbalance_counts
 from workflow_helpers import fit_full_batch
-from ncrobust.tables import METRIC_COLUMNS
 
 # --------------------------------------------------------------------------------------------
 # the dataset option
@@ -102,12 +102,18 @@ def test_bad_imbalance_options(imbalance, message):
     assert "\n" not in str(err.value)
 
 
-def test_validate_checks_class_counts(balanced):
+def test_validate_checks_class_counts(balanced, tmp_path):
     broken = dict(balanced, class_counts=balanced["class_counts"] + 1)
     with pytest.raises(ValueError, match="class_counts must be the int64"):
         data.validate(broken)
-    old = {k: v for k, v in balanced.items() if k != "class_counts"}
-    data.validate(old)  # files prepared before class_counts was recorded stay valid
+    from ncrobust.io import OutdatedFileError, save_torch
+    from ncrobust.pipeline import load_dataset
+
+    path = tmp_path / "digits.pt"  # prepared by a version that did not record the counts
+    save_torch({k: v for k, v in balanced.items() if k != "class_counts"}, path)
+    with pytest.raises(OutdatedFileError) as err:
+        load_dataset(path)
+    assert str(err.value) == f"{path}: written by an older ncrobust (it has no class_counts); rebuild it: snakemake --forcerun prepare_data"
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,14 +290,12 @@ def test_kept_features_give_the_same_imbalance_rows(imbalanced_evaluation):
     np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), rtol=1e-9)
 
 
-def test_without_class_counts_no_class_is_a_minority(imbalanced_evaluation):
-    from ncrobust.evaluation import evaluate_checkpoint
+def test_kept_features_without_class_counts_are_refused_with_the_command_that_rebuilds_them(imbalanced_evaluation):
+    from ncrobust.evaluation import penultimate_metrics
 
-    d, model, plan, _ = imbalanced_evaluation
-    old = {k: v for k, v in d.items() if k != "class_counts"}
-    m = evaluate_checkpoint(model, old, plan, seed=0, epoch=1).metrics
-    assert not m.metric.isin(["minority_cos_W", "minority_cos_M", "minority_accuracy", "train_class_count"]).any()
-    assert m.metric.isin(["orthogonality_W", "accuracy_per_class"]).any()
+    _, _, _, result = imbalanced_evaluation
+    with pytest.raises(ValueError, match=r"no class_counts .*snakemake --forcerun evaluate"):
+        penultimate_metrics({**result.features, "class_counts": None})
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,4 +400,4 @@ def test_imbalance_figure_without_variant_overrides_and_without_metrics(tmp_path
     assert tables.imbalance_geometry(no_counts).empty
     fig = plots._draw("imbalance", no_counts, None, None, str(tmp_path / "none.png"))
     assert any("no imbalance metrics" in t.get_text() for ax in fig.axes for t in ax.texts)
-    assert "imbalance" in plots.FIGURES
+    assert "imbalance" in FIGURES

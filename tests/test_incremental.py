@@ -83,7 +83,8 @@ def _reorder_keys(config):
 def _spell_out_defaults(config):
     config["training"]["optimizer"] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5.0e-4}
     config["training"]["schedule"] = {"kind": "piecewise", "milestones": [0.25, 0.375], "factors": [0.1, 0.01]}
-    config["evaluation"].update(layerwise=True, feature_dtype="float32", keep_features=False, attack_precision="fp32")
+    config["evaluation"].update(layerwise=True, feature_dtype="float32", keep_features=False, attack_precision="fp32",
+                                projection_points=300)
     config.update(precision="fp32", data_root="data", download=False)
 
 
@@ -190,7 +191,7 @@ def test_report_opens_on_the_front_page_with_the_summary_and_every_figure(finish
     desc = json.loads(re.search(r"var workflow_desc = (\".*?\");\n", page, re.S).group(1))
     assert "Grid of this run: dataset digits" in desc and "training adversary st, pgd-linf" in desc
     assert desc.count("<tr>") == 1 + 2  # header and one row per (dataset, model, loss, adversary)
-    from ncrobust.plots import FIGURES
+    from ncrobust.columns import FIGURES
 
     assert desc.count("<figure") == desc.count("data:image/png;base64,") == len(FIGURES) == 8
     assert "<strong>Leap matrix at the final epoch.</strong>" in desc

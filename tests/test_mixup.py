@@ -155,7 +155,7 @@ def test_bad_mixup_settings_are_one_line_errors(digits):
 def test_mixup_step_makes_no_host_synchronisation_and_graphs_equal_eager_on_gpu(digits, adversary):
     from ncrobust.pipeline import setup
 
-    setup({"device": "cuda"}, deterministic=True)
+    setup({"device": "cuda", "threads": 1}, deterministic=True)
     _, model, recipe, x, y = _setup(digits, adversary, epochs=2, mixup_alpha=1.0)
     model, xs, ys = model.cuda(), x[:256].cuda(), y[:256].cuda()
     step = TrainStep(model, make_optimizer(model, recipe), recipe, num_classes=10, n_train=256, device=xs.device)

@@ -1,7 +1,12 @@
 """What `pip install -e .` brings: every package the default run imports, and the files the
 package data names."""
 
+import os
+import subprocess
+import sys
 import tomllib
+
+import pytest
 
 from workflow_helpers import REPO_ROOT
 
@@ -36,3 +41,14 @@ def test_the_schema_ships_with_the_package_and_the_workflow_links_to_it():
     assert SCHEMA_PATH.parent == __import__("pathlib").Path(ncrobust.__file__).resolve().parent
     assert (REPO_ROOT / "workflow/schemas/config.schema.yaml").resolve() == SCHEMA_PATH
     assert "grid" in load_schema()["properties"]
+
+
+@pytest.mark.workflow
+@pytest.mark.parametrize("module", ["ncrobust.tables", "ncrobust.plots", "ncrobust.columns"])
+def test_the_tables_and_figures_import_without_torch(module):
+    """The tables, the figures and the names the workflow parses with need no torch: importing them
+    in a fresh interpreter leaves it unloaded."""
+    code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")},
+                            capture_output=True, text=True)
+    assert result.returncode == 0, f"importing {module} loads torch, or fails: {result.stderr}"

@@ -12,9 +12,10 @@ import torch
 
 from ncrobust import plots, tables
 from ncrobust.collapse import LayerStats
-from ncrobust.plots import FIGURES, render
+from ncrobust.columns import FIGURES, METRIC_COLUMNS
+from ncrobust.plots import render
 from ncrobust.projection import PROJECTION_COLUMNS, SimplexPlane, simplex_plane
-from ncrobust.tables import METRIC_COLUMNS, summary, summary_markdown
+from ncrobust.tables import summary, summary_markdown
 from workflow_helpers import run_snakemake
 
 C = 4
@@ -24,7 +25,7 @@ LAYERS = ["stem", "block10", "block2", "penultimate"]
 
 
 def synthetic_metrics(adversaries=("st", "pgd-linf"), seeds=(1, 2), epochs=(0, 5, 10), losses=("ce",), models=("mlp",)) -> pd.DataFrame:
-    """A tidy metrics table shaped like the workflow's (ncrobust.tables.METRIC_COLUMNS), with
+    """A tidy metrics table shaped like the workflow's (ncrobust.columns.METRIC_COLUMNS), with
     plausible values; ``st`` cells also carry an extra ``l2`` evaluation that figures must ignore."""
     rng = np.random.default_rng(0)
     rows = []
@@ -255,8 +256,11 @@ def test_render_rejects_an_unknown_figure(tmp_path):
 
 
 def test_palettes_are_fixed_for_known_names():
-    assert set(plots.PERTURBATION_PALETTE) == set(plots.PERTURBATION_ORDER)
-    assert set(plots.ADVERSARY_PALETTE) == set(plots.ADVERSARY_ORDER)
+    from ncrobust.attacks import PERTURBATIONS
+    from ncrobust.cell import ADVERSARIES
+
+    assert set(plots.PERTURBATION_PALETTE) == set(plots.PERTURBATION_ORDER) == set(PERTURBATIONS)
+    assert set(plots.ADVERSARY_PALETTE) == set(ADVERSARIES)
     assert not set(plots.PERTURBATION_PALETTE.values()) & set(plots.ADVERSARY_PALETTE.values())
 
 

@@ -90,6 +90,8 @@ EDITS = {
     "evaluation batch size": (_set("evaluation.batch_size", 250), _all(["evaluate", "robustness"])),
     "bf16 evaluation attacks": (_set("evaluation.attack_precision", "bf16"), _all(["evaluate"])),
     "fp32 evaluation attacks spelled out": (_set("evaluation.attack_precision", "fp32"), set()),
+    "simplex projection sample": (_set("evaluation.projection_points", 100), _all(["evaluate"])),
+    "simplex projection default spelled out": (_set("evaluation.projection_points", 300), set()),
     "perturbations": (_set("evaluation.perturbations", {"clean": {}, "pgd": {"steps": 7}}), _all(["evaluate"])),
     "strong samples": (_set("evaluation.strong", {"max_samples": 50}), _all(["robustness"])),
     "unused loss options": (_set("losses", {"focal": {"gamma": 1.0}}), set()),
@@ -172,3 +174,17 @@ def test_unknown_stage_and_missing_cell_are_errors():
         stage_slice("train", config)
     with pytest.raises(ValueError, match="stage prepare_data needs dataset="):
         stage_slice("prepare_data", config)
+
+
+def test_the_simplex_projection_sample_reaches_the_evaluation_through_the_slice():
+    """``evaluation.projection_points`` is read from the evaluate job's config (its slice plus
+    execution settings), not from a default of the library's."""
+    from ncrobust.experiment import evaluation_plan
+
+    raw = tiny_config()
+    raw["evaluation"]["projection_points"] = 40
+    config = validate_config(raw)
+    for cell in (ST, PGD, TRADES):
+        job = job_config("evaluate", stage_slice("evaluate", config, cell=cell), config, cell=cell)
+        assert evaluation_plan(job, cell).projection_points == 40
+    assert evaluation_plan(_config(), ST).projection_points == 300

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from host_syncs import HostSyncs
 from ncrobust import data as datasets
 from ncrobust.attacks import ThreatModel
+from ncrobust.columns import COLLAPSE_LOG_COLUMNS
 from ncrobust.experiment import Cell, build_model
 from ncrobust.losses import get_loss
 from ncrobust import attacks
 from ncrobust.train import (
-    COLLAPSE_LOG_COLUMNS, SGD, NonFiniteLossError, Recipe, Schedule, draw_attack_noise, initial_checkpoint, pgd_from_noise, trades_from_noise,
+    SGD, NonFiniteLossError, Recipe, Schedule, draw_attack_noise, initial_checkpoint, pgd_from_noise, trades_from_noise,
     train_segment,
 )
 
@@ -376,7 +377,7 @@ def test_cuda_graph_training_equals_eager_training_on_gpu(digits, adversary, swi
     steps, the capture and a replay, epoch 2 only replays; the partial batch runs eagerly."""
     from ncrobust.pipeline import setup
 
-    setup({"device": "cuda"}, deterministic=True)
+    setup({"device": "cuda", "threads": 1}, deterministic=True)
     results = {}
     for graphed in (False, True):
         cell, model, recipe, x, y = _setup(digits, adversary, epochs=2, model="convnet", cuda_graph=graphed, **switches)

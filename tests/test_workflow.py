@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ncrobust.tables import METRIC_COLUMNS
+from ncrobust.columns import METRIC_COLUMNS
 from workflow_helpers import cell_dir, copy_run, run_snakemake, tiny_config, write_tiny_config
 
 pytestmark = pytest.mark.slow
@@ -93,7 +93,8 @@ def test_kept_features_give_back_the_metrics_table(tmp_path, finished_tiny_run):
     penultimate metrics recomputed from it (the same code, without attacking again) equal the table
     the job wrote, to rounding: the job's second pass re-runs the forward pass. (In a copy of the
     finished run: only that evaluation runs.)"""
-    from ncrobust.evaluation import RESULT_COLUMNS, penultimate_metrics
+    from ncrobust.columns import RESULT_COLUMNS
+    from ncrobust.evaluation import penultimate_metrics
     from ncrobust.io import load_torch
 
     workdir = copy_run(finished_tiny_run, tmp_path / "run")

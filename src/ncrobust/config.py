@@ -19,6 +19,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from .columns import PENULTIMATE
 from .stages import BASE_VARIANT, VARIANT_FIXED_TRAINING, merge, variant_overrides  # merge: re-exported for the Snakefile
 
 # Shipped inside the package (a non-editable install has no workflow/ beside it);
@@ -265,7 +266,7 @@ def _check_related(config: dict) -> None:
     geometry = config["evaluation"]["mixup_geometry"]
     if geometry["enabled"]:
         for ds in config["grid"]["dataset"]:
-            classes = _model_input(ds, config["datasets"][ds].get("options", {}))[2]
+            classes = _model_input(ds, config["datasets"][ds]["options"])[2]
             for pair in geometry["pairs"]:
                 i, j = pair
                 if i == j or max(i, j) >= classes:
@@ -273,11 +274,11 @@ def _check_related(config: dict) -> None:
                         f"evaluation.mixup_geometry.pairs: {pair} is not a pair of two classes of {ds} (0..{classes - 1})"
                     )
     probe = config["probe"]
-    if probe["enabled"] and probe["layer"] != "penultimate":
+    if probe["enabled"] and probe["layer"] != PENULTIMATE:
         for ds in config["grid"]["dataset"]:
-            chans, side, classes = _model_input(ds, config["datasets"][ds].get("options", {}))
+            chans, side, classes = _model_input(ds, config["datasets"][ds]["options"])
             for name in config["grid"]["model"]:
-                kwargs = json.dumps(config.get("models", {}).get(name, {}), sort_keys=True)
+                kwargs = json.dumps(config["models"].get(name, {}), sort_keys=True)
                 taps = _model_taps(name, kwargs, chans, side, classes)
                 if probe["layer"] not in taps:
                     raise ConfigError(f"probe.layer = {probe['layer']!r}: not a tap of {name}; its taps: {', '.join(taps)}")
@@ -325,7 +326,7 @@ def _loader_options(dataset: str) -> dict[str, inspect.Parameter]:
 def _check_dataset_options(config: dict) -> None:
     """Option names against each loader's keywords (ranges are in the schema)."""
     for dataset in config["grid"]["dataset"]:
-        options = config["datasets"][dataset].get("options", {})
+        options = config["datasets"][dataset]["options"]
         if not options:
             continue  # nothing to check, and no need to import the loaders (and torch) for it
         allowed = [*_loader_options(dataset), *_WORKFLOW_OPTIONS]
@@ -347,7 +348,7 @@ def _check_model_options(config: dict) -> None:
     """Each grid model with its ``models.<name>`` options is built (on the CPU, once per input
     shape) for each grid dataset, so that an unknown option or a value the constructor refuses
     (``depth: 0``, a ``convnet`` that pools a small image to nothing) stops here, not in a job."""
-    options = config.get("models", {})
+    options = config["models"]
     if not options:
         return  # every model with its constructor's defaults (and no torch import at parse time)
     from .models import list_models
@@ -356,7 +357,7 @@ def _check_model_options(config: dict) -> None:
     for name in options:
         if name not in known:
             raise ConfigError(f"models.{name}: unknown model; known: {', '.join(known)}")
-    shapes = sorted({_model_input(ds, config["datasets"][ds].get("options", {})) for ds in config["grid"]["dataset"]})
+    shapes = sorted({_model_input(ds, config["datasets"][ds]["options"]) for ds in config["grid"]["dataset"]})
     for name in config["grid"]["model"]:
         kwargs = options.get(name, {})
         if not kwargs:

@@ -106,7 +106,7 @@ def load(name: str, *, root: str | Path | None = None, download: bool = False, s
 
 def validate(data: Dataset) -> None:
     """Check a prepared dataset's structure; a broken file is named by the caller."""
-    required = ["name", "x_train", "y_train", "x_test", "y_test", "max_value", "classes", "mean", "std"]
+    required = ["name", "x_train", "y_train", "x_test", "y_test", "max_value", "classes", "mean", "std", "class_counts"]
     missing = [k for k in required if k not in data]
     if missing:
         raise ValueError(f"prepared dataset lacks {missing}")
@@ -121,11 +121,10 @@ def validate(data: Dataset) -> None:
             raise ValueError(f"y_{split} holds labels outside [0, {num_classes})")
     if len(data["mean"]) != data["x_train"].shape[1] or len(data["std"]) != data["x_train"].shape[1]:
         raise ValueError("mean and std must have one entry per channel")
-    if "class_counts" in data:  # optional: files prepared before it was recorded lack it
-        counts = data["class_counts"]
-        expected = torch.bincount(data["y_train"], minlength=num_classes)
-        if not isinstance(counts, torch.Tensor) or counts.dtype != torch.int64 or not torch.equal(counts, expected):
-            raise ValueError("class_counts must be the int64 [C] counts of y_train per class")
+    counts = data["class_counts"]
+    expected = torch.bincount(data["y_train"], minlength=num_classes)
+    if not isinstance(counts, torch.Tensor) or counts.dtype != torch.int64 or not torch.equal(counts, expected):
+        raise ValueError("class_counts must be the int64 [C] counts of y_train per class")
 
 
 def as_float(data: Dataset, split: str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,13 +34,11 @@ import torch
 
 from .attacks import PERTURBATIONS, ThreatModel, perturb, target_labels
 from .collapse import LayerStats, minority_classes
+from .columns import PENULTIMATE, RESULT_COLUMNS
 from .data import as_float, device_layout
 from .seeding import generator
 from .projection import SimplexPlane
 
-# Columns of one checkpoint's metrics before the cell columns are added (ncrobust.tables).
-RESULT_COLUMNS = ["split", "norm", "perturbation", "layer", "layer_index", "metric", "class", "row", "col", "value"]
-PENULTIMATE = "penultimate"
 FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CPU_ACTIVATION_CACHE_BYTES = 512 << 20
 
@@ -218,16 +216,16 @@ class _Keep:
 
 def _set_metrics(
     rows: _Rows, keys: tuple, layers: list[str], stats: dict[str, LayerStats], predictions: torch.Tensor,
-    labels: torch.Tensor, targets: torch.Tensor | None, weight: torch.Tensor, depth: list[str] | None = None,
-    class_counts: torch.Tensor | None = None,
+    labels: torch.Tensor, targets: torch.Tensor | None, weight: torch.Tensor, depth: list[str] | None = None, *,
+    class_counts: torch.Tensor,
 ) -> None:
     """Every metric of one set: per layer the within-class ones, at the penultimate layer the rest.
     ``depth``: every layer of the model in forward order (``layer_index``), default ``layers``.
     ``class_counts``: the training split's samples per class (the prepared dataset's), which
-    decide the minority classes of the imbalance geometry; without them no class is a minority."""
+    decide the minority classes of the imbalance geometry."""
     perturbed = stats[PENULTIMATE].reference is not None
     depth = layers if depth is None else depth
-    minority = None if class_counts is None else minority_classes(class_counts)
+    minority = minority_classes(class_counts)
     for name in layers:
         index = depth.index(name)
         s = stats[name]
@@ -239,10 +237,9 @@ def _set_metrics(
             values.update(s.class_geometry(weight))
             values.update(s.prediction_metrics())
             values.update(s.class_accuracy())
-            if minority is not None and int(minority.sum()) >= 2:  # as minority_cos_*: absent on balanced data
+            if int(minority.sum()) >= 2:  # as minority_cos_*: absent on balanced data
                 values["minority_accuracy"] = float(values["accuracy_per_class"][minority.to(values["accuracy_per_class"].device)].mean())
-            if class_counts is not None:
-                values["train_class_count"] = class_counts.to(torch.float64)
+            values["train_class_count"] = class_counts.to(torch.float64)
             if perturbed:
                 values.update(s.reference_geometry())
                 values["accuracy_true_labels"] = float((predictions == labels).double().mean())
@@ -278,7 +275,7 @@ def evaluate_checkpoint(
     """
     model = model.to(device).eval()
     num_classes = len(data["classes"])
-    class_counts = data.get("class_counts")  # absent from datasets prepared before it was recorded
+    class_counts = data["class_counts"]
     taps = [t for t in model.tap_names if t != PENULTIMATE] if plan.layerwise else []
     layers = [*taps, PENULTIMATE]
     weight = model.classifier.weight.detach().double()
@@ -346,6 +343,9 @@ def penultimate_metrics(features_file: dict, *, batch_size: int = 1000) -> pd.Da
     """The penultimate-layer metrics recomputed from a kept features file (``keep_features``),
     with the same code as the evaluation: to try a new metric without attacking again. With
     ``float32`` features the rows equal the metrics file's penultimate rows."""
+    if features_file.get("class_counts") is None:
+        raise ValueError("the features file has no class_counts (an older ncrobust wrote it): rebuild it with "
+                         "`snakemake --forcerun evaluate` and evaluation.keep_features: true")
     sets = features_file["sets"]
     num_classes = int(features_file["num_classes"])
     weight = features_file["classifier_weight"].double()
@@ -366,5 +366,5 @@ def penultimate_metrics(features_file: dict, *, batch_size: int = 1000) -> pd.Da
         if perturbation == "clean":
             references[split] = stats
         _set_metrics(rows, (split, norm, perturbation), [PENULTIMATE], stats, predictions, labels, targets, weight,
-                     list(features_file["layers"]), class_counts=features_file.get("class_counts"))
+                     list(features_file["layers"]), class_counts=features_file["class_counts"])
     return rows.frame()

@@ -37,12 +37,12 @@ def cell_loss(config: dict, cell: Cell):
     return get_loss(cell.loss, **config.get("losses", {}).get(cell.loss, {}))
 
 
-def evaluation_plan(config: dict, cell: Cell, *, keep_features: bool = False, projection_points: int = 300) -> EvaluationPlan:
+def evaluation_plan(config: dict, cell: Cell, *, keep_features: bool = False) -> EvaluationPlan:
     """What the evaluation measures on every checkpoint of ``cell``: its own threat model first, and
     for an ``st`` cell every other norm of ``evaluation.norms``; the cell's loss for the attacks."""
     ev = config["evaluation"]
     own = threat_model(config, cell)
-    extra = [n for n in ev.get("norms", []) if n != own.norm] if adversary_kind(cell.adversary) == "st" else []
+    extra = [n for n in ev["norms"] if n != own.norm] if adversary_kind(cell.adversary) == "st" else []
     return EvaluationPlan(
         threats=(own, *(threat_model(config, cell, n) for n in extra)),
         perturbations=dict(ev["perturbations"]),
@@ -50,10 +50,10 @@ def evaluation_plan(config: dict, cell: Cell, *, keep_features: bool = False, pr
         batch_size=int(ev["batch_size"]),
         layerwise=bool(ev["layerwise"]),
         attack_loss=cell_loss(config, cell),
-        projection_points=projection_points,
+        projection_points=ev["projection_points"],
         keep_features=keep_features,
         feature_dtype=ev["feature_dtype"],
-        attack_dtype=AUTOCAST[ev.get("attack_precision", "fp32")],
+        attack_dtype=AUTOCAST[ev["attack_precision"]],
     )
 
 

@@ -28,6 +28,15 @@ class CorruptFileError(RuntimeError):
         )
 
 
+class OutdatedFileError(RuntimeError):
+    """A result file written by an older ncrobust, without what this one reads; the message names
+    the path and the command that rebuilds it."""
+
+    @classmethod
+    def at(cls, path: str | os.PathLike, missing: str, rule: str) -> "OutdatedFileError":
+        return cls(f"{path}: written by an older ncrobust (it has no {missing}); rebuild it: snakemake --forcerun {rule}")
+
+
 class DiskFullError(OSError):
     """A write failed for lack of space (disk full or quota exceeded); the message names the path."""
 
@@ -173,8 +182,9 @@ def job_log(path: str | os.PathLike) -> Iterator[None]:
 
     SIGTERM (SLURM preemption, ``scancel``) is turned into an exception, so that temporary files
     are removed and no half-written output remains. A failure's message is written to the log and
-    re-raised so that the job fails; a corrupt file or a full disk is that one line on stderr (the
-    traceback goes to the log only), so that the cause and the fix are not buried in a traceback.
+    re-raised so that the job fails; a corrupt or outdated file or a full disk is that one line on
+    stderr (the traceback goes to the log only), so that the cause and the fix are not buried in a
+    traceback.
     """
     import logging
     import signal
@@ -199,7 +209,7 @@ def job_log(path: str | os.PathLike) -> Iterator[None]:
         except BaseException as err:
             traceback.print_exc(file=fh)
             old_err.write(f"ncrobust: {type(err).__name__}: {err} (log: {path})\n")
-            if isinstance(err, (CorruptFileError, DiskFullError)):
+            if isinstance(err, (CorruptFileError, OutdatedFileError, DiskFullError)):
                 # the line above says all a user needs; the traceback is in the log
                 raise SystemExit(1) from None
             raise

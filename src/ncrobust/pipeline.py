@@ -13,10 +13,11 @@ from tqdm import tqdm
 
 from . import data as datasets
 from . import mps
+from .columns import ROBUSTNESS_COLUMNS
 from .evaluation import evaluate_checkpoint
 from .experiment import AUTOCAST, Cell, build_model, cell_loss, evaluation_plan, resolve_device, threat_model
-from .io import CorruptFileError, load_torch, read_parquet, save_torch, write_parquet, write_text
-from .tables import ROBUSTNESS_COLUMNS, metrics_frame, stack, summary, summary_markdown, tag, training_frame
+from .io import CorruptFileError, OutdatedFileError, load_torch, read_parquet, save_torch, write_parquet, write_text
+from .tables import metrics_frame, stack, summary, summary_markdown, tag, training_frame
 from .train import Recipe, Schedule, initial_checkpoint, train_segment
 
 log = logging.getLogger("ncrobust")
@@ -33,14 +34,14 @@ def setup(config: dict, threads: int | None = None, *, deterministic: bool = Tru
     ``torch._inductor`` (1.6 s, paid by every job). Nothing here is global to the GPU: two jobs
     can share one (memory is allocated on demand by each process).
     """
-    torch.set_num_threads(threads or config.get("threads", 1))
+    torch.set_num_threads(threads or config["threads"])
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, i.e. later
         torch.set_deterministic_debug_mode("warn")
     else:
         torch.set_deterministic_debug_mode("default")
     torch.backends.cudnn.benchmark = not deterministic
-    return resolve_device(config.get("device", "auto"))
+    return resolve_device(config["device"])
 
 
 def place(model: torch.nn.Module, device: torch.device, *tensors: torch.Tensor):
@@ -52,8 +53,10 @@ def place(model: torch.nn.Module, device: torch.device, *tensors: torch.Tensor):
 
 
 def load_dataset(path: str | os.PathLike) -> dict:
-    """A prepared dataset file, checked (a broken file names its path and the fix)."""
+    """A prepared dataset file, checked (a broken or outdated file names its path and the fix)."""
     data = load_torch(path)
+    if isinstance(data, dict) and "class_counts" not in data:
+        raise OutdatedFileError.at(path, "class_counts", "prepare_data")
     try:
         datasets.validate(data)
     except ValueError as err:
@@ -63,7 +66,7 @@ def load_dataset(path: str | os.PathLike) -> dict:
 
 def prepare_data(config: dict, dataset: str, output: str) -> None:
     ds = config["datasets"][dataset]
-    options = dict(ds.get("options", {}))
+    options = dict(ds["options"])
     seed = options.pop("split_seed", 0)
     data = datasets.load(dataset, root=config["data_root"], download=config["download"], seed=seed, **options)
     save_torch(data, output)
@@ -85,17 +88,17 @@ def recipe(config: dict, cell: Cell) -> Recipe:
         schedule=Schedule(schedule["kind"], tuple(schedule["milestones"]), tuple(schedule["factors"])),
         trades_beta=t["trades_beta"],
         log_test_accuracy=t["log_test_accuracy"],
-        autocast_dtype=AUTOCAST[config.get("precision", "fp32")],
-        trades_bn=t.get("trades_bn", "train"),
-        pgd_clean_bn_pass=t.get("pgd_clean_bn_pass", False),
-        track_collapse=t.get("track_collapse", False),
-        cuda_graph=t.get("cuda_graph", True),
-        mixup_alpha=t.get("mixup", {}).get("alpha", 0.0),
+        autocast_dtype=AUTOCAST[config["precision"]],
+        trades_bn=t["trades_bn"],
+        pgd_clean_bn_pass=t["pgd_clean_bn_pass"],
+        track_collapse=t["track_collapse"],
+        cuda_graph=t["cuda_graph"],
+        mixup_alpha=t["mixup"]["alpha"] if "mixup" in t else 0.0,  # no mixup section: no mixup
     )
 
 
 def _deterministic(config: dict) -> bool:
-    return config["training"].get("deterministic", True)
+    return config["training"]["deterministic"]
 
 
 def init_cell(config: dict, cell: Cell, data_path: str, output: str) -> None:
@@ -108,9 +111,9 @@ def init_cell(config: dict, cell: Cell, data_path: str, output: str) -> None:
 
 def train_cell(config: dict, cell: Cell, data_path: str, previous: str, epoch: int, checkpoint_out: str, log_out: str) -> None:
     """Train from the previous checkpoint to ``epoch``; write the checkpoint and the epoch log
-    (with the streaming NC columns of :data:`ncrobust.train.COLLAPSE_LOG_COLUMNS`). With ``mps``,
+    (with the streaming NC columns of :data:`ncrobust.columns.COLLAPSE_LOG_COLUMNS`). With ``mps``,
     first joins the MPS daemon of the SLURM allocation (before CUDA starts: it reads the variables once)."""
-    if config.get("mps") and config.get("device", "auto") != "cpu":
+    if config["mps"] and config["device"] != "cpu":
         mps.join_allocation_daemon()
     device = setup(config, deterministic=_deterministic(config))
     data = load_dataset(data_path)
@@ -130,7 +133,7 @@ def train_cell(config: dict, cell: Cell, data_path: str, previous: str, epoch: i
 
 def evaluate_cell(
     config: dict, cell: Cell, data_path: str, checkpoint: str, metrics_out: str, projection_out: str,
-    features_out: str | None = None, *, max_points: int = 300,
+    features_out: str | None = None,
 ) -> None:
     """Evaluate one checkpoint (:func:`ncrobust.evaluation.evaluate_checkpoint`) and write its
     metrics table, its simplex projection and (when ``features_out`` is given) the features.
@@ -145,7 +148,7 @@ def evaluate_cell(
     model = place(build_model(config, cell, data), device)[0]
     model.load_state_dict(ckpt["model"])
     epoch = int(ckpt["epoch"])
-    plan = evaluation_plan(config, cell, keep_features=features_out is not None, projection_points=max_points)
+    plan = evaluation_plan(config, cell, keep_features=features_out is not None)
     result = evaluate_checkpoint(model, data, plan, seed=cell.seed, epoch=epoch, device=device)
     if features_out:
         save_torch({**result.features, "cell": cell.as_dict()}, features_out)

@@ -32,9 +32,10 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import LogFormatter, MaxNLocator  # noqa: E402
 
 from . import tables  # noqa: E402
+from .cell import ADVERSARIES  # noqa: E402
+from .columns import FIGURES  # noqa: E402
 from .tables import constant_setting as _constant_setting  # noqa: E402
 
-ADVERSARY_ORDER = ["st", "pgd-linf", "pgd-l2", "trades-linf", "trades-l2"]
 PERTURBATION_ORDER = ["clean", "pgd", "pgd-targeted", "trades-kl", "gaussian", "sign"]
 SPLIT_ORDER = ["train", "test"]
 
@@ -293,7 +294,7 @@ def nc_vs_epoch(m: pd.DataFrame, path: str | Path, split: str = "train"):
     if m.empty:
         return _placeholder(path, "Neural Collapse against epoch", f"no NC metrics of the penultimate layer on the {split} split")
     rows = [(k, *NC_METRICS[k]) for k in NC_METRICS if k in set(m["metric"])]
-    cols = _present(m["adversary"], ADVERSARY_ORDER)
+    cols = _present(m["adversary"], ADVERSARIES)
     styles = _perturbation_styles(m)
     fig, axes = _grid(len(rows), len(cols))
     _metric_panels(axes, m, rows, cols, x="epoch", styles=styles)
@@ -314,7 +315,7 @@ def accuracy_curves(m: pd.DataFrame, path: str | Path, training: pd.DataFrame | 
     if m.empty:
         return _placeholder(path, "Accuracy", "no accuracy in the metrics table")
     rows = _present(m["split"], SPLIT_ORDER)
-    cols = _present(m["adversary"], ADVERSARY_ORDER)
+    cols = _present(m["adversary"], ADVERSARIES)
     styles = _perturbation_styles(m)
     log_columns = {"train": [("train_accuracy", "clean"), ("train_robust_accuracy", "pgd")], "test": [("test_accuracy", "clean")]}
     t = training
@@ -363,7 +364,7 @@ def alignment_angle(m: pd.DataFrame, path: str | Path):
     if m.empty:
         return _placeholder(path, "Alignment of clean and perturbed class means", "no perturbation was evaluated (alignment_angle is absent)")
     rows = _present(m["split"], SPLIT_ORDER)
-    cols = _present(m["adversary"], ADVERSARY_ORDER)
+    cols = _present(m["adversary"], ADVERSARIES)
     styles = _perturbation_styles(m)
     fig, axes = _grid(len(rows), len(cols), sharey=True)
     top = float(m["value"].max())
@@ -393,7 +394,7 @@ def leap_heatmap(m: pd.DataFrame, path: str | Path, split: str = "train"):
     (``tables.leap_matrices``); one column per adversary, one row per attack and setting."""
     if m.empty:
         return _placeholder(path, "Leap matrix", f"no pgd / pgd-targeted leap matrix on the {split} split")
-    cols = _present(m["adversary"], ADVERSARY_ORDER)
+    cols = _present(m["adversary"], ADVERSARIES)
     rows = [(s, p) for s in sorted(m["setting"].unique()) for p in _present(m["perturbation"], PERTURBATION_ORDER)
             if len(m[(m["setting"] == s) & (m["perturbation"] == p)])]
     C = int(max(m["row"].max(), m["col"].max())) + 1
@@ -450,7 +451,7 @@ def layerwise(m: pd.DataFrame, path: str | Path, split: str = "train"):
         ("ncc_accuracy", "NCC accuracy,\nown class means", False),
     ]
     rows = [r for r in rows if r[0] in set(m["metric"])]
-    cols = _present(m["adversary"], ADVERSARY_ORDER)
+    cols = _present(m["adversary"], ADVERSARIES)
     styles = _perturbation_styles(m)
     same_taps = len({tuple(o) for o in orders.values()}) == 1
     tap_names = next(iter(orders.values()))
@@ -486,7 +487,7 @@ def simplex(p: pd.DataFrame, path: str | Path, split: str = "train", perturbatio
     perturbed = [v for v in _present(p["perturbation"], PERTURBATION_ORDER) if v in perturbations]
     if p.empty or not perturbed or "clean" not in set(p["perturbation"]):
         return _placeholder(path, "Clean vs perturbed features on the clean simplex", f"no clean and perturbed projections on the {split} split")
-    cols = _present(p["adversary"], ADVERSARY_ORDER)
+    cols = _present(p["adversary"], ADVERSARIES)
     rows = [(s, q) for s in sorted(p["setting"].unique()) for q in perturbed if len(p[(p["setting"] == s) & (p["perturbation"] == q)])]
     C = int(p["label"].max()) + 1
     class_colours = sns.color_palette("tab10" if C <= 10 else "husl", C)
@@ -547,7 +548,7 @@ def ncc_robustness(wide: pd.DataFrame, path: str | Path):
     if wide.empty:
         return _placeholder(path, "Robustness of the clean NCC classifier", "needs accuracy and ncc_accuracy_clean_means under pgd")
     cols = _present(wide["split"], SPLIT_ORDER)
-    advs = _present(wide["adversary"], ADVERSARY_ORDER)
+    advs = _present(wide["adversary"], ADVERSARIES)
     palette = _palette(advs, ADVERSARY_PALETTE)
     settings = sorted(wide["setting"].unique())
     _, markers = _style_maps(settings)
@@ -615,9 +616,9 @@ def imbalance(f: pd.DataFrame, path: str | Path, split: str = "train"):
         return _placeholder(
             path, "Geometry of imbalanced classes",
             "no imbalance metrics in the metrics table (train_class_count, mean_norm_per_class, ...): "
-            "datasets prepared before class counts were recorded",
+            "the train split was not evaluated",
         )
-    cols = _present(f["adversary"], ADVERSARY_ORDER)
+    cols = _present(f["adversary"], ADVERSARIES)
     perts = _present(f["perturbation"], PERTURBATION_ORDER)
     palette = _palette(perts, PERTURBATION_PALETTE)
     groups = sorted(f["group"].unique())
@@ -705,9 +706,6 @@ def _draw(name: str, metrics: pd.DataFrame, training, projection, path: str, var
     return ncc_robustness(tables.ncc_robustness_points(metrics), path)
 
 
-FIGURES = ("nc_vs_epoch", "accuracy", "alignment", "leap", "layerwise", "simplex", "ncc_robustness", "imbalance")
-
-
 def _render_one(name: str, metrics, training, projection, path: str, variants: dict | None) -> None:
     _draw(name, metrics, training, projection, path, variants)
 
@@ -763,7 +761,7 @@ def mixup(points: pd.DataFrame, summary: pd.DataFrame, path: str | Path):
     pair = points["pair"].iloc[0]
     i, j = (int(c) for c in pair.split("-"))
     groups = sorted(points["group"].unique(), key=lambda g: (g not in ("", "base"), g))
-    advs = _present(points["adversary"], ADVERSARY_ORDER)
+    advs = _present(points["adversary"], ADVERSARIES)
     perts = _present(points["perturbation"], ["clean", "pgd"])
     cols = [(a, p) for a in advs for p in perts]
     fig, axes = _grid(len(groups), len(cols), sharex=False, sharey=False, width=3.0, height=3.0)
@@ -833,7 +831,7 @@ def probe(frame: pd.DataFrame, path: str | Path):
         return _placeholder(path, "Near-collapse probe", "no probe tables (probe.enabled: false?)")
     variants = sorted(frame["variant"].unique(), key=lambda v: (v != "base", v))
     others = sorted(frame["others"].unique()) if "others" in frame.columns else [""]
-    advs = _present(frame["adversary"], ADVERSARY_ORDER)
+    advs = _present(frame["adversary"], ADVERSARIES)
     palette = _palette(advs, ADVERSARY_PALETTE)
     perts = _present(frame["perturbation"], PERTURBATION_ORDER)
     dashes = {p: PERTURBATION_DASHES.get(p, (1, 1)) or "" for p in perts}

@@ -50,13 +50,8 @@ EVALUATION_IGNORED = {
     # extra threat models are attacked on `st` cells only (EVALUATION_USED_BY)
     # the strong evaluation reads only `strong`, `batch_size` and what later keys bring
     "robustness": frozenset({"epochs", "keep_features", "splits", "perturbations", "layerwise", "feature_dtype", "norms",
-                             "mixup_geometry", "attack_precision"}),
+                             "mixup_geometry", "attack_precision", "projection_points"}),
 }
-
-SLICE_OMITTED_AT = {"attack_precision": "fp32"}
-"""``evaluation`` keys added after results existed, left out of a slice at the value that gives what
-was computed before them: adding the key to the schema does not rerun every evaluation."""
-
 
 EVALUATION_USED_BY = {"norms": "st"}
 """``evaluation`` keys that only one adversary kind reads: in the slices of that kind's cells only."""
@@ -156,7 +151,6 @@ def _evaluation(stage: str, config: dict, cell: Cell) -> dict:
     evaluation = {
         k: v for k, v in config["evaluation"].items()
         if k not in EVALUATION_IGNORED[stage] and EVALUATION_USED_BY.get(k, kind) == kind
-        and not (k in SLICE_OMITTED_AT and v == SLICE_OMITTED_AT[k])
     }
     return merge(_training(config, cell), cell_threat(config, cell), {"evaluation": evaluation})
 

@@ -1,59 +1,48 @@
 """Every reshaping of results: tagging a stage's rows with their cell, the grid's tables, the
 final-epoch summary, and the tidy frame each figure draws (:mod:`ncrobust.plots` only draws).
 
-Metrics table (long, tidy): ``dataset, model, loss, adversary, variant, seed, epoch, split, norm,
-perturbation, layer, layer_index, metric, class, row, col, value``. ``norm`` is the threat model a
-perturbation used (clean rows carry the cell's own); ``layer`` is a tap name or ``penultimate``
-and ``layer_index`` its position in the forward pass; per-class values (``*_per_class``) have
-``class``, matrices (``leap``) have ``row`` and ``col``; scalars have none of them.
+Metrics table (long, tidy: :data:`ncrobust.columns.METRIC_COLUMNS`, one value a row, tagged with its
+cell and epoch). ``norm`` is the threat model a perturbation used (clean rows carry the cell's
+own); ``layer`` is a tap name or ``penultimate`` and ``layer_index`` its position in the forward
+pass; per-class values (``*_per_class``) have ``class``, matrices (``leap``) have ``row`` and
+``col``; scalars have none of them.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
 
 from .cell import Cell
-from .evaluation import RESULT_COLUMNS
-from .train import COLLAPSE_LOG_COLUMNS
-
-CELL_COLUMNS = ["dataset", "model", "loss", "adversary", "variant", "seed"]
-SETTING_COLUMNS = ["dataset", "model", "loss", "variant"]
-"""The cell columns a figure tells apart by line style, row or marker where they vary (the
-adversary has its own panels, seeds are averaged)."""
-METRIC_COLUMNS = [*CELL_COLUMNS, "epoch", *RESULT_COLUMNS]
-ROBUSTNESS_COLUMNS = [*CELL_COLUMNS, "epoch", "split", "norm", "attack", "attack_loss", "robust_accuracy", "samples"]
-TRAINING_COLUMNS = [*CELL_COLUMNS, "epoch", "lr", "loss_value", "train_accuracy", "train_robust_accuracy", "test_accuracy",
-                    *COLLAPSE_LOG_COLUMNS, "seconds"]
+from .columns import CELL_COLUMNS, METRIC_COLUMNS, PENULTIMATE, RESULT_COLUMNS, SETTING_COLUMNS, TRAINING_COLUMNS
 
 # Final-epoch summary: (split, perturbation, layer, metric) -> column name (the cell's own threat model).
 SUMMARY_METRICS = {
-    ("train", "clean", "penultimate", "accuracy"): "train_accuracy",
-    ("train", "pgd", "penultimate", "accuracy"): "train_robust_accuracy",
-    ("test", "clean", "penultimate", "accuracy"): "test_accuracy",
-    ("test", "pgd", "penultimate", "accuracy"): "test_robust_accuracy",
-    ("train", "clean", "penultimate", "nc1"): "nc1_clean",
-    ("train", "pgd", "penultimate", "nc1"): "nc1_pgd",
-    ("train", "clean", "penultimate", "nc2_equinorm_M"): "nc2_equinorm_clean",
-    ("train", "pgd", "penultimate", "nc2_equinorm_M"): "nc2_equinorm_pgd",
-    ("train", "clean", "penultimate", "nc2_equiangle_M"): "nc2_equiangle_clean",
-    ("train", "pgd", "penultimate", "nc2_equiangle_M"): "nc2_equiangle_pgd",
-    ("train", "clean", "penultimate", "nc3"): "nc3_clean",
-    ("train", "pgd", "penultimate", "nc3"): "nc3_pgd",
-    ("train", "clean", "penultimate", "nc4"): "nc4_clean",
-    ("train", "pgd", "penultimate", "nc4"): "nc4_pgd",
-    ("train", "pgd", "penultimate", "ncc_accuracy_clean_means"): "ncc_accuracy_clean_means_pgd",
-    ("test", "pgd", "penultimate", "ncc_accuracy_clean_means"): "test_ncc_accuracy_clean_means_pgd",
-    ("train", "pgd", "penultimate", "alignment_angle"): "alignment_angle_pgd",
-    ("train", "pgd", "penultimate", "leap_rate"): "leap_rate_pgd",
+    ("train", "clean", PENULTIMATE, "accuracy"): "train_accuracy",
+    ("train", "pgd", PENULTIMATE, "accuracy"): "train_robust_accuracy",
+    ("test", "clean", PENULTIMATE, "accuracy"): "test_accuracy",
+    ("test", "pgd", PENULTIMATE, "accuracy"): "test_robust_accuracy",
+    ("train", "clean", PENULTIMATE, "nc1"): "nc1_clean",
+    ("train", "pgd", PENULTIMATE, "nc1"): "nc1_pgd",
+    ("train", "clean", PENULTIMATE, "nc2_equinorm_M"): "nc2_equinorm_clean",
+    ("train", "pgd", PENULTIMATE, "nc2_equinorm_M"): "nc2_equinorm_pgd",
+    ("train", "clean", PENULTIMATE, "nc2_equiangle_M"): "nc2_equiangle_clean",
+    ("train", "pgd", PENULTIMATE, "nc2_equiangle_M"): "nc2_equiangle_pgd",
+    ("train", "clean", PENULTIMATE, "nc3"): "nc3_clean",
+    ("train", "pgd", PENULTIMATE, "nc3"): "nc3_pgd",
+    ("train", "clean", PENULTIMATE, "nc4"): "nc4_clean",
+    ("train", "pgd", PENULTIMATE, "nc4"): "nc4_pgd",
+    ("train", "pgd", PENULTIMATE, "ncc_accuracy_clean_means"): "ncc_accuracy_clean_means_pgd",
+    ("test", "pgd", PENULTIMATE, "ncc_accuracy_clean_means"): "test_ncc_accuracy_clean_means_pgd",
+    ("train", "pgd", PENULTIMATE, "alignment_angle"): "alignment_angle_pgd",
+    ("train", "pgd", PENULTIMATE, "leap_rate"): "leap_rate_pgd",
     # imbalanced training data only (absent without minority classes, so absent from the columns)
-    ("train", "clean", "penultimate", "minority_cos_W"): "minority_cos_W",
-    ("train", "clean", "penultimate", "minority_cos_M"): "minority_cos_M_clean",
-    ("train", "pgd", "penultimate", "minority_cos_M"): "minority_cos_M_pgd",
-    ("test", "clean", "penultimate", "minority_accuracy"): "test_minority_accuracy",
-    ("test", "pgd", "penultimate", "minority_accuracy"): "test_minority_robust_accuracy",
+    ("train", "clean", PENULTIMATE, "minority_cos_W"): "minority_cos_W",
+    ("train", "clean", PENULTIMATE, "minority_cos_M"): "minority_cos_M_clean",
+    ("train", "pgd", PENULTIMATE, "minority_cos_M"): "minority_cos_M_pgd",
+    ("test", "clean", PENULTIMATE, "minority_accuracy"): "test_minority_accuracy",
+    ("test", "pgd", PENULTIMATE, "minority_accuracy"): "test_minority_robust_accuracy",
 }
 
 
@@ -73,18 +62,14 @@ def tag(frame: pd.DataFrame, cell: Cell, epoch: int | None = None) -> pd.DataFra
 
 def metrics_frame(results: pd.DataFrame, cell: Cell, epoch: int) -> pd.DataFrame:
     """The long-format metrics table of one checkpoint of one cell (``results``: the evaluation
-    core's tidy rows, :data:`ncrobust.evaluation.RESULT_COLUMNS`)."""
+    core's tidy rows, :data:`ncrobust.columns.RESULT_COLUMNS`)."""
     return tag(results[RESULT_COLUMNS], cell, epoch)[METRIC_COLUMNS]
 
 
 def training_frame(rows: list[dict], cell: Cell) -> pd.DataFrame:
-    """One row per epoch of a training segment, tagged with the cell (NaN for a column the rows
-    lack, e.g. the collapse columns with ``track_collapse`` off); other columns are kept after them."""
-    frame = pd.DataFrame(rows).rename(columns={"loss": "loss_value"})
-    for column in TRAINING_COLUMNS[len(CELL_COLUMNS):]:
-        if column not in frame.columns:
-            frame[column] = np.nan
-    frame = tag(frame, cell)
+    """One row per epoch of a training segment (:func:`ncrobust.train.train_segment`'s rows),
+    tagged with the cell; columns beyond :data:`ncrobust.columns.TRAINING_COLUMNS` are kept after them."""
+    frame = tag(pd.DataFrame(rows).rename(columns={"loss": "loss_value"}), cell)
     extra = [c for c in frame.columns if c not in TRAINING_COLUMNS]
     return frame[TRAINING_COLUMNS + extra].astype({"epoch": "int64"})
 
@@ -202,7 +187,7 @@ LAYERWISE_METRICS = ["nc1", "ncc_accuracy_clean_means", "ncc_accuracy"]
 
 
 def _penultimate(metrics: pd.DataFrame) -> pd.DataFrame:
-    return own_threat(scalars(metrics[metrics["layer"] == "penultimate"]))
+    return own_threat(scalars(metrics[metrics["layer"] == PENULTIMATE]))
 
 
 def nc_curves(metrics: pd.DataFrame, split: str = "train") -> pd.DataFrame:
@@ -237,7 +222,7 @@ def alignment_curves(metrics: pd.DataFrame) -> pd.DataFrame:
 def leap_matrices(metrics: pd.DataFrame, split: str = "train", perturbations=("pgd", "pgd-targeted")) -> pd.DataFrame:
     """The leap matrix ``L[row, col]`` at each cell's final epoch, mean over seeds: one row per
     (setting, adversary, perturbation, row, col), with the epochs it averages."""
-    m = metrics[(metrics["layer"] == "penultimate") & (metrics["metric"] == "leap") & (metrics["split"] == split)]
+    m = metrics[(metrics["layer"] == PENULTIMATE) & (metrics["metric"] == "leap") & (metrics["split"] == split)]
     m = final_epoch(own_threat(m[m["perturbation"].isin(perturbations)], metrics))
     m = with_setting(m, varying_settings(metrics))
     keys = ["setting", "adversary", "perturbation", "row", "col"]  # setting names dataset/model/loss when they vary
@@ -319,7 +304,7 @@ def imbalance_geometry(metrics: pd.DataFrame, split: str = "train", perturbation
     ratios form one series. Empty when the table has no class counts.
     """
     wanted = ["train_class_count", *IMBALANCE_CLASS_METRICS, *IMBALANCE_SCALAR_METRICS]
-    m = metrics[(metrics["layer"] == "penultimate") & (metrics["split"] == split) & metrics["metric"].isin(wanted)
+    m = metrics[(metrics["layer"] == PENULTIMATE) & (metrics["split"] == split) & metrics["metric"].isin(wanted)
                 & metrics["perturbation"].isin(perturbations)]
     m = final_epoch(own_threat(m, metrics))
     if m.empty or not (m["metric"] == "train_class_count").any():

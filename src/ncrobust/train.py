@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import ThreatModel, draw_start, pgd_from_start, pgd_start, trades_from_start, trades_start
+from .columns import COLLAPSE_LOG_COLUMNS
 from .experiment import adversary_kind, generator, stream_seed
 from .losses import LossFn
 from .mixup import check_alpha, draw_mixup, majority_label, mix, mixed_loss
@@ -445,12 +446,6 @@ class TrainStep:
             clean_means = self.clean_features.class_means(clean_labels, C)
             row["ncc_accuracy_clean_means_adv"] = ncc_accuracy(self.adv_features.features, adv_labels, clean_means)
         return row
-
-
-COLLAPSE_LOG_COLUMNS = (
-    "nc1_clean", "nc1_trace_ratio_clean", "ncc_accuracy_clean",
-    "nc1_adv", "nc1_trace_ratio_adv", "ncc_accuracy_adv", "ncc_accuracy_clean_means_adv",
-)
 
 
 def _refill(buffers: tuple[torch.Tensor, ...], values: tuple[torch.Tensor, ...]) -> None:

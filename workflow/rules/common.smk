@@ -6,6 +6,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from ncrobust.config import ConfigError, merge, typed_overrides, validate_config
 from ncrobust.cell import Cell
+from ncrobust.columns import FIGURES
 from ncrobust.stages import data_variant, stage_slice
 
 # Snakemake leaves the scalars of a nested --config value as strings (training='{"epochs": 3}'
@@ -26,7 +27,6 @@ RUN = f"{RESULTS}/runs/{{dataset}}/{{model}}/{{loss}}/{{adversary}}/{{variant}}/
 DATA = f"{RESULTS}/data/{{dataset}}/{{data_variant}}.pt"  # data_variant: base, or a variant with dataset overrides
 CHECKPOINT_EPOCHS = [0, *config["training"]["checkpoints"]]
 EVAL_EPOCHS = config["evaluation"].get("epochs") or CHECKPOINT_EPOCHS
-FIGURES = ["nc_vs_epoch", "accuracy", "alignment", "leap", "layerwise", "simplex", "ncc_robustness", "imbalance"]
 MIXUP_GEOMETRY = config["evaluation"]["mixup_geometry"]["enabled"]  # opt-in stages of related.smk
 PROBE = config["probe"]["enabled"]
 RELATED_FIGURES = [name for name, on in (("mixup", MIXUP_GEOMETRY), ("probe", PROBE)) if on]
@@ -120,10 +120,10 @@ def job_resources(kind):
     the string resource `gres` (`gpu:1`, `gpu:a100:1`), not the number `gpu`: Snakemake sums a
     number over the parallel jobs of a group job but keeps a string that all of them share, so k
     training chains packed into one allocation (`--group-components train=k`) share one GPU."""
-    r = config["resources"].get(kind, {})
-    res = dict(mem_mb=r.get("mem_mb", 4000), runtime=r.get("runtime", 60), cpus_per_task=r.get("cpus", 1))
-    if r.get("gpu", 0):
-        model = config["resources"].get("gpu_model")
+    r = config["resources"][kind]
+    res = dict(mem_mb=r["mem_mb"], runtime=r["runtime"], cpus_per_task=r["cpus"])
+    if r["gpu"]:
+        model = config["resources"]["gpu_model"]
         res["gres"] = f"gpu:{model}:{r['gpu']}" if model else f"gpu:{r['gpu']}"
     return res
 

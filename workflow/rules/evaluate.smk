@@ -14,7 +14,6 @@ rule evaluate:
     params:
         config=config_slice("evaluate"),
         cell=cell_of,
-        max_points=300,
     threads: config["threads"]
     resources:
         **job_resources("evaluate"),

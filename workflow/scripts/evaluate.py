@@ -9,5 +9,4 @@ with job_log(snakemake.log[0]):
         job_config("evaluate", snakemake.params.config, snakemake.config, cell=cell), cell,
         snakemake.input.data, snakemake.input.checkpoint,
         snakemake.output.metrics, snakemake.output.projection, snakemake.output.get("features"),
-        max_points=snakemake.params.max_points,
     )

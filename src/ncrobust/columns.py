@@ -1,0 +1,41 @@
+"""The names the stages, tables and figures share: the columns of every result table, the layer
+name of the penultimate features and the study's figures. Defined once, here; free of torch, so
+that the tables, the figures and the workflow's parsing import them without it.
+"""
+
+from __future__ import annotations
+
+PENULTIMATE = "penultimate"
+"""The layer name of the features fed to the classifier (every model's last tap)."""
+
+RESULT_COLUMNS = ["split", "norm", "perturbation", "layer", "layer_index", "metric", "class", "row", "col", "value"]
+"""One checkpoint's metrics (:func:`ncrobust.evaluation.evaluate_checkpoint`), before the cell's
+columns are added."""
+
+CELL_COLUMNS = ["dataset", "model", "loss", "adversary", "variant", "seed"]
+"""What every stage's rows are tagged with (:func:`ncrobust.tables.tag`)."""
+
+SETTING_COLUMNS = ["dataset", "model", "loss", "variant"]
+"""The cell columns a figure tells apart by line style, row or marker where they vary (the
+adversary has its own panels, seeds are averaged)."""
+
+COLLAPSE_LOG_COLUMNS = (
+    "nc1_clean", "nc1_trace_ratio_clean", "ncc_accuracy_clean",
+    "nc1_adv", "nc1_trace_ratio_adv", "ncc_accuracy_adv", "ncc_accuracy_clean_means_adv",
+)
+"""The training log's per-epoch Neural Collapse of the epoch's own features (``track_collapse``;
+NaN without it)."""
+
+METRIC_COLUMNS = [*CELL_COLUMNS, "epoch", *RESULT_COLUMNS]
+"""The metrics table: one checkpoint's results tagged with its cell and epoch."""
+
+ROBUSTNESS_COLUMNS = [*CELL_COLUMNS, "epoch", "split", "norm", "attack", "attack_loss", "robust_accuracy", "samples"]
+"""The strong final evaluation of each cell (rule ``robustness``)."""
+
+TRAINING_COLUMNS = [*CELL_COLUMNS, "epoch", "lr", "loss_value", "train_accuracy", "train_robust_accuracy", "test_accuracy",
+                    *COLLAPSE_LOG_COLUMNS, "seconds"]
+"""The training log, one row per epoch of each cell."""
+
+FIGURES = ["nc_vs_epoch", "accuracy", "alignment", "leap", "layerwise", "simplex", "ncc_robustness", "imbalance"]
+"""The study's figures (rule ``figures``): each is ``figures/<name>.png`` with its caption
+``workflow/report/<name>.rst``."""
