@@ -11,9 +11,9 @@ The markers (declared in pyproject.toml) say what a test needs:
 - ``slurm``: it needs a running SLURM controller (the test cluster of slurm_cluster.py).
 - ``gpu``: it needs CUDA; skipped here when there is none.
 
-The unit tests, which start no process and take seconds in all::
+The unit tests, which start no process (about a minute on two cores)::
 
-    pytest -m "not workflow and not slow and not gpu"
+    pytest -n 2 -m "not workflow and not slow and not gpu"
 
 (``slurm`` implies ``workflow``.) The default run, ``pytest -q``, runs every test.
 """
