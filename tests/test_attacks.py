@@ -271,6 +271,7 @@ def _acc(model, x, y) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
+@pytest.mark.slow
 def test_pgd_breaks_a_standard_model(digits_model):
     model, x, y = digits_model
     clean = _acc(model, x, y)
@@ -284,6 +285,7 @@ def test_pgd_breaks_a_standard_model(digits_model):
         assert noisy > robust  # random noise is much weaker than PGD
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_targeted_raises_target_probability(digits_model, norm):
     model, x, y = digits_model
@@ -300,6 +302,7 @@ def test_targeted_raises_target_probability(digits_model, norm):
     assert _ce(model, untargeted, y).mean() > _ce(model, x, y).mean()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
 def test_strong_attacks_no_weaker_than_pgd10(digits_model, norm, eps):
     model, x, y = digits_model

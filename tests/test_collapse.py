@@ -654,6 +654,8 @@ def test_other_functions_bad_input_raises():
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_benchmark_quick_runs():
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "collapse.py"), "--quick"],

@@ -111,6 +111,8 @@ def test_defaults_are_filled_and_the_shipped_configs_are_valid():
     assert shipped["grid"]["dataset"] == ["digits"]
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_snakemake_stops_before_any_job_with_one_line(tmp_path):
     config = write_tiny_config(tmp_path, device="tpu")
     proc = run_snakemake(tmp_path, "-n", configfile=config, check=False)
@@ -184,6 +186,8 @@ SNAKEMAKE_CONFIG_ERRORS = [
 ]
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 @pytest.mark.parametrize("name,override,message", SNAKEMAKE_CONFIG_ERRORS, ids=[e[0] for e in SNAKEMAKE_CONFIG_ERRORS])
 def test_snakemake_dry_run_stops_on_what_used_to_fail_in_a_job(tmp_path, name, override, message):
     (tmp_path / "blocker").write_text("a file where a directory should be")
@@ -197,6 +201,8 @@ def test_snakemake_dry_run_stops_on_what_used_to_fail_in_a_job(tmp_path, name, o
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_nested_command_line_overrides_work_in_snakemake(tmp_path):
     """`--config training='{...}'` is deep-merged onto the config file with numbers as numbers: a
     nested value replaces only the keys it names (datasets.digits keeps its threat models)."""
@@ -221,6 +227,8 @@ def _copy_of_the_workflow(tmp_path: Path) -> Path:
     return copy_root
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_the_default_config_missing_or_broken_is_one_line(tmp_path):
     import subprocess
 

@@ -263,7 +263,7 @@ def test_the_gpus_one_hot_class_sums_give_the_same_statistics_on_the_cpu(monkeyp
         np.testing.assert_allclose(np.asarray(one_hot[key]), np.asarray(index_add[key]), rtol=1e-12, err_msg=key)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_gpu_statistics_equal_the_cpu_ones_and_evaluation_synchronises_per_set(small):
     """On a GPU (class sums by one-hot matmul, counts without bincount): the same features give the
     CPU's statistics up to float64 rounding, and 4x more batches add no synchronisation that CUDA's

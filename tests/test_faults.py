@@ -119,6 +119,7 @@ def _assert_terminated_cleanly(workdir: Path) -> None:
         load_torch(path)
 
 
+@pytest.mark.workflow
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killed_training_then_rerun_is_bit_identical(tmp_path, reference, sig):
@@ -261,6 +262,7 @@ def test_divergence_stops_the_job_and_leaves_no_output(tmp_path, finished_tiny_r
     assert not _no_temporary_files(workdir)
 
 
+@pytest.mark.workflow
 @pytest.mark.slow
 def test_a_second_invocation_on_the_same_directory_is_locked_out(reference):
     """The reference fixture starts the same command a second time while the first one runs: the
@@ -344,6 +346,7 @@ def _small_tmpfs(where: Path) -> bool:
     return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True).returncode == 0
 
 
+@pytest.mark.workflow
 def test_a_really_full_disk_is_named_with_the_path(tmp_path):
     """The same on a real 64 KiB file system, for torch, Parquet and text (skipped unless root can
     mount a tmpfs)."""
@@ -410,6 +413,7 @@ def _interrupt_while_training(workdir: Path, config: Path, how: str, *extra: str
             proc.wait()
 
 
+@pytest.mark.workflow
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["ctrl-c", "kill-snakemake"])
 def test_interrupted_then_the_same_command_resumes(tmp_path, reference, how):

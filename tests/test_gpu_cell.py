@@ -13,6 +13,7 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # importable by name: --packe
 import gpu_cell  # noqa: E402
 
 
+@pytest.mark.slow
 def test_smoke_mode_trains_evaluates_and_attacks_a_cell(tmp_path):
     result = gpu_cell.main(["--smoke", "--device", "cpu", "--models", "preact_resnet18", "--adversaries", "pgd-linf",
                             "--workdir", str(tmp_path)])
@@ -27,6 +28,8 @@ def test_smoke_mode_trains_evaluates_and_attacks_a_cell(tmp_path):
     assert "paper_gpu_hours" not in result  # a restricted run projects nothing
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_packed_mode_trains_k_cells_at_once_in_k_processes(tmp_path, monkeypatch):
     """Per (model, adversary): k cells at once, in k processes, under the MPS daemon it starts
     with ``--mps`` and stops at the end (ncrobust.mps is tested in test_mps.py; here it is recorded)."""

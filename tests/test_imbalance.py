@@ -365,6 +365,7 @@ def _points(ax):
                   for x, y in zip(line.get_xdata(), line.get_ydata()))
 
 
+@pytest.mark.slow
 def test_imbalance_figure_draws_norms_against_class_size_and_minority_cos_against_ratio(tmp_path):
     f = tables.imbalance_geometry(synthetic_imbalance_metrics(variants=("base", "step10", "step10-nobias")), variants=VARIANTS)
     assert set(f["group"]) == {"", "model.bias=False"}
@@ -386,6 +387,7 @@ def test_imbalance_figure_draws_norms_against_class_size_and_minority_cos_agains
     assert {"clean", "pgd", "classifier rows", "(base)", "model.bias=False"} <= set(legend)
 
 
+@pytest.mark.slow
 def test_imbalance_figure_without_variant_overrides_and_without_metrics(tmp_path):
     assert tables.variant_groups(VARIANTS) == {"step10": "", "step10-nobias": "model.bias=False"}
     named = tables.imbalance_geometry(synthetic_imbalance_metrics(variants=("base", "step10"), seeds=(1,)))

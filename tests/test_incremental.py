@@ -11,7 +11,7 @@ import yaml
 
 from workflow_helpers import cell_dir, copy_run, file_mtimes, run_snakemake, tiny_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 CELLS = ("st", "pgd-linf")
 FINAL = {("aggregate",), ("figures",), ("report_page",), ("all",)}

@@ -150,7 +150,7 @@ def test_bad_mixup_settings_are_one_line_errors(digits):
         _setup(digits, "st", mixup_alpha=math.nan)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("adversary", ["st", "pgd-linf", "trades-linf"])
 def test_mixup_step_makes_no_host_synchronisation_and_graphs_equal_eager_on_gpu(digits, adversary):
     from ncrobust.pipeline import setup
@@ -262,6 +262,7 @@ def test_mixup_geometry_pgd_rows_and_bad_input():
             mixup_geometry(model, x, y, num_classes=C, **{"pairs": [(0, 1)], **kwargs})
 
 
+@pytest.mark.slow
 def test_mixup_tables_and_figure(tmp_path):
     """tables.mixup_points keeps one pair, each cell's final epoch and first seed; mixup_summary
     averages the 'all' rows over seeds; plots.mixup draws one panel per (variant) x (adversary,

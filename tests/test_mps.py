@@ -51,6 +51,7 @@ def _starts(key: str) -> int:
     return len(starts.read_text().splitlines()) if starts.exists() else 0
 
 
+@pytest.mark.workflow
 def test_start_points_cuda_at_one_daemon_and_stop_ends_it(control):
     env = mps.start("job1")
     root = mps.daemon_root("job1")
@@ -64,6 +65,7 @@ def test_start_points_cuda_at_one_daemon_and_stop_ends_it(control):
     mps.stop("job1")  # stopping a stopped daemon is a no-op
 
 
+@pytest.mark.workflow
 def test_processes_racing_to_start_the_daemon_start_it_once(control, tmp_path):
     code = "from ncrobust import mps; import tempfile; tempfile.gettempdir = lambda: {!r}; mps.start('race')".format(str(tmp_path / "tmp"))
     racers = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(4)]
@@ -73,6 +75,7 @@ def test_processes_racing_to_start_the_daemon_start_it_once(control, tmp_path):
     assert not mps._alive(mps.daemon_root("race") / "pid")
 
 
+@pytest.mark.workflow
 def test_a_daemon_that_dies_at_start_is_a_one_line_error_naming_its_log(control, monkeypatch):
     monkeypatch.setenv("FAKE_MPS_FAIL", "1")
     with pytest.raises(mps.MPSUnavailableError, match=r"did not start \(exit 3\); see .*ncrobust-mps-bad/log"):
@@ -85,6 +88,7 @@ def test_no_mps_binary_is_a_clear_error(monkeypatch, tmp_path):
         mps.start("none")
 
 
+@pytest.mark.workflow
 def test_a_training_job_joins_its_allocations_daemon_only_inside_slurm(control, monkeypatch, caplog):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     with caplog.at_level("INFO", logger="ncrobust.mps"):
@@ -106,6 +110,7 @@ def test_without_mps_on_the_node_a_training_job_goes_on_without_it(monkeypatch, 
     assert "training without it" in caplog.text
 
 
+@pytest.mark.workflow
 def test_a_daemon_that_died_is_started_again_and_its_stale_socket_is_not_taken_for_the_new_one(control):
     import signal
 

@@ -44,6 +44,7 @@ def test_paper_config_is_the_papers_recipe(tmp_path):
     assert l2 == {"eps": pytest.approx(128 / 255), "step_size": pytest.approx(15 / 255), "steps": 10}
 
 
+@pytest.mark.workflow
 @pytest.mark.slow
 def test_one_paper_cell_runs_on_fake_cifar(tmp_path):
     data_root = tmp_path / "data"

@@ -183,6 +183,8 @@ def test_projection_pairs_samples_and_shows_the_leap():
     assert np.allclose(tmeans.loc[list(range(C)), ["x", "y"]].to_numpy(), vertices, atol=0.3)
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_figures_drawn_in_parallel_equal_the_serial_ones(tmp_path, monkeypatch):
     """``workers > 1`` draws the figures in other processes; the files are the same as drawn one by one."""
     import os
@@ -207,6 +209,7 @@ def test_figures_drawn_in_parallel_equal_the_serial_ones(tmp_path, monkeypatch):
         assert open(serial[name], "rb").read() == open(parallel[name], "rb").read(), name
 
 
+@pytest.mark.workflow
 def test_an_error_in_a_parallel_figure_reaches_the_caller(tmp_path):
     outputs = {name: str(tmp_path / f"{name}.png") for name in ("accuracy", "simplex")}
     with pytest.raises(KeyError, match="split"):  # the simplex figure needs the projection's columns
@@ -217,12 +220,14 @@ def test_an_error_in_a_parallel_figure_reaches_the_caller(tmp_path):
 # figures
 
 
+@pytest.mark.slow
 def test_every_figure_renders_from_a_synthetic_grid(tmp_path):
     outputs = {name: str(tmp_path / f"{name}.png") for name in FIGURES}
     render(synthetic_metrics(), synthetic_training(), outputs, projection=synthetic_projection())
     check_image_files(outputs)
 
 
+@pytest.mark.slow
 def test_figures_render_with_one_adversary_one_seed_and_missing_pieces(tmp_path):
     metrics = synthetic_metrics(adversaries=("st",), seeds=(1,), epochs=(0, 10))
     metrics = metrics[~metrics["perturbation"].isin(["gaussian", "sign", "pgd-targeted"])]
@@ -243,6 +248,7 @@ def test_figures_render_with_one_adversary_one_seed_and_missing_pieces(tmp_path)
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_figures_tell_several_losses_and_models_apart(tmp_path):
     metrics = synthetic_metrics(adversaries=("st", "trades-linf"), seeds=(1,), epochs=(0, 10), losses=("ce", "mse"), models=("mlp", "convnet"))
     outputs = {name: str(tmp_path / f"{name}.png") for name in ("layerwise", "leap", "ncc_robustness")}
@@ -309,6 +315,7 @@ def _panel_lines(ax):
     return [line for line in ax.get_lines() if len(line.get_xdata()) > 1]
 
 
+@pytest.mark.slow
 def test_nc_vs_epoch_draws_one_series_per_perturbation_under_the_own_threat(tmp_path):
     metrics = synthetic_metrics()
     fig = plots.nc_vs_epoch(tables.nc_curves(metrics), tmp_path / "nc.png")
@@ -330,6 +337,7 @@ def test_nc_vs_epoch_draws_one_series_per_perturbation_under_the_own_threat(tmp_
     assert legend[:1] == ["evaluated on"] and set(PERTURBATIONS) <= set(legend)
 
 
+@pytest.mark.slow
 def test_perturbations_differ_by_more_than_colour(tmp_path):
     fig = plots.nc_vs_epoch(tables.nc_curves(synthetic_metrics()), tmp_path / "nc.png")
     styles = {(tuple(line.get_dashes() if hasattr(line, "get_dashes") else ()), line.get_linestyle(), line.get_marker())
@@ -352,6 +360,7 @@ def test_leap_heatmap_shows_the_mean_matrix_with_targets_as_rows(tmp_path):
     assert targeted.get_ylabel() == "target y"
 
 
+@pytest.mark.slow
 def test_layerwise_orders_taps_by_layer_index_not_by_name(tmp_path):
     fig = plots.layerwise(tables.layer_profiles(synthetic_metrics()), tmp_path / "layers.png")
     bottom = fig.axes[-1]
@@ -373,6 +382,7 @@ def test_ncc_robustness_points_are_the_metrics(tmp_path):
     assert "y = x" in [t.get_text() for t in fig.legends[0].get_texts()]
 
 
+@pytest.mark.slow
 def test_simplex_draws_arrows_from_clean_to_perturbed_means(tmp_path):
     fig = plots.simplex(tables.simplex_points(synthetic_projection()), tmp_path / "simplex.png")
     panels = [ax for ax in fig.axes if ax.collections]

@@ -133,6 +133,7 @@ def _probe_table():
     return frames
 
 
+@pytest.mark.slow
 def test_probe_curves_and_figure(tmp_path):
     """tables.probe_curves keeps each cell's final epoch in long form; plots.probe draws one column
     per variant, two rows (NC1 of the solution, ratio), and a placeholder without data."""
@@ -156,6 +157,7 @@ def test_probe_curves_and_figure(tmp_path):
     assert "no probe tables" in " ".join(t.get_text() for t in empty.axes[0].texts)
 
 
+@pytest.mark.workflow
 @pytest.mark.slow  # two Snakemake dry runs (DAG only), about 10 s
 def test_related_rules_are_opt_in_per_cell_at_the_final_epoch(tmp_path):
     """Dry runs: the tiny config has no mixup_geometry, probe or related_figures job; switched on,

@@ -116,6 +116,8 @@ def test_slurm_link_points_to_the_profile():
     assert link.is_symlink() and link.resolve() == PROFILE.resolve()
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_profile_resolves_from_repository_root(tmp_path):
     """`snakemake --cores 8 --profile slurm -n` from the root: the link finds the profile; a dry
     run needs no sbatch (it runs on machines without SLURM, too). The workflow runs in an empty
@@ -128,6 +130,8 @@ def test_profile_resolves_from_repository_root(tmp_path):
     assert "This was a dry-run" in out
 
 
+@pytest.mark.workflow
+@pytest.mark.slow
 def test_gpu_requests_go_to_train_and_evaluate_only(tmp_path):
     """The resources every rule hands to the plugin (dry run): a GPU as the string `gres` (with
     gpu_model) for train and evaluate, none elsewhere; CPUs, memory and runtime from the config."""

@@ -158,7 +158,7 @@ def test_sgd_learning_rate_is_read_from_its_tensor_at_every_step():
     assert torch.equal(p.detach(), torch.full((3,), 0.5))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_sgd_multi_tensor_path_matches_torch_foreach_sgd_on_gpu():
     ours, _ = _sgd_run(lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=5e-4), device="cuda")
     ref, _ = _sgd_run(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=5e-4, foreach=True), device="cuda")
@@ -367,7 +367,7 @@ def test_captured_step_buffers_can_be_refilled_after_the_step_consumed_its_attac
 PAPER_SWITCHES = {"pgd_clean_bn_pass": True, "trades_bn": "eval", "track_collapse": True}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("adversary, switches", [
     ("st", {}), ("pgd-linf", {}), ("trades-linf", {}),
     ("st", PAPER_SWITCHES), ("pgd-linf", PAPER_SWITCHES), ("trades-linf", PAPER_SWITCHES),
@@ -406,7 +406,7 @@ def test_training_synchronises_per_epoch_not_per_step(digits, adversary):
     assert counts[0] == counts[1]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("adversary", ["st", "pgd-linf", "trades-linf"])
 def test_training_step_makes_no_host_synchronisation_on_gpu(digits, adversary):
     from ncrobust.train import TrainStep, make_optimizer

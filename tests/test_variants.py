@@ -103,6 +103,7 @@ def test_a_variant_outside_the_grid_is_kept_and_its_name_and_keys_are_still_chec
 # ---------------------------------------------------------------------------------- the workflow
 
 
+@pytest.mark.workflow
 @pytest.mark.slow
 def test_a_variant_cell_gets_its_own_path_data_and_model(tmp_path):
     config = tiny_config(variants=VARIANTS)

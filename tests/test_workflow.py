@@ -9,7 +9,7 @@ import pytest
 from ncrobust.columns import METRIC_COLUMNS
 from workflow_helpers import cell_dir, copy_run, run_snakemake, tiny_config, write_tiny_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 CELL = cell_dir(adversary="pgd-linf")
 
