@@ -13,13 +13,14 @@ import torch.nn.functional as F
 
 from ncrobust import attacks
 from ncrobust.attacks import (
+    ATTACKS,
     PERTURBATIONS,
+    STRONG_ATTACKS,
     ThreatModel,
     gaussian,
     perturb,
     pgd,
     random_sign,
-    strong_attack,
     target_labels,
     trades_kl,
 )
@@ -127,11 +128,11 @@ def _all_attacks():
                                                                             generator=_gen(), batch_size=13),
                           bound_norm, eps))
         cases.append((f"pgd-strong-{norm}",
-                      lambda m, x, y, threat=threat: strong_attack("pgd-strong", m, x, y, threat=threat, num_classes=C,
-                                                                   seed=0), norm, eps))
+                      lambda m, x, y, threat=threat: perturb("pgd-strong", m, x, y, threat=threat, num_classes=C, seed=0),
+                      norm, eps))
         for name in ("apgd-ce", "apgd-t"):
             cases.append((f"{name}-{norm}",
-                          lambda m, x, y, name=name, threat=threat: strong_attack(
+                          lambda m, x, y, name=name, threat=threat: perturb(
                               name, m, x, y, threat=ThreatModel(threat.norm, threat.eps, threat.step_size, 1),
                               num_classes=C, seed=0), norm, eps))
     return cases
@@ -168,8 +169,7 @@ def test_clean_and_zero_eps_return_inputs():
     assert torch.equal(perturb("clean", model, x, y, threat=threat, num_classes=C), x)
     for norm in ("linf", "l2"):
         assert torch.equal(pgd(model, x, y, norm=norm, eps=0.0, step_size=0.1, steps=3, generator=_gen()), x)
-    assert torch.equal(strong_attack("pgd-strong", model, x, y, threat=ThreatModel("l2", 0.0, 0.1, 1),
-                                     num_classes=C, seed=0), x)
+    assert torch.equal(perturb("pgd-strong", model, x, y, threat=ThreatModel("l2", 0.0, 0.1, 1), num_classes=C, seed=0), x)
 
 
 # ---------------------------------------------------------------------------- restarts, targets
@@ -236,6 +236,20 @@ def test_perturb_batch_size_is_plumbing_only():
     over = perturb("pgd", model, x, y, threat=threat, num_classes=C, generator=_gen(3), steps=1, eps=0.05,
                    step_size=0.2)
     _assert_valid(over, x, norm="l2", eps=0.05)
+
+
+def test_one_registry_serves_the_evaluation_and_the_strong_evaluation():
+    """Every attack is called through ``perturb``; ``restarts`` overrides PGD's and is ignored by
+    attacks without restarts; the randomness is the generator or, for the seeded attacks, the seed."""
+    assert tuple(ATTACKS) == PERTURBATIONS + STRONG_ATTACKS
+    assert [name for name, attack in ATTACKS.items() if attack.seeded] == list(STRONG_ATTACKS)
+    model = _mlp(1)
+    x, y = _batch(16, 1)
+    threat = ThreatModel("linf", 0.1, 0.02, 3)
+    restarted = perturb("pgd", model, x, y, threat=threat, num_classes=C, generator=_gen(2), restarts=3)
+    assert torch.equal(restarted, pgd(model, x, y, norm="linf", eps=0.1, step_size=0.02, steps=3, restarts=3, generator=_gen(2)))
+    noise = perturb("gaussian", model, x, y, threat=threat, num_classes=C, generator=_gen(2), restarts=3)
+    assert torch.equal(noise, gaussian(x, eps=0.1, generator=_gen(2)))
 
 
 # ---------------------------------------------------------------------------- strength
@@ -310,7 +324,7 @@ def test_strong_attacks_no_weaker_than_pgd10(digits_model, norm, eps):
     pgd10 = _acc(model, perturb("pgd", model, x, y, threat=threat, num_classes=10, generator=_gen()), y)
     assert pgd10 < _acc(model, x, y) - 0.2
     for name in ("pgd-strong", "apgd-ce", "apgd-t"):
-        x_adv = strong_attack(name, model, x, y, threat=threat, num_classes=10, seed=0)
+        x_adv = perturb(name, model, x, y, threat=threat, num_classes=10, seed=0)
         _assert_valid(x_adv, x, norm=norm, eps=eps)
         assert _acc(model, x_adv, y) <= pgd10 + 0.01, name
 
@@ -328,8 +342,8 @@ def test_apgd_uses_autoattack_settings(monkeypatch):
     model = _mlp(1)
     x, y = _batch(8, 1)
     threat = ThreatModel("l2", 0.5, 0.1, 10)
-    strong_attack("apgd-ce", model, x, y, threat=threat, num_classes=C, seed=3)
-    strong_attack("apgd-t", model, x, y, threat=threat, num_classes=C, seed=3)
+    perturb("apgd-ce", model, x, y, threat=threat, num_classes=C, seed=3)
+    perturb("apgd-t", model, x, y, threat=threat, num_classes=C, seed=3)
     assert seen["APGD"]["steps"] == 100 and seen["APGD"]["n_restarts"] == 1 and seen["APGD"]["loss"] == "ce"
     assert seen["APGD"]["norm"] == "L2" and seen["APGD"]["eps"] == 0.5 and seen["APGD"]["rho"] == 0.75
     assert seen["APGDT"]["steps"] == 100 and seen["APGDT"]["n_restarts"] == 1 and seen["APGDT"]["n_classes"] == 10
@@ -389,7 +403,7 @@ def test_generator_controls_the_randomness():
     assert not torch.equal(pgd(model, x, y, generator=_gen(1), **kw), pgd(model, x, y, generator=_gen(2), **kw))
     state = torch.get_rng_state()
     pgd(model, x, y, generator=_gen(1), **kw)
-    strong_attack("apgd-ce", model, x, y, threat=ThreatModel("linf", 0.1, 0.02, 1), num_classes=C, seed=0)
+    perturb("apgd-ce", model, x, y, threat=ThreatModel("linf", 0.1, 0.02, 1), num_classes=C, seed=0)
     assert torch.equal(torch.get_rng_state(), state)  # neither our attacks nor torchattacks' seeding leak
     torch.manual_seed(0)
     a = gaussian(x, eps=0.1)
@@ -431,7 +445,7 @@ def _bad_calls():
         "trades-x": (lambda: trades_kl(model, x * 2, **ok), r"x must lie in \[0, 1\]"),
         "gaussian-eps": (lambda: gaussian(x, eps=-0.1), r"eps must be a finite number >= 0"),
         "sign-x": (lambda: random_sign(x - 1, eps=0.1), r"x must lie in \[0, 1\]"),
-        "perturb-name": (lambda: perturb("fgsm", model, x, y, threat=th, num_classes=C), r"unknown perturbation 'fgsm'; allowed: clean, pgd, pgd-targeted, gaussian, sign, trades-kl"),
+        "perturb-name": (lambda: perturb("fgsm", model, x, y, threat=th, num_classes=C), r"unknown attack 'fgsm'; allowed: clean, pgd, pgd-targeted, gaussian, sign, trades-kl, pgd-strong, apgd-ce, apgd-t"),
         "perturb-labels": (lambda: perturb("clean", model, x, torch.full_like(y, C), threat=th, num_classes=C), r"labels must lie in \[0, 10\)"),
         "perturb-num-classes": (lambda: perturb("pgd", model, x, y, threat=th, num_classes=1), r"num_classes must be an integer >= 2, got 1"),
         "perturb-threat": (lambda: perturb("pgd", model, x, y, threat=(0.1,), num_classes=C), r"threat must be a ThreatModel, got tuple"),
@@ -439,10 +453,13 @@ def _bad_calls():
         "perturb-steps": (lambda: perturb("pgd", model, x, y, threat=th, num_classes=C, steps=0), r"steps must be an integer >= 1, got 0"),
         "perturb-restarts": (lambda: perturb("pgd", model, x, y, threat=th, num_classes=C, restarts=0), r"restarts must be an integer >= 1, got 0"),
         "perturb-batch": (lambda: perturb("pgd", model, x, y, threat=th, num_classes=C, batch_size=0), r"batch_size must be None or an integer >= 1, got 0"),
-        "strong-name": (lambda: strong_attack("cw", model, x, y, threat=th, num_classes=C, seed=0), r"unknown strong attack 'cw'"),
-        "strong-seed": (lambda: strong_attack("apgd-ce", model, x, y, threat=th, num_classes=C, seed=None), r"seed must be an integer, got None"),
-        "strong-labels": (lambda: strong_attack("apgd-t", model, x, y + C, threat=th, num_classes=C, seed=0), r"labels must lie in \[0, 10\)"),
-        "strong-classes": (lambda: strong_attack("apgd-t", model, x, y % 3, threat=th, num_classes=3, seed=0), r"apgd-t needs at least 4 classes"),
+        "strong-name": (lambda: perturb("cw", model, x, y, threat=th, num_classes=C, seed=0), r"unknown attack 'cw'"),
+        "strong-generator": (lambda: perturb("pgd-strong", model, x, y, threat=th, num_classes=C, seed=0, generator=_gen()),
+                             r"pgd-strong is seeded by seed=, not by a generator"),
+        "perturb-seed": (lambda: perturb("pgd", model, x, y, threat=th, num_classes=C, seed=0), r"pgd draws from generator=, not from seed="),
+        "strong-seed": (lambda: perturb("apgd-ce", model, x, y, threat=th, num_classes=C, seed=None), r"seed must be an integer, got None"),
+        "strong-labels": (lambda: perturb("apgd-t", model, x, y + C, threat=th, num_classes=C, seed=0), r"labels must lie in \[0, 10\)"),
+        "strong-classes": (lambda: perturb("apgd-t", model, x, y % 3, threat=th, num_classes=3, seed=0), r"apgd-t needs at least 4 classes"),
         "target-classes": (lambda: target_labels(y, 1), r"num_classes must be an integer >= 2, got 1"),
     }
 

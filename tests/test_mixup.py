@@ -13,7 +13,7 @@ from ncrobust.attacks import ThreatModel
 from ncrobust.experiment import Cell, build_model
 from ncrobust.losses import LOSSES, get_loss
 from ncrobust.mixup import draw_mixup, majority_label, mix, mixed_loss
-from ncrobust.train import Recipe, TrainStep, draw_step_noise, initial_checkpoint, make_optimizer, pgd_from_noise, train_segment
+from ncrobust.train import Recipe, initial_checkpoint, make_optimizer, make_train_step, train_segment
 
 CONFIG = {"models": {"mlp": {"depth": 2, "width": 32}}}
 THREAT = ThreatModel(norm="linf", eps=0.1, step_size=0.05, steps=2)
@@ -64,10 +64,10 @@ def test_mixed_adversarial_examples_stay_in_the_threat_ball_of_the_mixed_clean_i
     mix is within eps of the mix of the clean inputs, and in [0, 1]."""
     _, model, recipe, x, y = _setup(digits, "pgd-linf", mixup_alpha=1.0)
     x, y = x[:64], y[:64]
-    g = torch.Generator().manual_seed(0)
-    noise = draw_step_noise("pgd", recipe, x, g)
+    step = make_train_step(model, make_optimizer(model, recipe), recipe, num_classes=10, n_train=64, device=x.device)
+    noise = step.draw_noise(x, torch.Generator().manual_seed(0))
     lam, perm = noise[-2:]
-    x_adv = pgd_from_noise(model, x, y, noise[:-2], threat=THREAT, loss=recipe.loss)
+    x_adv = step.attack.from_start(model, x, y, noise[:-2], THREAT, loss_fn=recipe.loss)
     delta = mix(x_adv, lam, perm) - mix(x, lam, perm)
     assert delta.abs().max().item() <= THREAT.eps + 1e-6
     assert 0.0 <= mix(x_adv, lam, perm).min() and mix(x_adv, lam, perm).max() <= 1.0
@@ -81,8 +81,8 @@ def test_st_mixup_step_trains_on_the_mix_with_the_mixed_loss(digits):
     _, model, recipe, x, y = _setup(digits, "st", mixup_alpha=0.5, weight_decay=0.0, momentum=0.0)
     x, y = x[:64], y[:64]
     reference = build_model(CONFIG, Cell("digits", "mlp", "ce", "st", 3), digits)
-    step = TrainStep(model, make_optimizer(model, recipe), recipe, num_classes=10, n_train=64, device=x.device)
-    noise = draw_step_noise("st", recipe, x, torch.Generator().manual_seed(4))
+    step = make_train_step(model, make_optimizer(model, recipe), recipe, num_classes=10, n_train=64, device=x.device)
+    noise = step.draw_noise(x, torch.Generator().manual_seed(4))
     lam, perm = noise
     step(x, y, noise)
     reference.train()
@@ -123,8 +123,8 @@ def test_track_collapse_with_mixup_groups_mixed_features_by_their_majority_label
     their prediction was counted against (the majority label; PGD's clean stream is unmixed and
     keeps the true labels), the columns are finite, and a chain still equals one run bit for bit."""
     cell, model, recipe, x, y = _setup(digits, adversary, epochs=2, mixup_alpha=1.0, track_collapse=True)
-    step = TrainStep(model, make_optimizer(model, recipe), recipe, num_classes=10, n_train=64, device=x.device)
-    noise = draw_step_noise(step.kind, recipe, x[:64], torch.Generator().manual_seed(2))
+    step = make_train_step(model, make_optimizer(model, recipe), recipe, num_classes=10, n_train=64, device=x.device)
+    noise = step.draw_noise(x[:64], torch.Generator().manual_seed(2))
     lam, perm = noise[-2:]
     step.store_features(0, step(x[:64], y[:64], noise))
     majority = majority_label(y[:64], lam, perm)
@@ -158,14 +158,14 @@ def test_mixup_step_makes_no_host_synchronisation_and_graphs_equal_eager_on_gpu(
     setup({"device": "cuda", "threads": 1}, deterministic=True)
     _, model, recipe, x, y = _setup(digits, adversary, epochs=2, mixup_alpha=1.0)
     model, xs, ys = model.cuda(), x[:256].cuda(), y[:256].cuda()
-    step = TrainStep(model, make_optimizer(model, recipe), recipe, num_classes=10, n_train=256, device=xs.device)
+    step = make_train_step(model, make_optimizer(model, recipe), recipe, num_classes=10, n_train=256, device=xs.device)
     gen = torch.Generator(xs.device).manual_seed(0)
-    step(xs, ys, draw_step_noise(step.kind, recipe, xs, gen))
+    step(xs, ys, step.draw_noise(xs, gen))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(2):
-            step(xs, ys, draw_step_noise(step.kind, recipe, xs, gen))
+            step(xs, ys, step.draw_noise(xs, gen))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     results = {}

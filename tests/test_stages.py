@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from ncrobust.cell import Cell
+from ncrobust.cell import ADVERSARIES, Adversary, Cell
 from ncrobust.config import validate_config
 from ncrobust.stages import EXECUTION_KEYS, STAGES, canonical, job_config, merge, stage_slice
 from workflow_helpers import tiny_config
@@ -188,3 +188,16 @@ def test_the_simplex_projection_sample_reaches_the_evaluation_through_the_slice(
         job = job_config("evaluate", stage_slice("evaluate", config, cell=cell), config, cell=cell)
         assert evaluation_plan(job, cell).projection_points == 40
     assert evaluation_plan(_config(), ST).projection_points == 300
+
+
+def test_an_adversary_name_parses_to_its_kind_and_norm_and_back():
+    assert [Adversary.parse(name) for name in ADVERSARIES] == [
+        Adversary("st"), Adversary("pgd", "linf"), Adversary("pgd", "l2"), Adversary("trades", "linf"), Adversary("trades", "l2"),
+    ]
+    assert all(Adversary.parse(name).name == name for name in ADVERSARIES)
+    assert TRADES.parsed_adversary == Adversary("trades", "linf") and ST.parsed_adversary.norm is None
+    with pytest.raises(ValueError, match="unknown adversary 'pgd-l1'; allowed: st, pgd-linf, pgd-l2, trades-linf, trades-l2"):
+        Adversary.parse("pgd-l1")
+    for kind, norm in (("st", "linf"), ("pgd", None), ("fgsm", "linf")):
+        with pytest.raises(ValueError, match="no adversary of kind"):
+            Adversary(kind, norm)

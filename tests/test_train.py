@@ -10,12 +10,13 @@ from host_syncs import HostSyncs
 from ncrobust import data as datasets
 from ncrobust.attacks import ThreatModel
 from ncrobust.columns import COLLAPSE_LOG_COLUMNS
-from ncrobust.experiment import Cell, build_model
+from ncrobust.cell import Cell
+from ncrobust.experiment import build_model
 from ncrobust.losses import get_loss
 from ncrobust import attacks
 from ncrobust.train import (
-    SGD, NonFiniteLossError, Recipe, Schedule, draw_attack_noise, initial_checkpoint, pgd_from_noise, trades_from_noise,
-    train_segment,
+    SGD, NonFiniteLossError, PGDStep, Recipe, Schedule, StandardStep, TradesStep, initial_checkpoint,
+    make_optimizer, make_train_step, train_segment,
 )
 
 CONFIG = {"models": {"mlp": {"depth": 2, "width": 32}}}
@@ -226,7 +227,7 @@ def test_dropout_chain_equals_uninterrupted_run_without_rng_state_in_checkpoints
 
 
 # --------------------------------------------------------------------------------------------
-# The capture-friendly training attacks equal ncrobust.attacks
+# The training step's attack pieces equal the attacks
 
 
 def _bn_net():
@@ -237,7 +238,9 @@ def _bn_net():
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_pgd_from_noise_equals_attacks_pgd_bit_for_bit(norm):
+def test_the_pgd_steps_attack_pieces_equal_training_time_pgd_bit_for_bit(norm):
+    """What the PGD step runs (the start drawn outside it, the iterations inside, in the step's
+    train mode) is :func:`ncrobust.attacks.pgd` with ``train_mode=True`` from the same generator."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 5, (16,), generator=g)
     threat = ThreatModel(norm, 0.1 if norm == "linf" else 0.5, 0.03 if norm == "linf" else 0.2, 4)
@@ -246,13 +249,14 @@ def test_pgd_from_noise_equals_attacks_pgd_bit_for_bit(norm):
     ref = attacks.pgd(reference_model, x, y, norm=norm, eps=threat.eps, step_size=threat.step_size, steps=threat.steps,
                       loss=loss, generator=torch.Generator().manual_seed(7), train_mode=True)
     model.train()
-    ours = pgd_from_noise(model, x, y, draw_attack_noise("pgd", threat, x, torch.Generator().manual_seed(7)), threat=threat, loss=loss)
+    attack = PGDStep.attack
+    ours = attack.from_start(model, x, y, attack.draw_start(x, threat, torch.Generator().manual_seed(7)), threat, loss_fn=loss)
     assert torch.equal(ours, ref)
     assert torch.equal(model[1].running_mean, reference_model[1].running_mean)  # same train-mode forwards
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_trades_from_noise_equals_attacks_trades_kl_bit_for_bit(norm):
+def test_the_trades_steps_attack_pieces_equal_trades_kl_bit_for_bit(norm):
     g = torch.Generator().manual_seed(1)
     x = torch.rand(16, 1, 8, 8, generator=g)
     threat = ThreatModel(norm, 0.1 if norm == "linf" else 0.5, 0.03 if norm == "linf" else 0.2, 4)
@@ -260,8 +264,21 @@ def test_trades_from_noise_equals_attacks_trades_kl_bit_for_bit(norm):
     ref = attacks.trades_kl(model, x, norm=norm, eps=threat.eps, step_size=threat.step_size, steps=threat.steps,
                             generator=torch.Generator().manual_seed(3))
     model.eval()
-    ours = trades_from_noise(model, x, draw_attack_noise("trades", threat, x, torch.Generator().manual_seed(3)), threat=threat)
+    attack = TradesStep.attack
+    ours = attack.from_start(model, x, attack.draw_start(x, threat, torch.Generator().manual_seed(3)), threat)
     assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("adversary, step_class", [("st", StandardStep), ("pgd-linf", PGDStep), ("trades-l2", TradesStep)])
+def test_the_step_is_chosen_once_from_the_adversary(digits, adversary, step_class):
+    _, model, recipe, x, y = _setup(digits, adversary, epochs=1)
+    step = make_train_step(model, make_optimizer(model, recipe), recipe, num_classes=10, n_train=64, device=x.device)
+    assert type(step) is step_class
+    start = step.draw_noise(x[:64], torch.Generator().manual_seed(0))  # no mixup: the attack's draws only
+    assert len(start) == {"st": 0, "pgd-linf": 1, "trades-l2": 1}[adversary]
+    with pytest.raises(ValueError, match="unknown adversary 'fgsm-linf'"):
+        make_train_step(model, make_optimizer(model, recipe), dataclasses.replace(recipe, adversary="fgsm-linf"),
+                        num_classes=10, n_train=64, device=x.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,16 +363,16 @@ def test_captured_step_buffers_can_be_refilled_after_the_step_consumed_its_attac
     attack consumes its start buffer in place and marks it ``requires_grad``; refilling that buffer
     for the next replay with a plain ``copy_`` raised "a leaf Variable that requires grad is being
     used in an in-place operation" at the first replay of every PGD / TRADES cell."""
-    from ncrobust.train import TrainStep, _refill, make_optimizer
+    from ncrobust.train import _refill
 
     _, model, recipe, x, y = _setup(digits, adversary, epochs=1)
     xs, ys = x[:64], y[:64]
-    step = TrainStep(model, make_optimizer(model, recipe), recipe, num_classes=10, n_train=64, device=xs.device)
+    step = make_train_step(model, make_optimizer(model, recipe), recipe, num_classes=10, n_train=64, device=xs.device)
     gen = torch.Generator().manual_seed(0)
-    static = tuple(t.clone() for t in (xs, ys, *draw_attack_noise(step.kind, recipe.threat, xs, gen)))
+    static = tuple(t.clone() for t in (xs, ys, *step.draw_noise(xs, gen)))
     step(static[0], static[1], static[2:])  # what the capture records, on the same buffers
     assert static[2].requires_grad
-    fresh = draw_attack_noise(step.kind, recipe.threat, xs, gen)
+    fresh = step.draw_noise(xs, gen)
     _refill(static, (xs, ys, *fresh))
     assert all(torch.equal(a, b) for a, b in zip(static, (xs, ys, *fresh)))
 
@@ -409,18 +426,16 @@ def test_training_synchronises_per_epoch_not_per_step(digits, adversary):
 @pytest.mark.gpu
 @pytest.mark.parametrize("adversary", ["st", "pgd-linf", "trades-linf"])
 def test_training_step_makes_no_host_synchronisation_on_gpu(digits, adversary):
-    from ncrobust.train import TrainStep, make_optimizer
-
     cell, model, recipe, x, y = _setup(digits, adversary, epochs=1, model="convnet")
     model, x, y = model.cuda(), x[:256].cuda(), y[:256].cuda()
-    step = TrainStep(model, make_optimizer(model, recipe), recipe, num_classes=10, n_train=256, device=x.device)
+    step = make_train_step(model, make_optimizer(model, recipe), recipe, num_classes=10, n_train=256, device=x.device)
     gen = torch.Generator(x.device).manual_seed(0)
-    step(x, y, draw_attack_noise(step.kind, recipe.threat, x, gen))  # first step: momentum buffers, lazy init
+    step(x, y, step.draw_noise(x, gen))  # first step: momentum buffers, lazy init
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(2):
-            step(x, y, draw_attack_noise(step.kind, recipe.threat, x, gen))
+            step(x, y, step.draw_noise(x, gen))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert step.epoch_log(y)["first_bad_step"] == -1

@@ -1,6 +1,6 @@
 """Adversarial and random perturbations of images in [0, 1].
 
-Conventions (DESIGN.md, "Attack and training conventions"):
+Conventions:
 
 - ``model(x)`` returns logits for inputs in [0, 1] (normalisation is the model's first layer).
 - Every attack returns a *detached* tensor with the dtype and device of ``x``, clamped to [0, 1]
@@ -18,28 +18,37 @@ Conventions (DESIGN.md, "Attack and training conventions"):
   ``l_inf`` step (a sign) is identical, the ``l_2`` step differs only through the ``1e-10`` zero-norm
   guard, which acts on a gradient ``N`` times smaller there (``|difference| <= 1e-10 * N / ||g_i||``
   relative, far below float32 resolution unless a gradient is numerically zero).
-- ``targeted=True``: ``y`` holds the targets and the attack *descends* the loss to them.
+- ``targeted``: the attack *descends* the loss to the targets (:func:`target_labels` of the true
+  labels in the registry; :func:`pgd` takes the targets themselves).
 - ``restarts > 1``: each restart draws a fresh random start; per example the worst case is kept
   (highest final loss, or lowest final loss to the target when targeted).
-- Mode: evaluation attacks (``pgd(train_mode=False)``, ``trades_kl``, the strong attacks) run the
+- Mode: evaluation attacks (the registry's, and :func:`pgd` with ``train_mode=False``) run the
   model in ``eval()``; training-time PGD (``train_mode=True``) runs it in ``train()`` so BatchNorm
   uses (and updates) batch statistics, as in Madry et al., Rice et al. and Su et al. Every attack
-  restores the training flag of every submodule afterwards, also on error.
+  restores the training flag of every submodule afterwards, also on error
+  (:func:`ncrobust.models.base.eval_mode`).
 - ``autocast_dtype`` (bf16 on a GPU) autocasts the model's passes; the loss is taken on fp32
   logits, and TRADES' clean prediction and first step run in fp32 (what bf16 cannot resolve).
-- Randomness comes only from ``generator`` (a ``torch.Generator``; ``None`` means the global RNG).
-  Noise is drawn on the generator's device and moved to ``x``'s device, so a fixed seed gives
-  the same perturbation.
+- Randomness: the attacks that draw with torch take ``generator`` (a ``torch.Generator``; ``None``
+  means the global RNG); noise is drawn on the generator's device and moved to ``x``'s device, so
+  a fixed seed gives the same perturbation. The attacks marked ``seeded`` (``pgd-strong`` and
+  torchattacks' APGD, which seeds the global RNG itself) take an integer ``seed`` instead.
 - Bad arguments raise ``ValueError`` with a one-line message.
 
-The evaluation registry is :func:`perturb` (``PERTURBATIONS``); :func:`strong_attack` gives the
-stronger attacks used to check that PGD is not a weak evaluation: ``pgd-strong``, and APGD-CE /
-APGD-T (Croce & Hein 2020) through ``torchattacks`` with AutoAttack's "standard" settings.
+One registry, :data:`ATTACKS`, maps every name to an :class:`Attack`; every attack is called with
+the one signature of :class:`Attack`, through :func:`perturb`. :data:`PERTURBATIONS` are the
+evaluation's names, :data:`STRONG_ATTACKS` the stronger attacks that check that PGD is not a weak
+evaluation (``pgd-strong``, and APGD-CE / APGD-T of Croce & Hein 2020 through ``torchattacks``
+with AutoAttack's "standard" settings). The training step uses :class:`PGD`'s and
+:class:`TradesKL`'s own pieces: ``draw_start`` (the random draws of a start) outside a captured
+CUDA graph, ``from_start`` (the iterations) inside it.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -48,11 +57,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models.base import eval_mode
+
 LossFn = Callable[..., torch.Tensor]
 
 NORMS = ("linf", "l2")
-PERTURBATIONS = ("clean", "pgd", "pgd-targeted", "gaussian", "sign", "trades-kl")
-STRONG_ATTACKS = ("pgd-strong", "apgd-ce", "apgd-t")
 
 # pgd-strong: 5 restarts of 50 steps with step eps/4 (both norms). Large steps move far in few
 # iterations and the restarts cover the ball; keeping the worst case per example over restarts
@@ -190,21 +199,14 @@ def _resolve_loss(loss) -> LossFn:
     return loss
 
 
+def _check_seed(seed) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+
+
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _model_mode(model: nn.Module, train: bool):
-    """Put ``model`` in train/eval mode; restore every submodule's own flag afterwards."""
-    saved = [(m, m.training) for m in model.modules()]
-    model.train(train)
-    try:
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
 
 
 def _autocast(x: torch.Tensor, dtype):
@@ -235,34 +237,11 @@ def _l2_norms(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t.flatten(1), dim=1)
 
 
-def draw_start(kind: str, x: torch.Tensor, norm: str, eps: float, generator) -> tuple[torch.Tensor, ...]:
-    """The random draws that start one attack on ``x``, from ``generator`` (the global RNG if None):
-    ``pgd``: a uniform offset in the l_inf ball, or a Gaussian direction and a uniform radius for
-    l_2 (Rice et al.); ``trades``: Gaussian noise (TRADES' start). Drawing apart from the iterations
-    lets a captured training step take them as inputs (:mod:`ncrobust.train`)."""
-    if kind == "trades":
-        return (_noise("randn", x, generator),)
-    if norm == "linf":
-        if generator is None or generator.device == x.device:
-            return (torch.empty_like(x).uniform_(-eps, eps, generator=generator),)
-        return (_noise("rand", x, generator).mul_(2 * eps).sub_(eps),)  # U[-eps, eps)
-    direction = _noise("randn", x, generator)
-    if generator is None:
-        radius = torch.rand(x.shape[0], dtype=x.dtype, device=x.device)
-    else:
-        radius = torch.rand(x.shape[0], generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
-    return direction, radius
-
-
-def pgd_start(x: torch.Tensor, noise: tuple[torch.Tensor, ...], norm: str, eps: float) -> torch.Tensor:
-    """PGD's random start from :func:`draw_start` (``noise`` is consumed), in the ball and [0, 1]."""
-    if norm == "linf":
-        (delta,) = noise
-    else:
-        delta, radius = noise
-        n = _l2_norms(delta).clamp_min_(_NORM_FLOOR)
-        delta.mul_(_bcast(radius.mul(eps).div_(n), x))
-    return delta.add_(x).clamp_(0.0, 1.0)
+def _renorm_l2_(delta: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x + delta * min(1, eps / ||delta||_2)`` per example, clamped to [0, 1]: the perturbation
+    ``delta`` renormed to the l_2 ball and added back, in place on ``delta``."""
+    factor = torch.clamp(eps / _l2_norms(delta).clamp_min_(_NORM_FLOOR), max=1.0)
+    return delta.mul_(_bcast(factor, x)).add_(x).clamp_(0.0, 1.0)
 
 
 def _linf_bounds(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,9 +258,7 @@ def _step_(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, bounds, *, 
     else:
         scale = _l2_norms(grad).add_(_L2_GRAD_GUARD).reciprocal_().mul_(step_size)
         x_adv.addcmul_(grad, _bcast(scale, x))
-        delta = x_adv.sub_(x)  # x_adv now holds delta
-        factor = torch.clamp(eps / _l2_norms(delta).clamp_min_(_NORM_FLOOR), max=1.0)
-        delta.mul_(_bcast(factor, x)).add_(x).clamp_(0.0, 1.0)
+        _renorm_l2_(x_adv.sub_(x), x, eps)  # x_adv holds delta, then the projected point
 
 
 def _project(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
@@ -289,43 +266,7 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -> tor
     if norm == "linf":
         lo, hi = _linf_bounds(x, eps)
         return x_adv.clamp_(min=lo, max=hi)
-    delta = x_adv.sub_(x)
-    factor = torch.clamp(eps / _l2_norms(delta).clamp_min_(_NORM_FLOOR), max=1.0)
-    return delta.mul_(_bcast(factor, x)).add_(x).clamp_(0.0, 1.0)
-
-
-# --------------------------------------------------------------------------------------------
-# PGD
-# --------------------------------------------------------------------------------------------
-
-
-def _pgd_run(model, x, y, *, norm, eps, step_size, steps, random_start, targeted, loss_fn, generator,
-             autocast_dtype, check_labels) -> torch.Tensor:
-    """One restart of PGD; the model is already in the wanted mode."""
-    x_adv = pgd_start(x, draw_start("pgd", x, norm, eps, generator), norm, eps) if random_start else x.clone()
-    return pgd_from_start(model, x, y, x_adv, norm=norm, eps=eps, step_size=step_size, steps=steps, targeted=targeted,
-                          loss_fn=loss_fn, autocast_dtype=autocast_dtype, check_labels=check_labels)
-
-
-def pgd_from_start(model, x, y, x_adv, *, norm, eps, step_size, steps, targeted=False, loss_fn=F.cross_entropy,
-                   autocast_dtype=None, check_labels=False) -> torch.Tensor:
-    """PGD's iterations from the start ``x_adv`` (consumed), in the model's current mode, on
-    validated arguments: the body that :func:`pgd` and the captured training step share."""
-    x_adv.requires_grad_(True)
-    bounds = _linf_bounds(x, eps) if norm == "linf" else None
-    summed = _summed(loss_fn)
-    for i in range(steps):
-        with torch.enable_grad():
-            with _autocast(x, autocast_dtype):
-                logits = model(x_adv)
-            if check_labels and i == 0:
-                _check_labels_range(y, logits.shape[1])
-            loss = summed(logits.float(), y)  # fp32 loss: p - onehot of a confident example rounds to 0 in bf16
-            if targeted:
-                loss = -loss
-            (grad,) = torch.autograd.grad(loss, x_adv)
-        _step_(x_adv, grad, x, bounds, norm=norm, eps=eps, step_size=step_size)
-    return x_adv.detach()
+    return _renorm_l2_(x_adv.sub_(x), x, eps)
 
 
 @torch.no_grad()
@@ -333,6 +274,441 @@ def _per_example_loss(model, x_adv, y, loss_fn, autocast_dtype) -> torch.Tensor:
     with _autocast(x_adv, autocast_dtype):
         logits = model(x_adv)
     return loss_fn(logits.float(), y, reduction="none")
+
+
+def _chunked(fn, x: torch.Tensor, y: torch.Tensor | None, batch_size: int | None) -> torch.Tensor:
+    n = x.shape[0]
+    if batch_size is None or batch_size >= n:
+        return fn(x, y)
+    out = torch.empty_like(x)
+    for i in range(0, n, batch_size):
+        j = min(i + batch_size, n)
+        out[i:j] = fn(x[i:j], None if y is None else y[i:j])
+    return out
+
+
+def _sized_noise(kind: str, x: torch.Tensor, eps: float, norm: str, generator) -> torch.Tensor:
+    """Noise of the threat model's size in its own norm: ``linf`` per pixel (``eps * z``), ``l2`` a
+    random direction ``z / ||z||_2`` of length ``eps`` per example (``z`` Gaussian, or its signs)."""
+    z = _noise("randn", x, generator)
+    if kind == "sign":
+        z.sign_()
+    if norm == "l2":
+        z.mul_(_bcast(_l2_norms(z).clamp_min_(_NORM_FLOOR).reciprocal_(), z))
+    return z.mul_(float(eps)).add_(x.detach()).clamp_(0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The attack protocol
+# --------------------------------------------------------------------------------------------
+
+
+class Attack(abc.ABC):
+    """An attack of the registry (:data:`ATTACKS`). Every attack is called alike, by
+    :func:`perturb` on checked arguments::
+
+        attack(model, x, y, threat, *, num_classes, generator, seed, loss_fn, autocast_dtype, batch_size)
+
+    ``x``: a detached batch in [0, 1]; ``y``: its true labels, on ``x``'s device; ``threat``: the
+    norm ball and the step schedule; ``loss_fn``: the loss that loss-based attacks ascend (any
+    :mod:`ncrobust.losses` function); ``autocast_dtype``: the attack's autocast (None: none);
+    ``batch_size``: chunks of that many examples (None: one), the random stream continuing from
+    chunk to chunk. Randomness comes from ``generator`` (a ``torch.Generator``, None for the
+    global RNG), or from the integer ``seed`` for the attacks marked ``seeded``; the other one is
+    None. Returns a detached tensor like ``x``; the model's modes are as they were.
+    """
+
+    seeded = False
+    """Randomness from the integer ``seed`` instead of ``generator``."""
+
+    def check(self, x: torch.Tensor, num_classes: int) -> None:
+        """The attack's own checks of its inputs (beyond those :func:`perturb` makes for all)."""
+
+    def with_restarts(self, restarts: int) -> Attack:
+        """This attack with ``restarts`` random restarts; an attack without restarts ignores them."""
+        return self
+
+    @abc.abstractmethod
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, *, num_classes: int,
+                 generator: torch.Generator | None, seed: int | None, loss_fn: LossFn, autocast_dtype: torch.dtype | None,
+                 batch_size: int | None) -> torch.Tensor:
+        ...
+
+
+@dataclass(frozen=True)
+class Clean(Attack):
+    """``x`` unchanged."""
+
+    def __call__(self, model, x, y, threat, *, num_classes, generator, seed, loss_fn, autocast_dtype, batch_size):
+        return x
+
+
+@dataclass(frozen=True)
+class Noise(Attack):
+    """Random noise (``kind`` ``gaussian`` or ``sign``) of the threat model's size in its norm:
+    :func:`gaussian`, :func:`random_sign`."""
+
+    kind: str
+
+    def __call__(self, model, x, y, threat, *, num_classes, generator, seed, loss_fn, autocast_dtype, batch_size):
+        return _chunked(lambda xb, _: _sized_noise(self.kind, xb, threat.eps, threat.norm, generator), x, None, batch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# PGD
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PGD(Attack):
+    """Projected gradient descent (Madry et al. 2018) in the threat's ball, with its step size and
+    number of steps.
+
+    Ascends ``loss_fn(model(x_adv), y)``, or with ``targeted`` descends it to the targets
+    (:func:`target_labels` of the labels in the registry call; :meth:`run` takes the labels to
+    ascend or descend). ``restarts``: independent random starts, the worst case per example kept
+    (judged by the final loss). ``random_start``: start at a random point of the ball, else at
+    ``x``. ``train_mode``: the attack runs the model in train mode (training-time PGD: BatchNorm
+    uses, and updates, batch statistics), else in eval mode.
+
+    The training step uses the pieces: :meth:`draw_start` outside its captured graph and
+    :meth:`from_start` inside it, in the model's current mode.
+    """
+
+    targeted: bool = False
+    restarts: int = 1
+    random_start: bool = True
+    train_mode: bool = False
+
+    def __post_init__(self) -> None:
+        _check_restarts(self.restarts)
+
+    def with_restarts(self, restarts: int) -> PGD:
+        return dataclasses.replace(self, restarts=restarts)
+
+    def __call__(self, model, x, y, threat, *, num_classes, generator, seed, loss_fn, autocast_dtype, batch_size):
+        labels = (y + 1) % num_classes if self.targeted else y  # target_labels, on labels perturb checked
+
+        def run(xb, yb):
+            return self.run(model, xb, yb, threat, generator=generator, loss_fn=loss_fn, autocast_dtype=autocast_dtype)
+
+        return _chunked(run, x, labels, batch_size)
+
+    def run(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, threat: ThreatModel, *,
+            generator: torch.Generator | None, loss_fn: LossFn, autocast_dtype: torch.dtype | None,
+            check_labels: bool = False) -> torch.Tensor:
+        """The attack on one batch, in its mode, every restart; ``check_labels``: check the labels
+        against the width of the model's output at the first step (for callers that do not know
+        the number of classes)."""
+
+        def restart(check: bool) -> torch.Tensor:
+            start = self.draw_start(x, threat, generator)
+            return self.from_start(model, x, labels, start, threat, loss_fn=loss_fn, autocast_dtype=autocast_dtype,
+                                   check_labels=check)
+
+        with eval_mode(model, training=self.train_mode):
+            best = restart(check_labels)
+            if self.restarts == 1:
+                return best
+            sign = -1.0 if self.targeted else 1.0  # maximise sign * loss
+            best_loss = sign * _per_example_loss(model, best, labels, loss_fn, autocast_dtype)
+            for _ in range(self.restarts - 1):
+                cand = restart(False)
+                cand_loss = sign * _per_example_loss(model, cand, labels, loss_fn, autocast_dtype)
+                better = cand_loss > best_loss
+                best[better] = cand[better]
+                best_loss = torch.where(better, cand_loss, best_loss)
+            return best
+
+    def draw_start(self, x: torch.Tensor, threat: ThreatModel, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+        """The random draws that start one restart on ``x``, from ``generator`` (the global RNG if
+        None): a uniform offset in the l_inf ball, or a Gaussian direction and a uniform radius for
+        l_2 (Rice et al.); none without ``random_start``. Drawn apart from the iterations so that
+        a captured training step takes them as inputs (:mod:`ncrobust.train`)."""
+        if not self.random_start:
+            return ()
+        eps = threat.eps
+        if threat.norm == "linf":
+            if generator is None or generator.device == x.device:
+                return (torch.empty_like(x).uniform_(-eps, eps, generator=generator),)
+            return (_noise("rand", x, generator).mul_(2 * eps).sub_(eps),)  # U[-eps, eps)
+        direction = _noise("randn", x, generator)
+        if generator is None:
+            radius = torch.rand(x.shape[0], dtype=x.dtype, device=x.device)
+        else:
+            radius = torch.rand(x.shape[0], generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
+        return direction, radius
+
+    def from_start(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, start: tuple[torch.Tensor, ...],
+                   threat: ThreatModel, *, loss_fn: LossFn = F.cross_entropy, autocast_dtype: torch.dtype | None = None,
+                   check_labels: bool = False) -> torch.Tensor:
+        """One restart from the draws of :meth:`draw_start` (consumed), in the model's current
+        mode, without input checks (they read values back to the host)."""
+        norm, eps, step_size = threat.norm, threat.eps, threat.step_size
+        x_adv = self._start_point(x, start, threat) if self.random_start else x.clone()
+        x_adv.requires_grad_(True)
+        bounds = _linf_bounds(x, eps) if norm == "linf" else None
+        summed = _summed(loss_fn)
+        for i in range(threat.steps):
+            with torch.enable_grad():
+                with _autocast(x, autocast_dtype):
+                    logits = model(x_adv)
+                if check_labels and i == 0:
+                    _check_labels_range(labels, logits.shape[1])
+                loss = summed(logits.float(), labels)  # fp32 loss: p - onehot of a confident example rounds to 0 in bf16
+                if self.targeted:
+                    loss = -loss
+                (grad,) = torch.autograd.grad(loss, x_adv)
+            _step_(x_adv, grad, x, bounds, norm=norm, eps=eps, step_size=step_size)
+        return x_adv.detach()
+
+    @staticmethod
+    def _start_point(x: torch.Tensor, start: tuple[torch.Tensor, ...], threat: ThreatModel) -> torch.Tensor:
+        """The random start in the ball and [0, 1], from the draws (consumed)."""
+        if threat.norm == "linf":
+            (delta,) = start
+        else:
+            delta, radius = start
+            n = _l2_norms(delta).clamp_min_(_NORM_FLOOR)
+            delta.mul_(_bcast(radius.mul(threat.eps).div_(n), x))
+        return delta.add_(x).clamp_(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class StrongPGD(Attack):
+    """``pgd-strong``: :class:`PGD` with ``PGD_STRONG_RESTARTS`` = 5 restarts of
+    ``PGD_STRONG_STEPS`` = 50 steps of size ``eps / 4`` (both norms; the threat's step schedule is
+    not used), the worst case per example kept; the random starts come from
+    ``torch.Generator(x.device).manual_seed(seed)``."""
+
+    seeded = True
+
+    def __call__(self, model, x, y, threat, *, num_classes, generator, seed, loss_fn, autocast_dtype, batch_size):
+        if threat.eps == 0:
+            return x
+        eps = float(threat.eps)
+        schedule = ThreatModel(threat.norm, eps, float(PGD_STRONG_STEP_FRACTION * eps), PGD_STRONG_STEPS)
+        return PGD(restarts=PGD_STRONG_RESTARTS)(
+            model, x, y, schedule, num_classes=num_classes, generator=torch.Generator(device=x.device).manual_seed(seed),
+            seed=None, loss_fn=loss_fn, autocast_dtype=autocast_dtype, batch_size=batch_size,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# TRADES
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TradesKL(Attack):
+    """The TRADES inner maximisation (Zhang et al. 2019) against the model itself, crafted in
+    eval mode; it needs no labels.
+
+    Maximises ``KL(softmax(model(x_adv)) || softmax(model(x)))`` computed as
+    ``kl_div(log_softmax(model(x_adv)), softmax(model(x)), reduction="sum")`` from the start
+    ``x + 0.001 * N(0, I)`` (as TRADES' code). ``linf``: sign steps of ``step_size``, clamp to the
+    ball and [0, 1]. ``l2`` (TRADES' code, with our conventions): the per-example normalised
+    gradient step of size ``step_size`` (TRADES' code uses ``2 * eps / steps``; a zero gradient
+    gives no step here instead of TRADES' random direction), then clamp to [0, 1] and renorm the
+    perturbation to the eps-ball. ``softmax(model(x))`` is a constant in eval mode and is computed
+    once.
+
+    The training step uses the pieces: :meth:`draw_start` outside its captured graph and
+    :meth:`from_start` inside it.
+    """
+
+    def __call__(self, model, x, y, threat, *, num_classes, generator, seed, loss_fn, autocast_dtype, batch_size):
+        return _chunked(lambda xb, _: self.run(model, xb, threat, generator=generator, autocast_dtype=autocast_dtype),
+                        x, None, batch_size)
+
+    def run(self, model: nn.Module, x: torch.Tensor, threat: ThreatModel, *, generator: torch.Generator | None,
+            autocast_dtype: torch.dtype | None) -> torch.Tensor:
+        """The attack on one batch, in eval mode."""
+        with eval_mode(model):
+            return self.from_start(model, x, self.draw_start(x, threat, generator), threat, autocast_dtype=autocast_dtype)
+
+    def draw_start(self, x: torch.Tensor, threat: ThreatModel, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+        """The Gaussian noise of TRADES' start, from ``generator`` (the global RNG if None)."""
+        return (_noise("randn", x, generator),)
+
+    def from_start(self, model: nn.Module, x: torch.Tensor, start: tuple[torch.Tensor, ...], threat: ThreatModel, *,
+                   autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The KL iterations from the start ``x + 0.001 * z`` (``start`` = ``(z,)`` of
+        :meth:`draw_start`, consumed) in the model's current mode, without input checks."""
+        norm, eps, step_size = threat.norm, threat.eps, threat.step_size
+        x_adv = start[0].mul_(0.001).add_(x)
+        bounds = _linf_bounds(x, eps) if norm == "linf" else None
+        # The start lies 0.001 from x, below bf16's resolution of a normalised pixel, and the KL is
+        # zero at x: under autocast the first gradient would be rounding noise (a random first step).
+        # So the clean prediction and the first step run in fp32, even inside a caller's autocast;
+        # the later iterates are a step size away and bf16 resolves them.
+        with torch.no_grad(), _fp32(x):
+            p_nat = F.softmax(model(x).float(), dim=1)
+        x_adv.requires_grad_(True)
+        for i in range(threat.steps):
+            with torch.enable_grad(), _fp32(x) if i == 0 else contextlib.nullcontext():  # the first step's backward too
+                with _autocast(x, autocast_dtype if i else None):
+                    logits = model(x_adv)
+                kl = F.kl_div(F.log_softmax(logits.float(), dim=1), p_nat, reduction="sum")
+                (grad,) = torch.autograd.grad(kl, x_adv)
+            if norm == "linf":
+                _step_(x_adv, grad, x, bounds, norm=norm, eps=eps, step_size=step_size)
+            else:  # a zero gradient gives no step
+                with torch.no_grad():
+                    scale = _l2_norms(grad)
+                    scale = torch.where(scale > 0, step_size / scale.clamp_min(_NORM_FLOOR), 0.0)
+                    _renorm_l2_(x_adv.addcmul_(grad, _bcast(scale, x)).clamp_(0.0, 1.0).sub_(x), x, eps)
+        return x_adv.detach()
+
+
+# --------------------------------------------------------------------------------------------
+# APGD (torchattacks)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class APGD(Attack):
+    """``apgd-ce``: ``torchattacks.APGD`` with AutoAttack's standard settings: 100 iterations (the
+    torchattacks default is 10), 1 restart, ``rho = 0.75``, CE loss. ``apgd-t`` (``targeted``):
+    ``torchattacks.APGDT`` (targeted DLR loss), 100 iterations, 1 restart, 9 target classes
+    (``min(9, C - 1)``), ``rho = 0.75``; needs ``C >= 4`` (the DLR loss uses the 4th logit). In eval
+    mode, in the threat's norm and eps (its step schedule is not used; ``loss_fn`` neither).
+    torchattacks seeds the global RNG with ``seed``; it is forked so the caller's RNG state is
+    unchanged."""
+
+    targeted: bool = False
+    seeded = True
+
+    @property
+    def name(self) -> str:
+        return "apgd-t" if self.targeted else "apgd-ce"
+
+    def check(self, x: torch.Tensor, num_classes: int) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"{self.name} (torchattacks) needs images [N, C, H, W], got shape {tuple(x.shape)}")
+        if self.targeted and num_classes < 4:
+            raise ValueError(f"{self.name} needs at least 4 classes (targeted DLR loss), got {num_classes}")
+
+    def __call__(self, model, x, y, threat, *, num_classes, generator, seed, loss_fn, autocast_dtype, batch_size):
+        def run(xb, yb):
+            out = self._torchattacks(model, xb, yb, threat, num_classes=num_classes, seed=seed)
+            return _project(out, xb, threat.norm, threat.eps)  # remove torchattacks' 1e-12 slack
+
+        with eval_mode(model):
+            return _chunked(run, x, y, batch_size)
+
+    def _torchattacks(self, model, x, y, threat, *, num_classes, seed):
+        import torchattacks
+
+        norm = {"linf": "Linf", "l2": "L2"}[threat.norm]
+        if not self.targeted:
+            attack = torchattacks.APGD(model, norm=norm, eps=threat.eps, steps=APGD_STEPS, n_restarts=APGD_RESTARTS,
+                                       seed=seed, loss="ce", eot_iter=1, rho=APGD_RHO, verbose=False)
+        else:
+            # torchattacks attacks the top-(n_classes - 1) other classes: AutoAttack's 9 target
+            # classes are n_classes = 10 (fewer when the dataset has fewer classes).
+            attack = torchattacks.APGDT(model, norm=norm, eps=threat.eps, steps=APGD_STEPS, n_restarts=APGD_RESTARTS,
+                                        seed=seed, eot_iter=1, rho=APGD_RHO, verbose=False,
+                                        n_classes=min(num_classes, APGDT_TARGET_CLASSES + 1))
+        attack.set_device(x.device)
+        # torchattacks seeds the *global* RNG (torch.random.manual_seed); keep the caller's RNG intact.
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            out = attack(x, y)
+        return out.detach().to(dtype=x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------
+
+
+ATTACKS: dict[str, Attack] = {
+    "clean": Clean(),
+    "pgd": PGD(),
+    "pgd-targeted": PGD(targeted=True),
+    "gaussian": Noise("gaussian"),
+    "sign": Noise("sign"),
+    "trades-kl": TradesKL(),
+    "pgd-strong": StrongPGD(),
+    "apgd-ce": APGD(),
+    "apgd-t": APGD(targeted=True),
+}
+PERTURBATIONS = ("clean", "pgd", "pgd-targeted", "gaussian", "sign", "trades-kl")
+"""The attacks of the evaluation."""
+STRONG_ATTACKS = ("pgd-strong", "apgd-ce", "apgd-t")
+"""The stronger attacks of the strong evaluation (:mod:`ncrobust.robustness`)."""
+
+
+def perturb(
+    name: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    threat: ThreatModel,
+    num_classes: int,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    loss: LossFn | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    batch_size: int | None = None,
+    steps: int | None = None,
+    step_size: float | None = None,
+    restarts: int | None = None,
+    eps: float | None = None,
+) -> torch.Tensor:
+    """Apply attack ``name`` of :data:`ATTACKS` under ``threat`` to ``x`` with true labels ``y``.
+
+    - ``clean``: ``x`` unchanged (detached).
+    - ``pgd``: untargeted :class:`PGD` in eval mode with the threat's norm, eps, step size and steps.
+    - ``pgd-targeted``: targeted PGD to ``target_labels(y, num_classes)``.
+    - ``gaussian`` / ``sign``: :func:`gaussian` / :func:`random_sign` of size ``threat.eps`` in the
+      threat's norm (per pixel for ``linf``, the l2 length for ``l2``).
+    - ``trades-kl``: TRADES's KL inner maximisation (:class:`TradesKL`) against the model itself.
+    - ``pgd-strong``, ``apgd-ce``, ``apgd-t``: :class:`StrongPGD`, :class:`APGD`; seeded by ``seed``.
+
+    ``loss`` (cross-entropy by default, a loss name or function) is what the PGD attacks ascend.
+    ``steps``, ``step_size``, ``eps`` override the threat's values for this call, ``restarts`` the
+    attack's (attacks without restarts ignore it). ``batch_size`` processes ``x`` in chunks of
+    that many examples (bounded memory for any split size); the random stream then continues from
+    chunk to chunk, so results depend on it.
+    """
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; allowed: {', '.join(ATTACKS)}")
+    attack = ATTACKS[name]
+    if not isinstance(threat, ThreatModel):
+        raise ValueError(f"threat must be a ThreatModel, got {type(threat).__name__}")
+    if attack.seeded:
+        _check_seed(seed)
+        if generator is not None:
+            raise ValueError(f"{name} is seeded by seed=, not by a generator")
+    elif seed is not None:
+        raise ValueError(f"{name} draws from generator=, not from seed=")
+    if restarts is not None:
+        _check_restarts(restarts)
+        attack = attack.with_restarts(restarts)
+    _check_batch(x, y, num_classes, batch_size)
+    attack.check(x, num_classes)
+    threat = ThreatModel(threat.norm, threat.eps if eps is None else eps, threat.step_size if step_size is None else step_size,
+                         threat.steps if steps is None else steps)
+    return attack(model, x.detach(), y.to(x.device), threat, num_classes=num_classes, generator=generator, seed=seed,
+                  loss_fn=_resolve_loss(loss), autocast_dtype=autocast_dtype, batch_size=batch_size)
+
+
+def target_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The targets of ``pgd-targeted``: ``(y + 1) mod C``."""
+    _check_num_classes(num_classes)
+    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(f"y must be an integer tensor, got {type(y).__name__} {getattr(y, 'dtype', '')}")
+    if y.numel():
+        _check_labels_range(y, num_classes)
+    return (y + 1) % num_classes
+
+
+# --------------------------------------------------------------------------------------------
+# The attacks with explicit arguments
+# --------------------------------------------------------------------------------------------
 
 
 def pgd(
@@ -352,7 +728,7 @@ def pgd(
     train_mode: bool = False,
     autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Projected gradient descent (Madry et al. 2018) in the ``norm`` ball of radius ``eps``.
+    """:class:`PGD` in the ``norm`` ball of radius ``eps``, its arguments checked.
 
     Ascends ``loss(model(x_adv), y)`` (cross-entropy by default; any ``ncrobust.losses`` function),
     or descends it when ``targeted`` (``y`` then holds the targets). With ``restarts > 1`` the
@@ -364,37 +740,11 @@ def pgd(
     ``torch.autocast``. Returns detached inputs in [0, 1] within the ball, dtype/device of ``x``.
     """
     threat = ThreatModel(norm, float(eps), float(step_size), steps)
-    _check_restarts(restarts)
+    attack = PGD(targeted=targeted, restarts=restarts, random_start=random_start, train_mode=train_mode)
     _check_images(x)
     _check_labels_shape(x, y)
-    return _pgd(model, x.detach(), y.to(x.device), threat, random_start=random_start, restarts=restarts, targeted=targeted,
-                loss_fn=_resolve_loss(loss), generator=generator, train_mode=train_mode, autocast_dtype=autocast_dtype,
-                check_labels=True)
-
-
-def _pgd(model, x, y, threat: ThreatModel, *, random_start, restarts, targeted, loss_fn, generator, train_mode,
-         autocast_dtype, check_labels) -> torch.Tensor:
-    """:func:`pgd` on validated arguments (the registry validates once per call, not per chunk)."""
-    kw = dict(norm=threat.norm, eps=threat.eps, step_size=threat.step_size, steps=threat.steps, random_start=random_start,
-              targeted=targeted, loss_fn=loss_fn, generator=generator, autocast_dtype=autocast_dtype)
-    with _model_mode(model, train_mode):
-        best = _pgd_run(model, x, y, check_labels=check_labels, **kw)
-        if restarts == 1:
-            return best
-        sign = -1.0 if targeted else 1.0  # maximise sign * loss
-        best_loss = sign * _per_example_loss(model, best, y, loss_fn, autocast_dtype)
-        for _ in range(restarts - 1):
-            cand = _pgd_run(model, x, y, check_labels=False, **kw)
-            cand_loss = sign * _per_example_loss(model, cand, y, loss_fn, autocast_dtype)
-            better = cand_loss > best_loss
-            best[better] = cand[better]
-            best_loss = torch.where(better, cand_loss, best_loss)
-        return best
-
-
-# --------------------------------------------------------------------------------------------
-# TRADES
-# --------------------------------------------------------------------------------------------
+    return attack.run(model, x.detach(), y.to(x.device), threat, generator=generator, loss_fn=_resolve_loss(loss),
+                      autocast_dtype=autocast_dtype, check_labels=True)
 
 
 def trades_kl(
@@ -408,78 +758,10 @@ def trades_kl(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The TRADES inner maximisation (Zhang et al. 2019), crafted in eval mode.
-
-    Maximises ``KL(softmax(model(x_adv)) || softmax(model(x)))`` computed as
-    ``kl_div(log_softmax(model(x_adv)), softmax(model(x)), reduction="sum")`` from the start
-    ``x + 0.001 * N(0, I)`` (as TRADES' code). ``linf``: sign steps of ``step_size``, clamp to the
-    ball and [0, 1]. ``l2`` (TRADES' code, with our conventions): the per-example normalised
-    gradient step of size ``step_size`` (TRADES' code uses ``2 * eps / steps``; a zero gradient
-    gives no step here instead of TRADES' random direction), then clamp to [0, 1] and renorm the
-    perturbation to the eps-ball. ``softmax(model(x))`` is a constant in eval mode and is computed
-    once. The model's modes are restored afterwards.
-    """
+    """:class:`TradesKL` in the ``norm`` ball of radius ``eps``, its arguments checked."""
     threat = ThreatModel(norm, float(eps), float(step_size), steps)
     _check_images(x)
-    return _trades_kl(model, x.detach(), threat, generator=generator, autocast_dtype=autocast_dtype)
-
-
-def _trades_kl(model, x, threat: ThreatModel, *, generator, autocast_dtype) -> torch.Tensor:
-    """:func:`trades_kl` on validated arguments."""
-    with _model_mode(model, False):
-        return trades_from_start(model, x, trades_start(x, draw_start("trades", x, threat.norm, threat.eps, generator)), threat,
-                                 autocast_dtype=autocast_dtype)
-
-
-def trades_start(x: torch.Tensor, noise: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """TRADES' start ``x + 0.001 * z`` from :func:`draw_start` (``noise`` is consumed)."""
-    return noise[0].mul_(0.001).add_(x)
-
-
-def trades_from_start(model, x, x_adv, threat: ThreatModel, *, autocast_dtype=None) -> torch.Tensor:
-    """TRADES' KL iterations from ``x_adv`` (consumed) in the model's current mode: the body that
-    :func:`trades_kl` (in eval mode) and the captured training step share."""
-    norm, eps, step_size, steps = threat.norm, threat.eps, threat.step_size, threat.steps
-    bounds = _linf_bounds(x, eps) if norm == "linf" else None
-    # The start lies 0.001 from x, below bf16's resolution of a normalised pixel, and the KL is
-    # zero at x: under autocast the first gradient would be rounding noise (a random first step).
-    # So the clean prediction and the first step run in fp32, even inside a caller's autocast;
-    # the later iterates are a step size away and bf16 resolves them.
-    with torch.no_grad(), _fp32(x):
-        p_nat = F.softmax(model(x).float(), dim=1)
-    x_adv.requires_grad_(True)
-    for i in range(steps):
-        with torch.enable_grad(), _fp32(x) if i == 0 else contextlib.nullcontext():  # the first step's backward too
-            with _autocast(x, autocast_dtype if i else None):
-                logits = model(x_adv)
-            kl = F.kl_div(F.log_softmax(logits.float(), dim=1), p_nat, reduction="sum")
-            (grad,) = torch.autograd.grad(kl, x_adv)
-        if norm == "linf":
-            _step_(x_adv, grad, x, bounds, norm=norm, eps=eps, step_size=step_size)
-        else:  # a zero gradient gives no step
-            with torch.no_grad():
-                scale = _l2_norms(grad)
-                scale = torch.where(scale > 0, step_size / scale.clamp_min(_NORM_FLOOR), 0.0)
-                delta = x_adv.addcmul_(grad, _bcast(scale, x)).clamp_(0.0, 1.0).sub_(x)
-                factor = torch.clamp(eps / _l2_norms(delta).clamp_min_(_NORM_FLOOR), max=1.0)
-                delta.mul_(_bcast(factor, x)).add_(x).clamp_(0.0, 1.0)
-    return x_adv.detach()
-
-
-# --------------------------------------------------------------------------------------------
-# Random perturbations
-# --------------------------------------------------------------------------------------------
-
-
-def _sized_noise(kind: str, x: torch.Tensor, eps: float, norm: str, generator) -> torch.Tensor:
-    """Noise of the threat model's size in its own norm: ``linf`` per pixel (``eps * z``), ``l2`` a
-    random direction ``z / ||z||_2`` of length ``eps`` per example (``z`` Gaussian, or its signs)."""
-    z = _noise("randn", x, generator)
-    if kind == "sign":
-        z.sign_()
-    if norm == "l2":
-        z.mul_(_bcast(_l2_norms(z).clamp_min_(_NORM_FLOOR).reciprocal_(), z))
-    return z.mul_(float(eps)).add_(x.detach()).clamp_(0.0, 1.0)
+    return TradesKL().run(model, x.detach(), threat, generator=generator, autocast_dtype=autocast_dtype)
 
 
 def gaussian(x: torch.Tensor, *, eps: float, norm: str = "linf", generator: torch.Generator | None = None) -> torch.Tensor:
@@ -504,172 +786,3 @@ def random_sign(x: torch.Tensor, *, eps: float, norm: str = "linf", generator: t
     _check_eps(eps)
     _check_images(x)
     return _sized_noise("sign", x, eps, norm, generator)
-
-
-# --------------------------------------------------------------------------------------------
-# The evaluation registry
-# --------------------------------------------------------------------------------------------
-
-
-def target_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """The targets of ``pgd-targeted``: ``(y + 1) mod C``."""
-    _check_num_classes(num_classes)
-    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dtype == torch.bool:
-        raise ValueError(f"y must be an integer tensor, got {type(y).__name__} {getattr(y, 'dtype', '')}")
-    if y.numel():
-        _check_labels_range(y, num_classes)
-    return (y + 1) % num_classes
-
-
-def _chunked(fn, x: torch.Tensor, y: torch.Tensor | None, batch_size: int | None) -> torch.Tensor:
-    n = x.shape[0]
-    if batch_size is None or batch_size >= n:
-        return fn(x, y)
-    out = torch.empty_like(x)
-    for i in range(0, n, batch_size):
-        j = min(i + batch_size, n)
-        out[i:j] = fn(x[i:j], None if y is None else y[i:j])
-    return out
-
-
-def perturb(
-    name: str,
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    threat: ThreatModel,
-    num_classes: int,
-    generator: torch.Generator | None = None,
-    loss: LossFn | str | None = None,
-    steps: int | None = None,
-    step_size: float | None = None,
-    restarts: int = 1,
-    eps: float | None = None,
-    batch_size: int | None = None,
-    autocast_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Apply evaluation perturbation ``name`` (one of ``PERTURBATIONS``) under ``threat``.
-
-    - ``clean``: ``x`` unchanged (detached).
-    - ``pgd``: untargeted PGD in eval mode with the threat's norm, eps, step size and steps.
-    - ``pgd-targeted``: targeted PGD to ``target_labels(y, num_classes)``; ``y`` holds true labels.
-    - ``gaussian`` / ``sign``: :func:`gaussian` / :func:`random_sign` of size ``threat.eps`` in the
-      threat's norm (per pixel for ``linf``, the l2 length for ``l2``).
-    - ``trades-kl``: TRADES's KL inner maximisation (:func:`trades_kl`) against the model itself.
-
-    ``steps``, ``step_size``, ``restarts`` and ``eps`` override the threat's values for this call.
-    ``batch_size`` processes ``x`` in chunks of that many examples (bounded memory for any split
-    size); the random stream then continues from chunk to chunk, so results depend on it.
-    """
-    if name not in PERTURBATIONS:
-        raise ValueError(f"unknown perturbation {name!r}; allowed: {', '.join(PERTURBATIONS)}")
-    if not isinstance(threat, ThreatModel):
-        raise ValueError(f"threat must be a ThreatModel, got {type(threat).__name__}")
-    _check_restarts(restarts)
-    _check_batch(x, y, num_classes, batch_size)
-    eps_ = threat.eps if eps is None else eps
-    _check_eps(eps_)
-    if name == "clean":
-        return x.detach()
-    if name in ("gaussian", "sign"):
-        return _chunked(lambda xb, _: _sized_noise(name, xb, eps_, threat.norm, generator), x, None, batch_size)
-    t = ThreatModel(threat.norm, eps_, threat.step_size if step_size is None else step_size,
-                    threat.steps if steps is None else steps)
-    x = x.detach()
-    if name == "trades-kl":
-        return _chunked(lambda xb, _: _trades_kl(model, xb, t, generator=generator, autocast_dtype=autocast_dtype),
-                        x, None, batch_size)
-    targeted = name == "pgd-targeted"
-    labels = (y + 1) % num_classes if targeted else y  # target_labels, on labels checked above
-    loss_fn = _resolve_loss(loss)
-
-    def run(xb, yb):
-        return _pgd(model, xb, yb.to(xb.device), t, random_start=True, restarts=restarts, targeted=targeted, loss_fn=loss_fn,
-                    generator=generator, train_mode=False, autocast_dtype=autocast_dtype, check_labels=False)
-
-    return _chunked(run, x, labels, batch_size)
-
-
-# --------------------------------------------------------------------------------------------
-# Strong attacks (checks of the evaluation)
-# --------------------------------------------------------------------------------------------
-
-
-def _torchattacks_apgd(name, model, x, y, *, threat, num_classes, seed):
-    import torchattacks
-
-    norm = {"linf": "Linf", "l2": "L2"}[threat.norm]
-    if name == "apgd-ce":
-        attack = torchattacks.APGD(model, norm=norm, eps=threat.eps, steps=APGD_STEPS, n_restarts=APGD_RESTARTS,
-                                   seed=seed, loss="ce", eot_iter=1, rho=APGD_RHO, verbose=False)
-    else:
-        # torchattacks attacks the top-(n_classes - 1) other classes: AutoAttack's 9 target
-        # classes are n_classes = 10 (fewer when the dataset has fewer classes).
-        attack = torchattacks.APGDT(model, norm=norm, eps=threat.eps, steps=APGD_STEPS, n_restarts=APGD_RESTARTS,
-                                    seed=seed, eot_iter=1, rho=APGD_RHO, verbose=False,
-                                    n_classes=min(num_classes, APGDT_TARGET_CLASSES + 1))
-    attack.set_device(x.device)
-    # torchattacks seeds the *global* RNG (torch.random.manual_seed); keep the caller's RNG intact.
-    devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        out = attack(x, y)
-    return out.detach().to(dtype=x.dtype)
-
-
-def strong_attack(
-    name: str,
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    threat: ThreatModel,
-    num_classes: int,
-    seed: int,
-    batch_size: int | None = None,
-    loss: LossFn | str | None = None,
-) -> torch.Tensor:
-    """A stronger untargeted evaluation attack, in eval mode, under ``threat``'s norm and eps.
-
-    - ``pgd-strong``: :func:`pgd` with ``PGD_STRONG_RESTARTS`` = 5 restarts of ``PGD_STRONG_STEPS``
-      = 50 steps of size ``eps / 4`` (both norms), worst case per example kept; the random starts
-      come from ``torch.Generator(x.device).manual_seed(seed)``; it ascends ``loss`` (cross-entropy
-      by default; the workflow passes the cell's loss, as for the evaluation's ``pgd``).
-    - ``apgd-ce``: ``torchattacks.APGD`` with AutoAttack's standard settings: 100 iterations (the
-      torchattacks default is 10), 1 restart, ``rho = 0.75``, CE loss, ``seed``.
-    - ``apgd-t``: ``torchattacks.APGDT`` (targeted DLR loss): 100 iterations, 1 restart, 9 target
-      classes (``min(9, C - 1)``), ``rho = 0.75``; needs ``C >= 4`` (the DLR loss uses the 4th logit).
-
-    The step schedule ignores ``threat.step_size`` / ``threat.steps``. torchattacks seeds the
-    global RNG; it is forked so the caller's RNG state is unchanged. Modes are restored afterwards.
-    """
-    if name not in STRONG_ATTACKS:
-        raise ValueError(f"unknown strong attack {name!r}; allowed: {', '.join(STRONG_ATTACKS)}")
-    if not isinstance(threat, ThreatModel):
-        raise ValueError(f"threat must be a ThreatModel, got {type(threat).__name__}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    _check_batch(x, y, num_classes, batch_size)
-    y = y.to(x.device)
-    x = x.detach()
-    if name == "pgd-strong":
-        if threat.eps == 0:
-            return x
-        generator = torch.Generator(device=x.device).manual_seed(seed)
-
-        def run(xb, yb):
-            return pgd(model, xb, yb, norm=threat.norm, eps=threat.eps, step_size=PGD_STRONG_STEP_FRACTION * threat.eps,
-                       steps=PGD_STRONG_STEPS, restarts=PGD_STRONG_RESTARTS, generator=generator, train_mode=False, loss=loss)
-
-        return _chunked(run, x, y, batch_size)
-    if x.ndim != 4:
-        raise ValueError(f"{name} (torchattacks) needs images [N, C, H, W], got shape {tuple(x.shape)}")
-    if name == "apgd-t" and num_classes < 4:
-        raise ValueError(f"apgd-t needs at least 4 classes (targeted DLR loss), got {num_classes}")
-
-    def run_apgd(xb, yb):
-        out = _torchattacks_apgd(name, model, xb, yb, threat=threat, num_classes=num_classes, seed=seed)
-        return _project(out, xb, threat.norm, threat.eps)  # remove torchattacks' 1e-12 slack
-
-    with _model_mode(model, False):
-        return _chunked(run_apgd, x, y, batch_size)

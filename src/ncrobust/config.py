@@ -20,6 +20,7 @@ import jsonschema
 import yaml
 
 from .columns import PENULTIMATE
+from .cell import Adversary
 from .stages import BASE_VARIANT, VARIANT_FIXED_TRAINING, merge, variant_overrides  # merge: re-exported for the Snakefile
 
 # Shipped inside the package (a non-editable install has no workflow/ beside it);
@@ -240,8 +241,9 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
         if ds not in datasets:
             raise ConfigError(f"grid.dataset = {ds!r}: no entry datasets.{ds} (threat models) in the config")
         threat = datasets[ds]["threat"]
-        needed = {a.split("-")[1] for a in config["grid"]["adversary"] if a != "st"}
-        if "st" in config["grid"]["adversary"]:
+        adversaries = [Adversary.parse(a) for a in config["grid"]["adversary"]]
+        needed = {a.norm for a in adversaries if a.norm is not None}
+        if any(a.kind == "st" for a in adversaries):
             needed.add(datasets[ds]["norm"])
             needed.update(config["evaluation"].get("norms", []))
         for norm in sorted(needed):

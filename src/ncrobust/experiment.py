@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .attacks import ThreatModel
-from .cell import ADVERSARIES, Cell, adversary_kind  # noqa: F401  (re-exported)
+from .cell import Cell
 from .evaluation import EvaluationPlan
 from .losses import get_loss
 from .models import create_model
@@ -25,7 +25,7 @@ def threat_model(config: dict, cell: Cell, norm: str | None = None) -> ThreatMod
     (``norm`` picks another of the dataset's threat models)."""
     ds = config["datasets"][cell.dataset]
     if norm is None:
-        norm = ds["norm"] if adversary_kind(cell.adversary) == "st" else cell.adversary.split("-")[1]
+        norm = cell.parsed_adversary.norm or ds["norm"]
     if norm not in ds["threat"]:
         raise ValueError(f"datasets.{cell.dataset}.threat has no {norm!r} entry (needed by adversary {cell.adversary})")
     t = ds["threat"][norm]
@@ -42,7 +42,7 @@ def evaluation_plan(config: dict, cell: Cell, *, keep_features: bool = False) ->
     for an ``st`` cell every other norm of ``evaluation.norms``; the cell's loss for the attacks."""
     ev = config["evaluation"]
     own = threat_model(config, cell)
-    extra = [n for n in ev["norms"] if n != own.norm] if adversary_kind(cell.adversary) == "st" else []
+    extra = [n for n in ev["norms"] if n != own.norm] if cell.parsed_adversary.kind == "st" else []
     return EvaluationPlan(
         threats=(own, *(threat_model(config, cell, n) for n in extra)),
         perturbations=dict(ev["perturbations"]),

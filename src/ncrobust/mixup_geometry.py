@@ -32,6 +32,7 @@ import math
 import pandas as pd
 import torch
 
+from .models.base import eval_mode
 from .seeding import generator
 
 DEFAULT_PAIRS = ((0, 1), (2, 3), (4, 5))
@@ -126,9 +127,7 @@ def mixup_geometry(
     picks = {c: v[:n] for c, v in picks.items()}
     partner = {c: v[torch.roll(torch.arange(n), 1)] for c, v in picks.items()}  # another example of the class
     W = model.classifier.weight.detach().to("cpu", torch.float64)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         clean_all, _ = _features(model, x[torch.cat(list(picks.values())).to(device)], batch_size)
         mu_G = clean_all.mean(0)
         rows = []
@@ -165,8 +164,6 @@ def mixup_geometry(
                         "boundary_angle": torch.rad2deg(torch.arctan2((xy @ normal).abs(), (xy @ along).abs())).numpy(),
                         "prediction": pred.numpy(), "wi_x": float(wi_xy[0]), "wj_x": float(wj_xy[0]), "wj_y": float(wj_xy[1]),
                     }))
-    finally:
-        model.train(was_training)
     points = pd.concat(rows, ignore_index=True)[GEOMETRY_COLUMNS]
     return points, geometry_summary(points)
 

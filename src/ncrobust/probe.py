@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 
 from .collapse import nc_metrics
+from .models.base import eval_mode
 
 PROBE_COLUMNS = ["lam", "nc1_input", "nc1_solution", "nc1_ratio", "relative_distance", "objective", "iterations",
                  "converged"]
@@ -221,15 +222,10 @@ def layer_features(model: torch.nn.Module, x: torch.Tensor, layer: str, batch_si
     names = list(getattr(model, "tap_names", []))
     if layer not in names:
         raise ValueError(f"probe.layer = {layer!r}: not a tap of this model; taps: {', '.join(names)}")
-    was_training = model.training
-    model.eval()
     out = []
-    try:
-        with torch.no_grad():
-            for i in range(0, len(x), batch_size):
-                out.append(model(x[i : i + batch_size], taps=True)[1][layer].flatten(1).to("cpu", torch.float64))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            out.append(model(x[i : i + batch_size], taps=True)[1][layer].flatten(1).to("cpu", torch.float64))
     return torch.cat(out)
 
 

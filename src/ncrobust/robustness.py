@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .attacks import STRONG_ATTACKS, ThreatModel, perturb, strong_attack
+from .attacks import STRONG_ATTACKS, ThreatModel, perturb
+from .models.base import eval_mode
 from .seeding import generator
 
 
@@ -38,22 +39,23 @@ def strong_evaluation(
 
     ``loss`` (named ``loss_name``) is the loss PGD and PGD-strong ascend: the cell's training loss,
     as in the evaluation's ``pgd``, so that both report the same attack. APGD-CE and APGD-T keep
-    their definitions (cross-entropy, targeted DLR)."""
+    their definitions (cross-entropy, targeted DLR). The model runs in eval mode; its modes are
+    restored afterwards."""
     unknown = set(attacks) - set(STRONG_ATTACKS)
     if unknown:
         raise ValueError(f"unknown strong attacks {sorted(unknown)}; allowed: {', '.join(STRONG_ATTACKS)}")
-    model.eval()
     attack_loss = {"pgd": loss_name, "pgd-strong": loss_name, "apgd-ce": "ce", "apgd-t": "dlr"}
-    rows = [{"attack": "clean", "robust_accuracy": _correct(model, x, y, batch_size).double().mean().item()}]
-    x_pgd = perturb("pgd", model, x, y, threat=threat, num_classes=num_classes, batch_size=batch_size, loss=loss,
-                    generator=generator(seed, "strong", "pgd", device=x.device))
-    rows.append({"attack": "pgd", "robust_accuracy": _correct(model, x_pgd, y, batch_size).double().mean().item()})
-    survived = torch.ones(len(x), dtype=torch.bool, device=x.device)
-    for name in attacks:
-        x_adv = strong_attack(name, model, x, y, threat=threat, num_classes=num_classes, seed=seed, batch_size=batch_size, loss=loss)
-        correct = _correct(model, x_adv, y, batch_size)
-        survived &= correct
-        rows.append({"attack": name, "robust_accuracy": correct.double().mean().item()})
+    with eval_mode(model):
+        rows = [{"attack": "clean", "robust_accuracy": _correct(model, x, y, batch_size).double().mean().item()}]
+        x_pgd = perturb("pgd", model, x, y, threat=threat, num_classes=num_classes, batch_size=batch_size, loss=loss,
+                        generator=generator(seed, "strong", "pgd", device=x.device))
+        rows.append({"attack": "pgd", "robust_accuracy": _correct(model, x_pgd, y, batch_size).double().mean().item()})
+        survived = torch.ones(len(x), dtype=torch.bool, device=x.device)
+        for name in attacks:
+            x_adv = perturb(name, model, x, y, threat=threat, num_classes=num_classes, seed=seed, batch_size=batch_size, loss=loss)
+            correct = _correct(model, x_adv, y, batch_size)
+            survived &= correct
+            rows.append({"attack": name, "robust_accuracy": correct.double().mean().item()})
     if attacks:
         rows.append({"attack": "worst", "robust_accuracy": survived.double().mean().item()})
     for row in rows:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 
-from .cell import BASE_VARIANT, Cell, adversary_kind
+from .cell import BASE_VARIANT, Cell
 
 STAGES = ("prepare_data", "init_model", "train", "evaluate", "robustness", "mixup_geometry", "probe")
 
@@ -119,10 +119,10 @@ def cell_threat(config: dict, cell: Cell) -> dict:
     norm, or for ``st`` the dataset's ``norm`` and its threat model (see
     :func:`ncrobust.experiment.threat_model`)."""
     ds = config["datasets"][cell.dataset]
-    if adversary_kind(cell.adversary) == "st":
+    norm = cell.parsed_adversary.norm
+    if norm is None:
         entry = {"norm": ds["norm"], "threat": {ds["norm"]: ds["threat"][ds["norm"]]}}
     else:
-        norm = cell.adversary.split("-")[1]
         entry = {"threat": {norm: ds["threat"][norm]}}
     return {"datasets": {cell.dataset: entry}}
 
@@ -135,7 +135,7 @@ def _model_and_loss(config: dict, cell: Cell) -> dict:
 
 
 def _training(config: dict, cell: Cell) -> dict:
-    kind = adversary_kind(cell.adversary)
+    kind = cell.parsed_adversary.kind
     training = {
         k: v for k, v in config["training"].items()
         if k not in TRAINING_IGNORED and k not in TRAINING_EXECUTION and TRAINING_USED_BY.get(k, kind) == kind
@@ -147,7 +147,7 @@ def _training(config: dict, cell: Cell) -> dict:
 
 
 def _evaluation(stage: str, config: dict, cell: Cell) -> dict:
-    kind = adversary_kind(cell.adversary)
+    kind = cell.parsed_adversary.kind
     evaluation = {
         k: v for k, v in config["evaluation"].items()
         if k not in EVALUATION_IGNORED[stage] and EVALUATION_USED_BY.get(k, kind) == kind

@@ -1,9 +1,10 @@
 """One training segment: from the checkpoint of epoch ``e0`` to the checkpoint of epoch ``e1``.
 
-Standard training (``st``), PGD adversarial training (Madry et al.; the attack runs with BatchNorm
-in train mode, as Madry, Rice and Su et al.) and TRADES (Zhang et al.; the KL attack is crafted in
-eval mode; ``trades_bn`` chooses the mode of the update: ``train``, or ``eval`` as Su et al.'s code,
-which never switches back to train mode).
+Standard training (``st``: :class:`StandardStep`), PGD adversarial training (Madry et al.;
+:class:`PGDStep`: the attack runs with BatchNorm in train mode, as Madry, Rice and Su et al.) and
+TRADES (Zhang et al.; :class:`TradesStep`: the KL attack is crafted in eval mode; ``trades_bn``
+chooses the mode of the update: ``train``, or ``eval`` as Su et al.'s code, which never switches
+back to train mode).
 
 Reproducibility: the shuffle and the attack noise of epoch ``e`` come from a generator seeded by
 ``(seed, "epoch", e)``, the global RNG (dropout) is seeded by ``(seed, "global", e)`` at the start
@@ -16,28 +17,32 @@ tensors only: no ``.item()``, no Python ``if`` on a device value. The log (loss 
 the first non-finite step, the NC statistics) is summed on the device and read once per epoch.
 On a GPU the full-batch step is captured in a CUDA graph after a few eager warm-up steps and
 replayed (``cuda_graph``); the last, partial batch runs the same function eagerly. The attack's
-random start is drawn outside the step from the epoch's generator (exactly the draws of
-:func:`ncrobust.attacks.pgd` / :func:`~ncrobust.attacks.trades_kl`), so capture needs no
+random start is drawn outside the step from the epoch's generator (:meth:`TrainStep.draw_noise`:
+the attack's own ``draw_start``, the draws its evaluation call makes), so capture needs no
 graph-safe generator state.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import ThreatModel, draw_start, pgd_from_start, pgd_start, trades_from_start, trades_start
+from .attacks import PGD, ThreatModel, TradesKL
+from .cell import Adversary
 from .columns import COLLAPSE_LOG_COLUMNS
-from .experiment import adversary_kind, generator, stream_seed
+from .seeding import generator, stream_seed
 from .losses import LossFn
 from .mixup import check_alpha, draw_mixup, majority_label, mix, mixed_loss
+from .models.base import eval_mode
 from .train_collapse import EpochFeatures, ncc_accuracy
 
 TRADES_BN = ("train", "eval")
@@ -221,47 +226,12 @@ def _autocast(x: torch.Tensor, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
-    """Clean accuracy in eval mode (the model's mode is restored); counted on the device, read once."""
-    was_training = model.training
-    model.eval()
+    """Clean accuracy in eval mode (the model's modes are restored); counted on the device, read once."""
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    try:
+    with eval_mode(model):
         for i in range(0, len(x), batch_size):
             correct += (model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum()
-    finally:
-        model.train(was_training)
     return int(correct) / max(len(x), 1)
-
-
-# --------------------------------------------------------------------------------------------
-# The training-time attacks, from pre-drawn noise (capture-friendly; equal to ncrobust.attacks)
-
-
-def draw_attack_noise(kind: str, threat: ThreatModel, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """One step's attack draws from ``gen`` (:func:`ncrobust.attacks.draw_start`; none for ``st``),
-    drawn outside the step so that a captured step takes them as inputs."""
-    return draw_start(kind, x, threat.norm, threat.eps, gen) if kind in ("pgd", "trades") else ()
-
-
-def draw_step_noise(kind: str, recipe: Recipe, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """Every random input of one step, in draw order: the attack's start, then with mixup
-    ``(lam, perm)`` (:func:`ncrobust.mixup.draw_mixup`), the last two entries."""
-    noise = draw_attack_noise(kind, recipe.threat, x, gen)
-    return noise + draw_mixup(recipe.mixup_alpha, x.shape[0], gen) if recipe.mixup_alpha else noise
-
-
-def pgd_from_noise(model, x, y, noise, *, threat: ThreatModel, loss: LossFn) -> torch.Tensor:
-    """:func:`ncrobust.attacks.pgd` (one restart, untargeted, in the model's current mode) from the
-    draws of :func:`draw_attack_noise`, without input checks (they read values back to the host).
-    Bit-identical to ``attacks.pgd(..., generator=gen, train_mode=...)`` (tested)."""
-    return pgd_from_start(model, x, y, pgd_start(x, noise, threat.norm, threat.eps), norm=threat.norm, eps=threat.eps,
-                          step_size=threat.step_size, steps=threat.steps, loss_fn=loss)
-
-
-def trades_from_noise(model, x, noise, *, threat: ThreatModel) -> torch.Tensor:
-    """:func:`ncrobust.attacks.trades_kl` (in the model's current mode, eval for TRADES) from the
-    draw of :func:`draw_attack_noise`, without input checks. Bit-identical to it (tested)."""
-    return trades_from_start(model, x, trades_start(x, noise), threat)
 
 
 @contextlib.contextmanager
@@ -287,11 +257,47 @@ def _forward_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
 # The step and its epoch log
 
 
-class TrainStep:
+class StepBatch(NamedTuple):
+    """One step's inputs as the passes of every kind of step see them: the batch ``x, y``, the
+    attack's start (its draws, consumed), mixup's ``lam, perm`` (None without mixup), the labels
+    a prediction on the (mixed) batch counts against, and the training loss of logits on it."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    start: tuple[torch.Tensor, ...]
+    lam: torch.Tensor | None
+    perm: torch.Tensor | None
+    y_mixed: torch.Tensor
+    train_loss: Callable[[torch.Tensor], torch.Tensor]
+
+    def mixed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` mixed with the step's ``lam, perm`` (``x`` itself without mixup)."""
+        return x if self.lam is None else mix(x, self.lam, self.perm)
+
+
+class StepPasses(NamedTuple):
+    """What one step's forward passes give: the loss, the clean logits and features with the labels
+    the clean predictions count against, and the adversarial ones (None without an attack)."""
+
+    loss: torch.Tensor
+    clean_logits: torch.Tensor
+    h_clean: torch.Tensor | None
+    y_clean: torch.Tensor
+    robust_logits: torch.Tensor | None = None
+    h_adv: torch.Tensor | None = None
+
+
+class TrainStep(abc.ABC):
     """One training step, as a function of tensors only: ``step(x, y, noise)`` runs the attack,
     the forward passes, the loss, the backward pass and the SGD update with ``optimizer.lr_tensor``,
     and adds the step's log to device tensors. No host synchronisation, so the same function runs
-    eagerly or inside a CUDA graph. :meth:`epoch_log` reads the sums back (once per epoch).
+    eagerly or inside a CUDA graph. :meth:`draw_noise` draws the step's random inputs (outside it);
+    :meth:`epoch_log` reads the sums back (once per epoch).
+
+    One subclass per adversary kind (:class:`StandardStep`, :class:`PGDStep`, :class:`TradesStep`,
+    chosen by :func:`make_train_step`) says what the step's forward passes are (:meth:`passes`)
+    and which attack (``attack``, None for standard training) it draws a start for; the rest is
+    common.
 
     Log definitions (the same for every adversary):
     - ``loss``: mean over the epoch's samples of the training loss of the sample's batch;
@@ -309,12 +315,13 @@ class TrainStep:
       features with the epoch's clean class means.
     """
 
+    attack: PGD | TradesKL | None = None
+    """The attack whose start :meth:`draw_noise` draws; None: the step trains on clean inputs only."""
+
     def __init__(self, model: nn.Module, optimizer: SGD, recipe: Recipe, *, num_classes: int, n_train: int,
                  device: torch.device) -> None:
         self.model, self.optimizer, self.recipe = model, optimizer, recipe
-        self.kind = adversary_kind(recipe.adversary)
-        self.batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        self.train_mode = not (self.kind == "trades" and recipe.trades_bn == "eval")
+        self.train_mode = True
         zeros = lambda dtype: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
         self.loss_sum, self.bad_loss = zeros(torch.float64), zeros(torch.float32)
         self.clean_correct, self.robust_correct, self.seen = zeros(torch.int64), zeros(torch.int64), zeros(torch.int64)
@@ -328,7 +335,7 @@ class TrainStep:
                                  "(every ncrobust model has them); set training.track_collapse: false for this one")
             d = classifier.in_features
             self.clean_features = EpochFeatures(n_train, d, device)
-            if self.kind != "st":
+            if self.attack is not None:
                 self.adv_features = EpochFeatures(n_train, d, device)
         # with mixup a stream's features are labelled by the label each prediction was counted
         # against (the majority label of a mix), kept on the device as the features are
@@ -346,50 +353,39 @@ class TrainStep:
             t.zero_()
         self.first_bad.fill_(-1)
 
+    def draw_noise(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """Every random input of one step on batch ``x``, from ``gen``, in draw order: the attack's
+        start (its ``draw_start``: none for standard training), then with mixup ``(lam, perm)``
+        (:func:`ncrobust.mixup.draw_mixup`), the last two entries. Drawn outside the step so that
+        a captured step takes them as inputs."""
+        start = () if self.attack is None else self.attack.draw_start(x, self.recipe.threat, gen)
+        return start + draw_mixup(self.recipe.mixup_alpha, x.shape[0], gen) if self.recipe.mixup_alpha else start
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor, noise: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, ...]:
         """One step; returns its clean and adversarial penultimate features (float32, None where
         not tracked) for :meth:`store_features` (a graph's outputs are overwritten at every replay)."""
-        recipe, model, t = self.recipe, self.model, self.recipe.threat
+        recipe, model = self.recipe, self.model
         self.optimizer.zero_grad()
         if model.training != self.train_mode:  # Module.train walks every submodule: only when it changes
             model.train(self.train_mode)
-        if recipe.mixup_alpha:  # (lam, perm) are the last draws (draw_step_noise)
-            noise, (lam, perm) = noise[:-2], noise[-2:]
+        if recipe.mixup_alpha:  # (lam, perm) are the last draws (draw_noise)
+            start, (lam, perm) = noise[:-2], noise[-2:]
             train_loss = lambda logits: mixed_loss(recipe.loss, logits, y, lam, perm)  # noqa: E731
             y_mixed = majority_label(y, lam, perm)
         else:
-            lam = perm = None
+            start, lam, perm = noise, None, None
             train_loss = lambda logits: recipe.loss(logits, y)  # noqa: E731
             y_mixed = y
-        y_clean = y_robust = y_mixed
-        robust_logits = h_adv = None
         with _autocast(x, recipe.autocast_dtype):
-            if self.kind == "st":
-                x_in = x if lam is None else mix(x, lam, perm)
-                clean_logits, h_clean = _forward_features(model, x_in)
-                loss = train_loss(clean_logits)
-            elif self.kind == "pgd":  # each example attacked with its own label, then mixed (Lamb et al.)
-                x_adv = pgd_from_noise(model, x, y, noise, threat=t, loss=recipe.loss)
-                if lam is not None:
-                    x_adv = mix(x_adv, lam, perm)
-                robust_logits, h_adv = _forward_features(model, x_adv)
-                loss = train_loss(robust_logits)
-                frozen = contextlib.nullcontext() if recipe.pgd_clean_bn_pass else _batch_norm_stats_frozen(self.batch_norms)
-                with torch.no_grad(), frozen:
-                    clean_logits, h_clean = _forward_features(model, x)
-                y_clean = y
-            else:  # trades: the KL attack in eval mode, the update in the trades_bn mode; mixup mixes the clean input
-                x_in = x if lam is None else mix(x, lam, perm)
-                model.eval()
-                x_adv = trades_from_noise(model, x_in, noise, threat=t)
-                model.train(self.train_mode)
-                clean_logits, h_clean = _forward_features(model, x_in)
-                robust_logits, h_adv = _forward_features(model, x_adv)
-                kl = F.kl_div(F.log_softmax(robust_logits.float(), 1), F.softmax(clean_logits.float(), 1), reduction="batchmean")
-                loss = train_loss(clean_logits) + recipe.trades_beta * kl
-        loss.backward()
+            out = self.passes(StepBatch(x, y, start, lam, perm, y_mixed, train_loss))
+        out.loss.backward()
         self.optimizer.step()
-        return self._log(x.shape[0], y_clean, y_robust, loss.detach(), clean_logits, robust_logits, h_clean, h_adv)
+        return self._log(x.shape[0], out.y_clean, y_mixed, out.loss.detach(), out.clean_logits, out.robust_logits,
+                         out.h_clean, out.h_adv)
+
+    @abc.abstractmethod
+    def passes(self, batch: StepBatch) -> StepPasses:
+        """The step's forward passes and loss, under the step's autocast and in its mode."""
 
     def store_features(self, offset: int, features: tuple[torch.Tensor | None, ...]) -> None:
         """Keep a step's outputs at rows ``offset : offset + n`` of the epoch's feature stores."""
@@ -429,7 +425,7 @@ class TrainStep:
         row = {
             "loss": loss_sum / n,
             "train_accuracy": clean / n,
-            "train_robust_accuracy": robust / n if self.kind != "st" else math.nan,
+            "train_robust_accuracy": robust / n if self.attack is not None else math.nan,
             "first_bad_step": int(first_bad),
             "bad_loss": bad_loss,
         }
@@ -446,6 +442,70 @@ class TrainStep:
             clean_means = self.clean_features.class_means(clean_labels, C)
             row["ncc_accuracy_clean_means_adv"] = ncc_accuracy(self.adv_features.features, adv_labels, clean_means)
         return row
+
+
+class StandardStep(TrainStep):
+    """Standard training (``st``): the loss of the (mixed) clean batch."""
+
+    def passes(self, batch: StepBatch) -> StepPasses:
+        clean_logits, h_clean = _forward_features(self.model, batch.mixed(batch.x))
+        return StepPasses(batch.train_loss(clean_logits), clean_logits, h_clean, batch.y_mixed)
+
+
+class PGDStep(TrainStep):
+    """PGD adversarial training (Madry et al.): the loss of PGD's examples, crafted in train mode
+    (BatchNorm on batch statistics, as Madry, Rice and Su et al.), each example attacked with its
+    own label, then mixed (Lamb et al.); a clean pass for the log, on the unmixed batch, that feeds
+    BatchNorm's running statistics only with ``pgd_clean_bn_pass``."""
+
+    attack = PGD()
+
+    def __init__(self, model: nn.Module, optimizer: SGD, recipe: Recipe, **kwargs) -> None:
+        super().__init__(model, optimizer, recipe, **kwargs)
+        self.batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def passes(self, batch: StepBatch) -> StepPasses:
+        model, recipe = self.model, self.recipe
+        x_adv = batch.mixed(self.attack.from_start(model, batch.x, batch.y, batch.start, recipe.threat, loss_fn=recipe.loss))
+        robust_logits, h_adv = _forward_features(model, x_adv)
+        loss = batch.train_loss(robust_logits)
+        frozen = contextlib.nullcontext() if recipe.pgd_clean_bn_pass else _batch_norm_stats_frozen(self.batch_norms)
+        with torch.no_grad(), frozen:
+            clean_logits, h_clean = _forward_features(model, batch.x)
+        return StepPasses(loss, clean_logits, h_clean, batch.y, robust_logits, h_adv)
+
+
+class TradesStep(TrainStep):
+    """TRADES (Zhang et al.): the natural loss of the (mixed) clean batch plus ``trades_beta`` times
+    the KL to TRADES' examples, crafted on it in eval mode; the update in the ``trades_bn`` mode."""
+
+    attack = TradesKL()
+
+    def __init__(self, model: nn.Module, optimizer: SGD, recipe: Recipe, **kwargs) -> None:
+        super().__init__(model, optimizer, recipe, **kwargs)
+        self.train_mode = recipe.trades_bn != "eval"
+
+    def passes(self, batch: StepBatch) -> StepPasses:
+        model, recipe = self.model, self.recipe
+        x_in = batch.mixed(batch.x)
+        with eval_mode(model):
+            x_adv = self.attack.from_start(model, x_in, batch.start, recipe.threat)
+        clean_logits, h_clean = _forward_features(model, x_in)
+        robust_logits, h_adv = _forward_features(model, x_adv)
+        kl = F.kl_div(F.log_softmax(robust_logits.float(), 1), F.softmax(clean_logits.float(), 1), reduction="batchmean")
+        loss = batch.train_loss(clean_logits) + recipe.trades_beta * kl
+        return StepPasses(loss, clean_logits, h_clean, batch.y_mixed, robust_logits, h_adv)
+
+
+TRAIN_STEPS: dict[str, type[TrainStep]] = {"st": StandardStep, "pgd": PGDStep, "trades": TradesStep}
+"""The training step of each adversary kind."""
+
+
+def make_train_step(model: nn.Module, optimizer: SGD, recipe: Recipe, *, num_classes: int, n_train: int,
+                    device: torch.device) -> TrainStep:
+    """The training step of ``recipe``'s adversary."""
+    step = TRAIN_STEPS[Adversary.parse(recipe.adversary).kind]
+    return step(model, optimizer, recipe, num_classes=num_classes, n_train=n_train, device=device)
 
 
 def _refill(buffers: tuple[torch.Tensor, ...], values: tuple[torch.Tensor, ...]) -> None:
@@ -537,9 +597,8 @@ def train_segment(
         )
     if num_classes is None:
         num_classes = getattr(getattr(model, "classifier", None), "out_features", None) or int(y_train.max()) + 1
-    step = TrainStep(model, optimizer, recipe, num_classes=num_classes, n_train=n, device=device)
+    step = make_train_step(model, optimizer, recipe, num_classes=num_classes, n_train=n, device=device)
     run = CapturedStep(step, recipe.batch_size, device, recipe.cuda_graph)
-    kind = step.kind
     rows = []
     for epoch in range(start_epoch + 1, end_epoch + 1):
         started = time.perf_counter()
@@ -553,7 +612,7 @@ def train_segment(
             optimizer.lr = recipe.schedule.lr(recipe.lr, iteration, total)
             idx = order[s * recipe.batch_size : (s + 1) * recipe.batch_size]
             xb, yb = x_train[idx], y_train[idx]
-            step.store_features(s * recipe.batch_size, run(xb, yb, draw_step_noise(kind, recipe, xb, gen)))
+            step.store_features(s * recipe.batch_size, run(xb, yb, step.draw_noise(xb, gen)))
             iteration += 1
         log = step.epoch_log(y_train[order])
         if log["first_bad_step"] >= 0:

@@ -11,12 +11,27 @@ every family has it): :func:`normalize_features`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module, *, training: bool = False):
+    """Run the block with ``model`` in eval mode (train mode with ``training=True``: what
+    training-time PGD uses); afterwards, also on error, every submodule gets back its own flag,
+    so a model in a mixed state comes back as it was."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for m, flag in saved:
+            m.training = flag
 
 
 class Normalize(nn.Module):
