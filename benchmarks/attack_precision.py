@@ -28,10 +28,11 @@ import torch
 from ncrobust import data as datasets
 from ncrobust.attacks import ThreatModel
 from ncrobust.columns import PENULTIMATE
-from ncrobust.evaluation import EvaluationPlan, evaluate_checkpoint
-from ncrobust.experiment import Cell, build_model
+from ncrobust.evaluation.checkpoint import EvaluationPlan, evaluate_checkpoint
+from ncrobust.cell import Cell
+from ncrobust.jobs.experiment import build_model
 from ncrobust.losses import get_loss
-from ncrobust.train import Recipe, initial_checkpoint, train_segment
+from ncrobust.training.train import Recipe, initial_checkpoint, train_segment
 
 THREAT = ThreatModel("linf", 0.1, 0.025, 10)  # config/config.yaml's digits threat model
 MODELS = {"mlp": {"depth": 4, "width": 256}, "convnet": {"channels": [32, 64], "width": 128}}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ncrobust import attacks  # noqa: E402
+from ncrobust import attacks
 from ncrobust.models import create_model, list_models  # noqa: E402
 
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 10

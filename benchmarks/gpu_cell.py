@@ -47,10 +47,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # write_fake_cifar10 (tests/test_paper.py)
 
-from ncrobust import evaluation  # noqa: E402
+from ncrobust.evaluation import checkpoint as evaluation
 from ncrobust.cell import Cell  # noqa: E402
 from ncrobust.config import validate_config  # noqa: E402
-from ncrobust.pipeline import evaluate_cell, init_cell, prepare_data, robustness_cell, train_cell  # noqa: E402
+from ncrobust.jobs.pipeline import evaluate_cell, init_cell, prepare_data, robustness_cell, train_cell  # noqa: E402
 
 MODELS = ("preact_resnet18", "vgg11_bn")
 ADVERSARIES = ("st", "pgd-linf", "trades-linf")
@@ -107,7 +107,7 @@ def projected_hours(paper: dict, epoch_s: dict, eval_s: dict, strong_s: dict) ->
 
 class EvaluationPhases:
     """Seconds that evaluations spend attacking (``perturb``) and measuring (``_measure``, both
-    passes of every layer): wraps the two in ``ncrobust.evaluation`` while in use, synchronising
+    passes of every layer): wraps the two in ``ncrobust.evaluation.checkpoint`` while in use, synchronising
     the device before and after each call (a few times per set: no cost worth counting)."""
 
     def __init__(self, device: str) -> None:

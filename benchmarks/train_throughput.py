@@ -3,7 +3,7 @@
 Baseline (Su et al. / Rice et al. style): a DataLoader over a CPU TensorDataset, fp32, NCHW,
 normalisation applied to every batch before the model, PGD written with ``loss.backward()`` on a
 ``delta`` leaf (parameter gradients computed and discarded at every attack step).
-Ours: ``ncrobust.train.train_segment`` — the dataset is one resident tensor and batches are index
+Ours: ``ncrobust.training.train.train_segment`` — the dataset is one resident tensor and batches are index
 slices, normalisation is the model's first layer, the attack takes gradients w.r.t. the input only;
 on a GPU also channels_last, bf16 autocast and the step replayed from a CUDA graph (``--eager``:
 without the graph, to measure what it gives).
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from ncrobust.attacks import ThreatModel
 from ncrobust.losses import get_loss
 from ncrobust.models import create_model
-from ncrobust.pipeline import place
-from ncrobust.train import Recipe, initial_checkpoint, train_segment
+from ncrobust.jobs.pipeline import place
+from ncrobust.training.train import Recipe, initial_checkpoint, train_segment
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
 EPS, STEP, STEPS = 8 / 255, 2 / 255, 10

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ncrobust.config import ConfigError, load_config_file, merge, typed_overrides, validate_config
+from ncrobust.config import ConfigError, load_config_file, typed_overrides, validate_config
+from ncrobust.stages import merge
 from ncrobust.config import main as config_main
 from workflow_helpers import REPO_ROOT, run_snakemake, tiny_config, write_tiny_config
 
@@ -278,10 +279,10 @@ ENUM_REGISTRIES = {  # schema path -> the library's name for the same list
     "evaluation.strong.attacks.[]": "ncrobust.attacks.STRONG_ATTACKS",
     "datasets.*.norm": "ncrobust.attacks.NORMS",
     "evaluation.norms.[]": "ncrobust.attacks.NORMS",
-    "training.trades_bn": "ncrobust.train.TRADES_BN",
-    "precision": "ncrobust.experiment.AUTOCAST",
-    "evaluation.attack_precision": "ncrobust.experiment.AUTOCAST",
-    "evaluation.feature_dtype": "ncrobust.evaluation.FEATURE_DTYPES",
+    "training.trades_bn": "ncrobust.training.train.TRADES_BN",
+    "precision": "ncrobust.jobs.experiment.AUTOCAST",
+    "evaluation.attack_precision": "ncrobust.jobs.experiment.AUTOCAST",
+    "evaluation.feature_dtype": "ncrobust.evaluation.checkpoint.FEATURE_DTYPES",
     "datasets.*.options.imbalance.profile": "ncrobust.data.IMBALANCE_PROFILES",
 }
 
@@ -309,7 +310,7 @@ def test_the_schemas_threat_models_schedules_and_loss_options_are_the_librarys()
     from ncrobust.config import DATASET_SHAPES, REAL_DATASETS
     from ncrobust.data import list_datasets
     from ncrobust.losses import LOSSES
-    from ncrobust.train import Schedule
+    from ncrobust.training.train import Schedule
 
     assert set(_schema_node("datasets.*.threat")["properties"]) == set(NORMS)
     assert set(DATASET_SHAPES) == set(list_datasets()) and set(REAL_DATASETS) < set(list_datasets())
@@ -331,8 +332,8 @@ def _default(path: str):
 def test_the_training_recipes_defaults_are_the_schemas():
     import dataclasses
 
-    from ncrobust.experiment import AUTOCAST
-    from ncrobust.train import Recipe, Schedule
+    from ncrobust.jobs.experiment import AUTOCAST
+    from ncrobust.training.train import Recipe, Schedule
 
     defaults = {f.name: f.default for f in dataclasses.fields(Recipe) if f.default is not dataclasses.MISSING}
     schedule = {key: _default(f"training.schedule.{key}") for key in ("kind", "milestones", "factors")}
@@ -349,8 +350,8 @@ def test_the_training_recipes_defaults_are_the_schemas():
 def test_the_evaluation_plans_defaults_are_the_schemas():
     import dataclasses
 
-    from ncrobust.evaluation import EvaluationPlan
-    from ncrobust.experiment import AUTOCAST
+    from ncrobust.evaluation.checkpoint import EvaluationPlan
+    from ncrobust.jobs.experiment import AUTOCAST
 
     defaults = {f.name: f.default for f in dataclasses.fields(EvaluationPlan) if f.default is not dataclasses.MISSING}
     assert defaults == {
@@ -366,9 +367,9 @@ def test_the_losses_models_and_related_stages_defaults_are_the_schemas():
     import inspect
 
     from ncrobust.losses import LOSSES
-    from ncrobust.mixup_geometry import mixup_geometry
+    from ncrobust.geometry.mixup_geometry import mixup_geometry
     from ncrobust.models.base import check_normalized_features
-    from ncrobust.probe import probe_model
+    from ncrobust.geometry.probe import probe_model
 
     for name, option in (("label_smoothing", "smoothing"), ("focal", "gamma")):
         assert inspect.signature(LOSSES[name]).parameters[option].default == _default(f"losses.{name}.{option}")

@@ -1,4 +1,4 @@
-"""The evaluation core (ncrobust.evaluation), the strong evaluation and the tables, on a small MLP
+"""The evaluation core (ncrobust.evaluation.checkpoint), the strong evaluation and the tables, on a small MLP
 over digits: fast unit tests of the wiring against the dense functions of ncrobust.collapse
 (themselves pinned to float64 loop references in test_collapse.py)."""
 
@@ -13,16 +13,16 @@ import pandas as pd
 import pytest
 import torch
 
-from ncrobust import evaluation
+from ncrobust.evaluation import checkpoint as evaluation
 from ncrobust.attacks import ThreatModel, perturb, target_labels
 from ncrobust.cell import Cell
 from ncrobust.collapse import LayerStats, accumulate, blocks, nc_metrics, perturbation_metrics
 from ncrobust.columns import CELL_COLUMNS, RESULT_COLUMNS
 from ncrobust.data import as_float
-from ncrobust.evaluation import EvaluationPlan, evaluate_checkpoint, penultimate_metrics
+from ncrobust.evaluation.checkpoint import EvaluationPlan, evaluate_checkpoint, penultimate_metrics
 from ncrobust.losses import get_loss
 from ncrobust.models import create_model
-from ncrobust.robustness import strong_evaluation
+from ncrobust.evaluation.robustness import strong_evaluation
 from ncrobust.seeding import generator
 from ncrobust import tables
 from host_syncs import HostSyncs

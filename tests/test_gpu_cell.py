@@ -22,7 +22,7 @@ def test_smoke_mode_trains_evaluates_and_attacks_a_cell(tmp_path):
     phases = result["evaluation_phase_seconds"]["preact_resnet18"]
     assert 0 < phases["attacks"] and 0 < phases["measure"]
     assert phases["attacks"] + phases["measure"] < result["evaluation_seconds"]["preact_resnet18"]
-    from ncrobust import evaluation
+    from ncrobust.evaluation import checkpoint as evaluation
     assert evaluation.perturb.__name__ == "perturb" and evaluation._measure.__name__ == "_measure"  # restored
     assert (tmp_path / "preact_resnet18" / "pgd-linf" / "metrics.parquet").exists()
     assert "paper_gpu_hours" not in result  # a restricted run projects nothing

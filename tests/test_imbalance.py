@@ -11,7 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from ncrobust import data, plots, tables
+from ncrobust import data, tables
+
+from ncrobust.figures import plots
 from ncrobust.collapse import LayerStats, minority_classes
 from ncrobust.columns import FIGURES, METRIC_COLUMNS
 from ncrobust.data import imbalance_counts
@@ -107,7 +109,7 @@ def test_validate_checks_class_counts(balanced, tmp_path):
     with pytest.raises(ValueError, match="class_counts must be the int64"):
         data.validate(broken)
     from ncrobust.io import OutdatedFileError, save_torch
-    from ncrobust.pipeline import load_dataset
+    from ncrobust.jobs.pipeline import load_dataset
 
     path = tmp_path / "digits.pt"  # prepared by a version that did not record the counts
     save_torch({k: v for k, v in balanced.items() if k != "class_counts"}, path)
@@ -236,7 +238,7 @@ def imbalanced_evaluation():
     evaluated clean and under PGD, keeping the features."""
     from ncrobust.attacks import ThreatModel
     from ncrobust.data import as_float
-    from ncrobust.evaluation import EvaluationPlan, evaluate_checkpoint
+    from ncrobust.evaluation.checkpoint import EvaluationPlan, evaluate_checkpoint
     from ncrobust.models import create_model
 
     d = _digits(imbalance={"profile": "step", "ratio": 10})
@@ -278,7 +280,7 @@ def test_evaluation_emits_the_imbalance_geometry(imbalanced_evaluation):
 
 
 def test_kept_features_give_the_same_imbalance_rows(imbalanced_evaluation):
-    from ncrobust.evaluation import penultimate_metrics
+    from ncrobust.evaluation.checkpoint import penultimate_metrics
 
     _, _, _, result = imbalanced_evaluation
     recomputed = penultimate_metrics(result.features)
@@ -291,7 +293,7 @@ def test_kept_features_give_the_same_imbalance_rows(imbalanced_evaluation):
 
 
 def test_kept_features_without_class_counts_are_refused_with_the_command_that_rebuilds_them(imbalanced_evaluation):
-    from ncrobust.evaluation import penultimate_metrics
+    from ncrobust.evaluation.checkpoint import penultimate_metrics
 
     _, _, _, result = imbalanced_evaluation
     with pytest.raises(ValueError, match=r"no class_counts .*snakemake --forcerun evaluate"):

@@ -1,4 +1,4 @@
-"""Mixup in the training step (ncrobust.mixup, ncrobust.train) and the mixup geometry."""
+"""Mixup in the training step (ncrobust.training.mixup, ncrobust.training.train) and the mixup geometry."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import torch.nn.functional as F
 
 from ncrobust import data as datasets
 from ncrobust.attacks import ThreatModel
-from ncrobust.experiment import Cell, build_model
+from ncrobust.cell import Cell
+from ncrobust.jobs.experiment import build_model
 from ncrobust.losses import LOSSES, get_loss
-from ncrobust.mixup import draw_mixup, majority_label, mix, mixed_loss
-from ncrobust.train import Recipe, initial_checkpoint, make_optimizer, make_train_step, train_segment
+from ncrobust.training.mixup import draw_mixup, majority_label, mix, mixed_loss
+from ncrobust.training.train import Recipe, initial_checkpoint, make_optimizer, make_train_step, train_segment
 
 CONFIG = {"models": {"mlp": {"depth": 2, "width": 32}}}
 THREAT = ThreatModel(norm="linf", eps=0.1, step_size=0.05, steps=2)
@@ -153,7 +154,7 @@ def test_bad_mixup_settings_are_one_line_errors(digits):
 @pytest.mark.gpu
 @pytest.mark.parametrize("adversary", ["st", "pgd-linf", "trades-linf"])
 def test_mixup_step_makes_no_host_synchronisation_and_graphs_equal_eager_on_gpu(digits, adversary):
-    from ncrobust.pipeline import setup
+    from ncrobust.jobs.pipeline import setup
 
     setup({"device": "cuda", "threads": 1}, deterministic=True)
     _, model, recipe, x, y = _setup(digits, adversary, epochs=2, mixup_alpha=1.0)
@@ -210,7 +211,7 @@ def test_mixup_geometry_of_a_simplex_in_closed_form():
     atan(|2 lam - 1| tan(theta / 2)) from the i/j boundary, theta = arccos(-1/(C-1)), with plane
     coordinates (r (lam + (1 - lam) cos theta), r (1 - lam) sin theta), r = ||M_c||; predictions
     follow the majority class."""
-    from ncrobust.mixup_geometry import GEOMETRY_COLUMNS, mixup_geometry
+    from ncrobust.geometry.mixup_geometry import GEOMETRY_COLUMNS, mixup_geometry
 
     C = 5
     model, x, y = _simplex_net(C)
@@ -239,7 +240,7 @@ def test_mixup_geometry_of_a_simplex_in_closed_form():
 
 
 def test_mixup_geometry_pgd_rows_and_bad_input():
-    from ncrobust.mixup_geometry import mixup_geometry
+    from ncrobust.geometry.mixup_geometry import mixup_geometry
 
     C = 4
     model, x, y = _simplex_net(C)
@@ -269,9 +270,9 @@ def test_mixup_tables_and_figure(tmp_path):
     perturbation), and a placeholder without data."""
     import pandas as pd
 
-    from ncrobust import plots
+    from ncrobust.figures import plots
     from ncrobust.cell import Cell
-    from ncrobust.mixup_geometry import mixup_geometry
+    from ncrobust.geometry.mixup_geometry import mixup_geometry
     from ncrobust.tables import mixup_points, mixup_summary, tag
 
     model, x, y = _simplex_net(4)

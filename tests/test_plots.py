@@ -10,11 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from ncrobust import plots, tables
+from ncrobust import tables
+
+from ncrobust.figures import plots
 from ncrobust.collapse import LayerStats
 from ncrobust.columns import FIGURES, METRIC_COLUMNS
-from ncrobust.plots import render
-from ncrobust.projection import PROJECTION_COLUMNS, SimplexPlane, simplex_plane
+from ncrobust.figures.plots import render
+from ncrobust.geometry.projection import PROJECTION_COLUMNS, SimplexPlane, simplex_plane
 from ncrobust.tables import summary, summary_markdown
 from workflow_helpers import run_snakemake
 

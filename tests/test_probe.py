@@ -1,4 +1,4 @@
-"""The near-collapse probe (ncrobust.probe): Tirer et al.'s regularised unconstrained features."""
+"""The near-collapse probe (ncrobust.geometry.probe): Tirer et al.'s regularised unconstrained features."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ncrobust.collapse import nc_metrics
-from ncrobust.probe import PROBE_COLUMNS, probe, probe_model, solve
+from ncrobust.geometry.probe import PROBE_COLUMNS, probe, probe_model, solve
 
 
 def _features(n_per_class=40, C=4, d=12, noise=1.0, seed=0):
@@ -88,7 +88,8 @@ def test_digits_sized_probe_takes_seconds():
 def test_probe_model_attacks_and_reads_the_layer(digits):
     from ncrobust import data as datasets
     from ncrobust.attacks import ThreatModel
-    from ncrobust.experiment import Cell, build_model
+    from ncrobust.cell import Cell
+    from ncrobust.jobs.experiment import build_model
     from ncrobust.losses import get_loss
 
     model = build_model({"models": {"mlp": {"depth": 2, "width": 16}}}, Cell("digits", "mlp", "ce", "st", 1), digits)
@@ -139,7 +140,7 @@ def test_probe_curves_and_figure(tmp_path):
     per variant, two rows (NC1 of the solution, ratio), and a placeholder without data."""
     import pandas as pd
 
-    from ncrobust import plots
+    from ncrobust.figures import plots
     from ncrobust.tables import probe_curves
 
     frames = _probe_table()

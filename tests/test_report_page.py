@@ -4,7 +4,7 @@ import base64
 
 import pytest
 
-from ncrobust.report_page import front_page, markdown_table_html
+from ncrobust.figures.report_page import front_page, markdown_table_html
 
 SUMMARY = "| adversary | nc1_clean |\n|---|---|\n| st | 0.31 ± 0.02 |\n| pgd-linf | 0.70 <x> |\n"
 

@@ -148,7 +148,7 @@ def test_slices_keep_the_config_nesting_and_leave_out_execution_settings():
 
 
 def test_job_config_is_the_slice_plus_execution_settings_and_inert_keys():
-    from ncrobust.pipeline import recipe
+    from ncrobust.jobs.pipeline import recipe
 
     config = _config(threads=3, device="cpu")
     config["training"]["cuda_graph"] = False
@@ -179,7 +179,7 @@ def test_unknown_stage_and_missing_cell_are_errors():
 def test_the_simplex_projection_sample_reaches_the_evaluation_through_the_slice():
     """``evaluation.projection_points`` is read from the evaluate job's config (its slice plus
     execution settings), not from a default of the library's."""
-    from ncrobust.experiment import evaluation_plan
+    from ncrobust.jobs.experiment import evaluation_plan
 
     raw = tiny_config()
     raw["evaluation"]["projection_points"] = 40

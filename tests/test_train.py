@@ -11,10 +11,10 @@ from ncrobust import data as datasets
 from ncrobust.attacks import ThreatModel
 from ncrobust.columns import COLLAPSE_LOG_COLUMNS
 from ncrobust.cell import Cell
-from ncrobust.experiment import build_model
+from ncrobust.jobs.experiment import build_model
 from ncrobust.losses import get_loss
 from ncrobust import attacks
-from ncrobust.train import (
+from ncrobust.training.train import (
     SGD, NonFiniteLossError, PGDStep, Recipe, Schedule, StandardStep, TradesStep, initial_checkpoint,
     make_optimizer, make_train_step, train_segment,
 )
@@ -363,7 +363,7 @@ def test_captured_step_buffers_can_be_refilled_after_the_step_consumed_its_attac
     attack consumes its start buffer in place and marks it ``requires_grad``; refilling that buffer
     for the next replay with a plain ``copy_`` raised "a leaf Variable that requires grad is being
     used in an in-place operation" at the first replay of every PGD / TRADES cell."""
-    from ncrobust.train import _refill
+    from ncrobust.training.train import _refill
 
     _, model, recipe, x, y = _setup(digits, adversary, epochs=1)
     xs, ys = x[:64], y[:64]
@@ -392,7 +392,7 @@ PAPER_SWITCHES = {"pgd_clean_bn_pass": True, "trades_bn": "eval", "track_collaps
 def test_cuda_graph_training_equals_eager_training_on_gpu(digits, adversary, switches):
     """Digits at batch 256: 5 full batches and a partial one per epoch, so epoch 1 has 3 warm-up
     steps, the capture and a replay, epoch 2 only replays; the partial batch runs eagerly."""
-    from ncrobust.pipeline import setup
+    from ncrobust.jobs.pipeline import setup
 
     setup({"device": "cuda", "threads": 1}, deterministic=True)
     results = {}

@@ -5,8 +5,9 @@ import torch
 
 from ncrobust import data as datasets
 from ncrobust.collapse import LayerStats, class_means, leap, nc_metrics, ncc_predict
-from ncrobust.experiment import Cell, build_model
-from ncrobust.train_collapse import EpochFeatures, ncc_accuracy
+from ncrobust.cell import Cell
+from ncrobust.jobs.experiment import build_model
+from ncrobust.training.epoch_collapse import EpochFeatures, ncc_accuracy
 
 
 def _clustered(n=600, d=24, C=6, seed=0):

@@ -94,7 +94,7 @@ def test_kept_features_give_back_the_metrics_table(tmp_path, finished_tiny_run):
     the job wrote, to rounding: the job's second pass re-runs the forward pass. (In a copy of the
     finished run: only that evaluation runs.)"""
     from ncrobust.columns import RESULT_COLUMNS
-    from ncrobust.evaluation import penultimate_metrics
+    from ncrobust.evaluation.checkpoint import penultimate_metrics
     from ncrobust.io import load_torch
 
     workdir = copy_run(finished_tiny_run, tmp_path / "run")

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.base import eval_mode
+from ncrobust.models.base import eval_mode
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -191,7 +191,7 @@ def _resolve_loss(loss) -> LossFn:
     if loss is None:
         return F.cross_entropy
     if isinstance(loss, str):
-        from .losses import get_loss
+        from ncrobust.losses import get_loss
 
         return get_loss(loss)
     if not callable(loss):
@@ -424,7 +424,7 @@ class PGD(Attack):
         """The random draws that start one restart on ``x``, from ``generator`` (the global RNG if
         None): a uniform offset in the l_inf ball, or a Gaussian direction and a uniform radius for
         l_2 (Rice et al.); none without ``random_start``. Drawn apart from the iterations so that
-        a captured training step takes them as inputs (:mod:`ncrobust.train`)."""
+        a captured training step takes them as inputs (:mod:`ncrobust.training.train`)."""
         if not self.random_start:
             return ()
         eps = threat.eps
@@ -637,7 +637,7 @@ ATTACKS: dict[str, Attack] = {
 PERTURBATIONS = ("clean", "pgd", "pgd-targeted", "gaussian", "sign", "trades-kl")
 """The attacks of the evaluation."""
 STRONG_ATTACKS = ("pgd-strong", "apgd-ce", "apgd-t")
-"""The stronger attacks of the strong evaluation (:mod:`ncrobust.robustness`)."""
+"""The stronger attacks of the strong evaluation (:mod:`ncrobust.evaluation.robustness`)."""
 
 
 def perturb(

@@ -9,7 +9,7 @@ PENULTIMATE = "penultimate"
 """The layer name of the features fed to the classifier (every model's last tap)."""
 
 RESULT_COLUMNS = ["split", "norm", "perturbation", "layer", "layer_index", "metric", "class", "row", "col", "value"]
-"""One checkpoint's metrics (:func:`ncrobust.evaluation.evaluate_checkpoint`), before the cell's
+"""One checkpoint's metrics (:func:`ncrobust.evaluation.checkpoint.evaluate_checkpoint`), before the cell's
 columns are added."""
 
 CELL_COLUMNS = ["dataset", "model", "loss", "adversary", "variant", "seed"]

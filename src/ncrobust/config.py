@@ -19,9 +19,9 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from .columns import PENULTIMATE
-from .cell import Adversary
-from .stages import BASE_VARIANT, VARIANT_FIXED_TRAINING, merge, variant_overrides  # merge: re-exported for the Snakefile
+from ncrobust.cell import BASE_VARIANT, Adversary
+from ncrobust.columns import PENULTIMATE
+from ncrobust.stages import VARIANT_FIXED_TRAINING, merge, variant_overrides
 
 # Shipped inside the package (a non-editable install has no workflow/ beside it);
 # workflow/schemas/config.schema.yaml is a link to it, where the workflow template keeps schemas.
@@ -319,7 +319,7 @@ def _check_results_path(config: dict, base_dir: Path) -> None:
 
 def _loader_options(dataset: str) -> dict[str, inspect.Parameter]:
     """The options of a dataset's loader (its keyword parameters the workflow does not set)."""
-    from . import data
+    from ncrobust import data
 
     params = inspect.signature(data.loader(dataset)).parameters
     return {name: p for name, p in params.items() if name not in _LOADER_ARGUMENTS}
@@ -353,7 +353,7 @@ def _check_model_options(config: dict) -> None:
     options = config["models"]
     if not options:
         return  # every model with its constructor's defaults (and no torch import at parse time)
-    from .models import list_models
+    from ncrobust.models import list_models
 
     known = list_models()
     for name in options:
@@ -375,7 +375,7 @@ def _model_taps(name: str, kwargs_json: str, chans: int, side: int, classes: int
     config, and most share the base model's options); the model itself is not kept."""
     import torch
 
-    from .models import create_model
+    from ncrobust.models import create_model
 
     kwargs = json.loads(kwargs_json)
     shape = dict(num_classes=classes, in_chans=chans, image_size=side, mean=[0.5] * chans, std=[0.25] * chans)

@@ -406,7 +406,7 @@ _MNIST_URLS = {
 
 
 def _gunzip(src: Path, dst: Path) -> None:
-    from .io import atomic_path
+    from ncrobust.io import atomic_path
 
     with gzip.open(src, "rb") as fin, atomic_path(dst) as tmp, open(tmp, "wb") as fout:
         shutil.copyfileobj(fin, fout)

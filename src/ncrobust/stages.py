@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 
-from .cell import BASE_VARIANT, Cell
+from ncrobust.cell import BASE_VARIANT, Cell
 
 STAGES = ("prepare_data", "init_model", "train", "evaluate", "robustness", "mixup_geometry", "probe")
 
@@ -117,7 +117,7 @@ def canonical(value):
 def cell_threat(config: dict, cell: Cell) -> dict:
     """``{"datasets": {dataset: ...}}`` with the one threat model the cell uses: its adversary's
     norm, or for ``st`` the dataset's ``norm`` and its threat model (see
-    :func:`ncrobust.experiment.threat_model`)."""
+    :func:`ncrobust.jobs.experiment.threat_model`)."""
     ds = config["datasets"][cell.dataset]
     norm = cell.parsed_adversary.norm
     if norm is None:
@@ -209,7 +209,7 @@ def job_config(stage: str, sliced: dict, config: dict, *, cell: Cell | None = No
     params), the execution settings of the full ``config`` (``snakemake.config``), and the keys
     the library reads without the output depending on them:
 
-    - ``init_model``: :func:`ncrobust.pipeline.init_cell` builds the whole training recipe to
+    - ``init_model``: :func:`ncrobust.jobs.pipeline.init_cell` builds the whole training recipe to
       create the epoch-0 optimizer, which holds no state yet (momentum buffers are empty and the
       learning rate is set from the recipe at every training step);
     - ``init_model`` and ``train``: the recipe resolves the cell's threat model, which standard

@@ -1,5 +1,5 @@
 """Every reshaping of results: tagging a stage's rows with their cell, the grid's tables, the
-final-epoch summary, and the tidy frame each figure draws (:mod:`ncrobust.plots` only draws).
+final-epoch summary, and the tidy frame each figure draws (:mod:`ncrobust.figures.plots` only draws).
 
 Metrics table (long, tidy: :data:`ncrobust.columns.METRIC_COLUMNS`, one value a row, tagged with its
 cell and epoch). ``norm`` is the threat model a perturbation used (clean rows carry the cell's
@@ -14,8 +14,8 @@ import math
 
 import pandas as pd
 
-from .cell import Cell
-from .columns import CELL_COLUMNS, METRIC_COLUMNS, PENULTIMATE, RESULT_COLUMNS, SETTING_COLUMNS, TRAINING_COLUMNS
+from ncrobust.cell import Cell
+from ncrobust.columns import CELL_COLUMNS, METRIC_COLUMNS, PENULTIMATE, RESULT_COLUMNS, SETTING_COLUMNS, TRAINING_COLUMNS
 
 # Final-epoch summary: (split, perturbation, layer, metric) -> column name (the cell's own threat model).
 SUMMARY_METRICS = {
@@ -67,7 +67,7 @@ def metrics_frame(results: pd.DataFrame, cell: Cell, epoch: int) -> pd.DataFrame
 
 
 def training_frame(rows: list[dict], cell: Cell) -> pd.DataFrame:
-    """One row per epoch of a training segment (:func:`ncrobust.train.train_segment`'s rows),
+    """One row per epoch of a training segment (:func:`ncrobust.training.train.train_segment`'s rows),
     tagged with the cell; columns beyond :data:`ncrobust.columns.TRAINING_COLUMNS` are kept after them."""
     frame = tag(pd.DataFrame(rows).rename(columns={"loss": "loss_value"}), cell)
     extra = [c for c in frame.columns if c not in TRAINING_COLUMNS]
@@ -180,7 +180,7 @@ def summary_markdown(table: pd.DataFrame) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# what each figure draws (tidy frames; ncrobust.plots takes them as they are)
+# what each figure draws (tidy frames; ncrobust.figures.plots takes them as they are)
 
 NC_FIGURE_METRICS = ["nc1", "nc2_equinorm_M", "nc2_equiangle_M", "nc3", "nc4"]
 LAYERWISE_METRICS = ["nc1", "ncc_accuracy_clean_means", "ncc_accuracy"]

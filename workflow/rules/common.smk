@@ -4,10 +4,10 @@ import sys
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from ncrobust.config import ConfigError, merge, typed_overrides, validate_config
+from ncrobust.config import ConfigError, typed_overrides, validate_config
 from ncrobust.cell import Cell
 from ncrobust.columns import FIGURES
-from ncrobust.stages import data_variant, stage_slice
+from ncrobust.stages import data_variant, merge, stage_slice
 
 # Snakemake leaves the scalars of a nested --config value as strings (training='{"epochs": 3}'
 # gives "3"): merge the overrides again with YAML's types, then check everything that can be

@@ -1,7 +1,7 @@
 # `snakemake --lint` asks for a conda env or container per rule: none, every rule runs in the
 # project's one Python environment (`pip install -e .`); see data.smk.
 # The metric tables of the whole grid. Each checkpoint's metrics file is written by rule evaluate
-# (evaluate.smk), in the job that ran the attacks: see ncrobust.pipeline.evaluate_cell.
+# (evaluate.smk), in the job that ran the attacks: see ncrobust.jobs.pipeline.evaluate_cell.
 rule aggregate:
     """Gather every cell's metrics, training logs and robustness into the tables and the summary."""
     input:

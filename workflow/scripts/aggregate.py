@@ -1,5 +1,5 @@
 from ncrobust.io import job_log
-from ncrobust.pipeline import aggregate
+from ncrobust.jobs.pipeline import aggregate
 
 with job_log(snakemake.log[0]):
     out = snakemake.output

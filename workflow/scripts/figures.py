@@ -1,5 +1,5 @@
 from ncrobust.io import job_log
-from ncrobust.pipeline import figures
+from ncrobust.jobs.pipeline import figures
 
 with job_log(snakemake.log[0]):
     figures(

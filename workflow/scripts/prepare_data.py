@@ -2,7 +2,7 @@
 # job_config adds the execution settings (threads, device, data_root, ...) from snakemake.config,
 # which Snakemake does not compare: see ncrobust.stages.
 from ncrobust.io import job_log
-from ncrobust.pipeline import prepare_data
+from ncrobust.jobs.pipeline import prepare_data
 from ncrobust.stages import job_config
 
 with job_log(snakemake.log[0]):

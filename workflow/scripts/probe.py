@@ -1,6 +1,6 @@
 # The config slice (params) plus execution settings from snakemake.config: see ncrobust.stages.
 from ncrobust.io import job_log
-from ncrobust.related import probe_cell
+from ncrobust.jobs.related import probe_cell
 from ncrobust.stages import job_config
 
 with job_log(snakemake.log[0]):

@@ -1,5 +1,5 @@
 from ncrobust.io import job_log
-from ncrobust.related import related_figures
+from ncrobust.jobs.related import related_figures
 
 with job_log(snakemake.log[0]):
     out = snakemake.output

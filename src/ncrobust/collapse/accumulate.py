@@ -2,7 +2,7 @@
 accumulator :class:`LayerStats` built from it.
 
 Each quantity has one computation here, used by :class:`LayerStats`, by the dense functions of
-:mod:`ncrobust.collapse.dense` and by the training-time measurement (:mod:`ncrobust.train_collapse`):
+:mod:`ncrobust.collapse.dense` and by the training-time measurement (:mod:`ncrobust.training.epoch_collapse`):
 
 - class sums and counts ``sum_{y_i=c} h_i``, ``N_c`` (:func:`add_class_sums_`) and the class means
   ``mu_c = sums_c / N_c`` (:func:`class_means_from`);

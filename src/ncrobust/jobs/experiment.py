@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from .attacks import ThreatModel
-from .cell import Cell
-from .evaluation import EvaluationPlan
-from .losses import get_loss
-from .models import create_model
-from .seeding import generator, stream_seed  # noqa: F401  (re-exported)
+from ncrobust.attacks import ThreatModel
+from ncrobust.cell import Cell
+from ncrobust.evaluation.checkpoint import EvaluationPlan
+from ncrobust.losses import get_loss
+from ncrobust.models import create_model
+from ncrobust.seeding import generator, stream_seed  # noqa: F401  (re-exported)
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 """``precision`` and ``evaluation.attack_precision`` -> the autocast dtype (None: none)."""

@@ -32,8 +32,8 @@ import math
 import pandas as pd
 import torch
 
-from .models.base import eval_mode
-from .seeding import generator
+from ncrobust.models.base import eval_mode
+from ncrobust.seeding import generator
 
 DEFAULT_PAIRS = ((0, 1), (2, 3), (4, 5))
 DEFAULT_LAMBDAS = tuple(i / 10 for i in range(11))
@@ -102,7 +102,7 @@ def mixup_geometry(
     metrics :data:`SUMMARY_METRICS`, per pair and ``all``); definitions in the module docstring. ``perturbations``:
     ``clean`` and/or ``pgd`` (needs ``threat`` and ``loss``). Draws come from
     ``generator(seed, "mixup_geometry")``; the model's mode is restored."""
-    from .attacks import pgd
+    from ncrobust.attacks import pgd
 
     pairs = _check_pairs(pairs, num_classes)
     lams = _check_lambdas(lambdas)

@@ -32,12 +32,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .attacks import PERTURBATIONS, ThreatModel, perturb, target_labels
-from .collapse import LayerStats, minority_classes
-from .columns import PENULTIMATE, RESULT_COLUMNS
-from .data import as_float, device_layout
-from .seeding import generator
-from .projection import SimplexPlane
+from ncrobust.attacks import PERTURBATIONS, ThreatModel, perturb, target_labels
+from ncrobust.collapse import LayerStats, minority_classes
+from ncrobust.columns import PENULTIMATE, RESULT_COLUMNS
+from ncrobust.data import as_float, device_layout
+from ncrobust.seeding import generator
+from ncrobust.geometry.projection import SimplexPlane
 
 FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CPU_ACTIVATION_CACHE_BYTES = 512 << 20

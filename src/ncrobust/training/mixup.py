@@ -7,7 +7,7 @@ A step draws ``lam ~ Beta(alpha, alpha)`` (one per batch, as Zhang et al.) and a
 the mixed one-hot target up to a constant).
 
 Both draws come from the epoch's seeded generator on the training device, outside the step (like
-the attack's random start: :meth:`ncrobust.train.TrainStep.draw_noise`), so a captured CUDA graph
+the attack's random start: :meth:`ncrobust.training.train.TrainStep.draw_noise`), so a captured CUDA graph
 takes them as inputs and a chain of segments draws the same values as one run. The Beta draw is
 ``Dirichlet(alpha, alpha)``'s first coordinate: ``torch._sample_dirichlet`` is the one Gamma-based
 sampler that takes a generator (``torch.distributions.Beta`` draws from the global RNG).
@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from .losses import LossFn
+from ncrobust.losses import LossFn
 
 
 def check_alpha(alpha) -> float:

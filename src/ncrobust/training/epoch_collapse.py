@@ -23,8 +23,8 @@ import math
 
 import torch
 
-from .collapse import nc_metrics
-from .collapse.accumulate import class_means_from, class_sums, half_sq_norms, nearest_mean
+from ncrobust.collapse import nc_metrics
+from ncrobust.collapse.accumulate import class_means_from, class_sums, half_sq_norms, nearest_mean
 
 _F64 = torch.float64
 

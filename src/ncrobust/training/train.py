@@ -36,14 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import PGD, ThreatModel, TradesKL
-from .cell import Adversary
-from .columns import COLLAPSE_LOG_COLUMNS
-from .seeding import generator, stream_seed
-from .losses import LossFn
-from .mixup import check_alpha, draw_mixup, majority_label, mix, mixed_loss
-from .models.base import eval_mode
-from .train_collapse import EpochFeatures, ncc_accuracy
+from ncrobust.attacks import PGD, ThreatModel, TradesKL
+from ncrobust.cell import Adversary
+from ncrobust.columns import COLLAPSE_LOG_COLUMNS
+from ncrobust.seeding import generator, stream_seed
+from ncrobust.losses import LossFn
+from ncrobust.training.mixup import check_alpha, draw_mixup, majority_label, mix, mixed_loss
+from ncrobust.models.base import eval_mode
+from ncrobust.training.epoch_collapse import EpochFeatures, ncc_accuracy
 
 TRADES_BN = ("train", "eval")
 CUDA_GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN autotuning, lazy init)
@@ -94,7 +94,7 @@ class Recipe:
     al.'s code (otherwise it uses batch statistics without updating them). ``track_collapse``:
     per-epoch NC of the epoch's clean and adversarial training features in the log.
     ``cuda_graph``: capture the full-batch step in a CUDA graph (ignored on the CPU).
-    ``mixup_alpha``: mixup's Beta(alpha, alpha) (0 = off; :mod:`ncrobust.mixup` says how it
+    ``mixup_alpha``: mixup's Beta(alpha, alpha) (0 = off; :mod:`ncrobust.training.mixup` says how it
     combines with each adversary).
     """
 
@@ -307,11 +307,11 @@ class TrainStep(abc.ABC):
       clean forward pass for it (it feeds the running statistics only with ``pgd_clean_bn_pass``);
     - ``train_robust_accuracy``: the same on the training-time adversarial examples (NaN for st);
     - with mixup, a prediction on a mixed input counts against the mix's majority label
-      (:func:`ncrobust.mixup.majority_label`), and the NC columns group the features of mixed
+      (:func:`ncrobust.training.mixup.majority_label`), and the NC columns group the features of mixed
       inputs by it; PGD's clean log pass stays on the unmixed images;
     - with ``track_collapse`` (:data:`COLLAPSE_LOG_COLUMNS`): NC1, NC1 trace ratio and NCC accuracy
       of the epoch's clean and of its adversarial penultimate features (the step keeps them in
-      :class:`~ncrobust.train_collapse.EpochFeatures`), and the NCC accuracy of the adversarial
+      :class:`~ncrobust.training.epoch_collapse.EpochFeatures`), and the NCC accuracy of the adversarial
       features with the epoch's clean class means.
     """
 
@@ -356,7 +356,7 @@ class TrainStep(abc.ABC):
     def draw_noise(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
         """Every random input of one step on batch ``x``, from ``gen``, in draw order: the attack's
         start (its ``draw_start``: none for standard training), then with mixup ``(lam, perm)``
-        (:func:`ncrobust.mixup.draw_mixup`), the last two entries. Drawn outside the step so that
+        (:func:`ncrobust.training.mixup.draw_mixup`), the last two entries. Drawn outside the step so that
         a captured step takes them as inputs."""
         start = () if self.attack is None else self.attack.draw_start(x, self.recipe.threat, gen)
         return start + draw_mixup(self.recipe.mixup_alpha, x.shape[0], gen) if self.recipe.mixup_alpha else start

@@ -1,17 +1,18 @@
 """The stages of the related questions (mixup geometry, near-collapse probe) as file-to-file
-functions, one call per Snakemake script, like :mod:`ncrobust.pipeline`: each reads the final
+functions, one call per Snakemake script, like :mod:`ncrobust.jobs.pipeline`: each reads the final
 checkpoint of a cell and writes tidy, cell-tagged Parquet tables; :func:`related_figures` stacks
 them into the grid's tables and draws the ``mixup`` and ``probe`` figures."""
 
 from __future__ import annotations
 
-from . import data as datasets
-from .experiment import Cell, build_model, cell_loss, threat_model
-from .io import load_torch, read_parquet, write_parquet
-from .mixup_geometry import mixup_geometry
-from .pipeline import load_dataset, place, setup
-from .probe import probe_model
-from .tables import mixup_points, mixup_summary, probe_curves, stack, tag
+from ncrobust import data as datasets
+from ncrobust.cell import Cell
+from ncrobust.jobs.experiment import build_model, cell_loss, threat_model
+from ncrobust.io import load_torch, read_parquet, write_parquet
+from ncrobust.geometry.mixup_geometry import mixup_geometry
+from ncrobust.jobs.pipeline import load_dataset, place, setup
+from ncrobust.geometry.probe import probe_model
+from ncrobust.tables import mixup_points, mixup_summary, probe_curves, stack, tag
 
 
 def _checkpoint_model(config: dict, cell: Cell, data_path: str, checkpoint: str, split: str, max_samples: int | None = None):
@@ -29,7 +30,7 @@ def _checkpoint_model(config: dict, cell: Cell, data_path: str, checkpoint: str,
 
 
 def mixup_geometry_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, points_out: str, summary_out: str) -> None:
-    """:func:`ncrobust.mixup_geometry.mixup_geometry` of one checkpoint (settings
+    """:func:`ncrobust.geometry.mixup_geometry.mixup_geometry` of one checkpoint (settings
     ``evaluation.mixup_geometry``; clean and PGD mixes, the cell's threat model and loss)."""
     g = config["evaluation"]["mixup_geometry"]
     model, x, y, num_classes, epoch = _checkpoint_model(config, cell, data_path, checkpoint, g["split"])
@@ -43,7 +44,7 @@ def mixup_geometry_cell(config: dict, cell: Cell, data_path: str, checkpoint: st
 
 
 def probe_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, output: str) -> None:
-    """:func:`ncrobust.probe.probe_model` of one checkpoint (settings ``probe``): NC1 of Tirer et
+    """:func:`ncrobust.geometry.probe.probe_model` of one checkpoint (settings ``probe``): NC1 of Tirer et
     al.'s solution against NC1 of the layer's clean and PGD features, per lambda."""
     p = config["probe"]
     model, x, y, num_classes, epoch = _checkpoint_model(config, cell, data_path, checkpoint, p["split"], p["max_samples"])
@@ -60,7 +61,7 @@ def related_figures(
     """Stack the per-cell tables into ``tables`` (``mixup_geometry``: the summary numbers of every
     cell and pair, ``probe``: every probe row) and draw ``figures`` (``mixup``, ``probe``), each
     only when its inputs are given."""
-    from . import plots
+    from ncrobust.figures import plots
 
     if "mixup_geometry" in tables:
         s = stack([read_parquet(f) for f in summaries])

@@ -11,14 +11,15 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from . import data as datasets
-from . import mps
-from .columns import ROBUSTNESS_COLUMNS
-from .evaluation import evaluate_checkpoint
-from .experiment import AUTOCAST, Cell, build_model, cell_loss, evaluation_plan, resolve_device, threat_model
-from .io import CorruptFileError, OutdatedFileError, load_torch, read_parquet, save_torch, write_parquet, write_text
-from .tables import metrics_frame, stack, summary, summary_markdown, tag, training_frame
-from .train import Recipe, Schedule, initial_checkpoint, train_segment
+from ncrobust import data as datasets
+from ncrobust import mps
+from ncrobust.columns import ROBUSTNESS_COLUMNS
+from ncrobust.evaluation.checkpoint import evaluate_checkpoint
+from ncrobust.cell import Cell
+from ncrobust.jobs.experiment import AUTOCAST, build_model, cell_loss, evaluation_plan, resolve_device, threat_model
+from ncrobust.io import CorruptFileError, OutdatedFileError, load_torch, read_parquet, save_torch, write_parquet, write_text
+from ncrobust.tables import metrics_frame, stack, summary, summary_markdown, tag, training_frame
+from ncrobust.training.train import Recipe, Schedule, initial_checkpoint, train_segment
 
 log = logging.getLogger("ncrobust")
 
@@ -135,7 +136,7 @@ def evaluate_cell(
     config: dict, cell: Cell, data_path: str, checkpoint: str, metrics_out: str, projection_out: str,
     features_out: str | None = None,
 ) -> None:
-    """Evaluate one checkpoint (:func:`ncrobust.evaluation.evaluate_checkpoint`) and write its
+    """Evaluate one checkpoint (:func:`ncrobust.evaluation.checkpoint.evaluate_checkpoint`) and write its
     metrics table, its simplex projection and (when ``features_out`` is given) the features.
 
     One job rather than evaluate -> metrics: the metrics are computed while the attacked inputs
@@ -158,7 +159,7 @@ def evaluate_cell(
 
 def robustness_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, output: str) -> None:
     """Robust test accuracy of the final checkpoint under PGD-10 and the strong attacks."""
-    from .robustness import strong_evaluation
+    from ncrobust.evaluation.robustness import strong_evaluation
 
     device = setup(config)  # no cuDNN autotuning: on an H100 this stage took 15.9 s with it, 10.6 s without
     data = load_dataset(data_path)
@@ -202,7 +203,7 @@ def figures(
     """Render every figure named in ``outputs`` (figure name -> PNG path; a PDF is written beside),
     ``workers`` at a time. ``projections`` are the per-cell projection tables of the ``simplex``
     figure; ``variants`` (``config.variants``) says which variants differ only by their imbalance."""
-    from .plots import render
+    from ncrobust.figures.plots import render
 
     projection = stack([read_parquet(p) for p in projections]) if projections else None
     render(read_parquet(metrics), read_parquet(training), outputs, projection=projection, workers=workers, variants=variants)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .attacks import STRONG_ATTACKS, ThreatModel, perturb
-from .models.base import eval_mode
-from .seeding import generator
+from ncrobust.attacks import STRONG_ATTACKS, ThreatModel, perturb
+from ncrobust.models.base import eval_mode
+from ncrobust.seeding import generator
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .collapse import LayerStats
+from ncrobust.collapse import LayerStats
 
 PROJECTION_COLUMNS = ["split", "norm", "perturbation", "kind", "label", "target", "x", "y"]
 _DTYPES = ["str", "str", "str", "str", "int64", "Int64", "float64", "float64"]

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from .collapse import nc_metrics
-from .models.base import eval_mode
+from ncrobust.collapse import nc_metrics
+from ncrobust.models.base import eval_mode
 
 PROBE_COLUMNS = ["lam", "nc1_input", "nc1_solution", "nc1_ratio", "relative_distance", "objective", "iterations",
                  "converged"]
@@ -236,8 +236,8 @@ def probe_model(
     """:func:`probe` on the features of tap ``layer`` of clean inputs and of their PGD examples
     (``threat``, ascending ``loss``, eval mode, seeded by ``(seed, "probe")``): one row per
     (perturbation, lambda), labels the true classes."""
-    from .attacks import pgd
-    from .seeding import generator
+    from ncrobust.attacks import pgd
+    from ncrobust.seeding import generator
 
     frames = []
     for perturbation in perturbations:

@@ -13,7 +13,7 @@ import html
 import os
 from pathlib import Path
 
-from .io import write_text
+from ncrobust.io import write_text
 
 
 def markdown_table_html(text: str) -> str:

@@ -31,10 +31,10 @@ import seaborn as sns  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import LogFormatter, MaxNLocator  # noqa: E402
 
-from . import tables  # noqa: E402
-from .cell import ADVERSARIES  # noqa: E402
-from .columns import FIGURES  # noqa: E402
-from .tables import constant_setting as _constant_setting  # noqa: E402
+from ncrobust import tables
+from ncrobust.cell import ADVERSARIES  # noqa: E402
+from ncrobust.columns import FIGURES  # noqa: E402
+from ncrobust.tables import constant_setting as _constant_setting  # noqa: E402
 
 PERTURBATION_ORDER = ["clean", "pgd", "pgd-targeted", "trades-kl", "gaussian", "sign"]
 SPLIT_ORDER = ["train", "test"]
@@ -104,7 +104,7 @@ def _seeds_note(frame: pd.DataFrame, *, band: bool = True) -> str:
 
 def _save(fig, path: str | Path):
     """Write ``fig`` as PNG and PDF (atomically) and return it, closed (tests read what was drawn)."""
-    from .io import atomic_path
+    from ncrobust.io import atomic_path
 
     path = Path(path)
     for target in (path, path.with_suffix(".pdf")):
@@ -721,7 +721,7 @@ def render(
 ) -> None:
     """Render each figure named in ``outputs`` (name -> PNG path; a PDF is written beside it).
 
-    ``projection`` is the concatenated table of :func:`ncrobust.projection.project` outputs (with
+    ``projection`` is the concatenated table of :func:`ncrobust.geometry.projection.project` outputs (with
     the cell columns), needed by ``simplex`` only; ``variants`` is ``config.variants``. With ``workers > 1`` the figures are drawn in
     that many forked processes (matplotlib is single-threaded; the figure job is the last of a run
     and would otherwise leave the other cores idle).

@@ -1,0 +1,1 @@
+"""The workflow's stages as file-to-file functions: one call per Snakemake script."""

@@ -1,0 +1,1 @@
+"""Training: the recipe, the per-kind training steps, the training-stream Neural Collapse, mixup."""
