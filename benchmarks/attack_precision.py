@@ -27,9 +27,9 @@ import torch
 
 from ncrobust import data as datasets
 from ncrobust.attacks import ThreatModel
+from ncrobust.cell import Cell
 from ncrobust.columns import PENULTIMATE
 from ncrobust.evaluation.checkpoint import EvaluationPlan, evaluate_checkpoint
-from ncrobust.cell import Cell
 from ncrobust.jobs.experiment import build_model
 from ncrobust.losses import get_loss
 from ncrobust.training.train import Recipe, initial_checkpoint, train_segment

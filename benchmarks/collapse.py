@@ -233,10 +233,10 @@ def main():
           f"load average {load:.1f} on {os.cpu_count()} cores")
     if load > (os.cpu_count() or 1) - torch.get_num_threads() + 0.5:
         print("  warning: the machine is busy; timings (all three columns) are noisy")
-    print(f"baseline = published-code style (per-class loops, B x d x d outer products, per-sample NCC loop), float32,")
+    print("baseline = published-code style (per-class loops, B x d x d outer products, per-sample NCC loop), float32,")
     print(f"  timed on the first {n_sub} of {N} samples; its per-sample part scaled x{N / n_sub:.2f}, "
           f"plus its d x d eigensolve timed once")
-    print(f"floor = one float64 matmul [N,d] x [d,C] on pre-converted float64 features")
+    print("floor = one float64 matmul [N,d] x [d,C] on pre-converted float64 features")
     header = (f"{'C':>4} {'baseline_s':>11} {'ours_s':>8} {'floor_s':>8} {'baseline/ours':>14} {'ours/floor':>11}"
               f"  {'nc1':>10}  {'nc1 check':>10}")
     print(header)

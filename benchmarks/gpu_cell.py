@@ -47,9 +47,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # write_fake_cifar10 (tests/test_paper.py)
 
-from ncrobust.evaluation import checkpoint as evaluation
 from ncrobust.cell import Cell  # noqa: E402
 from ncrobust.config import validate_config  # noqa: E402
+from ncrobust.evaluation import checkpoint as evaluation
 from ncrobust.jobs.pipeline import evaluate_cell, init_cell, prepare_data, robustness_cell, train_cell  # noqa: E402
 
 MODELS = ("preact_resnet18", "vgg11_bn")

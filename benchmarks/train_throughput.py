@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from ncrobust.attacks import ThreatModel
+from ncrobust.jobs.pipeline import place
 from ncrobust.losses import get_loss
 from ncrobust.models import create_model
-from ncrobust.jobs.pipeline import place
 from ncrobust.training.train import Recipe, initial_checkpoint, train_segment
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)

@@ -27,7 +27,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 # The test files that take longest start first, longest first (pytest-xdist, `-n 4 --dist
 # loadfile` in pyproject.toml, hands whole files to its workers in collection order): the short
 # files then fill the gaps, and no long file is left for the end of the run.
@@ -162,7 +161,6 @@ def st_only_run(finished_tiny_run, tmp_path_factory):
     import json
 
     import yaml
-
     from workflow_helpers import copy_run, file_mtimes, run_snakemake
 
     def make(directory):

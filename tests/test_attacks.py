@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ncrobust import attacks
 from ncrobust.attacks import (
     ATTACKS,
     PERTURBATIONS,

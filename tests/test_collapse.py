@@ -13,12 +13,14 @@ import pytest
 import torch
 from sklearn.neighbors import NearestCentroid
 
-from ncrobust.collapse import accumulate, blocks, measure
 from ncrobust.collapse import (
     LayerStats,
+    accumulate,
     alignment,
+    blocks,
     class_means,
     leap,
+    measure,
     nc_metrics,
     ncc_predict,
     perturbation_metrics,

@@ -5,12 +5,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from ncrobust.config import ConfigError, load_config_file, typed_overrides, validate_config
-from ncrobust.stages import merge
-from ncrobust.config import main as config_main
 from workflow_helpers import REPO_ROOT, run_snakemake, tiny_config, write_tiny_config
 
+from ncrobust.config import ConfigError, load_config_file, typed_overrides, validate_config
+from ncrobust.config import main as config_main
+from ncrobust.stages import merge
 
 _DELETE = object()
 
@@ -366,10 +365,10 @@ def test_the_evaluation_plans_defaults_are_the_schemas():
 def test_the_losses_models_and_related_stages_defaults_are_the_schemas():
     import inspect
 
-    from ncrobust.losses import LOSSES
     from ncrobust.geometry.mixup_geometry import mixup_geometry
-    from ncrobust.models.base import check_normalized_features
     from ncrobust.geometry.probe import probe_model
+    from ncrobust.losses import LOSSES
+    from ncrobust.models.base import check_normalized_features
 
     for name, option in (("label_smoothing", "smoothing"), ("focal", "gamma")):
         assert inspect.signature(LOSSES[name]).parameters[option].default == _default(f"losses.{name}.{option}")

@@ -12,21 +12,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from host_syncs import HostSyncs
+from workflow_helpers import fit_full_batch
 
-from ncrobust.evaluation import checkpoint as evaluation
+from ncrobust import tables
 from ncrobust.attacks import ThreatModel, perturb, target_labels
 from ncrobust.cell import Cell
 from ncrobust.collapse import LayerStats, accumulate, blocks, nc_metrics, perturbation_metrics
 from ncrobust.columns import CELL_COLUMNS, RESULT_COLUMNS
 from ncrobust.data import as_float
+from ncrobust.evaluation import checkpoint as evaluation
 from ncrobust.evaluation.checkpoint import EvaluationPlan, evaluate_checkpoint, penultimate_metrics
+from ncrobust.evaluation.robustness import strong_evaluation
 from ncrobust.losses import get_loss
 from ncrobust.models import create_model
-from ncrobust.evaluation.robustness import strong_evaluation
 from ncrobust.seeding import generator
-from ncrobust import tables
-from host_syncs import HostSyncs
-from workflow_helpers import fit_full_batch
 
 LINF = ThreatModel("linf", 0.1, 0.025, 3)
 L2 = ThreatModel("l2", 1.0, 0.25, 3)

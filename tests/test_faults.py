@@ -16,9 +16,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from workflow_helpers import REPO_ROOT, cell_dir, copy_run, run_snakemake, snakemake_command, write_tiny_config
 
 from ncrobust.io import CorruptFileError, DiskFullError, job_log, load_torch, read_parquet, save_torch, write_parquet
-from workflow_helpers import REPO_ROOT, cell_dir, copy_run, run_snakemake, snakemake_command, write_tiny_config
 
 CELL = cell_dir(adversary="pgd-linf")
 # longer training than the tiny default, so that there is time to kill a job mid-segment

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 import yaml
+from workflow_helpers import REPO_ROOT
 
 from ncrobust.config import validate_config
-from workflow_helpers import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # importable by name: --packed's spawned processes import it too
 import gpu_cell  # noqa: E402

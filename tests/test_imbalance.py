@@ -10,14 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from workflow_helpers import fit_full_batch
 
 from ncrobust import data, tables
-
-from ncrobust.figures import plots
 from ncrobust.collapse import LayerStats, minority_classes
 from ncrobust.columns import FIGURES, METRIC_COLUMNS
 from ncrobust.data import imbalance_counts
-from workflow_helpers import fit_full_batch
+from ncrobust.figures import plots
 
 # --------------------------------------------------------------------------------------------
 # the dataset option

@@ -8,7 +8,6 @@ import re
 import pandas as pd
 import pytest
 import yaml
-
 from workflow_helpers import cell_dir, copy_run, file_mtimes, run_snakemake, tiny_config
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]

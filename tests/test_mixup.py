@@ -270,8 +270,8 @@ def test_mixup_tables_and_figure(tmp_path):
     perturbation), and a placeholder without data."""
     import pandas as pd
 
-    from ncrobust.figures import plots
     from ncrobust.cell import Cell
+    from ncrobust.figures import plots
     from ncrobust.geometry.mixup_geometry import mixup_geometry
     from ncrobust.tables import mixup_points, mixup_summary, tag
 

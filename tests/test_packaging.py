@@ -7,7 +7,6 @@ import sys
 import tomllib
 
 import pytest
-
 from workflow_helpers import REPO_ROOT
 
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())

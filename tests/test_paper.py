@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
-from ncrobust.config import validate_config
 from test_data import write_py2_pickle
 from workflow_helpers import REPO_ROOT, cell_dir, run_snakemake
+
+from ncrobust.config import validate_config
 
 PAPER = REPO_ROOT / "config" / "paper.yaml"
 

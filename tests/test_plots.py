@@ -9,16 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from workflow_helpers import run_snakemake
 
 from ncrobust import tables
-
-from ncrobust.figures import plots
 from ncrobust.collapse import LayerStats
 from ncrobust.columns import FIGURES, METRIC_COLUMNS
+from ncrobust.figures import plots
 from ncrobust.figures.plots import render
 from ncrobust.geometry.projection import PROJECTION_COLUMNS, SimplexPlane, simplex_plane
 from ncrobust.tables import summary, summary_markdown
-from workflow_helpers import run_snakemake
 
 C = 4
 PERTURBATIONS = ["clean", "pgd", "pgd-targeted", "gaussian", "sign"]

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from slurm_cluster import SlurmCluster, unavailable_reason
 from workflow_helpers import REPO_ROOT, SNAKEMAKE, cell_dir, run_snakemake, write_tiny_config
 

@@ -3,11 +3,11 @@
 import copy
 
 import pytest
+from workflow_helpers import tiny_config
 
 from ncrobust.cell import ADVERSARIES, Adversary, Cell
 from ncrobust.config import validate_config
 from ncrobust.stages import EXECUTION_KEYS, STAGES, canonical, job_config, merge, stage_slice
-from workflow_helpers import tiny_config
 
 ST = Cell("digits", "mlp", "ce", "st", 1)
 PGD = Cell("digits", "mlp", "ce", "pgd-linf", 1)

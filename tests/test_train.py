@@ -5,18 +5,27 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from host_syncs import HostSyncs
+
+from ncrobust import attacks
 from ncrobust import data as datasets
 from ncrobust.attacks import ThreatModel
-from ncrobust.columns import COLLAPSE_LOG_COLUMNS
 from ncrobust.cell import Cell
+from ncrobust.columns import COLLAPSE_LOG_COLUMNS
 from ncrobust.jobs.experiment import build_model
 from ncrobust.losses import get_loss
-from ncrobust import attacks
 from ncrobust.training.train import (
-    SGD, NonFiniteLossError, PGDStep, Recipe, Schedule, StandardStep, TradesStep, initial_checkpoint,
-    make_optimizer, make_train_step, train_segment,
+    SGD,
+    NonFiniteLossError,
+    PGDStep,
+    Recipe,
+    Schedule,
+    StandardStep,
+    TradesStep,
+    initial_checkpoint,
+    make_optimizer,
+    make_train_step,
+    train_segment,
 )
 
 CONFIG = {"models": {"mlp": {"depth": 2, "width": 32}}}
@@ -347,9 +356,9 @@ def test_compile_is_no_longer_a_config_key():
     """torch.compile recompiled in every segment and was slower than eager on an H100; CUDA graphs
     replaced it, and an old config that still names it stops at parse time."""
     import yaml
+    from workflow_helpers import REPO_ROOT
 
     from ncrobust.config import ConfigError, validate_config
-    from workflow_helpers import REPO_ROOT
 
     config = yaml.safe_load((REPO_ROOT / "config/config.yaml").read_text())
     validate_config(config)

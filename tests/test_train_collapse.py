@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from ncrobust import data as datasets
-from ncrobust.collapse import LayerStats, class_means, leap, nc_metrics, ncc_predict
 from ncrobust.cell import Cell
+from ncrobust.collapse import LayerStats, class_means, leap, nc_metrics, ncc_predict
 from ncrobust.jobs.experiment import build_model
 from ncrobust.training.epoch_collapse import EpochFeatures, ncc_accuracy
 

@@ -3,11 +3,11 @@ their config slices and data files, their validation, and a variant cell built b
 
 import pytest
 import torch
+from workflow_helpers import cell_dir, run_snakemake, tiny_config, write_tiny_config
 
 from ncrobust.cell import Cell
 from ncrobust.config import ConfigError, validate_config
 from ncrobust.stages import cell_config, data_variant, job_config, stage_slice
-from workflow_helpers import cell_dir, run_snakemake, tiny_config, write_tiny_config
 
 STEP10 = {"imbalance": {"profile": "step", "ratio": 10}}
 VARIANTS = {

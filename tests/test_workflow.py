@@ -5,9 +5,9 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from workflow_helpers import cell_dir, copy_run, run_snakemake, tiny_config, write_tiny_config
 
 from ncrobust.columns import METRIC_COLUMNS
-from workflow_helpers import cell_dir, copy_run, run_snakemake, tiny_config, write_tiny_config
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 

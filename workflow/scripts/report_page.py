@@ -1,5 +1,5 @@
-from ncrobust.io import job_log
 from ncrobust.figures.report_page import front_page
+from ncrobust.io import job_log
 
 with job_log(snakemake.log[0]):
     front_page(

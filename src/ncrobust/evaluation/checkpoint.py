@@ -36,8 +36,8 @@ from ncrobust.attacks import PERTURBATIONS, ThreatModel, perturb, target_labels
 from ncrobust.collapse import LayerStats, minority_classes
 from ncrobust.columns import PENULTIMATE, RESULT_COLUMNS
 from ncrobust.data import as_float, device_layout
-from ncrobust.seeding import generator
 from ncrobust.geometry.projection import SimplexPlane
+from ncrobust.seeding import generator
 
 FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CPU_ACTIVATION_CACHE_BYTES = 512 << 20

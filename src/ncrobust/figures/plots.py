@@ -16,9 +16,9 @@ Each figure is written as PNG and as PDF beside it.
 from __future__ import annotations
 
 import concurrent.futures
-from dataclasses import dataclass
 import functools
 import multiprocessing
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib

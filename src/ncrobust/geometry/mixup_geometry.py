@@ -32,7 +32,8 @@ import math
 import pandas as pd
 import torch
 
-from ncrobust.models.base import eval_mode
+from ncrobust.columns import PENULTIMATE
+from ncrobust.models.base import eval_mode, tap_activations
 from ncrobust.seeding import generator
 
 DEFAULT_PAIRS = ((0, 1), (2, 3), (4, 5))
@@ -79,15 +80,10 @@ def _check_lambdas(lambdas) -> list[float]:
     return sorted(set(lams))
 
 
-@torch.no_grad()
 def _features(model, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate features and predictions, float64 on the CPU, in eval mode."""
-    feats, preds = [], []
-    for k in range(0, len(x), batch_size):
-        logits, taps = model(x[k : k + batch_size], taps=True)
-        feats.append(taps["penultimate"].to("cpu", torch.float64))
-        preds.append(logits.argmax(1).cpu())
-    return torch.cat(feats), torch.cat(preds)
+    """Penultimate features (float64 on the CPU) and predictions."""
+    logits, taps = tap_activations(model, x, [PENULTIMATE], batch_size)
+    return taps[PENULTIMATE], logits.argmax(1)
 
 
 def mixup_geometry(

@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from ncrobust.collapse import nc_metrics
-from ncrobust.models.base import eval_mode
+from ncrobust.models.base import eval_mode, tap_activations
 
 PROBE_COLUMNS = ["lam", "nc1_input", "nc1_solution", "nc1_ratio", "relative_distance", "objective", "iterations",
                  "converged"]
@@ -222,11 +222,8 @@ def layer_features(model: torch.nn.Module, x: torch.Tensor, layer: str, batch_si
     names = list(getattr(model, "tap_names", []))
     if layer not in names:
         raise ValueError(f"probe.layer = {layer!r}: not a tap of this model; taps: {', '.join(names)}")
-    out = []
-    with eval_mode(model), torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            out.append(model(x[i : i + batch_size], taps=True)[1][layer].flatten(1).to("cpu", torch.float64))
-    return torch.cat(out)
+    with eval_mode(model):
+        return tap_activations(model, x, [layer], batch_size)[1][layer]
 
 
 def probe_model(

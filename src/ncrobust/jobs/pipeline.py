@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -13,11 +12,11 @@ from tqdm import tqdm
 
 from ncrobust import data as datasets
 from ncrobust import mps
+from ncrobust.cell import Cell
 from ncrobust.columns import ROBUSTNESS_COLUMNS
 from ncrobust.evaluation.checkpoint import evaluate_checkpoint
-from ncrobust.cell import Cell
-from ncrobust.jobs.experiment import AUTOCAST, build_model, cell_loss, evaluation_plan, resolve_device, threat_model
 from ncrobust.io import CorruptFileError, OutdatedFileError, load_torch, read_parquet, save_torch, write_parquet, write_text
+from ncrobust.jobs.experiment import AUTOCAST, build_model, cell_loss, evaluation_plan, resolve_device, threat_model
 from ncrobust.tables import metrics_frame, stack, summary, summary_markdown, tag, training_frame
 from ncrobust.training.train import Recipe, Schedule, initial_checkpoint, train_segment
 
@@ -63,6 +62,17 @@ def load_dataset(path: str | os.PathLike) -> dict:
     except ValueError as err:
         raise CorruptFileError.at(path, f"unreadable or corrupt: {err}") from err
     return data
+
+
+def load_checkpoint_model(config: dict, cell: Cell, data_path: str, checkpoint: str, device: torch.device):
+    """``(model, data, epoch)``: the cell's model with a checkpoint's weights, placed on ``device``
+    (:func:`place`), its prepared data and the checkpoint's epoch. Every stage that reads a trained
+    checkpoint starts here."""
+    data = load_dataset(data_path)
+    ckpt = load_torch(checkpoint, map_location=device)
+    model = place(build_model(config, cell, data), device)[0]
+    model.load_state_dict(ckpt["model"])
+    return model, data, int(ckpt["epoch"])
 
 
 def prepare_data(config: dict, dataset: str, output: str) -> None:
@@ -144,11 +154,7 @@ def evaluate_cell(
     CIFAR checkpoint) after another queue wait.
     """
     device = setup(config, deterministic=_deterministic(config))
-    data = load_dataset(data_path)
-    ckpt = load_torch(checkpoint, map_location=device)
-    model = place(build_model(config, cell, data), device)[0]
-    model.load_state_dict(ckpt["model"])
-    epoch = int(ckpt["epoch"])
+    model, data, epoch = load_checkpoint_model(config, cell, data_path, checkpoint, device)
     plan = evaluation_plan(config, cell, keep_features=features_out is not None)
     result = evaluate_checkpoint(model, data, plan, seed=cell.seed, epoch=epoch, device=device)
     if features_out:
@@ -162,22 +168,19 @@ def robustness_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, o
     from ncrobust.evaluation.robustness import strong_evaluation
 
     device = setup(config)  # no cuDNN autotuning: on an H100 this stage took 15.9 s with it, 10.6 s without
-    data = load_dataset(data_path)
-    ckpt = load_torch(checkpoint, map_location=device)
-    model = build_model(config, cell, data)
-    model.load_state_dict(ckpt["model"])
+    model, data, epoch = load_checkpoint_model(config, cell, data_path, checkpoint, device)
     strong = config["evaluation"]["strong"]
     x, y = datasets.as_float(data, strong["split"])
     if strong["max_samples"] and len(x) > strong["max_samples"]:  # the first samples, as RobustBench does
         x, y = x[: strong["max_samples"]], y[: strong["max_samples"]]
-    model, x, y = place(model, device, x, y)
+    x, y = place(model, device, x, y)[1:]
     threat = threat_model(config, cell)
     rows = strong_evaluation(
         model, x, y, threat=threat, num_classes=len(data["classes"]), attacks=strong["attacks"],
         seed=cell.seed, batch_size=config["evaluation"]["batch_size"], loss=cell_loss(config, cell), loss_name=cell.loss,
     )
     frame = pd.DataFrame(rows).assign(split=strong["split"], norm=threat.norm)
-    write_parquet(tag(frame, cell, int(ckpt["epoch"]))[ROBUSTNESS_COLUMNS], output)
+    write_parquet(tag(frame, cell, epoch)[ROBUSTNESS_COLUMNS], output)
 
 
 def aggregate(

@@ -7,26 +7,23 @@ from __future__ import annotations
 
 from ncrobust import data as datasets
 from ncrobust.cell import Cell
-from ncrobust.jobs.experiment import build_model, cell_loss, threat_model
-from ncrobust.io import load_torch, read_parquet, write_parquet
 from ncrobust.geometry.mixup_geometry import mixup_geometry
-from ncrobust.jobs.pipeline import load_dataset, place, setup
 from ncrobust.geometry.probe import probe_model
+from ncrobust.io import read_parquet, write_parquet
+from ncrobust.jobs.experiment import cell_loss, threat_model
+from ncrobust.jobs.pipeline import load_checkpoint_model, place, setup
 from ncrobust.tables import mixup_points, mixup_summary, probe_curves, stack, tag
 
 
 def _checkpoint_model(config: dict, cell: Cell, data_path: str, checkpoint: str, split: str, max_samples: int | None = None):
     """The cell's model with the checkpoint's weights and the split's tensors, on the job's device."""
     device = setup(config)
-    data = load_dataset(data_path)
-    ckpt = load_torch(checkpoint, map_location=device)
-    model = build_model(config, cell, data)
-    model.load_state_dict(ckpt["model"])
+    model, data, epoch = load_checkpoint_model(config, cell, data_path, checkpoint, device)
     x, y = datasets.as_float(data, split)
     if max_samples and len(x) > max_samples:
         x, y = x[:max_samples], y[:max_samples]
-    model, x, y = place(model, device, x, y)
-    return model.eval(), x, y, len(data["classes"]), int(ckpt["epoch"])
+    x, y = place(model, device, x, y)[1:]
+    return model.eval(), x, y, len(data["classes"]), epoch
 
 
 def mixup_geometry_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, points_out: str, summary_out: str) -> None:

@@ -34,6 +34,25 @@ def eval_mode(model: nn.Module, *, training: bool = False):
             m.training = flag
 
 
+@torch.no_grad()
+def tap_activations(model: nn.Module, x: torch.Tensor, layers: list[str] | tuple[str, ...], batch_size: int = 1000):
+    """``(logits, {layer: activations})`` of ``x`` through ``model`` in batches of ``batch_size``,
+    each tap flattened to ``[N, features]``, in float64 on the CPU (the dense analyses of a
+    checkpoint: the probe, mixup geometry). The model runs in its current mode. The evaluation
+    streams its batches instead (:mod:`ncrobust.evaluation.checkpoint`): it never holds a whole split."""
+    names = list(getattr(model, "tap_names", []))
+    missing = [layer for layer in layers if layer not in names]
+    if missing:
+        raise ValueError(f"{', '.join(map(repr, missing))}: not a tap of this model; taps: {', '.join(names)}")
+    logits, taps = [], {layer: [] for layer in layers}
+    for i in range(0, len(x), batch_size):
+        out, batch_taps = model(x[i : i + batch_size], taps=True)
+        logits.append(out.cpu())
+        for layer in layers:
+            taps[layer].append(batch_taps[layer].flatten(1).to("cpu", torch.float64))
+    return torch.cat(logits), {layer: torch.cat(parts) for layer, parts in taps.items()}
+
+
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel, as a layer so that the model takes [0, 1] inputs."""
 

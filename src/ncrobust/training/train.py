@@ -39,11 +39,11 @@ from torch import nn
 from ncrobust.attacks import PGD, ThreatModel, TradesKL
 from ncrobust.cell import Adversary
 from ncrobust.columns import COLLAPSE_LOG_COLUMNS
-from ncrobust.seeding import generator, stream_seed
 from ncrobust.losses import LossFn
-from ncrobust.training.mixup import check_alpha, draw_mixup, majority_label, mix, mixed_loss
 from ncrobust.models.base import eval_mode
+from ncrobust.seeding import generator, stream_seed
 from ncrobust.training.epoch_collapse import EpochFeatures, ncc_accuracy
+from ncrobust.training.mixup import check_alpha, draw_mixup, majority_label, mix, mixed_loss
 
 TRADES_BN = ("train", "eval")
 CUDA_GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN autotuning, lazy init)
