@@ -189,16 +189,17 @@ class SGD:
 
     def load_state_dict(self, state: dict) -> None:
         buffers = state.get("momentum_buffer") if isinstance(state, dict) else None
-        if not isinstance(buffers, list) or len(buffers) != len(self.params):
+        if not isinstance(buffers, list) or len(buffers) != len(self.params) or "lr" not in state:
             raise ValueError(
                 f"optimizer state does not fit the model: {len(buffers) if isinstance(buffers, list) else 'no'} momentum "
-                f"buffers for {len(self.params)} parameters (a checkpoint of another model, or of an older ncrobust?)"
+                f"buffers for {len(self.params)} parameters{'' if isinstance(state, dict) and 'lr' in state else ', no lr'} "
+                "(a checkpoint of another model or another ncrobust version: delete it and rerun to rebuild it)"
             )
         for i, (p, buf) in enumerate(zip(self.params, buffers)):
             if buf is not None and buf.shape != p.shape:
                 raise ValueError(f"momentum buffer {i} has shape {tuple(buf.shape)}, parameter {tuple(p.shape)}")
             self.momentum_buffer[i] = None if buf is None else buf.to(device=p.device, dtype=p.dtype).clone()
-        self.lr = float(state.get("lr", self.lr))
+        self.lr = float(state["lr"])
 
 
 def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> SGD:
