@@ -483,8 +483,8 @@ def test_ncc_predict_leap_and_layerstats_agree_at_near_ties():
 
 
 def test_own_mean_ncc_of_layerstats_is_ncc_predict_with_the_own_means():
-    """Pass 2 decides the NCC with the own means through the projected residuals: on features
-    without near-ties the same decisions as ncc_predict with the class means."""
+    """Pass 2 decides the NCC with the own means by the one NCC decision: the same decisions as
+    ncc_predict with the class means."""
     for C, d in [(2, 5), (10, 4), (10, 40)]:
         H, y, W, b = random_problem(C, d, balanced=False, seed=C * d)
         M, _ = class_means(H, y, C)

@@ -12,9 +12,8 @@ Each quantity has one computation here, used by :class:`LayerStats`, by the dens
 - the joint counts ``(label y, nearest mean k)`` (:func:`add_confusion_`), whose rows normalised
   are the leap matrix (:func:`ncrobust.collapse.measure.leap_matrix`).
 
-Pass 2 of :class:`LayerStats` evaluates the NCC decision with a set's *own* means a second way,
-through the projected residuals ``z_i`` that NC1 needs anyway (``r <= C-1`` columns instead of
-``d``): the same rule, equal up to float64 rounding at near-ties (see ``finish_means``).
+Pass 2 of :class:`LayerStats` takes the NCC decision with a set's own means and with its
+reference's means through the same :func:`nearest_mean`.
 
 Everything is accumulated in float64 whatever the input dtype (fp16 features included), a block
 of rows at a time (:mod:`ncrobust.collapse.blocks`), with no host synchronisation per batch.
@@ -179,8 +178,6 @@ class LayerStats:
         self._geometry: _Geometry | None = None
         # the NCC tables of the own means (finish_means)
         self._half_sq_norm: torch.Tensor | None = None  # ||mu_c||^2 / 2: [C]
-        self._own_A: torch.Tensor | None = None  # coordinates of the centred means in U: [r, C]
-        self._own_T: torch.Tensor | None = None  # M M~^T - ||mu_c||^2 / 2: [C, C]
         self._ref: tuple[torch.Tensor, torch.Tensor] | None = None  # reference (M, ||mu_c||^2/2) on our device
         # pass-2 sums (device tensors, read once in compute)
         self._seen: torch.Tensor | None = None  # samples per class: [C]
@@ -236,15 +233,7 @@ class LayerStats:
             raise ValueError("features contain non-finite values (NaN or inf) or overflow float64 when summed per class")
         M = class_means_from(self._sums, self._counts)  # [C, d]
         g = self._geometry = _Geometry(M, self._counts)
-        # NCC with the own means through z_i: for mu~_c in span(U) (true up to rounding),
-        #   h_i . mu~_c = (h_i - mu_{y_i}) . mu~_c + mu_{y_i} . mu~_c = z_i . A[:, c] + (M M~^T)[y_i, c]
-        # and argmin_c ||h - mu_c||^2 = argmax_c ( h . mu~_c - ||mu_c||^2 / 2 )   (h . mu_G is common),
-        # so the scores are z_i A + T[y_i] with T = M M~^T - ||mu_c||^2 / 2 (an r-column product).
-        # It is nearest_mean's rule on the z_i that NC1 needs anyway; at a near-tie the two
-        # evaluations may round to different sides.
-        self._own_A = g.U.T @ g.Mc.T  # [r, C]
-        self._own_T = M @ g.Mc.T - half_sq_norms(M)  # [C, C]
-        self._half_sq_norm = half_sq_norms(M)  # [C], for the sets that take this one as reference
+        self._half_sq_norm = half_sq_norms(M)  # [C]: the NCC with these means (own, and of the sets that take them as reference)
         C, dev = self.num_classes, M.device
         self._seen = torch.zeros(C, dtype=torch.int64, device=dev)
         self._sq = torch.zeros(C, dtype=_F64, device=dev)
@@ -306,7 +295,7 @@ class LayerStats:
             _add_per_class_(self._sq, yb, torch.linalg.vecdot(D, D))  # ||h_i - mu_{y_i}||^2, no cancellation
             Z = D @ g.U  # z_i = U^T (h_i - mu_{y_i}): [n, r]
             self._zz += Z.square().sum(dim=0)
-            own = torch.addmm(self._own_T.index_select(0, yb), Z, self._own_A).argmax(dim=1)  # NCC, own means: [n]
+            own = nearest_mean(Hb, g.M, self._half_sq_norm)  # NCC, own means: [n]
             self._own_correct += (own == yb).sum()
             if self._ref is not None:
                 nearest = nearest_mean(Hb, *self._ref)  # NCC, reference means: [n]
