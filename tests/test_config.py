@@ -338,7 +338,7 @@ def test_the_training_recipes_defaults_are_the_schemas():
     schedule = {key: _default(f"training.schedule.{key}") for key in ("kind", "milestones", "factors")}
     assert defaults == {
         **{key: _default(f"training.{key}") for key in ("batch_size", "trades_beta", "log_test_accuracy", "trades_bn",
-                                                        "pgd_clean_bn_pass", "track_collapse", "cuda_graph")},
+                                                        "pgd_clean_bn_pass", "track_collapse", "cuda_graph", "epoch_measure")},
         **{key: _default(f"training.optimizer.{key}") for key in ("lr", "momentum", "weight_decay")},
         "autocast_dtype": AUTOCAST[_default("precision")],
         "mixup_alpha": _default("training.mixup.alpha"),

@@ -295,8 +295,8 @@ def test_kept_activations_spare_the_second_forward_pass_and_change_nothing(small
     forwards = collections.Counter()
     model_forward = evaluation._model_forward
 
-    def counted(model, x, layers):
-        forward = model_forward(model, x, layers)
+    def counted(model, x, layers, index=None):
+        forward = model_forward(model, x, layers, index)
 
         def run(sl):
             forwards[len(x)] += 1

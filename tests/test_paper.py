@@ -38,6 +38,7 @@ def test_paper_config_is_the_papers_recipe(tmp_path):
     assert config["grid"]["adversary"] == ["st", "pgd-linf", "trades-linf"] and config["grid"]["seed"] == [1, 2, 3]
     t = config["training"]
     assert (t["epochs"], t["batch_size"], t["optimizer"]["lr"], t["trades_beta"]) == (400, 128, 0.1, 6.0)
+    assert t["epoch_measure"] is True  # Su et al.'s per-epoch curves of the training-time examples
     linf = config["datasets"]["cifar10"]["threat"]["linf"]
     assert linf == {"eps": pytest.approx(8 / 255), "step_size": pytest.approx(2 / 255), "steps": 10}
     l2 = config["datasets"]["cifar10"]["threat"]["l2"]
@@ -74,6 +75,9 @@ def test_one_paper_cell_runs_on_fake_cifar(tmp_path):
     assert set(m["epoch"]) == {0, 2}
     assert set(m["layer"]) >= {"penultimate", "stage1_block1", "stage4_block2"}
     assert m["value"].notna().all()
+    measured = pd.concat([pd.read_parquet(tmp_path / cell / f"epoch_metrics/epoch{e}.parquet") for e in (1, 2)])
+    assert set(measured["epoch"]) == {1, 2} and set(measured["perturbation"]) == {"clean", "pgd"}
+    assert measured.loc[measured["metric"] == "nc1", "value"].notna().all()
     ckpt_dir = tmp_path / cell / "checkpoints"
     assert sorted(p.name for p in ckpt_dir.glob("*.pt")) == ["epoch0.pt", "epoch1.pt", "epoch2.pt"]
     r = pd.read_parquet(tmp_path / targets[2])

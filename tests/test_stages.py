@@ -98,6 +98,9 @@ EDITS = {
     "loss defaults spelled out": (_set("losses", {"focal": {"gamma": 2.0}, "label_smoothing": {"smoothing": 0.1}}), set()),
     "extra norm for st": (_set("evaluation.norms", ["linf", "l2"]), {("evaluate", "st")}),
     "training-time collapse": (_set("training.track_collapse", True), _all(["train", "evaluate", "robustness", *RELATED])),
+    # adds the train jobs' epoch_metrics files, never changes a checkpoint: the train slice only, and only when on
+    "per-epoch measurement": (_set("training.epoch_measure", True), _all(["train"])),
+    "per-epoch measurement off spelled out": (_set("training.epoch_measure", False), set()),
     "authors' TRADES BN": (_set("training.trades_bn", "eval"), _all(["train", "evaluate", "robustness", *RELATED], ["trades-linf"])),
     "authors' clean BN pass": (_set("training.pgd_clean_bn_pass", True), _all(["train", "evaluate", "robustness", *RELATED], ["pgd-linf"])),
     "mixup training": (_set("training.mixup", {"alpha": 0.4}), _all(["train", "evaluate", "robustness", *RELATED])),

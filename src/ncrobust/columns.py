@@ -23,8 +23,8 @@ COLLAPSE_LOG_COLUMNS = (
     "nc1_clean", "nc1_trace_ratio_clean", "ncc_accuracy_clean",
     "nc1_adv", "nc1_trace_ratio_adv", "ncc_accuracy_adv", "ncc_accuracy_clean_means_adv",
 )
-"""The training log's per-epoch Neural Collapse of the epoch's own features (``track_collapse``;
-NaN without it)."""
+"""The training log's per-epoch in-step Neural Collapse: the features the training steps computed
+(train-mode BatchNorm, the model changing within the epoch; ``track_collapse``; NaN without it)."""
 
 METRIC_COLUMNS = [*CELL_COLUMNS, "epoch", *RESULT_COLUMNS]
 """The metrics table: one checkpoint's results tagged with its cell and epoch."""
@@ -39,3 +39,7 @@ TRAINING_COLUMNS = [*CELL_COLUMNS, "epoch", "lr", "loss_value", "train_accuracy"
 FIGURES = ["nc_vs_epoch", "accuracy", "alignment", "leap", "layerwise", "simplex", "ncc_robustness", "imbalance"]
 """The study's figures (rule ``figures``): each is ``figures/<name>.png`` with its caption
 ``workflow/report/<name>.rst``."""
+
+EPOCH_FIGURES = ["epoch_collapse"]
+"""The figures of the per-epoch measurement of training (rule ``epoch_figures``), drawn only with
+``training.epoch_measure``; named and captioned like :data:`FIGURES`."""

@@ -207,7 +207,7 @@ def _check_variants(config: dict, schema_path, base_dir: Path) -> None:
             continue
         fixed = sorted(set(defined[name].get("training", {})) & set(VARIANT_FIXED_TRAINING))
         if fixed:
-            raise ConfigError(f"variants.{name}.training.{fixed[0]}: the checkpoint epochs are the grid's; set them in training, not in a variant")
+            raise ConfigError(f"variants.{name}.training.{fixed[0]}: {VARIANT_FIXED_TRAINING[fixed[0]]}; set it in training, not in a variant")
         applied = merge(config, *(variant_overrides(config, name, ds, m) for ds in config["grid"]["dataset"] for m in config["grid"]["model"]))
         applied["grid"] = {**applied["grid"], "variant": [BASE_VARIANT]}
         applied["variants"] = {}
@@ -226,6 +226,8 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
         raise ConfigError(f"training.checkpoints = {checkpoints}: must be increasing")
     if checkpoints[-1] != epochs or checkpoints[0] < 1:
         raise ConfigError(f"training.checkpoints = {checkpoints}: must lie in 1..{epochs} and end at training.epochs = {epochs}")
+    if training["epoch_measure"] and training.get("mixup", {}).get("alpha"):
+        raise ConfigError("training.epoch_measure with training.mixup: a mixed input has no one label to group it by; switch one of them off")
     schedule = training["schedule"]
     if len(schedule["milestones"]) != len(schedule["factors"]):
         raise ConfigError(

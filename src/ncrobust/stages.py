@@ -43,6 +43,12 @@ them to every job."""
 TRAINING_USED_BY = {"trades_beta": "trades", "trades_bn": "trades", "pgd_clean_bn_pass": "pgd"}
 """``training`` keys that only one adversary kind reads: in the slices of that kind's cells only."""
 
+TRAINING_OUTPUT_ONLY = frozenset({"epoch_measure"})
+"""``training`` switches that add files to the train job and never change its checkpoint (the
+per-epoch measurement runs in eval mode and draws no random number: tested bit-identical): in the
+train slice only, and there only when on, so that the key's default reruns nothing, also in
+results made before the key existed; :func:`job_config` hands its value to every training job."""
+
 EVALUATION_IGNORED = {
     # which checkpoints are evaluated (one file per epoch), and whether the features file is also
     # written (an output of its own): neither changes a metric; `strong` is the robustness stage's
@@ -61,9 +67,14 @@ VARIANT_PARTS = ("dataset", "model", "training")
 """What a variant may override: the cell's dataset loader options, its model's options, and
 ``training`` (but :data:`VARIANT_FIXED_TRAINING`)."""
 
-VARIANT_FIXED_TRAINING = ("epochs", "checkpoints")
-"""``training`` keys a variant may not change: the checkpoint epochs are the grid's, shared by
-every cell (file names, the evaluated epochs, the tables' epoch axis)."""
+VARIANT_FIXED_TRAINING = {
+    "epochs": "the checkpoint epochs are the grid's",
+    "checkpoints": "the checkpoint epochs are the grid's",
+    "epoch_measure": "the per-epoch measurement is the grid's (it decides which files every train job writes)",
+}
+"""``training`` keys a variant may not change, and why: the checkpoint epochs are the grid's,
+shared by every cell (file names, the evaluated epochs, the tables' epoch axis), and so is the
+switch that adds the per-epoch measurement's files to every train job."""
 
 
 def variant_overrides(config: dict, variant: str, dataset: str, model: str) -> dict:
@@ -134,11 +145,13 @@ def _model_and_loss(config: dict, cell: Cell) -> dict:
     }
 
 
-def _training(config: dict, cell: Cell) -> dict:
+def _training(config: dict, cell: Cell, *, train_job: bool = False) -> dict:
+    """The train slice (``train_job``) or the recipe part of a later stage's slice."""
     kind = cell.parsed_adversary.kind
     training = {
         k: v for k, v in config["training"].items()
         if k not in TRAINING_IGNORED and k not in TRAINING_EXECUTION and TRAINING_USED_BY.get(k, kind) == kind
+        and (k not in TRAINING_OUTPUT_ONLY or (train_job and v))
     }
     sliced = {**_model_and_loss(config, cell), "training": training, "precision": config["precision"]}
     if kind != "st":  # standard training never attacks
@@ -166,9 +179,9 @@ def stage_slice(
     - ``prepare_data``: the dataset's loader options.
     - ``init_model``: the model's options (the seed and the dataset's shapes come with the
       output path and the data file).
-    - ``train``: model and loss options, ``training`` (but the checkpoint epochs, and the keys of
-      other adversaries: :data:`TRAINING_USED_BY`), ``precision``, and the cell's threat model
-      unless the cell is ``st``.
+    - ``train``: model and loss options, ``training`` (but the checkpoint epochs, the keys of
+      other adversaries: :data:`TRAINING_USED_BY`, and the :data:`TRAINING_OUTPUT_ONLY` switches
+      while off), ``precision``, and the cell's threat model unless the cell is ``st``.
     - ``evaluate``: that, the cell's threat model, and ``evaluation`` but the keys in
       :data:`EVALUATION_IGNORED`; ``robustness`` likewise, with its own ignored keys.
     - ``mixup_geometry``, ``probe``: the train slice, the cell's threat model and their own
@@ -191,7 +204,7 @@ def stage_slice(
     if stage == "init_model":
         return canonical({"models": {cell.model: config.get("models", {}).get(cell.model, {})}})
     if stage == "train":
-        return canonical(_training(config, cell))
+        return canonical(_training(config, cell, train_job=True))
     if stage in RELATED_SECTIONS:  # the checkpoint's recipe, the threat model and the stage's own section
         section = RELATED_SECTIONS[stage]
         own = {section[0]: {section[1]: config[section[0]][section[1]]}} if len(section) == 2 else {section[0]: config[section[0]]}
@@ -214,7 +227,7 @@ def job_config(stage: str, sliced: dict, config: dict, *, cell: Cell | None = No
       learning rate is set from the recipe at every training step);
     - ``init_model`` and ``train``: the recipe resolves the cell's threat model, which standard
       training never uses, and reads every key of :data:`TRAINING_USED_BY`, which other
-      adversaries never use.
+      adversaries never use, and every key of :data:`TRAINING_OUTPUT_ONLY` (off: no extra file).
 
     A stage that reads a key outside these fails with a ``KeyError`` instead of silently not
     rerunning when that key changes.
@@ -226,7 +239,8 @@ def job_config(stage: str, sliced: dict, config: dict, *, cell: Cell | None = No
         parts.append(_training(config, cell))
     if stage in ("init_model", "train"):
         parts.append(cell_threat(config, cell))
-        parts.append({"training": {k: config["training"][k] for k in TRAINING_USED_BY if k in config["training"]}})
+        parts.append({"training": {k: config["training"][k] for k in (*TRAINING_USED_BY, *TRAINING_OUTPUT_ONLY)
+                                   if k in config["training"]}})
     parts.append({key: config[key] for key in EXECUTION_KEYS if key in config})
     parts.append({"training": {k: config["training"][k] for k in TRAINING_EXECUTION if k in config["training"]}})
     return merge(*parts)

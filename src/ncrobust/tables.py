@@ -219,6 +219,18 @@ def alignment_curves(metrics: pd.DataFrame) -> pd.DataFrame:
     return with_setting(m[m["metric"] == "alignment_angle"], varying_settings(metrics))
 
 
+EPOCH_COLLAPSE_METRICS = [*NC_FIGURE_METRICS, "alignment_angle"]
+
+
+def epoch_collapse_curves(epoch_metrics: pd.DataFrame) -> pd.DataFrame:
+    """NC1-NC4 and the alignment angle of the training-time examples against epoch (the
+    per-epoch measurement, ``training.epoch_measure``), clean and perturbed."""
+    if epoch_metrics.empty:
+        return epoch_metrics
+    m = _penultimate(epoch_metrics)
+    return with_setting(m[m["metric"].isin(EPOCH_COLLAPSE_METRICS)], varying_settings(epoch_metrics))
+
+
 def leap_matrices(metrics: pd.DataFrame, split: str = "train", perturbations=("pgd", "pgd-targeted")) -> pd.DataFrame:
     """The leap matrix ``L[row, col]`` at each cell's final epoch, mean over seeds: one row per
     (setting, adversary, perturbation, row, col), with the epochs it averages."""

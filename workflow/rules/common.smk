@@ -6,7 +6,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from ncrobust.config import ConfigError, typed_overrides, validate_config
 from ncrobust.cell import Cell
-from ncrobust.columns import FIGURES
+from ncrobust.columns import EPOCH_FIGURES, FIGURES
 from ncrobust.stages import data_variant, merge, stage_slice
 
 # Snakemake leaves the scalars of a nested --config value as strings (training='{"epochs": 3}'
@@ -30,6 +30,8 @@ EVAL_EPOCHS = config["evaluation"].get("epochs") or CHECKPOINT_EPOCHS
 MIXUP_GEOMETRY = config["evaluation"]["mixup_geometry"]["enabled"]  # opt-in stages of related.smk
 PROBE = config["probe"]["enabled"]
 RELATED_FIGURES = [name for name, on in (("mixup", MIXUP_GEOMETRY), ("probe", PROBE)) if on]
+EPOCH_MEASURE = config["training"]["epoch_measure"]  # the per-epoch measurement of training: extra train outputs
+MEASURED_FIGURES = EPOCH_FIGURES if EPOCH_MEASURE else []  # drawn by rule epoch_figures (report.smk)
 
 
 wildcard_constraints:
@@ -84,6 +86,13 @@ def training_logs():
     return [f"{RUN}/train_log/epoch{e}.parquet".format(**c) for c in cells() for e in CHECKPOINT_EPOCHS[1:]]
 
 
+def epoch_metrics_files():
+    """The per-epoch measurement of every training segment (training.epoch_measure; none when off)."""
+    if not EPOCH_MEASURE:
+        return []
+    return [f"{RUN}/epoch_metrics/epoch{e}.parquet".format(**c) for c in cells() for e in CHECKPOINT_EPOCHS[1:]]
+
+
 def projection_files():
     """The simplex projection of every cell at its last evaluated epoch (input of the figures)."""
     return [f"{RUN}/projection/epoch{max(EVAL_EPOCHS)}.parquet".format(**c) for c in cells()]
@@ -111,8 +120,10 @@ def final_outputs():
         f"{RUN}/{kind}/epoch{e}.{'pt' if kind == 'features' else 'parquet'}".format(**c)
         for c in cells() for e in EVAL_EPOCHS for kind in evaluated
     ]
-    per_cell = checkpoint_files() + training_logs() + per_epoch + robustness_files()
-    return tables + per_cell + [f"{RESULTS}/figures/{name}.png" for name in FIGURES]
+    per_cell = checkpoint_files() + training_logs() + per_epoch + robustness_files() + epoch_metrics_files()
+    if EPOCH_MEASURE:
+        tables.append(f"{RESULTS}/tables/epoch_metrics.parquet")
+    return tables + per_cell + [f"{RESULTS}/figures/{name}.png" for name in FIGURES + MEASURED_FIGURES]
 
 
 def job_resources(kind):

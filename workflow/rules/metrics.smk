@@ -8,6 +8,7 @@ rule aggregate:
         metrics=metrics_files(),
         training=training_logs(),
         robustness=robustness_files(),
+        epoch_metrics=epoch_metrics_files(),
     output:
         metrics=update(f"{RESULTS}/tables/metrics.parquet"),
         training=update(f"{RESULTS}/tables/training.parquet"),
@@ -19,6 +20,7 @@ rule aggregate:
         summary_csv=report(
             update(f"{RESULTS}/tables/summary.csv"), caption="../report/summary.rst", category="Tables", labels={"table": "summary (CSV)"}
         ),
+        **({"epoch_metrics": update(f"{RESULTS}/tables/epoch_metrics.parquet")} if EPOCH_MEASURE else {}),
     log:
         f"{RESULTS}/logs/aggregate.log",
     resources:

@@ -31,18 +31,39 @@ rule figures:
         "../scripts/figures.py"
 
 
+if EPOCH_MEASURE:  # a rule without outputs cannot exist
+
+    rule epoch_figures:
+        """The per-epoch measurement of the training-time examples (training.epoch_measure) as curves."""
+        input:
+            f"{RESULTS}/tables/epoch_metrics.parquet",
+        output:
+            **{
+                name: report(
+                    f"{RESULTS}/figures/{name}.png", caption=f"../report/{name}.rst", category="Figures", labels={"figure": name}
+                )
+                for name in EPOCH_FIGURES
+            },
+        log:
+            f"{RESULTS}/logs/epoch_figures.log",
+        resources:
+            **job_resources("cpu"),
+        script:
+            "../scripts/epoch_figures.py"
+
+
 rule report_page:
     """The report's front page: the summary table and every figure with its caption (workflow/report/workflow.rst)."""
     input:
         summary=f"{RESULTS}/tables/summary.md",
-        figures=[f"{RESULTS}/figures/{name}.png" for name in FIGURES + RELATED_FIGURES],
-        captions=[str(Path(workflow.basedir) / "workflow" / "report" / f"{name}.rst") for name in FIGURES + RELATED_FIGURES],
+        figures=[f"{RESULTS}/figures/{name}.png" for name in FIGURES + MEASURED_FIGURES + RELATED_FIGURES],
+        captions=[str(Path(workflow.basedir) / "workflow" / "report" / f"{name}.rst") for name in FIGURES + MEASURED_FIGURES + RELATED_FIGURES],
     output:
         f"{RESULTS}/report/front_page.html",
     log:
         f"{RESULTS}/logs/report_page.log",
     params:
-        names=FIGURES + RELATED_FIGURES,
+        names=FIGURES + MEASURED_FIGURES + RELATED_FIGURES,
     resources:
         **job_resources("cpu"),
     script:

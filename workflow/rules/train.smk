@@ -25,6 +25,8 @@ rule train:
     output:
         checkpoint=update(f"{RUN}/checkpoints/epoch{{epoch}}.pt"),
         log_table=update(f"{RUN}/train_log/epoch{{epoch}}.parquet"),
+        # training.epoch_measure: the segment's per-epoch measurement of the training-time examples
+        **({"epoch_metrics": update(f"{RUN}/epoch_metrics/epoch{{epoch}}.parquet")} if EPOCH_MEASURE else {}),
     log:
         f"{RUN}/logs/train_epoch{{epoch}}.log",
     wildcard_constraints:

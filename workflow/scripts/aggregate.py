@@ -6,4 +6,5 @@ with job_log(snakemake.log[0]):
     aggregate(
         snakemake.input.metrics, snakemake.input.training, snakemake.input.robustness,
         out.metrics, out.training, out.robustness, out.summary, out.summary_md, out.summary_csv,
+        list(snakemake.input.epoch_metrics), out.get("epoch_metrics"),
     )

@@ -13,4 +13,5 @@ with job_log(snakemake.log[0]):
         int(snakemake.wildcards.epoch),
         snakemake.output.checkpoint,
         snakemake.output.log_table,
+        snakemake.output.get("epoch_metrics"),
     )

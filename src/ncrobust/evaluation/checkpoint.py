@@ -37,6 +37,7 @@ from ncrobust.collapse import LayerStats, minority_classes
 from ncrobust.columns import PENULTIMATE, RESULT_COLUMNS
 from ncrobust.data import as_float, device_layout
 from ncrobust.geometry.projection import SimplexPlane
+from ncrobust.models.base import eval_mode
 from ncrobust.seeding import generator
 
 FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -248,12 +249,60 @@ def _set_metrics(
         rows.add(keys, name, index, values)
 
 
-def _model_forward(model: torch.nn.Module, x: torch.Tensor, layers: list[str]) -> Forward:
+def _model_forward(model: torch.nn.Module, x: torch.Tensor, layers: list[str], index: torch.Tensor | None = None) -> Forward:
+    """The forward pass of batch ``sl`` of ``x`` (of ``x[index]`` when ``index`` is given, gathered
+    a batch at a time)."""
     def forward(sl: slice):
-        logits, taps = model(x[sl], taps=True)
+        logits, taps = model(x[sl] if index is None else x[index[sl]], taps=True)
         return logits.float(), {name: taps[name].float() for name in layers}
 
     return forward
+
+
+def _measure_set(
+    rows: _Rows, model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor,
+    targets: torch.Tensor | None, keys: tuple, reference: dict[str, LayerStats] | None, layers: list[str], *,
+    num_classes: int, batch_size: int, weight: torch.Tensor, class_counts: torch.Tensor, depth: list[str] | None = None,
+    index: torch.Tensor | None = None, collect: Callable | None = None,
+) -> dict[str, LayerStats]:
+    """One input set through ``model`` into ``rows``: both passes of every layer (:func:`_measure`)
+    and its metrics (:func:`_set_metrics`); returns the layers' statistics (the reference of the
+    split's perturbed sets when this is its clean set). ``index``: measure ``x[index]``. The one
+    path from input tensors to metric rows: the evaluation and the per-epoch measurement of
+    training (:func:`input_metrics`) both take it."""
+    stats, predictions = _measure(
+        _model_forward(model, x, layers, index), len(groups), groups, layers, num_classes, batch_size, reference, collect,
+        cache_bytes=activation_cache_bytes(x.device),
+    )
+    _set_metrics(rows, keys, layers, stats, predictions, labels, targets, weight, depth, class_counts=class_counts)
+    return stats
+
+
+@torch.no_grad()
+def input_metrics(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, perturbed: tuple[str, torch.Tensor, torch.Tensor] | None = None,
+    *, split: str, norm: str, class_counts: torch.Tensor, num_classes: int | None = None, index: torch.Tensor | None = None,
+    batch_size: int = 1000, layers: list[str] | tuple[str, ...] = (PENULTIMATE,),
+) -> pd.DataFrame:
+    """The evaluation's rows (:data:`RESULT_COLUMNS`) of given inputs: the clean set ``x`` with
+    labels ``y`` (``x[index]`` when ``index`` is given; ``y`` then belongs to those rows), and
+    optionally one perturbed set ``(name, x_p, y_p)`` measured against the clean set's class means,
+    as :func:`evaluate_checkpoint` measures an attack. The model runs in eval mode and fp32 (its
+    modes are restored) and draws no random number; ``layers`` default to the penultimate one,
+    ``layer_index`` counts in ``model.tap_names``. The per-epoch measurement of training-time
+    examples (``training.epoch_measure``) is this call."""
+    layers = list(layers)
+    depth = list(model.tap_names)
+    num_classes = int(model.classifier.out_features) if num_classes is None else num_classes
+    weight = model.classifier.weight.detach().double()
+    rows = _Rows()
+    common = dict(num_classes=num_classes, batch_size=batch_size, weight=weight, class_counts=class_counts, depth=depth)
+    with eval_mode(model):
+        clean = _measure_set(rows, model, x, y, y, None, (split, norm, "clean"), None, layers, index=index, **common)
+        if perturbed is not None:
+            name, x_p, y_p = perturbed
+            _measure_set(rows, model, x_p, y_p, y_p, None, (split, norm, name), clean, layers, **common)
+    return rows.frame()
 
 
 def _projection_indices(n: int, points: int, seed: int) -> np.ndarray:
@@ -287,11 +336,8 @@ def evaluate_checkpoint(
 
     def measure(x, labels, groups, targets, keys, reference, plane, index):
         keep = _Keep(index, len(x), plan.batch_size, x.device, plan.keep_features)
-        stats, predictions = _measure(
-            _model_forward(model, x, layers), len(x), groups, layers, num_classes, plan.batch_size, reference, keep,
-            cache_bytes=activation_cache_bytes(x.device),
-        )
-        _set_metrics(rows, keys, layers, stats, predictions, labels, targets, weight, class_counts=class_counts)
+        stats = _measure_set(rows, model, x, labels, groups, targets, keys, reference, layers, num_classes=num_classes,
+                             batch_size=plan.batch_size, weight=weight, class_counts=class_counts, collect=keep)
         plane = plane or SimplexPlane.of(stats[PENULTIMATE])
         if len(index):
             at = torch.as_tensor(index, device=labels.device)

@@ -681,6 +681,36 @@ def imbalance(f: pd.DataFrame, path: str | Path, split: str = "train"):
     return _save(fig, path)
 
 
+@_themed
+def epoch_collapse(m: pd.DataFrame, path: str | Path):
+    """Su et al.'s per-epoch curves (``tables.epoch_collapse_curves``): NC1-NC4 and the alignment
+    angle of each epoch's clean inputs and of the perturbed inputs the training steps made, measured
+    with the end-of-epoch model in eval mode; one column per adversary, one row per metric."""
+    if m.empty:
+        return _placeholder(path, "Neural Collapse of the training-time examples", "no per-epoch measurement (training.epoch_measure: false?)")
+    labels = {**NC_METRICS, "alignment_angle": ("alignment angle\n(degrees, centred)", False)}
+    rows = [(k, *labels[k]) for k in labels if k in set(m["metric"])]
+    cols = _present(m["adversary"], ADVERSARIES)
+    styles = _perturbation_styles(m)
+    fig, axes = _grid(len(rows), len(cols))
+    _metric_panels(axes, m, rows, cols, x="epoch", styles=styles)
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for i, (metric, label, _) in enumerate(rows):  # a row whose first panels are empty (st has no angle)
+        live = [ax for ax in axes[i] if ax.axison]
+        if live and live[0] is not axes[i, 0]:
+            live[0].set_ylabel(label, visible=True)  # sharey hid the labels of inner columns
+            live[0].yaxis.set_tick_params(labelleft=True)
+        if metric == "alignment_angle" and live:
+            live[0].set_ylim(bottom=0)
+    _bottom_labels(axes, "epoch")
+    _col_titles(axes, cols, "trained with ")
+    _legend(fig, "training-time inputs", styles)
+    _title(fig, "Neural Collapse of the training-time examples, every epoch (end-of-epoch model, eval mode)\n"
+                "clean vs the perturbed inputs the training steps made; lower = more collapse", m)
+    return _save(fig, path)
+
+
 # ---------------------------------------------------------------------------------------------
 # registry
 

@@ -13,11 +13,11 @@ from tqdm import tqdm
 from ncrobust import data as datasets
 from ncrobust import mps
 from ncrobust.cell import Cell
-from ncrobust.columns import ROBUSTNESS_COLUMNS
+from ncrobust.columns import EPOCH_FIGURES, ROBUSTNESS_COLUMNS
 from ncrobust.evaluation.checkpoint import evaluate_checkpoint
 from ncrobust.io import CorruptFileError, OutdatedFileError, load_torch, read_parquet, save_torch, write_parquet, write_text
 from ncrobust.jobs.experiment import AUTOCAST, build_model, cell_loss, evaluation_plan, resolve_device, threat_model
-from ncrobust.tables import metrics_frame, stack, summary, summary_markdown, tag, training_frame
+from ncrobust.tables import epoch_collapse_curves, metrics_frame, stack, summary, summary_markdown, tag, training_frame
 from ncrobust.training.train import Recipe, Schedule, initial_checkpoint, train_segment
 
 log = logging.getLogger("ncrobust")
@@ -105,6 +105,7 @@ def recipe(config: dict, cell: Cell) -> Recipe:
         track_collapse=t["track_collapse"],
         cuda_graph=t["cuda_graph"],
         mixup_alpha=t["mixup"]["alpha"] if "mixup" in t else 0.0,  # no mixup section: no mixup
+        epoch_measure=t["epoch_measure"],
     )
 
 
@@ -120,10 +121,18 @@ def init_cell(config: dict, cell: Cell, data_path: str, output: str) -> None:
     save_torch({**initial_checkpoint(model, recipe(config, cell)), "cell": cell.as_dict()}, output)
 
 
-def train_cell(config: dict, cell: Cell, data_path: str, previous: str, epoch: int, checkpoint_out: str, log_out: str) -> None:
+def train_cell(
+    config: dict, cell: Cell, data_path: str, previous: str, epoch: int, checkpoint_out: str, log_out: str,
+    epoch_metrics_out: str | None = None,
+) -> None:
     """Train from the previous checkpoint to ``epoch``; write the checkpoint and the epoch log
-    (with the streaming NC columns of :data:`ncrobust.columns.COLLAPSE_LOG_COLUMNS`). With ``mps``,
-    first joins the MPS daemon of the SLURM allocation (before CUDA starts: it reads the variables once)."""
+    (with the in-step NC columns of :data:`ncrobust.columns.COLLAPSE_LOG_COLUMNS`) and, with
+    ``training.epoch_measure``, the segment's per-epoch measurement to ``epoch_metrics_out``
+    (:data:`ncrobust.columns.METRIC_COLUMNS`, one ``epoch`` per trained epoch). With ``mps``, first
+    joins the MPS daemon of the SLURM allocation (before CUDA starts: it reads the variables once)."""
+    measure = config["training"]["epoch_measure"]
+    if measure != (epoch_metrics_out is not None):
+        raise ValueError(f"training.epoch_measure = {measure} needs {'an' if measure else 'no'} epoch_metrics output")
     if config["mps"] and config["device"] != "cpu":
         mps.join_allocation_daemon()
     device = setup(config, deterministic=_deterministic(config))
@@ -133,11 +142,15 @@ def train_cell(config: dict, cell: Cell, data_path: str, previous: str, epoch: i
         build_model(config, cell, data), device, *datasets.as_float(data, "train"), *datasets.as_float(data, "test")
     )
     start = int(ckpt["epoch"])
+    measured: list[tuple[int, pd.DataFrame]] = []
     with tqdm(total=epoch - start, desc=f"train {cell.adversary} seed{cell.seed} {start}->{epoch}", mininterval=5, ascii=True) as bar:
         new, rows = train_segment(
             model, ckpt, x_train, y_train, recipe=recipe(config, cell), end_epoch=epoch, seed=cell.seed,
             x_test=x_test, y_test=y_test, num_classes=len(data["classes"]), progress=bar,
+            epoch_metrics=measured if measure else None, class_counts=data["class_counts"],
         )
+    if measure:
+        write_parquet(stack([metrics_frame(frame, cell, e) for e, frame in measured]), epoch_metrics_out)
     write_parquet(training_frame(rows, cell), log_out)
     save_torch({**new, "cell": cell.as_dict()}, checkpoint_out)
 
@@ -186,8 +199,12 @@ def robustness_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, o
 def aggregate(
     metrics: list[str], training: list[str], robustness: list[str], out_metrics: str, out_training: str,
     out_robustness: str, out_summary: str, out_summary_md: str, out_summary_csv: str,
+    epoch_metrics: list[str] = (), out_epoch_metrics: str | None = None,
 ) -> None:
-    """All cells into one table each, plus the final-epoch summary (Parquet, Markdown, CSV)."""
+    """All cells into one table each, plus the final-epoch summary (Parquet, Markdown, CSV); with
+    ``out_epoch_metrics`` also the per-epoch measurement of training (``training.epoch_measure``)."""
+    if out_epoch_metrics is not None:
+        write_parquet(stack([read_parquet(p) for p in epoch_metrics]), out_epoch_metrics)
     m = stack([read_parquet(p) for p in metrics])
     write_parquet(m, out_metrics)
     write_parquet(stack([read_parquet(p) for p in training]), out_training)
@@ -197,6 +214,17 @@ def aggregate(
     write_parquet(s, out_summary)
     write_text(s.to_csv(index=False), out_summary_csv)
     write_text(summary_markdown(s), out_summary_md)
+
+
+def epoch_figures(epoch_metrics: str, outputs: dict[str, str]) -> None:
+    """Draw the figures of the per-epoch measurement (:data:`ncrobust.columns.EPOCH_FIGURES`)
+    from the aggregated ``epoch_metrics`` table; ``outputs``: figure name -> PNG path."""
+    from ncrobust.figures.plots import epoch_collapse
+
+    unknown = set(outputs) - set(EPOCH_FIGURES)
+    if unknown:
+        raise ValueError(f"unknown figure(s) {', '.join(sorted(unknown))}; known: {', '.join(EPOCH_FIGURES)}")
+    epoch_collapse(epoch_collapse_curves(read_parquet(epoch_metrics)), outputs["epoch_collapse"])
 
 
 def figures(

@@ -1,13 +1,15 @@
-"""Neural Collapse of the training stream: penultimate NC of every epoch's training batches.
+"""In-step Neural Collapse of the training stream (``training.track_collapse``): penultimate NC of
+every epoch's training batches as the training steps computed them.
 
-Su et al. 2024 plot NC of adversarially trained networks on the adversarial examples made during
-training, every epoch. Re-attacking a checkpoint gives that only at the checkpoint epochs; here the
-penultimate features that the training step computes anyway (clean and adversarial, BatchNorm in
-the mode of the step, the model changing within the epoch) are kept on the device as they stream
-by, and the epoch's numbers come from the collapse package at its end, with no host
-synchronisation per step: NC1 and the NCC accuracy from :func:`ncrobust.collapse.nc_metrics`
-(the evaluation's :class:`~ncrobust.collapse.LayerStats` on one batch), the class means and the
-nearest-class-centre decision from :mod:`ncrobust.collapse.accumulate`.
+The penultimate features that the training step computes anyway (clean and adversarial,
+BatchNorm in the mode of the step, the model changing within the epoch) are kept on the device as
+they stream by, and the epoch's numbers come from the collapse package at its end, with no host
+synchronisation per step and no extra forward pass. These are not Su et al.'s per-epoch numbers:
+their code measures the epoch's stored clean and adversarial images with the end-of-epoch model
+in eval mode, which is ``training.epoch_measure`` (:mod:`ncrobust.training.epoch_measure`).
+Here: NC1 and the NCC accuracy from :func:`ncrobust.collapse.nc_metrics` (the evaluation's
+:class:`~ncrobust.collapse.LayerStats` on one batch), the class means and the nearest-class-centre
+decision from :mod:`ncrobust.collapse.accumulate`.
 
 Why keep the features rather than sum moments: the epoch's NC1 needs ``Sigma_W`` only projected on
 the span of the class means (:mod:`ncrobust.collapse.measure`), which costs ``O(N d C)`` once the

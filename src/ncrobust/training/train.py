@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,6 +44,7 @@ from ncrobust.losses import LossFn
 from ncrobust.models.base import eval_mode
 from ncrobust.seeding import generator, stream_seed
 from ncrobust.training.epoch_collapse import EpochFeatures, ncc_accuracy
+from ncrobust.training.epoch_measure import EpochInputs
 from ncrobust.training.mixup import check_alpha, draw_mixup, majority_label, mix, mixed_loss
 
 TRADES_BN = ("train", "eval")
@@ -92,7 +94,10 @@ class Recipe:
     running statistics never move). ``pgd_clean_bn_pass``: the clean forward pass that every PGD-AT
     step makes (for the log) also feeds BatchNorm's running statistics, as Su et al.'s and Rice et
     al.'s code (otherwise it uses batch statistics without updating them). ``track_collapse``:
-    per-epoch NC of the epoch's clean and adversarial training features in the log.
+    per-epoch NC1 and NCC accuracy of the in-step features (train-mode BatchNorm, the model
+    changing within the epoch) in the log. ``epoch_measure``: Su et al.'s per-epoch measurement,
+    the epoch's clean and training-time perturbed inputs measured with the end-of-epoch model in
+    eval mode (:mod:`ncrobust.training.epoch_measure`); it never changes the training.
     ``cuda_graph``: capture the full-batch step in a CUDA graph (ignored on the CPU).
     ``mixup_alpha``: mixup's Beta(alpha, alpha) (0 = off; :mod:`ncrobust.training.mixup` says how it
     combines with each adversary).
@@ -115,9 +120,13 @@ class Recipe:
     track_collapse: bool = False
     cuda_graph: bool = True
     mixup_alpha: float = 0.0
+    epoch_measure: bool = False
 
     def __post_init__(self) -> None:
         check_alpha(self.mixup_alpha)
+        if self.epoch_measure and self.mixup_alpha:
+            raise ValueError("training.epoch_measure with training.mixup: a mixed input has no one label to group it by; "
+                             "switch one of them off")
         if self.trades_bn not in TRADES_BN:
             raise ValueError(f"training.trades_bn = {self.trades_bn!r}: not allowed; allowed: {', '.join(TRADES_BN)}")
         if self.batch_size < 1:
@@ -278,7 +287,8 @@ class StepBatch(NamedTuple):
 
 class StepPasses(NamedTuple):
     """What one step's forward passes give: the loss, the clean logits and features with the labels
-    the clean predictions count against, and the adversarial ones (None without an attack)."""
+    the clean predictions count against, the adversarial ones and the adversarial inputs the step
+    trained on (None without an attack)."""
 
     loss: torch.Tensor
     clean_logits: torch.Tensor
@@ -286,6 +296,21 @@ class StepPasses(NamedTuple):
     y_clean: torch.Tensor
     robust_logits: torch.Tensor | None = None
     h_adv: torch.Tensor | None = None
+    x_adv: torch.Tensor | None = None
+
+
+class StepOutput(NamedTuple):
+    """What one step hands to the epoch's stores (:meth:`TrainStep.store_features`), None where
+    nothing keeps it: the clean and adversarial penultimate features (float32) and, with mixup,
+    the labels they count against (``track_collapse``), and the adversarial inputs the step
+    trained on (``epoch_measure``). A captured graph overwrites these at every replay, so they
+    are copied out before the next step."""
+
+    h_clean: torch.Tensor | None = None
+    h_adv: torch.Tensor | None = None
+    y_clean: torch.Tensor | None = None
+    y_adv: torch.Tensor | None = None
+    x_adv: torch.Tensor | None = None
 
 
 class TrainStep(abc.ABC):
@@ -311,9 +336,13 @@ class TrainStep(abc.ABC):
       (:func:`ncrobust.training.mixup.majority_label`), and the NC columns group the features of mixed
       inputs by it; PGD's clean log pass stays on the unmixed images;
     - with ``track_collapse`` (:data:`COLLAPSE_LOG_COLUMNS`): NC1, NC1 trace ratio and NCC accuracy
-      of the epoch's clean and of its adversarial penultimate features (the step keeps them in
-      :class:`~ncrobust.training.epoch_collapse.EpochFeatures`), and the NCC accuracy of the adversarial
-      features with the epoch's clean class means.
+      of the epoch's clean and of its adversarial penultimate features as the steps computed them
+      (in-step: BatchNorm in the mode of the step, the model changing within the epoch; the step
+      keeps them in :class:`~ncrobust.training.epoch_collapse.EpochFeatures`), and the NCC accuracy
+      of the adversarial features with the epoch's clean class means.
+
+    With ``epoch_measure`` the step also hands out the adversarial inputs it trained on, for
+    :class:`~ncrobust.training.epoch_measure.EpochInputs` (``inputs``, set by :func:`train_segment`).
     """
 
     attack: PGD | TradesKL | None = None
@@ -329,6 +358,7 @@ class TrainStep(abc.ABC):
         self.step_index, self.first_bad = zeros(torch.int64), zeros(torch.int64)
         self.num_classes = num_classes
         self.clean_features = self.adv_features = None
+        self.inputs: EpochInputs | None = None  # the epoch's inputs (epoch_measure), set by train_segment
         if recipe.track_collapse:
             classifier = getattr(model, "classifier", None)
             if not hasattr(model, "forward_features") or not isinstance(classifier, nn.Linear):
@@ -362,9 +392,9 @@ class TrainStep(abc.ABC):
         start = () if self.attack is None else self.attack.draw_start(x, self.recipe.threat, gen)
         return start + draw_mixup(self.recipe.mixup_alpha, x.shape[0], gen) if self.recipe.mixup_alpha else start
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, noise: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, ...]:
-        """One step; returns its clean and adversarial penultimate features (float32, None where
-        not tracked) for :meth:`store_features` (a graph's outputs are overwritten at every replay)."""
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, noise: tuple[torch.Tensor, ...]) -> StepOutput:
+        """One step; returns what the epoch's stores keep for :meth:`store_features` (a graph's
+        outputs are overwritten at every replay)."""
         recipe, model = self.recipe, self.model
         self.optimizer.zero_grad()
         if model.training != self.train_mode:  # Module.train walks every submodule: only when it changes
@@ -381,25 +411,30 @@ class TrainStep(abc.ABC):
             out = self.passes(StepBatch(x, y, start, lam, perm, y_mixed, train_loss))
         out.loss.backward()
         self.optimizer.step()
-        return self._log(x.shape[0], out.y_clean, y_mixed, out.loss.detach(), out.clean_logits, out.robust_logits,
-                         out.h_clean, out.h_adv)
+        logged = self._log(x.shape[0], out.y_clean, y_mixed, out.loss.detach(), out.clean_logits, out.robust_logits,
+                           out.h_clean, out.h_adv)
+        if self.inputs is None or self.inputs.perturbed is None:
+            return logged
+        return logged._replace(x_adv=out.x_adv.detach())
 
     @abc.abstractmethod
     def passes(self, batch: StepBatch) -> StepPasses:
         """The step's forward passes and loss, under the step's autocast and in its mode."""
 
-    def store_features(self, offset: int, features: tuple[torch.Tensor | None, ...]) -> None:
-        """Keep a step's outputs at rows ``offset : offset + n`` of the epoch's feature stores."""
-        for store, h in zip((self.clean_features, self.adv_features), features):
+    def store_features(self, offset: int, out: StepOutput) -> None:
+        """Keep a step's outputs at rows ``offset : offset + n`` of the epoch's stores."""
+        for store, h in zip((self.clean_features, self.adv_features), (out.h_clean, out.h_adv)):
             if store is not None:
                 store.store(offset, h)
         if self.stream_labels is not None:
-            for labels, y in zip(self.stream_labels, features[2:]):
+            for labels, y in zip(self.stream_labels, (out.y_clean, out.y_adv)):
                 if labels is not None:
                     labels[offset : offset + y.shape[0]].copy_(y)
+        if out.x_adv is not None:
+            self.inputs.store(offset, out.x_adv)
 
     @torch.no_grad()
-    def _log(self, n, y_clean, y_robust, loss, clean_logits, robust_logits, h_clean, h_adv) -> tuple[torch.Tensor | None, ...]:
+    def _log(self, n, y_clean, y_robust, loss, clean_logits, robust_logits, h_clean, h_adv) -> StepOutput:
         self.loss_sum.add_(loss.double() * n)
         newly_bad = ~torch.isfinite(loss) & (self.first_bad < 0)
         self.first_bad.copy_(torch.where(newly_bad, self.step_index, self.first_bad))
@@ -409,10 +444,10 @@ class TrainStep(abc.ABC):
         if robust_logits is not None:
             self.robust_correct.add_((robust_logits.argmax(1) == y_robust).sum())
         self.seen.add_(n)
-        out = tuple(
+        out = StepOutput(*(
             None if store is None else h.float() for store, h in ((self.clean_features, h_clean), (self.adv_features, h_adv))
-        )
-        return out if self.stream_labels is None else (*out, y_clean, y_robust)
+        ))
+        return out if self.stream_labels is None else out._replace(y_clean=y_clean, y_adv=y_robust)
 
     def epoch_log(self, labels_in_order: torch.Tensor) -> dict:
         """The epoch's sums as numbers (one read-back, plus the NC arithmetic when tracked);
@@ -473,7 +508,7 @@ class PGDStep(TrainStep):
         frozen = contextlib.nullcontext() if recipe.pgd_clean_bn_pass else _batch_norm_stats_frozen(self.batch_norms)
         with torch.no_grad(), frozen:
             clean_logits, h_clean = _forward_features(model, batch.x)
-        return StepPasses(loss, clean_logits, h_clean, batch.y, robust_logits, h_adv)
+        return StepPasses(loss, clean_logits, h_clean, batch.y, robust_logits, h_adv, x_adv)
 
 
 class TradesStep(TrainStep):
@@ -495,7 +530,7 @@ class TradesStep(TrainStep):
         robust_logits, h_adv = _forward_features(model, x_adv)
         kl = F.kl_div(F.log_softmax(robust_logits.float(), 1), F.softmax(clean_logits.float(), 1), reduction="batchmean")
         loss = batch.train_loss(clean_logits) + recipe.trades_beta * kl
-        return StepPasses(loss, clean_logits, h_clean, batch.y_mixed, robust_logits, h_adv)
+        return StepPasses(loss, clean_logits, h_clean, batch.y_mixed, robust_logits, h_adv, x_adv)
 
 
 TRAIN_STEPS: dict[str, type[TrainStep]] = {"st": StandardStep, "pgd": PGDStep, "trades": TradesStep}
@@ -531,11 +566,11 @@ class CapturedStep:
         self.device = device
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: tuple[torch.Tensor, ...] = ()
-        self.output: tuple[torch.Tensor | None, ...] = ()
+        self.output: StepOutput = StepOutput()
         self.warm = 0
         self.stream = torch.cuda.Stream(device) if self.enabled else None
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, noise: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, ...]:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, noise: tuple[torch.Tensor, ...]) -> StepOutput:
         if not self.enabled or x.shape[0] != self.batch_size:
             return self.step(x, y, noise)
         if self.graph is None and self.warm < CUDA_GRAPH_WARMUP_STEPS:
@@ -572,13 +607,20 @@ def train_segment(
     y_test: torch.Tensor | None = None,
     num_classes: int | None = None,
     progress=None,
+    epoch_metrics: list[tuple[int, pd.DataFrame]] | None = None,
+    class_counts: torch.Tensor | None = None,
 ) -> tuple[dict, list[dict]]:
     """Train from ``checkpoint`` (epoch e0) to ``end_epoch``; return the new checkpoint and one
     log row per epoch (:class:`TrainStep` defines the columns). ``x_train`` is one resident tensor
     in [0, 1] on the training device; batches are index slices. The checkpoint's tensors may sit
     on any device (they are copied to the model's). ``num_classes`` defaults to the classifier's
     output width. A non-finite loss raises :class:`NonFiniteLossError` at the end of its epoch,
-    naming the first bad step and its learning rate."""
+    naming the first bad step and its learning rate.
+
+    With ``recipe.epoch_measure``, ``(epoch, rows)`` of every epoch's measurement
+    (:meth:`~ncrobust.training.epoch_measure.EpochInputs.measure`) are appended to
+    ``epoch_metrics`` (required then); ``class_counts`` (the training split's samples per class,
+    for the imbalance rows) default to the counts of ``y_train``."""
     start_epoch = int(checkpoint["epoch"])
     if not start_epoch < end_epoch <= recipe.epochs:
         raise ValueError(f"segment {start_epoch} -> {end_epoch} is not within 0..{recipe.epochs} and increasing")
@@ -599,6 +641,12 @@ def train_segment(
     if num_classes is None:
         num_classes = getattr(getattr(model, "classifier", None), "out_features", None) or int(y_train.max()) + 1
     step = make_train_step(model, optimizer, recipe, num_classes=num_classes, n_train=n, device=device)
+    if recipe.epoch_measure:
+        if epoch_metrics is None:
+            raise ValueError("training.epoch_measure: pass a list as epoch_metrics to receive the measurements")
+        step.inputs = EpochInputs(x_train, perturbed=step.attack is not None)
+        if class_counts is None:
+            class_counts = torch.bincount(y_train, minlength=num_classes).cpu()
     run = CapturedStep(step, recipe.batch_size, device, recipe.cuda_graph)
     rows = []
     for epoch in range(start_epoch + 1, end_epoch + 1):
@@ -607,6 +655,8 @@ def train_segment(
         torch.manual_seed(stream_seed(seed, "global", epoch))  # dropout: reproducible without RNG state in checkpoints
         order = torch.randperm(n, generator=gen, device=device)
         step.reset()
+        if step.inputs is not None:
+            step.inputs.start(order)
         model.train()
         first_iteration = iteration
         for s in range(per_epoch):
@@ -634,6 +684,11 @@ def train_segment(
             ),
             **{c: log[c] for c in COLLAPSE_LOG_COLUMNS},
         }
+        if step.inputs is not None:  # eval mode, no gradient, no random draw: the training is untouched
+            epoch_metrics.append((epoch, step.inputs.measure(
+                model, x_train, y_train, kind=Adversary.parse(recipe.adversary).kind, norm=recipe.threat.norm,
+                num_classes=num_classes, class_counts=class_counts,
+            )))
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
         if progress is not None:
