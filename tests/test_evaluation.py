@@ -139,6 +139,44 @@ def test_targeted_sets_are_grouped_by_target_at_every_layer(small):
     assert scalar(m, "pgd-targeted", "accuracy_true_labels") == pytest.approx(float((pred == y).double().mean()))
 
 
+def test_target_hit_rates_are_hand_counts_and_only_targeted_sets_have_them(small):
+    """``target_hit_rate`` (network argmax = target) and, per layer, ``target_hit_rate_ncc`` (nearest
+    clean class mean = target), counted here by hand: class means by a loop over classes, nearest
+    mean by ``torch.cdist``. Sets without targets (clean, pgd) get neither row; the kept features
+    give the same penultimate rows."""
+    model, d = small
+    strong = {"eps": 0.3, "step_size": 0.1}  # the overrides of the cell's threat model reach the attack; some hits, some misses
+    perturbations = {"clean": {}, "pgd": {}, "pgd-targeted": strong}
+    result = evaluate_checkpoint(model, d, plan(splits=("train", "test"), keep_features=True, perturbations=perturbations),
+                                 seed=SEED, epoch=EPOCH)
+    m = result.metrics
+    for split in ("train", "test"):
+        x, y = as_float(d, split)
+        _, taps = dense_features(model, x)
+        x_t, _ = attacked(model, d, "pgd-targeted", split=split, threat=ThreatModel("linf", 0.3, 0.1, LINF.steps))
+        t_logits, t_taps = dense_features(model, x_t)
+        targets = (y + 1) % 10
+        hits = sum(int(p == t) for p, t in zip(t_logits.argmax(1).tolist(), targets.tolist()))
+        assert scalar(m, "pgd-targeted", "target_hit_rate", split=split) == pytest.approx(hits / len(y), abs=1e-12)
+        for layer in ("layer1", "penultimate"):
+            H, Ht = taps[layer].double().flatten(1), t_taps[layer].double().flatten(1)
+            means = torch.stack([H[y == c].mean(0) for c in range(10)])
+            nearest = torch.cdist(Ht, means).argmin(1)
+            ncc_hits = sum(int(k == t) for k, t in zip(nearest.tolist(), targets.tolist()))
+            assert scalar(m, "pgd-targeted", "target_hit_rate_ncc", layer=layer, split=split) == pytest.approx(ncc_hits / len(y), abs=1e-12)
+    for metric in ("target_hit_rate", "target_hit_rate_ncc"):
+        assert 0.1 < scalar(m, "pgd-targeted", metric) < 0.9, metric  # counts that are not trivially 0 or 1
+    untargeted = m[m.perturbation.isin(["clean", "pgd"])]
+    assert not untargeted.metric.isin(["target_hit_rate", "target_hit_rate_ncc"]).any()
+    assert set(m[m.metric == "target_hit_rate"].layer) == {"penultimate"}
+    assert set(m[m.metric == "target_hit_rate_ncc"].layer) == set(m.layer)
+    recomputed = penultimate_metrics(result.features)
+    for metric in ("target_hit_rate", "target_hit_rate_ncc"):
+        for split in ("train", "test"):
+            assert scalar(recomputed, "pgd-targeted", metric, split=split) == scalar(m, "pgd-targeted", metric, split=split)
+    assert not recomputed[recomputed.perturbation != "pgd-targeted"].metric.isin(["target_hit_rate", "target_hit_rate_ncc"]).any()
+
+
 def test_feature_dtype_changes_only_the_kept_file(small):
     model, d = small
     full = evaluate_checkpoint(model, d, plan(keep_features=True), seed=SEED, epoch=EPOCH)

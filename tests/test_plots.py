@@ -67,12 +67,15 @@ def synthetic_metrics(adversaries=("st", "pgd-linf"), seeds=(1, 2), epochs=(0, 5
                     dest = (y + 1) % C if pert == "pgd-targeted" else (y + 2) % C
                     add("penultimate", "leap", stay if k == y else ((1 - stay) if k == dest else 0.0), row=y, col=k)
             if pert == "pgd-targeted":
-                add("penultimate", "target_hit_rate", 1 - acc)
+                add("penultimate", "target_hit_rate", (1 - acc) * rng.uniform(0.8, 1.0))
+                add("penultimate", "target_hit_rate_ncc", ncc)
             for depth, layer in enumerate(LAYERS[:-1]):
                 add(layer, "nc1", nc1 * (depth + 1) / 3)
                 add(layer, "nc1_trace_ratio", nc1 / 2)
                 add(layer, "ncc_accuracy", acc)
                 add(layer, "ncc_accuracy_clean_means", min(acc * (1.3 - 0.1 * depth), 1.0))
+                if pert == "pgd-targeted":
+                    add(layer, "target_hit_rate_ncc", min(acc * (1.3 - 0.1 * depth), 1.0))
     frame = pd.DataFrame(rows)
     return frame[METRIC_COLUMNS].astype({"seed": "int64", "epoch": "int64", "layer_index": "int64", "value": "float64",
                                          "class": "Int64", "row": "Int64", "col": "Int64"})
@@ -280,10 +283,30 @@ def test_summary_has_every_headline_quantity():
     assert len(s) == 2 and set(s["seeds"]) == {2} and set(s["epoch"]) == {10}
     for q in ("train_accuracy", "train_robust_accuracy", "test_accuracy", "test_robust_accuracy", "nc1_clean", "nc1_pgd",
               "nc2_equinorm_clean", "nc2_equiangle_pgd", "nc3_clean", "nc4_pgd", "ncc_accuracy_clean_means_pgd",
-              "alignment_angle_pgd", "leap_rate_pgd"):
+              "alignment_angle_pgd", "leap_rate_pgd", "target_hit_rate"):
         assert f"{q}_mean" in s.columns and f"{q}_std" in s.columns, q
     md = summary_markdown(s)
     assert md.startswith("| dataset | model | loss | adversary |") and " ± " in md
+    assert " target_hit_rate |" in md.splitlines()[0]
+
+
+def final_hit_rates(metrics, split="train", metric="target_hit_rate"):
+    """Per adversary and seed: the targeted set's hit rate at the last epoch under the own (linf) threat, picked by hand."""
+    last = metrics["epoch"].max()
+    m = metrics[(metrics.metric == metric) & (metrics.perturbation == "pgd-targeted") & (metrics.layer == "penultimate")
+                & (metrics.split == split) & (metrics.norm == "linf") & (metrics.epoch == last)]
+    return m.set_index(["adversary", "seed"])["value"]
+
+
+def test_summary_gives_the_targeted_sets_hit_rate_on_the_train_split():
+    metrics = synthetic_metrics(seeds=(1, 2, 3))
+    s = summary(metrics).set_index("adversary")
+    want = final_hit_rates(metrics)
+    for adv in ("st", "pgd-linf"):
+        assert s.at[adv, "target_hit_rate_mean"] == pytest.approx(want[adv].mean(), rel=1e-12)
+        assert s.at[adv, "target_hit_rate_std"] == pytest.approx(want[adv].std(ddof=1), rel=1e-9)
+    without = summary(metrics[metrics.perturbation != "pgd-targeted"])
+    assert "target_hit_rate_mean" not in without.columns
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,6 +382,31 @@ def test_leap_heatmap_shows_the_mean_matrix_with_targets_as_rows(tmp_path):
     np.testing.assert_allclose(L, expected)
     targeted = next(ax for ax in panels if "pgd-targeted" in ax.get_title() and ax.get_ylabel())
     assert targeted.get_ylabel() == "target y"
+
+
+def test_figures_that_draw_the_targeted_set_name_its_hit_rate(tmp_path):
+    metrics = synthetic_metrics()
+    hits = tables.target_hit_rates(metrics)
+    network, ncc = final_hit_rates(metrics), final_hit_rates(metrics, metric="target_hit_rate_ncc")
+    fig = plots.leap_heatmap(tables.leap_matrices(metrics), tmp_path / "leap.png", hits=hits)
+    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    for adv in ("st", "pgd-linf"):
+        line = f"hit rate {network[adv].mean():.2f} (NCC {ncc[adv].mean():.2f})"
+        assert f"trained with {adv}\npgd-targeted · epoch 10\n{line}" in titles, titles
+    assert not [t for t in titles if "\npgd ·" in t and "hit rate" in t]  # untargeted panels name none
+    fig = plots.simplex(tables.simplex_points(synthetic_projection()), tmp_path / "simplex.png", hits=hits)
+    titles = [ax.get_title() for ax in fig.axes if ax.collections]
+    assert f"hit rate {network['st'][1]:.2f} (NCC {ncc['st'][1]:.2f})" in next(t for t in titles if "st\npgd-targeted" in t)
+    fig = plots.nc_vs_epoch(tables.nc_curves(metrics), tmp_path / "nc.png", hits=hits)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert f"st: {network['st'].mean():.2f}" in legend and f"pgd-linf: {network['pgd-linf'].mean():.2f}" in legend
+    fig = plots.alignment_angle(tables.alignment_curves(metrics), tmp_path / "alignment.png", hits=hits)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    test = final_hit_rates(metrics, split="test")
+    assert f"st · train: {network['st'].mean():.2f}" in legend and f"st · test: {test['st'].mean():.2f}" in legend
+    untargeted = metrics[metrics.perturbation != "pgd-targeted"]
+    fig = plots.nc_vs_epoch(tables.nc_curves(untargeted), tmp_path / "nc_untargeted.png", hits=tables.target_hit_rates(untargeted))
+    assert not [t for t in fig.legends[0].get_texts() if "hit rate" in t.get_text()]
 
 
 @pytest.mark.slow

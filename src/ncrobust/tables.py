@@ -37,6 +37,7 @@ SUMMARY_METRICS = {
     ("test", "pgd", PENULTIMATE, "ncc_accuracy_clean_means"): "test_ncc_accuracy_clean_means_pgd",
     ("train", "pgd", PENULTIMATE, "alignment_angle"): "alignment_angle_pgd",
     ("train", "pgd", PENULTIMATE, "leap_rate"): "leap_rate_pgd",
+    ("train", "pgd-targeted", PENULTIMATE, "target_hit_rate"): "target_hit_rate",
     # imbalanced training data only (absent without minority classes, so absent from the columns)
     ("train", "clean", PENULTIMATE, "minority_cos_W"): "minority_cos_W",
     ("train", "clean", PENULTIMATE, "minority_cos_M"): "minority_cos_M_clean",
@@ -229,6 +230,23 @@ def epoch_collapse_curves(epoch_metrics: pd.DataFrame) -> pd.DataFrame:
         return epoch_metrics
     m = _penultimate(epoch_metrics)
     return with_setting(m[m["metric"].isin(EPOCH_COLLAPSE_METRICS)], varying_settings(epoch_metrics))
+
+
+TARGET_HIT_METRICS = ["target_hit_rate", "target_hit_rate_ncc"]
+
+
+def target_hit_rates(metrics: pd.DataFrame) -> pd.DataFrame:
+    """How often ``pgd-targeted`` reached its target, per cell, split and seed at the cell's final
+    epoch (own threat model, penultimate layer): ``target_hit_rate`` (network argmax = target) and
+    ``target_hit_rate_ncc`` (nearest clean class mean = target), with the ``setting`` column of the
+    figures. Every figure that draws the targeted set names these next to it. Empty without targeted
+    sets."""
+    columns = ["setting", "adversary", "seed", "split", "epoch", "metric", "value"]
+    m = _penultimate(metrics)
+    m = m[(m["perturbation"] == "pgd-targeted") & m["metric"].isin(TARGET_HIT_METRICS)]
+    if m.empty:
+        return pd.DataFrame(columns=columns)
+    return with_setting(final_epoch(m), varying_settings(metrics))[columns].reset_index(drop=True)
 
 
 def leap_matrices(metrics: pd.DataFrame, split: str = "train", perturbations=("pgd", "pgd-targeted")) -> pd.DataFrame:

@@ -15,7 +15,9 @@ imbalance geometry of its class means (``mean_norm_per_class``, ``orthogonality_
 Which labels group a set is decided here, once: the true labels, except for ``pgd-targeted``,
 whose samples are grouped by their target ``(y + 1) mod C`` for every metric of every layer (as
 Su et al. measure it: the angle between clean mean ``c`` and the mean of the samples sent to ``c``);
-``accuracy_true_labels`` and ``target_hit_rate`` say how the attack did.
+``accuracy_true_labels`` and ``target_hit_rate`` (the network's argmax is the target) say how the
+attack did, and at every layer ``target_hit_rate_ncc`` (the nearest clean class mean is the target)
+where in the network it got there; sets without targets have neither.
 
 Metrics come from the float32 activations of the forward pass, whatever ``feature_dtype`` the kept
 features file uses. Pass 2 reuses pass 1's activations as far as memory allows
@@ -233,6 +235,8 @@ def _set_metrics(
         values = s.compute()
         if not perturbed:
             values["ncc_accuracy_clean_means"] = values["ncc_accuracy"]  # the clean means are the own means
+        if targets is not None:  # grouped by target: the clean-means NCC decision counts arrivals at the target
+            values["target_hit_rate_ncc"] = values["ncc_accuracy_clean_means"]
         values.update(s.imbalance_geometry(weight if name == PENULTIMATE else None, minority))
         if name == PENULTIMATE:
             values.update(s.class_geometry(weight))

@@ -282,15 +282,55 @@ def _title(fig, text: str, frame: pd.DataFrame) -> None:
     fig.suptitle(f"{text}\n{setting + ' · ' if setting else ''}{_seeds_note(frame)}", fontsize=11)
 
 
+def _hit_rate(hits: pd.DataFrame | None, metric: str = "target_hit_rate", **where) -> float | None:
+    """Mean over seeds of one ``tables.target_hit_rates`` metric where the columns equal ``where``
+    (None where there is none)."""
+    if hits is None or hits.empty:
+        return None
+    h = hits[hits["metric"] == metric]
+    for column, value in where.items():
+        h = h[h[column] == value]
+    return float(h["value"].mean()) if len(h) else None
+
+
+def _hit_rate_title(hits: pd.DataFrame | None, **where) -> str:
+    """``"hit rate 0.62 (NCC 0.70)"``: how often ``pgd-targeted`` reached its target, by the network
+    and by the nearest clean class mean, for a panel's title ("" without the numbers)."""
+    network, ncc = _hit_rate(hits, **where), _hit_rate(hits, "target_hit_rate_ncc", **where)
+    if network is None:
+        return ""
+    return f"hit rate {network:.2f}" + ("" if ncc is None else f" (NCC {ncc:.2f})")
+
+
+def _hit_rate_handles(hits: pd.DataFrame | None, frame: pd.DataFrame, splits: list[str]) -> list:
+    """Legend lines naming the final-epoch ``pgd-targeted`` hit rate (network argmax = target, mean
+    over seeds) of each adversary, split and setting drawn in ``frame``; none when ``frame`` has no
+    targeted set."""
+    if hits is None or hits.empty or "pgd-targeted" not in set(frame["perturbation"]):
+        return []
+    handles = [Line2D([], [], linestyle="none", label=" "),
+               Line2D([], [], linestyle="none", label="pgd-targeted hit rate\n(network = target,\nfinal epoch)")]
+    settings = sorted(hits["setting"].unique())
+    for adv in _present(frame["adversary"], ADVERSARIES):
+        for split in splits:
+            rates = [(s, _hit_rate(hits, adversary=adv, split=split, setting=s)) for s in settings]
+            rates = [f"{s} {v:.2f}" if s else f"{v:.2f}" for s, v in rates if v is not None]
+            if rates:
+                where = f"{adv} · {split}" if len(splits) > 1 else adv
+                handles.append(Line2D([], [], linestyle="none", label=f"{where}: {', '.join(rates)}"))
+    return handles
+
+
 # ---------------------------------------------------------------------------------------------
 # figures
 
 
 @_themed
-def nc_vs_epoch(m: pd.DataFrame, path: str | Path, split: str = "train"):
+def nc_vs_epoch(m: pd.DataFrame, path: str | Path, split: str = "train", hits: pd.DataFrame | None = None):
     """NC1-NC4 of the penultimate features against epoch (``tables.nc_curves``): clean vs each
     perturbation, one column per adversary, one row per metric (log scale for NC1-NC3: they span
-    decades; NC4 is a share)."""
+    decades; NC4 is a share). ``hits`` (``tables.target_hit_rates``): the legend names the
+    targeted set's hit rate."""
     if m.empty:
         return _placeholder(path, "Neural Collapse against epoch", f"no NC metrics of the penultimate layer on the {split} split")
     rows = [(k, *NC_METRICS[k]) for k in NC_METRICS if k in set(m["metric"])]
@@ -302,16 +342,17 @@ def nc_vs_epoch(m: pd.DataFrame, path: str | Path, split: str = "train"):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _bottom_labels(axes, "epoch")
     _col_titles(axes, cols, "trained with ")
-    _legend(fig, "evaluated on", styles)
+    _legend(fig, "evaluated on", styles, _hit_rate_handles(hits, m, [split]))
     _title(fig, f"Neural Collapse of the penultimate features ({split} split)\nclean vs perturbed; lower = more collapse", m)
     return _save(fig, path)
 
 
 @_themed
-def accuracy_curves(m: pd.DataFrame, path: str | Path, training: pd.DataFrame | None = None):
+def accuracy_curves(m: pd.DataFrame, path: str | Path, training: pd.DataFrame | None = None, hits: pd.DataFrame | None = None):
     """Network accuracy against epoch (``tables.accuracy_curves``), clean and under each
     perturbation, train and test, per adversary (markers: evaluated checkpoints); thin lines: the
-    per-epoch training log (``tables.training_curves``)."""
+    per-epoch training log (``tables.training_curves``). ``hits`` (``tables.target_hit_rates``):
+    the legend names the targeted set's hit rate (its line is the accuracy on the true labels)."""
     if m.empty:
         return _placeholder(path, "Accuracy", "no accuracy in the metrics table")
     rows = _present(m["split"], SPLIT_ORDER)
@@ -351,16 +392,17 @@ def accuracy_curves(m: pd.DataFrame, path: str | Path, training: pd.DataFrame | 
     _bottom_labels(axes, "epoch")
     _col_titles(axes, cols, "trained with ")
     extra = [Line2D([], [], color="0.4", linewidth=0.8, alpha=0.7, label="thin: per-epoch training log\n(robust = training attack)")] if drew_log else []
-    _legend(fig, "evaluated on", styles, extra)
+    _legend(fig, "evaluated on", styles, extra + _hit_rate_handles(hits, m, rows))
     _title(fig, "Network accuracy against the true labels, clean and under attack", m)
     return _save(fig, path)
 
 
 @_themed
-def alignment_angle(m: pd.DataFrame, path: str | Path):
+def alignment_angle(m: pd.DataFrame, path: str | Path, hits: pd.DataFrame | None = None):
     """Mean angle (degrees) between clean and perturbed centred class means against epoch
     (``tables.alignment_curves``), per split and adversary: 0 means the perturbed simplex is
-    aligned with the clean one."""
+    aligned with the clean one. ``hits`` (``tables.target_hit_rates``): the legend names the
+    targeted set's hit rate."""
     if m.empty:
         return _placeholder(path, "Alignment of clean and perturbed class means", "no perturbation was evaluated (alignment_angle is absent)")
     rows = _present(m["split"], SPLIT_ORDER)
@@ -382,16 +424,18 @@ def alignment_angle(m: pd.DataFrame, path: str | Path):
             ax.set_ylabel(f"{split} split\nangle (degrees)" if j == 0 else "")
     _bottom_labels(axes, "epoch")
     _col_titles(axes, cols, "trained with ")
-    _legend(fig, "perturbation", styles)
+    _legend(fig, "perturbation", styles, _hit_rate_handles(hits, m, rows))
     _title(fig, "Angle between clean and perturbed class means (centred, mean over classes)\n0° = perturbed simplex aligned with the clean one", m)
     return _save(fig, path)
 
 
 @_themed
-def leap_heatmap(m: pd.DataFrame, path: str | Path, split: str = "train"):
+def leap_heatmap(m: pd.DataFrame, path: str | Path, split: str = "train", hits: pd.DataFrame | None = None):
     """The leap matrix ``L[y, k]`` (share of class-y perturbed samples whose nearest clean class
     mean is k; for pgd-targeted y is the target) at each cell's final epoch, mean over seeds
-    (``tables.leap_matrices``); one column per adversary, one row per attack and setting."""
+    (``tables.leap_matrices``); one column per adversary, one row per attack and setting. A
+    pgd-targeted panel's title gives its hit rate (``hits``: ``tables.target_hit_rates``), by the
+    network and by the nearest clean mean (the sample-weighted diagonal of the panel)."""
     if m.empty:
         return _placeholder(path, "Leap matrix", f"no pgd / pgd-targeted leap matrix on the {split} split")
     cols = _present(m["adversary"], ADVERSARIES)
@@ -421,7 +465,9 @@ def leap_heatmap(m: pd.DataFrame, path: str | Path, split: str = "train"):
             ax.set_yticks(ticks)
             ax.tick_params(labelsize=7, length=0)
             ax.grid(False)
-            ax.set_title(f"trained with {adv}\n{pert} · epoch {d['epochs'].iloc[0]}" + (f"\n{setting}" if setting else ""), fontsize=9)
+            hit = _hit_rate_title(hits, setting=setting, adversary=adv, split=split) if pert == "pgd-targeted" else ""
+            ax.set_title(f"trained with {adv}\n{pert} · epoch {d['epochs'].iloc[0]}" + (f"\n{hit}" if hit else "")
+                         + (f"\n{setting}" if setting else ""), fontsize=9)
             ax.set_xlabel("nearest clean class mean k" if i == len(rows) - 1 else "")
             ax.set_ylabel(("target y" if pert == "pgd-targeted" else "true class y") if j == 0 else "")
     if mappable is not None:
@@ -429,7 +475,8 @@ def leap_heatmap(m: pd.DataFrame, path: str | Path, split: str = "train"):
         bar.set_label("L[y, k]: share of class y")
     fig.suptitle(
         f"Leap matrix L[y, k] of perturbed penultimate features ({split} split, final epoch)\n"
-        f"diagonal = at the clean vertex of its own class (pgd) or of its target (pgd-targeted, rows = targets)"
+        f"diagonal = at the clean vertex of its own class (pgd) or of its target (pgd-targeted, rows = targets);\n"
+        f"hit rate: share of pgd-targeted samples the network classifies as the target (NCC: nearest clean mean = target)"
         f"{'; numbers in % (≥ 5 shown)' if annotate else ''}\n{_seeds_note(m, band=False)}",
         fontsize=10,
     )
@@ -478,12 +525,14 @@ def layerwise(m: pd.DataFrame, path: str | Path, split: str = "train"):
 
 
 @_themed
-def simplex(p: pd.DataFrame, path: str | Path, split: str = "train", perturbations=("pgd", "pgd-targeted")):
+def simplex(p: pd.DataFrame, path: str | Path, split: str = "train", perturbations=("pgd", "pgd-targeted"),
+            hits: pd.DataFrame | None = None):
     """Clean and perturbed penultimate features on the plane of the clean simplex (the two leading
     principal directions of the centred clean class means; ``tables.simplex_points``), one column
     per adversary, one row per attack and setting; the first seed of each cell, its final epoch.
     Arrows go from each clean class mean to the mean of that class's perturbed features (for
-    pgd-targeted: of the samples sent to that class)."""
+    pgd-targeted: of the samples sent to that class). A pgd-targeted panel's title gives that
+    seed's hit rate (``hits``: ``tables.target_hit_rates``)."""
     perturbed = [v for v in _present(p["perturbation"], PERTURBATION_ORDER) if v in perturbations]
     if p.empty or not perturbed or "clean" not in set(p["perturbation"]):
         return _placeholder(path, "Clean vs perturbed features on the clean simplex", f"no clean and perturbed projections on the {split} split")
@@ -516,7 +565,11 @@ def simplex(p: pd.DataFrame, path: str | Path, split: str = "train", perturbatio
             ax.tick_params(labelsize=7)
             epoch = f" · epoch {int(cell['epoch'].max())}" if "epoch" in cell.columns else ""
             seed = f" · seed {int(cell['seed'].min())}" if "seed" in cell.columns else ""
-            ax.set_title(f"trained with {adv}\n{pert}{epoch}{seed}" + (f"\n{setting}" if setting else ""), fontsize=9)
+            hit = ""
+            if pert == "pgd-targeted" and "seed" in cell.columns:
+                hit = _hit_rate_title(hits, setting=setting, adversary=adv, split=split, seed=int(cell["seed"].min()))
+            ax.set_title(f"trained with {adv}\n{pert}{epoch}{seed}" + (f"\n{hit}" if hit else "")
+                         + (f"\n{setting}" if setting else ""), fontsize=9)
             ax.set_xlabel("PC1 of clean class means\n(feature units)" if i == len(rows) - 1 else "")
             ax.set_ylabel("PC2 of clean class means" if j == 0 else "")
     handles = [
@@ -717,18 +770,20 @@ def epoch_collapse(m: pd.DataFrame, path: str | Path):
 def _draw(name: str, metrics: pd.DataFrame, training, projection, path: str, variants: dict | None = None):
     """Shape (``tables``) and draw one figure; returns the matplotlib figure (closed, saved).
     ``variants`` (``config.variants``) groups the variants of one recipe in the ``imbalance`` figure."""
+    hits = None if metrics is None or metrics.empty else tables.target_hit_rates(metrics)
     if name == "simplex":
-        return simplex(tables.simplex_points(projection), path)
+        return simplex(tables.simplex_points(projection), path, hits=hits)
     if metrics is None or metrics.empty:
         return _placeholder(path, name, "the metrics table is empty")
     if name == "nc_vs_epoch":
-        return nc_vs_epoch(tables.nc_curves(metrics), path)
+        return nc_vs_epoch(tables.nc_curves(metrics), path, hits=hits)
     if name == "accuracy":
-        return accuracy_curves(tables.accuracy_curves(metrics), path, tables.training_curves(training, tables.varying_settings(metrics)))
+        training_log = tables.training_curves(training, tables.varying_settings(metrics))
+        return accuracy_curves(tables.accuracy_curves(metrics), path, training_log, hits=hits)
     if name == "alignment":
-        return alignment_angle(tables.alignment_curves(metrics), path)
+        return alignment_angle(tables.alignment_curves(metrics), path, hits=hits)
     if name == "leap":
-        return leap_heatmap(tables.leap_matrices(metrics), path)
+        return leap_heatmap(tables.leap_matrices(metrics), path, hits=hits)
     if name == "layerwise":
         return layerwise(tables.layer_profiles(metrics), path)
     if name == "imbalance":
