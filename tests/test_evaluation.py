@@ -114,6 +114,14 @@ def test_streamed_metrics_equal_the_dense_functions(small):
     pert1.finish_means()
     pert1.accumulate_scatter(p_taps["layer1"], y)
     assert scalar(m, "pgd", "ncc_accuracy_clean_means", layer="layer1") == pytest.approx(pert1.compute()["ncc_accuracy_clean_means"])
+    # the displacement of the means from the clean ones, at every layer of a perturbed set only
+    for key, value in pert1.mean_displacement().items():
+        if isinstance(value, torch.Tensor):
+            got = rows(m, "pgd", layer="layer1").query("metric == @key").sort_values("class")["value"]
+            np.testing.assert_allclose(got, value.numpy(), rtol=1e-9)
+        else:
+            assert scalar(m, "pgd", key, layer="layer1") == pytest.approx(value, rel=1e-9), key
+    assert not m[m.perturbation == "clean"].metric.isin(["class_mean_distance", "global_mean_angle"]).any()
 
 
 def test_targeted_sets_are_grouped_by_target_at_every_layer(small):

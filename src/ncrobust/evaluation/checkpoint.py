@@ -9,7 +9,8 @@ the own and the clean means, agreement with the network), plus the quantities th
 layer has: NC2 / NC3 against the classifier, NC4, accuracy (overall and per class), the leap
 matrix and the alignment of the perturbed simplex with the clean one. Every layer also gets the
 imbalance geometry of its class means (``mean_norm_per_class``, ``orthogonality_M``,
-``minority_cos_M``), the penultimate one that of the classifier rows too and the training split's
+``minority_cos_M``) and, on a perturbed set, the displacement of its class means and global mean
+from the clean ones (``class_mean_distance``, ``global_mean_angle``, ...), the penultimate one that of the classifier rows too and the training split's
 ``train_class_count`` (the minorities come from the prepared dataset's ``class_counts``).
 
 Which labels group a set is decided here, once: the true labels, except for ``pgd-targeted``,
@@ -233,6 +234,8 @@ def _set_metrics(
         if not perturbed:
             values["ncc_accuracy_clean_means"] = values["ncc_accuracy"]  # the clean means are the own means
         values.update(s.imbalance_geometry(weight if name == PENULTIMATE else None, minority))
+        if perturbed:
+            values.update(s.mean_displacement())
         if name == PENULTIMATE:
             values.update(s.class_geometry(weight))
             values.update(s.prediction_metrics())
