@@ -372,6 +372,32 @@ def test_strong_evaluation_reports_every_attack_on_the_same_samples_with_one_los
         assert by["pgd"]["robust_accuracy"] == pytest.approx(float((model(x_p).argmax(1) == y).double().mean()))
 
 
+def test_worst_is_the_per_example_worst_case_over_pgd10_and_the_strong_attacks(small, monkeypatch):
+    """A strong attack weaker than PGD-10 (here one that returns x unchanged) cannot lift ``worst``
+    above PGD-10: a sample counts only if it survives PGD-10 too."""
+    from ncrobust import attacks
+
+    class Unchanged(attacks.Clean):
+        seeded = True
+
+    model, d = small
+    x, y = as_float(d, "test")
+    monkeypatch.setitem(attacks.ATTACKS, "pgd-strong", Unchanged())
+    by = {r["attack"]: r["robust_accuracy"] for r in strong_evaluation(
+        model, x, y, threat=LINF, num_classes=10, attacks=["pgd-strong"], seed=1, batch_size=64)}
+    assert by["pgd-strong"] == by["clean"] > by["pgd"]
+    assert by["worst"] == by["pgd"]
+    # with real attacks: the share of samples that survive each of them, counted directly
+    rows_ = strong_evaluation(model, x, y, threat=LINF, num_classes=10, attacks=["apgd-ce"], seed=1, batch_size=64)
+    by = {r["attack"]: r["robust_accuracy"] for r in rows_}
+    x_pgd = perturb("pgd", model, x, y, threat=LINF, num_classes=10, batch_size=64, generator=generator(1, "strong", "pgd"))
+    x_apgd = perturb("apgd-ce", model, x, y, threat=LINF, num_classes=10, batch_size=64, seed=1)
+    with torch.no_grad():
+        both = (model(x_pgd).argmax(1) == y) & (model(x_apgd).argmax(1) == y)
+    assert by["worst"] == pytest.approx(float(both.double().mean()))
+    assert by["worst"] <= min(by["pgd"], by["apgd-ce"])
+
+
 # --------------------------------------------------------------------------------------------- tables
 
 

@@ -128,7 +128,7 @@ def constant_setting(frame: pd.DataFrame) -> str:
 
 
 def robustness_by_cell(robustness: pd.DataFrame) -> pd.DataFrame:
-    """Per cell: ``strong_robust_accuracy`` (per-example worst case over the strong attacks) and
+    """Per cell: ``strong_robust_accuracy`` (per-example worst case over PGD-10 and the strong attacks) and
     ``pgd_gap`` = PGD-10 robust accuracy minus it, on the same samples (large: gradient masking)."""
     wide = robustness.pivot_table(index=CELL_COLUMNS, columns="attack", values="robust_accuracy").reset_index()
     strongest = "worst" if "worst" in wide.columns else "pgd"
