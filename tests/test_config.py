@@ -281,6 +281,7 @@ ENUM_REGISTRIES = {  # schema path -> the library's name for the same list
     "training.trades_bn": "ncrobust.training.train.TRADES_BN",
     "precision": "ncrobust.jobs.experiment.AUTOCAST",
     "evaluation.attack_precision": "ncrobust.jobs.experiment.AUTOCAST",
+    "evaluation.attack_loss": "ncrobust.jobs.experiment.ATTACK_LOSSES",
     "evaluation.feature_dtype": "ncrobust.evaluation.checkpoint.FEATURE_DTYPES",
     "datasets.*.options.imbalance.profile": "ncrobust.data.IMBALANCE_PROFILES",
 }

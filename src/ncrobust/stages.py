@@ -56,6 +56,10 @@ EVALUATION_IGNORED = {
 EVALUATION_USED_BY = {"norms": "st"}
 """``evaluation`` keys that only one adversary kind reads: in the slices of that kind's cells only."""
 
+EVALUATION_UNUSED_BY_LOSS = {"attack_loss": "ce"}
+"""``evaluation`` keys that cells of one loss never read: ``attack_loss`` chooses between the
+cell's own loss and cross-entropy, the same for a ``ce`` cell, so it is in no slice of one."""
+
 
 VARIANT_PARTS = ("dataset", "model", "training")
 """What a variant may override: the cell's dataset loader options, its model's options, and
@@ -151,6 +155,7 @@ def _evaluation(stage: str, config: dict, cell: Cell) -> dict:
     evaluation = {
         k: v for k, v in config["evaluation"].items()
         if k not in EVALUATION_IGNORED[stage] and EVALUATION_USED_BY.get(k, kind) == kind
+        and EVALUATION_UNUSED_BY_LOSS.get(k) != cell.loss
     }
     return merge(_training(config, cell), cell_threat(config, cell), {"evaluation": evaluation})
 
