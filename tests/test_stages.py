@@ -105,6 +105,7 @@ EDITS = {
     "probe": (_set("probe", {"enabled": True, "lambdas": [1.0]}), _all(["probe"])),
     "probe defaults spelled out": (_set("probe", {"layer": "penultimate", "weight_decay": 5e-3}), set()),
     "cross-entropy attacks (ce cells: the same attack)": (_set("evaluation.attack_loss", "ce"), set()),
+    "authors' TRADES l2 step (no trades-l2 cell here)": (_set("training.trades_l2_step", "authors"), set()),
 }
 
 
@@ -229,6 +230,32 @@ def test_attack_loss_ce_changes_the_loss_that_an_mse_cells_attacks_ascend():
         for cell in (ST, PGD, TRADES):
             job = job_config("evaluate", stage_slice("evaluate", config, cell=cell), config, cell=cell)
             assert attack_loss(job, cell) == ("ce", losses.cross_entropy)
+
+
+def test_the_trades_l2_step_is_in_the_slices_of_trades_l2_cells_only():
+    """``training.trades_l2_step`` reruns a ``trades-l2`` cell's training and everything after it,
+    no other cell's; the default written out reruns nothing; every job reads it from its own config."""
+    from ncrobust.jobs.experiment import evaluation_plan
+    from ncrobust.jobs.pipeline import recipe
+
+    raw = tiny_config()
+    raw["grid"]["adversary"] = ["st", "pgd-l2", "trades-linf", "trades-l2"]
+    raw["datasets"]["digits"]["threat"]["l2"] = {"eps": 1.0, "step_size": 0.25, "steps": 3}
+    cells = [Cell("digits", "mlp", "ce", adversary, 1) for adversary in raw["grid"]["adversary"]]
+    for value, changed in (("authors", {"train", "evaluate", "robustness", *RELATED}), ("threat", set())):
+        edited = copy.deepcopy(raw)
+        edited["training"]["trades_l2_step"] = value
+        before, after = validate_config(raw), validate_config(edited)
+        for cell in cells:
+            differs = {stage for stage in CELL_STAGES
+                       if repr(stage_slice(stage, before, cell=cell)) != repr(stage_slice(stage, after, cell=cell))}
+            assert differs == (changed if cell.adversary == "trades-l2" else set()), (value, cell.adversary)
+        for cell in cells:
+            for stage in ("init_model", "train"):
+                job = job_config(stage, stage_slice(stage, after, cell=cell), after, cell=cell)
+                assert recipe(job, cell).trades_l2_step == value
+            job = job_config("evaluate", stage_slice("evaluate", after, cell=cell), after, cell=cell)
+            assert evaluation_plan(job, cell).trades_l2_step == (value if cell.adversary == "trades-l2" else "threat")
 
 
 def test_an_adversary_name_parses_to_its_kind_and_norm_and_back():

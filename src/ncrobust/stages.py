@@ -40,8 +40,9 @@ TRAINING_EXECUTION = frozenset({"cuda_graph", "deterministic"})
 kernels): results agree to rounding, so changing them reruns nothing; :func:`job_config` hands
 them to every job."""
 
-TRAINING_USED_BY = {"trades_beta": "trades", "trades_bn": "trades", "pgd_clean_bn_pass": "pgd"}
-"""``training`` keys that only one adversary kind reads: in the slices of that kind's cells only."""
+TRAINING_USED_BY = {"trades_beta": "trades", "trades_bn": "trades", "pgd_clean_bn_pass": "pgd", "trades_l2_step": "trades-l2"}
+"""``training`` keys that only one adversary kind (or one adversary: ``trades_l2_step`` is the step of
+the ``l2`` TRADES attack) reads: in the slices of that kind's or that adversary's cells only."""
 
 EVALUATION_IGNORED = {
     # which checkpoints are evaluated (one file per epoch), and whether the features file is also
@@ -142,7 +143,7 @@ def _training(config: dict, cell: Cell) -> dict:
     kind = cell.parsed_adversary.kind
     training = {
         k: v for k, v in config["training"].items()
-        if k not in TRAINING_IGNORED and k not in TRAINING_EXECUTION and TRAINING_USED_BY.get(k, kind) == kind
+        if k not in TRAINING_IGNORED and k not in TRAINING_EXECUTION and TRAINING_USED_BY.get(k, kind) in (kind, cell.adversary)
     }
     sliced = {**_model_and_loss(config, cell), "training": training, "precision": config["precision"]}
     if kind != "st":  # standard training never attacks

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ncrobust.attacks import PERTURBATIONS, ThreatModel, perturb, target_labels
+from ncrobust.attacks import PERTURBATIONS, TRADES_L2_STEPS, ThreatModel, perturb, target_labels
 from ncrobust.collapse import LayerStats, minority_classes
 from ncrobust.columns import PENULTIMATE, RESULT_COLUMNS
 from ncrobust.data import as_float, device_layout
@@ -54,7 +54,8 @@ class EvaluationPlan:
     (the cell's training loss); ``projection_points``: penultimate features kept per set for the
     ``simplex`` figure; ``keep_features``: keep every set's penultimate features and logits;
     ``attack_dtype``: autocast dtype of the attacks' forward and backward passes (None: fp32; the
-    metrics are measured in fp32 on the perturbed inputs either way).
+    metrics are measured in fp32 on the perturbed inputs either way); ``trades_l2_step``: the ``l2``
+    step of ``trades-kl`` (:class:`ncrobust.attacks.TradesKL`).
     """
 
     threats: tuple[ThreatModel, ...]
@@ -67,6 +68,7 @@ class EvaluationPlan:
     keep_features: bool = False
     feature_dtype: str = "float32"
     attack_dtype: torch.dtype | None = None
+    trades_l2_step: str = "threat"
 
     def __post_init__(self) -> None:
         if not self.threats or not all(isinstance(t, ThreatModel) for t in self.threats):
@@ -88,6 +90,8 @@ class EvaluationPlan:
             raise ValueError(f"feature_dtype {self.feature_dtype!r}; allowed: {', '.join(FEATURE_DTYPES)}")
         if self.attack_dtype not in (None, torch.bfloat16):  # fp16's range underflows small gradients: not validated
             raise ValueError(f"attack_dtype {self.attack_dtype!r}; allowed: None (fp32), torch.bfloat16")
+        if self.trades_l2_step not in TRADES_L2_STEPS:
+            raise ValueError(f"trades_l2_step {self.trades_l2_step!r}; allowed: {', '.join(TRADES_L2_STEPS)}")
 
     @property
     def attacked(self) -> list[str]:
@@ -320,7 +324,7 @@ def evaluate_checkpoint(
                 x_p = perturb(
                     name, model, x, y, threat=threat, num_classes=num_classes, generator=generator(*stream, device=device),
                     batch_size=plan.batch_size, loss=plan.attack_loss, autocast_dtype=plan.attack_dtype,
-                    **plan.perturbations[name],
+                    l2_step=plan.trades_l2_step, **plan.perturbations[name],
                 )
                 targets = target_labels(y, num_classes) if name == "pgd-targeted" else None
                 groups = y if targets is None else targets

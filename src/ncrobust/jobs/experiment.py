@@ -53,7 +53,8 @@ def attack_loss(config: dict, cell: Cell):
 
 def evaluation_plan(config: dict, cell: Cell, *, keep_features: bool = False) -> EvaluationPlan:
     """What the evaluation measures on every checkpoint of ``cell``: its own threat model first, and
-    for an ``st`` cell every other norm of ``evaluation.norms``; the attacks' loss of :func:`attack_loss`."""
+    for an ``st`` cell every other norm of ``evaluation.norms``; the attacks' loss of :func:`attack_loss`,
+    the ``trades-kl`` step of :func:`trades_l2_step`."""
     ev = config["evaluation"]
     own = threat_model(config, cell)
     extra = [n for n in ev["norms"] if n != own.norm] if cell.parsed_adversary.kind == "st" else []
@@ -68,7 +69,15 @@ def evaluation_plan(config: dict, cell: Cell, *, keep_features: bool = False) ->
         keep_features=keep_features,
         feature_dtype=ev["feature_dtype"],
         attack_dtype=AUTOCAST[ev["attack_precision"]],
+        trades_l2_step=trades_l2_step(config, cell),
     )
+
+
+def trades_l2_step(config: dict, cell: Cell) -> str:
+    """The ``l2`` step of the evaluation's ``trades-kl`` attack on ``cell``: a ``trades-l2`` cell's
+    own training attack (``training.trades_l2_step``, in its slices only), the threat model's step
+    for every other cell."""
+    return config["training"]["trades_l2_step"] if cell.adversary == "trades-l2" else "threat"
 
 
 def build_model(config: dict, cell: Cell, data: dict) -> torch.nn.Module:

@@ -105,6 +105,7 @@ def recipe(config: dict, cell: Cell) -> Recipe:
         track_collapse=t["track_collapse"],
         cuda_graph=t["cuda_graph"],
         mixup_alpha=t["mixup"]["alpha"] if "mixup" in t else 0.0,  # no mixup section: no mixup
+        trades_l2_step=t["trades_l2_step"],
     )
 
 

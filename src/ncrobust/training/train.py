@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ncrobust.attacks import PGD, ThreatModel, TradesKL
+from ncrobust.attacks import PGD, TRADES_L2_STEPS, ThreatModel, TradesKL
 from ncrobust.cell import Adversary
 from ncrobust.columns import COLLAPSE_LOG_COLUMNS
 from ncrobust.losses import LossFn
@@ -95,7 +95,9 @@ class Recipe:
     per-epoch NC of the epoch's clean and adversarial training features in the log.
     ``cuda_graph``: capture the full-batch step in a CUDA graph (ignored on the CPU).
     ``mixup_alpha``: mixup's Beta(alpha, alpha) (0 = off; :mod:`ncrobust.training.mixup` says how it
-    combines with each adversary).
+    combines with each adversary). ``trades_l2_step``: the step of TRADES' ``l2`` attack
+    (:class:`~ncrobust.attacks.TradesKL`: ``threat``, or ``authors``: ``2 eps / steps`` and a random
+    direction where the gradient is zero).
     """
 
     adversary: str
@@ -115,9 +117,12 @@ class Recipe:
     track_collapse: bool = False
     cuda_graph: bool = True
     mixup_alpha: float = 0.0
+    trades_l2_step: str = "threat"
 
     def __post_init__(self) -> None:
         check_alpha(self.mixup_alpha)
+        if self.trades_l2_step not in TRADES_L2_STEPS:
+            raise ValueError(f"training.trades_l2_step = {self.trades_l2_step!r}: not allowed; allowed: {', '.join(TRADES_L2_STEPS)}")
         if self.trades_bn not in TRADES_BN:
             raise ValueError(f"training.trades_bn = {self.trades_bn!r}: not allowed; allowed: {', '.join(TRADES_BN)}")
         if self.batch_size < 1:
@@ -483,6 +488,7 @@ class TradesStep(TrainStep):
     attack = TradesKL()
 
     def __init__(self, model: nn.Module, optimizer: SGD, recipe: Recipe, **kwargs) -> None:
+        self.attack = TradesKL(l2_step=recipe.trades_l2_step)
         super().__init__(model, optimizer, recipe, **kwargs)
         self.train_mode = recipe.trades_bn != "eval"
 
