@@ -4,15 +4,15 @@ of config/paper.yaml.
 
     python benchmarks/gpu_cell.py                  # GPU: 50,000 + 10,000 fake images, 3 epochs per cell
     python benchmarks/gpu_cell.py --smoke          # a tiny version (default without a GPU): a smoke test
-    python benchmarks/gpu_cell.py --attack-precision fp32   # evaluations with fp32 attacks (paper.yaml: bf16)
+    python benchmarks/gpu_cell.py --precision bf16 --attack-precision bf16   # the bf16 opt-in (paper.yaml: fp32)
     python benchmarks/gpu_cell.py --packed 1 2 4 --models preact_resnet18 --adversaries pgd-linf
                                                    # k cells training at once on one GPU: aggregate images/s
 
 The data are random images in the real on-disk format (tests/test_paper.py: ``write_fake_cifar10``):
 learning curves mean nothing, timings do. Each cell runs ``prepare_data -> init_cell -> train_cell
-(0 -> epochs) -> evaluate_cell -> robustness_cell`` with ``config/paper.yaml``'s settings (bf16,
-bf16 attacks in the evaluation, CUDA graphs, the authors' BatchNorm switches, deterministic
-kernels off) unless overridden.
+(0 -> epochs) -> evaluate_cell -> robustness_cell`` with ``config/paper.yaml``'s settings (fp32
+training and attacks, CUDA graphs, the authors' BatchNorm switches, deterministic kernels off)
+unless overridden (``--precision``, ``--attack-precision``).
 
 A training epoch's seconds come from the training log; epoch 1 pays the CUDA-graph capture and
 cuDNN autotuning, so the table reports it apart and the projection uses the median of the later
@@ -57,9 +57,10 @@ ADVERSARIES = ("st", "pgd-linf", "trades-linf")
 
 
 def benchmark_config(data_root: Path, *, device: str, epochs: int, smoke: bool, deterministic: bool,
-                     attack_precision: str | None = None) -> dict:
+                     attack_precision: str | None = None, precision: str | None = None) -> dict:
     """config/paper.yaml restricted to fake CIFAR-10 and ``epochs`` epochs (tiny in smoke mode);
-    ``attack_precision`` overrides the evaluation's (paper.yaml: bf16; fp32 on the CPU)."""
+    ``precision`` and ``attack_precision`` override training's and the evaluation's (paper.yaml:
+    fp32; always fp32 on the CPU unless given)."""
     config = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
     config["data_root"], config["device"], config["results"] = str(data_root), device, str(data_root.parent / "results")
     config["datasets"]["cifar10"]["options"] = {"verify_checksums": False}
@@ -69,6 +70,8 @@ def benchmark_config(data_root: Path, *, device: str, epochs: int, smoke: bool, 
         config["precision"] = config["evaluation"]["attack_precision"] = "fp32"
     if attack_precision is not None:
         config["evaluation"]["attack_precision"] = attack_precision
+    if precision is not None:
+        config["precision"] = precision
     if smoke:
         config["threads"] = 1
         config["training"]["batch_size"] = 20
@@ -191,7 +194,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--adversaries", nargs="+", default=list(ADVERSARIES), choices=ADVERSARIES)
     parser.add_argument("--deterministic", action="store_true", help="deterministic kernels (paper.yaml: off)")
     parser.add_argument("--attack-precision", choices=("fp32", "bf16"), default=None,
-                        help="the evaluation's attacks (default: paper.yaml's bf16 on a GPU, fp32 on the CPU)")
+                        help="the evaluation's attacks (default: paper.yaml's, fp32)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                        help="training and its attacks (default: paper.yaml's, fp32)")
     parser.add_argument("--train-only", action="store_true", help="time the training epochs only (no evaluations, no projection)")
     parser.add_argument("--packed", type=int, nargs="+", default=None, metavar="K",
                         help="instead: aggregate images/s of K cells training at once, for every --models x --adversaries")
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not (data_root / "cifar-10-batches-py").exists():
             write_fake_cifar10(data_root, **({} if smoke else {"n_train_per_file": 10000, "n_test": 10000}))
         config = benchmark_config(data_root, device=args.device, epochs=epochs, smoke=smoke, deterministic=args.deterministic,
-                                  attack_precision=args.attack_precision)
+                                  attack_precision=args.attack_precision, precision=args.precision)
         data_path = str(work / "cifar10.pt")
         prepare_data(config, "cifar10", data_path)
         print(f"device {args.device}{' (smoke)' if smoke else ''}, precision {config['precision']}, "

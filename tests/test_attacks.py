@@ -16,6 +16,7 @@ from ncrobust.attacks import (
     PERTURBATIONS,
     STRONG_ATTACKS,
     ThreatModel,
+    TradesKL,
     gaussian,
     perturb,
     pgd,
@@ -502,6 +503,82 @@ def test_trades_kl_perturbation_is_the_trades_attack_against_the_model():
     want = trades_kl(model, x, norm="linf", eps=0.1, step_size=0.02, steps=3, generator=_gen())
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert "trades-kl" in PERTURBATIONS
+
+
+def _authors_trades_l2(model, x_natural, epsilon, perturb_steps, draws):
+    """The l2 branch of ``attack_trades`` in Su et al.'s ``train.py`` / ``eval.py`` (TRADES'
+    ``trades.py`` the same), written out as there: SGD on ``delta`` with lr ``2 eps / steps`` on the
+    negated KL, the gradient renormed per example, ``randn_like`` where it is zero, then clamp and
+    ``renorm_``. The model takes [0, 1] inputs (ours normalises inside); the random numbers come
+    from ``draws`` (the start, then one tensor per step, of which the zero-gradient rows are taken)
+    instead of the global RNG. Returns the examples and how many zero-gradient rows there were."""
+    criterion_kl = torch.nn.KLDivLoss(reduction="sum")
+    batch_size = len(x_natural)
+    delta = (0.001 * draws[0]).detach().requires_grad_(True)
+    optimizer_delta = torch.optim.SGD([delta], lr=epsilon / perturb_steps * 2)
+    zero_rows = 0
+    for i in range(perturb_steps):
+        adv = x_natural + delta
+        optimizer_delta.zero_grad()
+        with torch.enable_grad():
+            loss = (-1) * criterion_kl(F.log_softmax(model(adv), dim=1), F.softmax(model(x_natural), dim=1))
+        loss.backward()
+        grad_norms = delta.grad.view(batch_size, -1).norm(p=2, dim=1)
+        delta.grad.div_(grad_norms.view(-1, 1, 1, 1))
+        if (grad_norms == 0).any():
+            delta.grad[grad_norms == 0] = draws[1 + i][grad_norms == 0]
+            zero_rows += int((grad_norms == 0).sum())
+        optimizer_delta.step()
+        delta.data.add_(x_natural)
+        delta.data.clamp_(0, 1).sub_(x_natural)
+        delta.data.renorm_(p=2, dim=0, maxnorm=epsilon)
+    return (x_natural + delta).detach(), zero_rows
+
+
+def _half_dead():
+    """A ReLU network whose hidden units are all off for dark images: their logits are constant,
+    so TRADES' KL gradient is exactly zero there; bright images have a gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, C)).eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.0, 0.1)
+        model[1].bias.fill_(-1.0)
+    x, _ = _batch(32, 1)
+    x[:16] *= 0.05  # dark: every pre-activation below -0.96, also after the steps
+    return model, x
+
+
+@pytest.mark.parametrize("case", ["mlp", "zero gradients"])
+def test_trades_l2_authors_step_is_the_authors_loop(case):
+    """``l2_step="authors"`` (``training.trades_l2_step: authors``) equals a direct
+    reimplementation of the authors' l2 loop from the same random numbers, zero gradients included;
+    the default (``threat``) steps by the threat's step size instead."""
+    model, x = (_mlp(1), _batch(32, 1)[0]) if case == "mlp" else _half_dead()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    th = ThreatModel("l2", 0.5, 0.05, 5)
+    attack = TradesKL(l2_step="authors")
+    draws = attack.draw_start(x, th, _gen())
+    assert len(draws) == 1 + th.steps
+    want, zero_rows = _authors_trades_l2(model, x, th.eps, th.steps, [d.clone() for d in draws])
+    assert (zero_rows > 0) == (case == "zero gradients")
+    got = perturb("trades-kl", model, x, x.new_zeros(len(x), dtype=torch.int64), threat=th, num_classes=C,
+                  generator=_gen(), l2_step="authors")
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+    torch.testing.assert_close(attack.from_start(model, x, draws, th), want, rtol=0, atol=2e-6)  # the training's pieces
+    _assert_valid(got, x, norm="l2", eps=th.eps)
+    threat_step = trades_kl(model, x, norm="l2", eps=th.eps, step_size=th.step_size, steps=th.steps, generator=_gen())
+    assert (threat_step - want).abs().max() > 1e-3
+    if case == "zero gradients":  # the threat's step leaves a zero-gradient example at its start
+        torch.testing.assert_close(threat_step[:16], (x + 0.001 * TradesKL().draw_start(x, th, _gen())[0])[:16].clamp(0, 1))
+    # l_inf: the step is the threat's either way, and the same draws
+    linf = ThreatModel("linf", 0.1, 0.02, 3)
+    assert len(attack.draw_start(x, linf, _gen())) == 1
+    torch.testing.assert_close(perturb("trades-kl", model, x, x.new_zeros(len(x), dtype=torch.int64), threat=linf,
+                                       num_classes=C, generator=_gen(), l2_step="authors"),
+                               trades_kl(model, x, norm="linf", eps=0.1, step_size=0.02, steps=3, generator=_gen()), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="trades l2_step 'paper'; allowed: threat, authors"):
+        TradesKL(l2_step="paper")
 
 
 def _confident_linear() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:

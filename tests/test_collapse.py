@@ -582,6 +582,76 @@ def test_perturbation_metrics_shift_and_identity():
         assert float(shifted["alignment_angle_uncentred_per_class"][c]) == pytest.approx(want_u[c], rel=1e-9)
 
 
+def test_mean_displacement_of_a_known_shift_per_class():
+    """Perturbed set = clean set with class c shifted by v_c: ``||mu'_c - mu_c|| = ||v_c||``, the
+    centred distance ``||v_c - v_bar||`` and ``||mu'_G - mu_G|| = ||v_bar||`` with the
+    sample-weighted ``v_bar = sum_c N_c v_c / N`` (imbalanced classes: the weights matter)."""
+    H, y, _, _ = random_problem(6, 9, balanced=False, seed=21)
+    C = 6
+    V = np.random.default_rng(5).standard_normal((C, 9)) * np.arange(1, C + 1)[:, None]
+    m = perturbation_metrics(H, y, H + V[y], y, num_classes=C)
+    counts = np.bincount(y, minlength=C)
+    v_bar = counts @ V / counts.sum()
+    np.testing.assert_allclose(m["class_mean_distance_per_class"].numpy(), np.linalg.norm(V, axis=1), rtol=1e-12)
+    assert m["class_mean_distance"] == pytest.approx(np.linalg.norm(V, axis=1).mean(), rel=1e-12)
+    centred = np.linalg.norm(V - v_bar, axis=1)
+    np.testing.assert_allclose(m["class_mean_distance_centred_per_class"].numpy(), centred, rtol=1e-10)
+    assert m["class_mean_distance_centred"] == pytest.approx(centred.mean(), rel=1e-10)
+    assert m["global_mean_distance"] == pytest.approx(np.linalg.norm(v_bar), rel=1e-10)
+    # a common shift moves every mean by it and leaves the centred simplex where it was
+    v = np.linspace(-1.0, 2.0, 9)
+    common = perturbation_metrics(H, y, H + v, y, num_classes=C)
+    np.testing.assert_allclose(common["class_mean_distance_per_class"].numpy(), np.linalg.norm(v), rtol=1e-12)
+    np.testing.assert_allclose(common["class_mean_distance_centred_per_class"].numpy(), 0.0, atol=1e-12)
+    same = perturbation_metrics(H, y, H, y, num_classes=C)
+    assert same["class_mean_distance"] == 0.0 and same["global_mean_distance"] == 0.0
+    assert same["global_mean_angle"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("theta", [0.0, 17.0, 90.0, 135.0, 180.0])
+def test_mean_displacement_of_a_rotation(theta):
+    """Every feature rotated by ``theta`` in a plane that contains ``mu_G``: the global means are
+    ``theta`` apart, and each class mean moves by ``2 sin(theta/2)`` times the length of its
+    projection on the plane (a rotation fixes the orthogonal complement)."""
+    H, y, _, _ = random_problem(5, 7, balanced=True, seed=22)
+    C = 5
+    mu_G = H.mean(0)
+    e1 = mu_G / np.linalg.norm(mu_G)
+    e2 = np.random.default_rng(6).standard_normal(7)
+    e2 -= (e2 @ e1) * e1
+    e2 /= np.linalg.norm(e2)
+    t = math.radians(theta)
+    P = np.outer(e1, e1) + np.outer(e2, e2)  # projection on the plane
+    R = np.eye(7) - P + math.cos(t) * P + math.sin(t) * (np.outer(e2, e1) - np.outer(e1, e2))
+    m = perturbation_metrics(H, y, H @ R.T, y, num_classes=C)
+    assert m["global_mean_angle"] == pytest.approx(theta, abs=1e-6)
+    mus = np.stack([H[y == c].mean(0) for c in range(C)])
+    want = 2 * math.sin(t / 2) * np.linalg.norm(mus @ P, axis=1)
+    np.testing.assert_allclose(m["class_mean_distance_per_class"].numpy(), want, rtol=1e-9, atol=1e-12)
+    assert m["global_mean_distance"] == pytest.approx(2 * math.sin(t / 2) * np.linalg.norm(mu_G), rel=1e-9, abs=1e-12)
+
+
+def test_mean_displacement_streams_and_needs_a_reference():
+    H, y, _, _ = random_problem(4, 6, balanced=False, seed=23)
+    noisy = H + np.random.default_rng(7).standard_normal(H.shape)
+    clean = LayerStats(4)
+    for part in np.array_split(np.arange(len(y)), 3):
+        clean.accumulate_means(H[part], y[part])
+    clean.finish_means()
+    pert = LayerStats(4, reference=clean)
+    for part in np.array_split(np.arange(len(y)), 5):
+        pert.accumulate_means(noisy[part], y[part])
+    pert.finish_means()
+    dense = perturbation_metrics(H, y, noisy, y, num_classes=4)
+    for key, value in pert.mean_displacement().items():
+        if isinstance(value, torch.Tensor):
+            np.testing.assert_allclose(value.numpy(), dense[key].numpy(), rtol=1e-12)
+        else:
+            assert value == pytest.approx(dense[key], rel=1e-12)
+    with pytest.raises(ValueError, match="reference=<the clean set>"):
+        clean.mean_displacement()
+
+
 # ------------------------------------------------------------------------------------------
 # bad input
 # ------------------------------------------------------------------------------------------

@@ -279,8 +279,10 @@ ENUM_REGISTRIES = {  # schema path -> the library's name for the same list
     "datasets.*.norm": "ncrobust.attacks.NORMS",
     "evaluation.norms.[]": "ncrobust.attacks.NORMS",
     "training.trades_bn": "ncrobust.training.train.TRADES_BN",
+    "training.trades_l2_step": "ncrobust.attacks.TRADES_L2_STEPS",
     "precision": "ncrobust.jobs.experiment.AUTOCAST",
     "evaluation.attack_precision": "ncrobust.jobs.experiment.AUTOCAST",
+    "evaluation.attack_loss": "ncrobust.jobs.experiment.ATTACK_LOSSES",
     "evaluation.feature_dtype": "ncrobust.evaluation.checkpoint.FEATURE_DTYPES",
     "datasets.*.options.imbalance.profile": "ncrobust.data.IMBALANCE_PROFILES",
 }
@@ -338,7 +340,7 @@ def test_the_training_recipes_defaults_are_the_schemas():
     schedule = {key: _default(f"training.schedule.{key}") for key in ("kind", "milestones", "factors")}
     assert defaults == {
         **{key: _default(f"training.{key}") for key in ("batch_size", "trades_beta", "log_test_accuracy", "trades_bn",
-                                                        "pgd_clean_bn_pass", "track_collapse", "cuda_graph", "epoch_measure")},
+                                                        "pgd_clean_bn_pass", "track_collapse", "cuda_graph", "epoch_measure", "trades_l2_step")},
         **{key: _default(f"training.optimizer.{key}") for key in ("lr", "momentum", "weight_decay")},
         "autocast_dtype": AUTOCAST[_default("precision")],
         "mixup_alpha": _default("training.mixup.alpha"),
@@ -359,6 +361,7 @@ def test_the_evaluation_plans_defaults_are_the_schemas():
         "splits": tuple(_default("evaluation.splits")),
         "attack_loss": None,  # the cell's loss: the workflow always passes it
         "attack_dtype": AUTOCAST[_default("evaluation.attack_precision")],
+        "trades_l2_step": _default("training.trades_l2_step"),
     }
 
 

@@ -114,6 +114,14 @@ def test_streamed_metrics_equal_the_dense_functions(small):
     pert1.finish_means()
     pert1.accumulate_scatter(p_taps["layer1"], y)
     assert scalar(m, "pgd", "ncc_accuracy_clean_means", layer="layer1") == pytest.approx(pert1.compute()["ncc_accuracy_clean_means"])
+    # the displacement of the means from the clean ones, at every layer of a perturbed set only
+    for key, value in pert1.mean_displacement().items():
+        if isinstance(value, torch.Tensor):
+            got = rows(m, "pgd", layer="layer1").query("metric == @key").sort_values("class")["value"]
+            np.testing.assert_allclose(got, value.numpy(), rtol=1e-9)
+        else:
+            assert scalar(m, "pgd", key, layer="layer1") == pytest.approx(value, rel=1e-9), key
+    assert not m[m.perturbation == "clean"].metric.isin(["class_mean_distance", "global_mean_angle"]).any()
 
 
 def test_targeted_sets_are_grouped_by_target_at_every_layer(small):
@@ -400,6 +408,32 @@ def test_strong_evaluation_reports_every_attack_on_the_same_samples_with_one_los
     x_p = perturb("pgd", model, x, y, threat=LINF, num_classes=10, batch_size=64, loss=mse, generator=generator(1, "strong", "pgd"))
     with torch.no_grad():
         assert by["pgd"]["robust_accuracy"] == pytest.approx(float((model(x_p).argmax(1) == y).double().mean()))
+
+
+def test_worst_is_the_per_example_worst_case_over_pgd10_and_the_strong_attacks(small, monkeypatch):
+    """A strong attack weaker than PGD-10 (here one that returns x unchanged) cannot lift ``worst``
+    above PGD-10: a sample counts only if it survives PGD-10 too."""
+    from ncrobust import attacks
+
+    class Unchanged(attacks.Clean):
+        seeded = True
+
+    model, d = small
+    x, y = as_float(d, "test")
+    monkeypatch.setitem(attacks.ATTACKS, "pgd-strong", Unchanged())
+    by = {r["attack"]: r["robust_accuracy"] for r in strong_evaluation(
+        model, x, y, threat=LINF, num_classes=10, attacks=["pgd-strong"], seed=1, batch_size=64)}
+    assert by["pgd-strong"] == by["clean"] > by["pgd"]
+    assert by["worst"] == by["pgd"]
+    # with real attacks: the share of samples that survive each of them, counted directly
+    rows_ = strong_evaluation(model, x, y, threat=LINF, num_classes=10, attacks=["apgd-ce"], seed=1, batch_size=64)
+    by = {r["attack"]: r["robust_accuracy"] for r in rows_}
+    x_pgd = perturb("pgd", model, x, y, threat=LINF, num_classes=10, batch_size=64, generator=generator(1, "strong", "pgd"))
+    x_apgd = perturb("apgd-ce", model, x, y, threat=LINF, num_classes=10, batch_size=64, seed=1)
+    with torch.no_grad():
+        both = (model(x_pgd).argmax(1) == y) & (model(x_apgd).argmax(1) == y)
+    assert by["worst"] == pytest.approx(float(both.double().mean()))
+    assert by["worst"] <= min(by["pgd"], by["apgd-ce"])
 
 
 # --------------------------------------------------------------------------------------------- tables

@@ -62,15 +62,16 @@ def test_projection_is_cells_times_epochs_evaluations_and_strong_evaluation(tmp_
         gpu_cell.projected_hours(paper, epoch_s, {"preact_resnet18": 10.0}, {m: 100.0 for m in gpu_cell.MODELS})
 
 
-def test_the_evaluations_attack_precision_is_paper_yamls_unless_overridden(tmp_path):
-    """On a GPU the benchmark measures paper.yaml's bf16 attacks, or fp32 ones with
-    ``--attack-precision fp32`` (both were measured on the H100); the CPU smoke test runs fp32."""
+def test_the_precisions_are_paper_yamls_unless_overridden(tmp_path):
+    """On a GPU the benchmark measures paper.yaml's fp32 training and attacks, or the bf16 opt-in
+    with ``--precision bf16 --attack-precision bf16``; the CPU smoke test runs fp32."""
     (tmp_path / "data").mkdir()
 
-    def precision(**kw):
+    def precisions(**kw):
         options = dict(device="cuda", epochs=2, smoke=False, deterministic=False) | kw
-        return gpu_cell.benchmark_config(tmp_path / "data", **options)["evaluation"]["attack_precision"]
+        config = gpu_cell.benchmark_config(tmp_path / "data", **options)
+        return config["precision"], config["evaluation"]["attack_precision"]
 
-    assert precision() == "bf16"
-    assert precision(attack_precision="fp32") == "fp32"
-    assert precision(device="cpu", smoke=True) == "fp32"
+    assert precisions() == ("fp32", "fp32")
+    assert precisions(attack_precision="bf16", precision="bf16") == ("bf16", "bf16")
+    assert precisions(device="cpu", smoke=True) == ("fp32", "fp32")

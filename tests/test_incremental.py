@@ -115,6 +115,8 @@ EDITS = {
     "grid axis reordered": (lambda c: c["grid"].update(adversary=["pgd-linf", "st"]), set()),
     "threat model no cell uses": (_add_unused_l2, set()),
     "trades_beta without TRADES cells": (lambda c: c["training"].update(trades_beta=3.0), set()),
+    "the authors' TRADES l2 step without trades-l2 cells": (lambda c: c["training"].update(trades_l2_step="authors"), set()),
+    "cross-entropy attacks of ce cells": (lambda c: c["evaluation"].update(attack_loss="ce"), set()),
     "new seed": (lambda c: c["grid"].update(seed=[1, 2]), cell_jobs(seeds=(2,)) | FINAL),
     "new adversary": (lambda c: c["grid"].update(adversary=["st", "pgd-linf", "trades-linf"]), cell_jobs(["trades-linf"]) | FINAL),
     "adversary removed": (lambda c: c["grid"].update(adversary=["st"]), FINAL),

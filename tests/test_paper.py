@@ -43,6 +43,9 @@ def test_paper_config_is_the_papers_recipe(tmp_path):
     assert linf == {"eps": pytest.approx(8 / 255), "step_size": pytest.approx(2 / 255), "steps": 10}
     l2 = config["datasets"]["cifar10"]["threat"]["l2"]
     assert l2 == {"eps": pytest.approx(128 / 255), "step_size": pytest.approx(15 / 255), "steps": 10}
+    # the authors' arithmetic (fp32 training and attacks) and their attack choices
+    assert (config["precision"], config["evaluation"]["attack_precision"]) == ("fp32", "fp32")
+    assert (t["trades_l2_step"], config["evaluation"]["attack_loss"]) == ("authors", "ce")
 
 
 @pytest.mark.workflow

@@ -49,6 +49,9 @@ def synthetic_metrics(adversaries=("st", "pgd-linf"), seeds=(1, 2), epochs=(0, 5
             add("penultimate", "nc2_equinorm_M", 0.3 * 10 ** (-t) * rng.uniform(0.8, 1.2))
             add("penultimate", "nc2_equiangle_M", 0.2 * 10 ** (-t) * rng.uniform(0.8, 1.2))
             add("penultimate", "nc3", 0.5 * 10 ** (-2 * t) * rng.uniform(0.8, 1.2))
+            w_scale = 1 + seed / 10  # NC2 of the classifier: one value per checkpoint, the same in every set
+            add("penultimate", "nc2_equinorm_W", 0.1 * 10 ** (-t) * w_scale)
+            add("penultimate", "nc2_equiangle_W", 0.05 * 10 ** (-t) * w_scale)
             add("penultimate", "nc4", 0.0 if (t == 1 and not attacked) else rng.uniform(0.0, 0.3))
             acc = (0.3 + 0.7 * t) * (0.1 if bad else (0.6 if attacked else 1.0))
             add("penultimate", "accuracy", acc)
@@ -343,9 +346,15 @@ def _panel_lines(ax):
 def test_nc_vs_epoch_draws_one_series_per_perturbation_under_the_own_threat(tmp_path):
     metrics = synthetic_metrics()
     fig = plots.nc_vs_epoch(tables.nc_curves(metrics), tmp_path / "nc.png")
-    axes = np.array(fig.axes).reshape(5, 2)
+    axes = np.array(fig.axes).reshape(7, 2)
     assert [ax.get_title() for ax in axes[0]] == ["trained with st", "trained with pgd-linf"]
-    assert "NC1" in axes[0, 0].get_ylabel() and "NC4" in axes[4, 0].get_ylabel()
+    assert "NC1" in axes[0, 0].get_ylabel() and "NC4" in axes[6, 0].get_ylabel()
+    # NC2 of the classifier W: one line (W is the same in every set), the mean over seeds
+    assert "of W" in axes[3, 0].get_ylabel() and "of W" in axes[4, 0].get_ylabel()
+    (w_line,) = _panel_lines(axes[3, 0])
+    want_w = metrics[(metrics.adversary == "st") & (metrics.split == "train") & (metrics.metric == "nc2_equinorm_W")
+                     & (metrics.perturbation == "clean")].groupby("epoch")["value"].mean()
+    np.testing.assert_allclose(w_line.get_ydata(), want_w.to_numpy())
     nc1_st = _panel_lines(axes[0, 0])
     assert len(nc1_st) == len(PERTURBATIONS)
     # every value drawn is a mean over seeds of the linf rows: the l2 rows (x 1e6) never appear

@@ -107,6 +107,8 @@ EDITS = {
     "mixup geometry": (_set("evaluation.mixup_geometry", {"enabled": True, "pairs": [[1, 2]]}), _all(["mixup_geometry"])),
     "probe": (_set("probe", {"enabled": True, "lambdas": [1.0]}), _all(["probe"])),
     "probe defaults spelled out": (_set("probe", {"layer": "penultimate", "weight_decay": 5e-3}), set()),
+    "cross-entropy attacks (ce cells: the same attack)": (_set("evaluation.attack_loss", "ce"), set()),
+    "authors' TRADES l2 step (no trades-l2 cell here)": (_set("training.trades_l2_step", "authors"), set()),
 }
 
 
@@ -191,6 +193,72 @@ def test_the_simplex_projection_sample_reaches_the_evaluation_through_the_slice(
         job = job_config("evaluate", stage_slice("evaluate", config, cell=cell), config, cell=cell)
         assert evaluation_plan(job, cell).projection_points == 40
     assert evaluation_plan(_config(), ST).projection_points == 300
+
+
+MSE_CELLS = [Cell("digits", "mlp", "mse", adversary, 1) for adversary in ("st", "pgd-linf", "trades-linf")]
+
+
+def test_the_attack_loss_is_in_the_evaluate_and_robustness_slices_of_a_non_ce_cell():
+    """``evaluation.attack_loss: ce`` reruns an mse cell's evaluate and robustness jobs, nothing
+    else; writing out the default reruns nothing; a ce cell's slices never hold the key."""
+    raw = tiny_config()
+    for value, changed in (("ce", {"evaluate", "robustness"}), ("own", set())):
+        edited = copy.deepcopy(raw)
+        edited["evaluation"]["attack_loss"] = value
+        before, after = validate_config(raw), validate_config(edited)
+        for cell in MSE_CELLS:
+            differs = {stage for stage in CELL_STAGES
+                       if repr(stage_slice(stage, before, cell=cell)) != repr(stage_slice(stage, after, cell=cell))}
+            assert differs == changed, (value, cell.adversary)
+    for cell in (ST, PGD, TRADES):
+        assert "attack_loss" not in stage_slice("evaluate", validate_config(raw), cell=cell)["evaluation"]
+
+
+def test_attack_loss_ce_changes_the_loss_that_an_mse_cells_attacks_ascend():
+    """Through each job's own config (slice plus execution settings): the evaluation plan's and the
+    robustness stage's attack loss is the cell's own by default and cross-entropy with ``ce``;
+    a ce cell reads no key (its slice has none)."""
+    from ncrobust import losses
+    from ncrobust.jobs.experiment import attack_loss, evaluation_plan
+
+    raw = tiny_config()
+    raw["evaluation"]["attack_loss"] = "ce"
+    for config, want in ((validate_config(tiny_config()), ("mse", losses.mse)), (validate_config(raw), ("ce", losses.cross_entropy))):
+        for cell in MSE_CELLS:
+            for stage in ("evaluate", "robustness"):
+                job = job_config(stage, stage_slice(stage, config, cell=cell), config, cell=cell)
+                assert attack_loss(job, cell) == want
+            job = job_config("evaluate", stage_slice("evaluate", config, cell=cell), config, cell=cell)
+            assert evaluation_plan(job, cell).attack_loss is want[1]
+        for cell in (ST, PGD, TRADES):
+            job = job_config("evaluate", stage_slice("evaluate", config, cell=cell), config, cell=cell)
+            assert attack_loss(job, cell) == ("ce", losses.cross_entropy)
+
+
+def test_the_trades_l2_step_is_in_the_slices_of_trades_l2_cells_only():
+    """``training.trades_l2_step`` reruns a ``trades-l2`` cell's training and everything after it,
+    no other cell's; the default written out reruns nothing; every job reads it from its own config."""
+    from ncrobust.jobs.experiment import evaluation_plan
+    from ncrobust.jobs.pipeline import recipe
+
+    raw = tiny_config()
+    raw["grid"]["adversary"] = ["st", "pgd-l2", "trades-linf", "trades-l2"]
+    raw["datasets"]["digits"]["threat"]["l2"] = {"eps": 1.0, "step_size": 0.25, "steps": 3}
+    cells = [Cell("digits", "mlp", "ce", adversary, 1) for adversary in raw["grid"]["adversary"]]
+    for value, changed in (("authors", {"train", "evaluate", "robustness", *RELATED}), ("threat", set())):
+        edited = copy.deepcopy(raw)
+        edited["training"]["trades_l2_step"] = value
+        before, after = validate_config(raw), validate_config(edited)
+        for cell in cells:
+            differs = {stage for stage in CELL_STAGES
+                       if repr(stage_slice(stage, before, cell=cell)) != repr(stage_slice(stage, after, cell=cell))}
+            assert differs == (changed if cell.adversary == "trades-l2" else set()), (value, cell.adversary)
+        for cell in cells:
+            for stage in ("init_model", "train"):
+                job = job_config(stage, stage_slice(stage, after, cell=cell), after, cell=cell)
+                assert recipe(job, cell).trades_l2_step == value
+            job = job_config("evaluate", stage_slice("evaluate", after, cell=cell), after, cell=cell)
+            assert evaluation_plan(job, cell).trades_l2_step == (value if cell.adversary == "trades-l2" else "threat")
 
 
 def test_an_adversary_name_parses_to_its_kind_and_norm_and_back():

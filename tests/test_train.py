@@ -279,6 +279,22 @@ def test_the_step_is_chosen_once_from_the_adversary(digits, adversary, step_clas
                         num_classes=10, n_train=64, device=x.device)
 
 
+def test_trades_l2_training_uses_the_recipes_l2_step(digits):
+    """``training.trades_l2_step: authors``: the TRADES step attacks with the authors' l2 loop (its
+    draws: the start and one per step), and training with it differs from the threat's step."""
+    l2 = ThreatModel("l2", 0.5, 0.05, 3)
+    finals = {}
+    for l2_step in ("threat", "authors"):
+        cell, model, recipe, x, y = _setup(digits, "trades-l2", epochs=1, threat=l2, trades_l2_step=l2_step)
+        step = make_train_step(model, make_optimizer(model, recipe), recipe, num_classes=10, n_train=64, device=x.device)
+        assert step.attack.l2_step == l2_step
+        assert len(step.draw_noise(x[:64], torch.Generator().manual_seed(0))) == (1 if l2_step == "threat" else 1 + l2.steps)
+        finals[l2_step], _ = train_segment(model, initial_checkpoint(model, recipe), x, y, recipe=recipe, end_epoch=1, seed=cell.seed)
+    assert not _same_state(finals["threat"]["model"], finals["authors"]["model"])
+    with pytest.raises(ValueError, match="training.trades_l2_step = 'paper': not allowed; allowed: threat, authors"):
+        Recipe(adversary="trades-l2", loss=get_loss("ce"), threat=l2, epochs=1, trades_l2_step="paper")
+
+
 # --------------------------------------------------------------------------------------------
 # The authors' BatchNorm choices, and one definition of the logged accuracies
 

@@ -328,6 +328,10 @@ class Attack(abc.ABC):
         """This attack with ``restarts`` random restarts; an attack without restarts ignores them."""
         return self
 
+    def with_l2_step(self, l2_step: str) -> Attack:
+        """This attack with the ``l2`` step ``l2_step`` (:class:`TradesKL`); the others ignore it."""
+        return self
+
     @abc.abstractmethod
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, *, num_classes: int,
                  generator: torch.Generator | None, seed: int | None, loss_fn: LossFn, autocast_dtype: torch.dtype | None,
@@ -499,6 +503,10 @@ class StrongPGD(Attack):
 # --------------------------------------------------------------------------------------------
 
 
+TRADES_L2_STEPS = ("threat", "authors")
+"""The ``l2`` step of :class:`TradesKL`: the threat model's, or TRADES' and Su et al.'s code's."""
+
+
 @dataclass(frozen=True)
 class TradesKL(Attack):
     """The TRADES inner maximisation (Zhang et al. 2019) against the model itself, crafted in
@@ -507,15 +515,34 @@ class TradesKL(Attack):
     Maximises ``KL(softmax(model(x_adv)) || softmax(model(x)))`` computed as
     ``kl_div(log_softmax(model(x_adv)), softmax(model(x)), reduction="sum")`` from the start
     ``x + 0.001 * N(0, I)`` (as TRADES' code). ``linf``: sign steps of ``step_size``, clamp to the
-    ball and [0, 1]. ``l2`` (TRADES' code, with our conventions): the per-example normalised
-    gradient step of size ``step_size`` (TRADES' code uses ``2 * eps / steps``; a zero gradient
-    gives no step here instead of TRADES' random direction), then clamp to [0, 1] and renorm the
-    perturbation to the eps-ball. ``softmax(model(x))`` is a constant in eval mode and is computed
-    once.
+    ball and [0, 1]. ``l2``: a step along the per-example normalised gradient, then clamp to [0, 1]
+    and renorm the perturbation to the eps-ball, with ``l2_step``:
+
+    - ``threat`` (default): steps of the threat model's ``step_size``; a zero gradient gives no step;
+    - ``authors``: TRADES' code (``trades.py``) and Su et al.'s ``attack_trades``, which run SGD on
+      the perturbation with learning rate ``2 * eps / steps`` (the threat's ``step_size`` is not
+      used); where an example's gradient is zero its step is ``-2 eps / steps * r`` with ``r`` a
+      fresh ``N(0, I)`` draw (their ``randn_like`` in place of the undefined normalised gradient).
+      The draws of every step come with the start (:meth:`draw_start`), so the attack stays
+      a function of tensors (a captured CUDA graph), also where no gradient is zero.
+
+    ``softmax(model(x))`` is a constant in eval mode and is computed once.
 
     The training step uses the pieces: :meth:`draw_start` outside its captured graph and
     :meth:`from_start` inside it.
     """
+
+    l2_step: str = "threat"
+
+    def __post_init__(self) -> None:
+        if self.l2_step not in TRADES_L2_STEPS:
+            raise ValueError(f"trades l2_step {self.l2_step!r}; allowed: {', '.join(TRADES_L2_STEPS)}")
+
+    def with_l2_step(self, l2_step: str) -> TradesKL:
+        return dataclasses.replace(self, l2_step=l2_step)
+
+    def _authors_l2(self, threat: ThreatModel) -> bool:
+        return threat.norm == "l2" and self.l2_step == "authors"
 
     def __call__(self, model, x, y, threat, *, num_classes, generator, seed, loss_fn, autocast_dtype, batch_size):
         return _chunked(lambda xb, _: self.run(model, xb, threat, generator=generator, autocast_dtype=autocast_dtype),
@@ -528,14 +555,22 @@ class TradesKL(Attack):
             return self.from_start(model, x, self.draw_start(x, threat, generator), threat, autocast_dtype=autocast_dtype)
 
     def draw_start(self, x: torch.Tensor, threat: ThreatModel, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
-        """The Gaussian noise of TRADES' start, from ``generator`` (the global RNG if None)."""
-        return (_noise("randn", x, generator),)
+        """The Gaussian noise of TRADES' start, from ``generator`` (the global RNG if None); with
+        the authors' ``l2`` step also one ``N(0, I)`` draw per step, for the examples whose
+        gradient is zero."""
+        start = (_noise("randn", x, generator),)
+        if self._authors_l2(threat):
+            start += tuple(_noise("randn", x, generator) for _ in range(threat.steps))
+        return start
 
     def from_start(self, model: nn.Module, x: torch.Tensor, start: tuple[torch.Tensor, ...], threat: ThreatModel, *,
                    autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The KL iterations from the start ``x + 0.001 * z`` (``start`` = ``(z,)`` of
+        """The KL iterations from the start ``x + 0.001 * z`` (``start`` = ``(z, ...)`` of
         :meth:`draw_start`, consumed) in the model's current mode, without input checks."""
         norm, eps, step_size = threat.norm, threat.eps, threat.step_size
+        authors = self._authors_l2(threat)
+        if authors:
+            step_size = 2.0 * eps / threat.steps
         x_adv = start[0].mul_(0.001).add_(x)
         bounds = _linf_bounds(x, eps) if norm == "linf" else None
         # The start lies 0.001 from x, below bf16's resolution of a normalised pixel, and the KL is
@@ -553,10 +588,14 @@ class TradesKL(Attack):
                 (grad,) = torch.autograd.grad(kl, x_adv)
             if norm == "linf":
                 _step_(x_adv, grad, x, bounds, norm=norm, eps=eps, step_size=step_size)
-            else:  # a zero gradient gives no step
+            else:
                 with torch.no_grad():
-                    scale = _l2_norms(grad)
-                    scale = torch.where(scale > 0, step_size / scale.clamp_min(_NORM_FLOOR), 0.0)
+                    norms = _l2_norms(grad)
+                    scale = torch.where(norms > 0, step_size / norms.clamp_min(_NORM_FLOOR), 0.0)
+                    if authors:  # a zero gradient: SGD's step on the authors' random "gradient" r
+                        grad = torch.where(_bcast(norms > 0, x), grad, -start[1 + i])
+                        scale = torch.where(norms > 0, scale, step_size)
+                    # threat: a zero gradient gives no step
                     _renorm_l2_(x_adv.addcmul_(grad, _bcast(scale, x)).clamp_(0.0, 1.0).sub_(x), x, eps)
         return x_adv.detach()
 
@@ -657,6 +696,7 @@ def perturb(
     step_size: float | None = None,
     restarts: int | None = None,
     eps: float | None = None,
+    l2_step: str | None = None,
 ) -> torch.Tensor:
     """Apply attack ``name`` of :data:`ATTACKS` under ``threat`` to ``x`` with true labels ``y``.
 
@@ -670,7 +710,8 @@ def perturb(
 
     ``loss`` (cross-entropy by default, a loss name or function) is what the PGD attacks ascend.
     ``steps``, ``step_size``, ``eps`` override the threat's values for this call, ``restarts`` the
-    attack's (attacks without restarts ignore it). ``batch_size`` processes ``x`` in chunks of
+    attack's (attacks without restarts ignore it); ``l2_step`` the ``l2`` step of ``trades-kl``
+    (:data:`TRADES_L2_STEPS`; the other attacks ignore it). ``batch_size`` processes ``x`` in chunks of
     that many examples (bounded memory for any split size); the random stream then continues from
     chunk to chunk, so results depend on it.
     """
@@ -688,6 +729,8 @@ def perturb(
     if restarts is not None:
         _check_restarts(restarts)
         attack = attack.with_restarts(restarts)
+    if l2_step is not None:
+        attack = attack.with_l2_step(l2_step)
     _check_batch(x, y, num_classes, batch_size)
     attack.check(x, num_classes)
     threat = ThreatModel(threat.norm, threat.eps if eps is None else eps, threat.step_size if step_size is None else step_size,
@@ -757,11 +800,13 @@ def trades_kl(
     steps: int,
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
+    l2_step: str = "threat",
 ) -> torch.Tensor:
-    """:class:`TradesKL` in the ``norm`` ball of radius ``eps``, its arguments checked."""
+    """:class:`TradesKL` in the ``norm`` ball of radius ``eps``, its arguments checked; ``l2_step``:
+    ``threat`` or ``authors`` (:class:`TradesKL`)."""
     threat = ThreatModel(norm, float(eps), float(step_size), steps)
     _check_images(x)
-    return TradesKL().run(model, x.detach(), threat, generator=generator, autocast_dtype=autocast_dtype)
+    return TradesKL(l2_step=l2_step).run(model, x.detach(), threat, generator=generator, autocast_dtype=autocast_dtype)
 
 
 def gaussian(x: torch.Tensor, *, eps: float, norm: str = "linf", generator: torch.Generator | None = None) -> torch.Tensor:

@@ -40,8 +40,9 @@ TRAINING_EXECUTION = frozenset({"cuda_graph", "deterministic"})
 kernels): results agree to rounding, so changing them reruns nothing; :func:`job_config` hands
 them to every job."""
 
-TRAINING_USED_BY = {"trades_beta": "trades", "trades_bn": "trades", "pgd_clean_bn_pass": "pgd"}
-"""``training`` keys that only one adversary kind reads: in the slices of that kind's cells only."""
+TRAINING_USED_BY = {"trades_beta": "trades", "trades_bn": "trades", "pgd_clean_bn_pass": "pgd", "trades_l2_step": "trades-l2"}
+"""``training`` keys that only one adversary kind (or one adversary: ``trades_l2_step`` is the step of
+the ``l2`` TRADES attack) reads: in the slices of that kind's or that adversary's cells only."""
 
 TRAINING_OUTPUT_ONLY = frozenset({"epoch_measure"})
 """``training`` switches that add files to the train job and never change its checkpoint (the
@@ -61,6 +62,10 @@ EVALUATION_IGNORED = {
 
 EVALUATION_USED_BY = {"norms": "st"}
 """``evaluation`` keys that only one adversary kind reads: in the slices of that kind's cells only."""
+
+EVALUATION_UNUSED_BY_LOSS = {"attack_loss": "ce"}
+"""``evaluation`` keys that cells of one loss never read: ``attack_loss`` chooses between the
+cell's own loss and cross-entropy, the same for a ``ce`` cell, so it is in no slice of one."""
 
 
 VARIANT_PARTS = ("dataset", "model", "training")
@@ -150,7 +155,7 @@ def _training(config: dict, cell: Cell, *, train_job: bool = False) -> dict:
     kind = cell.parsed_adversary.kind
     training = {
         k: v for k, v in config["training"].items()
-        if k not in TRAINING_IGNORED and k not in TRAINING_EXECUTION and TRAINING_USED_BY.get(k, kind) == kind
+        if k not in TRAINING_IGNORED and k not in TRAINING_EXECUTION and TRAINING_USED_BY.get(k, kind) in (kind, cell.adversary)
         and (k not in TRAINING_OUTPUT_ONLY or (train_job and v))
     }
     sliced = {**_model_and_loss(config, cell), "training": training, "precision": config["precision"]}
@@ -164,6 +169,7 @@ def _evaluation(stage: str, config: dict, cell: Cell) -> dict:
     evaluation = {
         k: v for k, v in config["evaluation"].items()
         if k not in EVALUATION_IGNORED[stage] and EVALUATION_USED_BY.get(k, kind) == kind
+        and EVALUATION_UNUSED_BY_LOSS.get(k) != cell.loss
     }
     return merge(_training(config, cell), cell_threat(config, cell), {"evaluation": evaluation})
 

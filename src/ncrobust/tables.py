@@ -129,7 +129,7 @@ def constant_setting(frame: pd.DataFrame) -> str:
 
 
 def robustness_by_cell(robustness: pd.DataFrame) -> pd.DataFrame:
-    """Per cell: ``strong_robust_accuracy`` (per-example worst case over the strong attacks) and
+    """Per cell: ``strong_robust_accuracy`` (per-example worst case over PGD-10 and the strong attacks) and
     ``pgd_gap`` = PGD-10 robust accuracy minus it, on the same samples (large: gradient masking)."""
     wide = robustness.pivot_table(index=CELL_COLUMNS, columns="attack", values="robust_accuracy").reset_index()
     strongest = "worst" if "worst" in wide.columns else "pgd"
@@ -183,7 +183,8 @@ def summary_markdown(table: pd.DataFrame) -> str:
 # ---------------------------------------------------------------------------------------------
 # what each figure draws (tidy frames; ncrobust.figures.plots takes them as they are)
 
-NC_FIGURE_METRICS = ["nc1", "nc2_equinorm_M", "nc2_equiangle_M", "nc3", "nc4"]
+NC_FIGURE_METRICS = ["nc1", "nc2_equinorm_M", "nc2_equiangle_M", "nc2_equinorm_W", "nc2_equiangle_W", "nc3", "nc4"]
+CLASSIFIER_METRICS = ["nc2_equinorm_W", "nc2_equiangle_W"]  # of W alone: the same in every set of a checkpoint
 LAYERWISE_METRICS = ["nc1", "ncc_accuracy_clean_means", "ncc_accuracy"]
 
 
@@ -192,9 +193,12 @@ def _penultimate(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def nc_curves(metrics: pd.DataFrame, split: str = "train") -> pd.DataFrame:
-    """NC1-NC4 of the penultimate features against epoch, every perturbation."""
+    """NC1-NC4 of the penultimate features against epoch, every perturbation; NC2 of the
+    classifier rows (:data:`CLASSIFIER_METRICS`) once, from the clean rows (W does not depend on the set)."""
     m = _penultimate(metrics)
-    return with_setting(m[(m["split"] == split) & m["metric"].isin(NC_FIGURE_METRICS)], varying_settings(metrics))
+    m = m[(m["split"] == split) & m["metric"].isin(NC_FIGURE_METRICS)]
+    m = m[~m["metric"].isin(CLASSIFIER_METRICS) | (m["perturbation"] == "clean")]
+    return with_setting(m, varying_settings(metrics))
 
 
 def accuracy_curves(metrics: pd.DataFrame) -> pd.DataFrame:

@@ -33,6 +33,7 @@ from .measure import (
     class_accuracy,
     class_geometry,
     imbalance_geometry,
+    mean_displacement,
     prediction_metrics,
     reference_geometry,
     within_class,
@@ -380,6 +381,20 @@ class LayerStats:
             mask = mask.to(g.M.device)
         W = None if weight is None else _matrix(weight, tuple(g.M.shape), "weight", g.M.device)
         return imbalance_geometry(g, W, mask)
+
+    def mean_displacement(self) -> dict[str, float | torch.Tensor]:
+        """How far this set's class means and global mean lie from the reference's, after
+        ``finish_means`` (:func:`ncrobust.collapse.measure.mean_displacement`; primes mark this set):
+
+        - ``class_mean_distance_per_class`` [C] = ``||mu'_c - mu_c||``, its mean ``class_mean_distance``
+        - ``class_mean_distance_centred_per_class`` [C] = ``||(mu'_c - mu'_G) - (mu_c - mu_G)||``,
+          its mean ``class_mean_distance_centred``
+        - ``global_mean_distance = ||mu'_G - mu_G||``, ``global_mean_angle`` = angle(mu'_G, mu_G) in degrees
+        """
+        g = self._finished()
+        if self.reference is None:
+            raise ValueError("mean_displacement needs a LayerStats built with reference=<the clean set>")
+        return mean_displacement(g, self.reference._geometry)
 
     def reference_geometry(self) -> dict[str, float | torch.Tensor]:
         """How this set sits relative to its reference (the clean set of the split; Su et al. 2024):

@@ -237,6 +237,9 @@ def perturbation_metrics(
     - ``mean_shift = ||mu'_G - mu_G|| / sqrt(tr Sigma_B)``: the shift of the global mean in units
       of the clean between-class spread (``sqrt(tr Sigma_B)`` is the root-mean-square length of
       the clean centred means), well defined even when ``mu_G`` is 0.
+    - ``class_mean_distance[_per_class]`` (``||mu'_c - mu_c||``), ``class_mean_distance_centred[_per_class]``,
+      ``global_mean_distance`` (``||mu'_G - mu_G||``) and ``global_mean_angle`` (degrees between
+      ``mu'_G`` and ``mu_G``): :meth:`LayerStats.mean_displacement`
     """
     H0, y0, C = _checked_set(clean_features, clean_labels, num_classes, "clean_features", "clean_labels")
     H, y, _ = _checked_set(features, labels, C)
@@ -253,4 +256,5 @@ def perturbation_metrics(
     if predictions is not None:
         out["leap_to_prediction"] = stats.prediction_metrics()["leap_to_prediction"]
     out.update(geometry)
+    out.update(stats.mean_displacement())
     return out

@@ -33,6 +33,12 @@ Conventions (one definition each; the README repeats them):
   NCC prediction and the network argmax against the labels. The NCC (nearest class centre)
   prediction is the nearest *uncentred* class mean in Euclidean distance
   (:func:`~ncrobust.collapse.accumulate.nearest_mean`).
+- mean displacement against the reference (:func:`mean_displacement`, every layer; primes mark the
+  perturbed set): ``class_mean_distance_per_class`` = ``||mu'_c - mu_c||`` and its mean over classes
+  ``class_mean_distance``; ``class_mean_distance_centred[_per_class]`` the same for the centred
+  means ``||(mu'_c - mu'_G) - (mu_c - mu_G)||``; ``global_mean_distance = ||mu'_G - mu_G||`` and
+  ``global_mean_angle`` = angle in degrees between ``mu'_G`` and ``mu_G`` (Su et al.'s code:
+  ``clean_robust_dist_abs``, ``clean_robust_dist``, ``muG_dist``, ``muG_angle``)
 - leap matrix ``L[y, k]`` = share of class-y samples whose nearest reference (clean) class mean is
   ``k`` (Su et al. 2024: perturbed features of a standard-trained network "leap" to another vertex
   of the clean simplex); rows sum to 1, ``leap_rate`` = 1 - its sample-weighted diagonal.
@@ -249,4 +255,33 @@ def reference_geometry(g: _Geometry, ref: _Geometry, joint: torch.Tensor) -> dic
         "alignment_angle_uncentred": float(uncentred.mean()),
         "alignment_angle_uncentred_per_class": uncentred,
         "mean_shift": _div(float(torch.linalg.vector_norm(mu_G - ref.mu_G)), math.sqrt(ref.tr_B)),
+    }
+
+
+def mean_displacement(g: _Geometry, ref: _Geometry) -> dict[str, float | torch.Tensor]:
+    """How far the class means and the global mean of this set (``g``, primes) lie from those of
+    its reference (``ref``), in the layer's own units:
+
+    - ``class_mean_distance_per_class`` [C] = ``||mu'_c - mu_c||`` and ``class_mean_distance``, its
+      mean over classes
+    - ``class_mean_distance_centred_per_class`` [C] = ``||(mu'_c - mu'_G) - (mu_c - mu_G)||`` (the
+      simplex moved, with the common translation removed) and ``class_mean_distance_centred``
+    - ``global_mean_distance = ||mu'_G - mu_G||`` (``mean_shift`` is it over ``sqrt(tr Sigma_B)``)
+    - ``global_mean_angle`` = angle in degrees between ``mu'_G`` and ``mu_G`` (nan when one is 0)
+
+    Su et al.'s code reports the same (``clean_robust_dist_abs``, ``clean_robust_dist``,
+    ``muG_dist``, ``muG_angle``, the angle in radians) with ``mu_G`` the unweighted mean of the
+    class means; here ``mu_G`` is the mean of all samples, which is the same on balanced data.
+    """
+    dev = ref.M.device
+    M, mu_G = g.M.to(dev), g.mu_G.to(dev)
+    per_class = torch.linalg.vector_norm(M - ref.M, dim=1)
+    centred = torch.linalg.vector_norm((M - mu_G) - (ref.M - ref.mu_G), dim=1)
+    return {
+        "class_mean_distance": float(per_class.mean()),
+        "class_mean_distance_per_class": per_class,
+        "class_mean_distance_centred": float(centred.mean()),
+        "class_mean_distance_centred_per_class": centred,
+        "global_mean_distance": float(torch.linalg.vector_norm(mu_G - ref.mu_G)),
+        "global_mean_angle": float(_angles(mu_G.unsqueeze(0), ref.mu_G.unsqueeze(0))[0]),
     }

@@ -9,7 +9,8 @@ the own and the clean means, agreement with the network), plus the quantities th
 layer has: NC2 / NC3 against the classifier, NC4, accuracy (overall and per class), the leap
 matrix and the alignment of the perturbed simplex with the clean one. Every layer also gets the
 imbalance geometry of its class means (``mean_norm_per_class``, ``orthogonality_M``,
-``minority_cos_M``), the penultimate one that of the classifier rows too and the training split's
+``minority_cos_M``) and, on a perturbed set, the displacement of its class means and global mean
+from the clean ones (``class_mean_distance``, ``global_mean_angle``, ...), the penultimate one that of the classifier rows too and the training split's
 ``train_class_count`` (the minorities come from the prepared dataset's ``class_counts``).
 
 Which labels group a set is decided here, once: the true labels, except for ``pgd-targeted``,
@@ -34,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ncrobust.attacks import PERTURBATIONS, ThreatModel, perturb, target_labels
+from ncrobust.attacks import PERTURBATIONS, TRADES_L2_STEPS, ThreatModel, perturb, target_labels
 from ncrobust.collapse import LayerStats, minority_classes
 from ncrobust.columns import PENULTIMATE, RESULT_COLUMNS
 from ncrobust.data import as_float, device_layout
@@ -56,7 +57,8 @@ class EvaluationPlan:
     (the cell's training loss); ``projection_points``: penultimate features kept per set for the
     ``simplex`` figure; ``keep_features``: keep every set's penultimate features and logits;
     ``attack_dtype``: autocast dtype of the attacks' forward and backward passes (None: fp32; the
-    metrics are measured in fp32 on the perturbed inputs either way).
+    metrics are measured in fp32 on the perturbed inputs either way); ``trades_l2_step``: the ``l2``
+    step of ``trades-kl`` (:class:`ncrobust.attacks.TradesKL`).
     """
 
     threats: tuple[ThreatModel, ...]
@@ -69,6 +71,7 @@ class EvaluationPlan:
     keep_features: bool = False
     feature_dtype: str = "float32"
     attack_dtype: torch.dtype | None = None
+    trades_l2_step: str = "threat"
 
     def __post_init__(self) -> None:
         if not self.threats or not all(isinstance(t, ThreatModel) for t in self.threats):
@@ -90,6 +93,8 @@ class EvaluationPlan:
             raise ValueError(f"feature_dtype {self.feature_dtype!r}; allowed: {', '.join(FEATURE_DTYPES)}")
         if self.attack_dtype not in (None, torch.bfloat16):  # fp16's range underflows small gradients: not validated
             raise ValueError(f"attack_dtype {self.attack_dtype!r}; allowed: None (fp32), torch.bfloat16")
+        if self.trades_l2_step not in TRADES_L2_STEPS:
+            raise ValueError(f"trades_l2_step {self.trades_l2_step!r}; allowed: {', '.join(TRADES_L2_STEPS)}")
 
     @property
     def attacked(self) -> list[str]:
@@ -238,6 +243,8 @@ def _set_metrics(
         if targets is not None:  # grouped by target: the clean-means NCC decision counts arrivals at the target
             values["target_hit_rate_ncc"] = values["ncc_accuracy_clean_means"]
         values.update(s.imbalance_geometry(weight if name == PENULTIMATE else None, minority))
+        if perturbed:
+            values.update(s.mean_displacement())
         if name == PENULTIMATE:
             values.update(s.class_geometry(weight))
             values.update(s.prediction_metrics())
@@ -367,7 +374,7 @@ def evaluate_checkpoint(
                 x_p = perturb(
                     name, model, x, y, threat=threat, num_classes=num_classes, generator=generator(*stream, device=device),
                     batch_size=plan.batch_size, loss=plan.attack_loss, autocast_dtype=plan.attack_dtype,
-                    **plan.perturbations[name],
+                    l2_step=plan.trades_l2_step, **plan.perturbations[name],
                 )
                 targets = target_labels(y, num_classes) if name == "pgd-targeted" else None
                 groups = y if targets is None else targets

@@ -1,9 +1,10 @@
 """The strong final evaluation: robust accuracy under PGD-10 (the study's attack) and under
 stronger attacks (PGD with more steps and restarts, APGD-CE, APGD-T), on the same samples.
 
-A sample counts as robust under ``worst`` only if it survives every strong attack (the
-per-example worst case, as AutoAttack reports). ``pgd_gap`` = accuracy under PGD-10 minus
-accuracy under ``worst``: a large gap means PGD-10 overestimates robustness (gradient masking),
+A sample counts as robust under ``worst`` only if it survives PGD-10 and every strong attack (the
+per-example worst case over all the attacks run, as AutoAttack reports), so ``worst`` is never
+above any one attack's accuracy. ``pgd_gap`` = accuracy under PGD-10 minus accuracy under
+``worst`` (>= 0): a large gap means PGD-10 overestimates robustness (gradient masking),
 and the collapse measured under PGD-10 would be measured on points that are not adversarial.
 """
 
@@ -35,7 +36,7 @@ def strong_evaluation(
     loss_name: str = "ce",
 ) -> list[dict]:
     """Rows ``{attack, attack_loss, robust_accuracy, samples}`` for ``clean``, ``pgd`` (the cell's
-    PGD-10), each of ``attacks`` and their per-example ``worst``.
+    PGD-10), each of ``attacks`` and the per-example ``worst`` over PGD-10 and ``attacks``.
 
     ``loss`` (named ``loss_name``) is the loss PGD and PGD-strong ascend: the cell's training loss,
     as in the evaluation's ``pgd``, so that both report the same attack. APGD-CE and APGD-T keep
@@ -49,8 +50,8 @@ def strong_evaluation(
         rows = [{"attack": "clean", "robust_accuracy": _correct(model, x, y, batch_size).double().mean().item()}]
         x_pgd = perturb("pgd", model, x, y, threat=threat, num_classes=num_classes, batch_size=batch_size, loss=loss,
                         generator=generator(seed, "strong", "pgd", device=x.device))
-        rows.append({"attack": "pgd", "robust_accuracy": _correct(model, x_pgd, y, batch_size).double().mean().item()})
-        survived = torch.ones(len(x), dtype=torch.bool, device=x.device)
+        survived = _correct(model, x_pgd, y, batch_size)  # worst: robust to PGD-10 and to every strong attack
+        rows.append({"attack": "pgd", "robust_accuracy": survived.double().mean().item()})
         for name in attacks:
             x_adv = perturb(name, model, x, y, threat=threat, num_classes=num_classes, seed=seed, batch_size=batch_size, loss=loss)
             correct = _correct(model, x_adv, y, batch_size)

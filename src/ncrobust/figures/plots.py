@@ -67,6 +67,8 @@ NC_METRICS = {  # metric -> (axis label, log scale)
     "nc1": ("NC1\ntr(Σ_W Σ_B⁺)/C", True),
     "nc2_equinorm_M": ("NC2 equinorm\nstd/mean ‖μ_c − μ_G‖", True),
     "nc2_equiangle_M": ("NC2 equiangle\nmean |cos + 1/(C−1)|", True),
+    "nc2_equinorm_W": ("NC2 equinorm of W\nstd/mean ‖w_c‖", True),
+    "nc2_equiangle_W": ("NC2 equiangle of W\nmean |cos + 1/(C−1)|", True),
     "nc3": ("NC3 self-duality\n‖W/‖W‖ − M̃ᵀ/‖M̃‖‖²_F", True),
     "nc4": ("NC4\n1 − NCC/network agreement", False),
 }
@@ -329,8 +331,9 @@ def _hit_rate_handles(hits: pd.DataFrame | None, frame: pd.DataFrame, splits: li
 def nc_vs_epoch(m: pd.DataFrame, path: str | Path, split: str = "train", hits: pd.DataFrame | None = None):
     """NC1-NC4 of the penultimate features against epoch (``tables.nc_curves``): clean vs each
     perturbation, one column per adversary, one row per metric (log scale for NC1-NC3: they span
-    decades; NC4 is a share). ``hits`` (``tables.target_hit_rates``): the legend names the
-    targeted set's hit rate."""
+    decades; NC4 is a share); the NC2 rows of the classifier W have one line (W is the same for
+    every perturbation). ``hits`` (``tables.target_hit_rates``): the legend names the targeted
+    set's hit rate."""
     if m.empty:
         return _placeholder(path, "Neural Collapse against epoch", f"no NC metrics of the penultimate layer on the {split} split")
     rows = [(k, *NC_METRICS[k]) for k in NC_METRICS if k in set(m["metric"])]

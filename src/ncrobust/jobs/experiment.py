@@ -32,14 +32,29 @@ def threat_model(config: dict, cell: Cell, norm: str | None = None) -> ThreatMod
     return ThreatModel(norm=norm, eps=float(t["eps"]), step_size=float(t["step_size"]), steps=int(t["steps"]))
 
 
+ATTACK_LOSSES = ("own", "ce")
+"""``evaluation.attack_loss``: the cell's own training loss, or cross-entropy."""
+
+
 def cell_loss(config: dict, cell: Cell):
-    """The cell's training loss with its options: also the loss every attack on the cell ascends."""
+    """The cell's training loss with its options: also the loss its training-time attacks ascend."""
     return get_loss(cell.loss, **config.get("losses", {}).get(cell.loss, {}))
+
+
+def attack_loss(config: dict, cell: Cell):
+    """``(name, loss)`` that the evaluation's and the robustness stage's attacks on ``cell``
+    ascend: its own loss (``evaluation.attack_loss: own``) or cross-entropy (``ce``, Su et al.'s
+    attack on every network). A ``ce`` cell's own loss is ``ce``: the key is not read for it (and
+    is in none of its slices, :data:`ncrobust.stages.EVALUATION_UNUSED_BY_LOSS`)."""
+    if cell.loss != "ce" and config["evaluation"]["attack_loss"] == "ce":
+        return "ce", get_loss("ce")
+    return cell.loss, cell_loss(config, cell)
 
 
 def evaluation_plan(config: dict, cell: Cell, *, keep_features: bool = False) -> EvaluationPlan:
     """What the evaluation measures on every checkpoint of ``cell``: its own threat model first, and
-    for an ``st`` cell every other norm of ``evaluation.norms``; the cell's loss for the attacks."""
+    for an ``st`` cell every other norm of ``evaluation.norms``; the attacks' loss of :func:`attack_loss`,
+    the ``trades-kl`` step of :func:`trades_l2_step`."""
     ev = config["evaluation"]
     own = threat_model(config, cell)
     extra = [n for n in ev["norms"] if n != own.norm] if cell.parsed_adversary.kind == "st" else []
@@ -49,12 +64,20 @@ def evaluation_plan(config: dict, cell: Cell, *, keep_features: bool = False) ->
         splits=tuple(ev["splits"]),
         batch_size=int(ev["batch_size"]),
         layerwise=bool(ev["layerwise"]),
-        attack_loss=cell_loss(config, cell),
+        attack_loss=attack_loss(config, cell)[1],
         projection_points=ev["projection_points"],
         keep_features=keep_features,
         feature_dtype=ev["feature_dtype"],
         attack_dtype=AUTOCAST[ev["attack_precision"]],
+        trades_l2_step=trades_l2_step(config, cell),
     )
+
+
+def trades_l2_step(config: dict, cell: Cell) -> str:
+    """The ``l2`` step of the evaluation's ``trades-kl`` attack on ``cell``: a ``trades-l2`` cell's
+    own training attack (``training.trades_l2_step``, in its slices only), the threat model's step
+    for every other cell."""
+    return config["training"]["trades_l2_step"] if cell.adversary == "trades-l2" else "threat"
 
 
 def build_model(config: dict, cell: Cell, data: dict) -> torch.nn.Module:

@@ -16,7 +16,7 @@ from ncrobust.cell import Cell
 from ncrobust.columns import EPOCH_FIGURES, ROBUSTNESS_COLUMNS
 from ncrobust.evaluation.checkpoint import evaluate_checkpoint
 from ncrobust.io import CorruptFileError, OutdatedFileError, load_torch, read_parquet, save_torch, write_parquet, write_text
-from ncrobust.jobs.experiment import AUTOCAST, build_model, cell_loss, evaluation_plan, resolve_device, threat_model
+from ncrobust.jobs.experiment import AUTOCAST, attack_loss, build_model, cell_loss, evaluation_plan, resolve_device, threat_model
 from ncrobust.tables import epoch_collapse_curves, metrics_frame, stack, summary, summary_markdown, tag, training_frame
 from ncrobust.training.train import Recipe, Schedule, initial_checkpoint, train_segment
 
@@ -106,6 +106,7 @@ def recipe(config: dict, cell: Cell) -> Recipe:
         cuda_graph=t["cuda_graph"],
         mixup_alpha=t["mixup"]["alpha"] if "mixup" in t else 0.0,  # no mixup section: no mixup
         epoch_measure=t["epoch_measure"],
+        trades_l2_step=t["trades_l2_step"],
     )
 
 
@@ -188,9 +189,10 @@ def robustness_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, o
         x, y = x[: strong["max_samples"]], y[: strong["max_samples"]]
     x, y = place(model, device, x, y)[1:]
     threat = threat_model(config, cell)
+    loss_name, loss = attack_loss(config, cell)
     rows = strong_evaluation(
         model, x, y, threat=threat, num_classes=len(data["classes"]), attacks=strong["attacks"],
-        seed=cell.seed, batch_size=config["evaluation"]["batch_size"], loss=cell_loss(config, cell), loss_name=cell.loss,
+        seed=cell.seed, batch_size=config["evaluation"]["batch_size"], loss=loss, loss_name=loss_name,
     )
     frame = pd.DataFrame(rows).assign(split=strong["split"], norm=threat.norm)
     write_parquet(tag(frame, cell, epoch)[ROBUSTNESS_COLUMNS], output)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ncrobust.attacks import PGD, ThreatModel, TradesKL
+from ncrobust.attacks import PGD, TRADES_L2_STEPS, ThreatModel, TradesKL
 from ncrobust.cell import Adversary
 from ncrobust.columns import COLLAPSE_LOG_COLUMNS
 from ncrobust.losses import LossFn
@@ -100,7 +100,9 @@ class Recipe:
     eval mode (:mod:`ncrobust.training.epoch_measure`); it never changes the training.
     ``cuda_graph``: capture the full-batch step in a CUDA graph (ignored on the CPU).
     ``mixup_alpha``: mixup's Beta(alpha, alpha) (0 = off; :mod:`ncrobust.training.mixup` says how it
-    combines with each adversary).
+    combines with each adversary). ``trades_l2_step``: the step of TRADES' ``l2`` attack
+    (:class:`~ncrobust.attacks.TradesKL`: ``threat``, or ``authors``: ``2 eps / steps`` and a random
+    direction where the gradient is zero).
     """
 
     adversary: str
@@ -121,12 +123,15 @@ class Recipe:
     cuda_graph: bool = True
     mixup_alpha: float = 0.0
     epoch_measure: bool = False
+    trades_l2_step: str = "threat"
 
     def __post_init__(self) -> None:
         check_alpha(self.mixup_alpha)
         if self.epoch_measure and self.mixup_alpha:
             raise ValueError("training.epoch_measure with training.mixup: a mixed input has no one label to group it by; "
                              "switch one of them off")
+        if self.trades_l2_step not in TRADES_L2_STEPS:
+            raise ValueError(f"training.trades_l2_step = {self.trades_l2_step!r}: not allowed; allowed: {', '.join(TRADES_L2_STEPS)}")
         if self.trades_bn not in TRADES_BN:
             raise ValueError(f"training.trades_bn = {self.trades_bn!r}: not allowed; allowed: {', '.join(TRADES_BN)}")
         if self.batch_size < 1:
@@ -518,6 +523,7 @@ class TradesStep(TrainStep):
     attack = TradesKL()
 
     def __init__(self, model: nn.Module, optimizer: SGD, recipe: Recipe, **kwargs) -> None:
+        self.attack = TradesKL(l2_step=recipe.trades_l2_step)
         super().__init__(model, optimizer, recipe, **kwargs)
         self.train_mode = recipe.trades_bn != "eval"
 
