@@ -283,6 +283,8 @@ ENUM_REGISTRIES = {  # schema path -> the library's name for the same list
     "evaluation.attack_precision": "ncrobust.jobs.experiment.AUTOCAST",
     "evaluation.feature_dtype": "ncrobust.evaluation.checkpoint.FEATURE_DTYPES",
     "datasets.*.options.imbalance.profile": "ncrobust.data.IMBALANCE_PROFILES",
+    "variants.*.adversaries.[]": "ncrobust.cell.ADVERSARIES",
+    "findings": "ncrobust.findings.BLOCKS",
 }
 
 
