@@ -153,8 +153,15 @@ class _Cells:
             raise _Missing(metric)
         return float(m.groupby("seed")["value"].first().mean())
 
+    def smallest_class(self, **cell) -> int:
+        """The fewest training samples of a class in ``cell`` (``train_class_count``)."""
+        m = self._rows(self.metrics[self.metrics["metric"] == "train_class_count"], cell)
+        if m.empty:
+            raise _Missing("train_class_count")
+        return int(m["value"].min())
+
     def epochs(self) -> list[int]:
-        return sorted(set(int(e) for e in self.metrics["epoch"]))
+        return sorted({int(e) for e in self.metrics["epoch"]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,9 +230,10 @@ def _both(pair: tuple[str, str]) -> str:
     return f"{pair[0]} / {pair[1]}"
 
 
-def _cell(fn: Callable[[], str]) -> str:
+def _show(fmt: Callable[[float], str], value: Callable[..., float], *args, **kwargs) -> str:
+    """``fmt(value(*args, **kwargs))`` for a table cell, or :data:`MISSING` when the tables lack it."""
     try:
-        return fn()
+        return fmt(value(*args, **kwargs))
     except _Missing:
         return MISSING
 
@@ -256,7 +264,7 @@ def _ordered(values, order=()) -> list:
 
 
 def _seeds(summary: pd.DataFrame) -> str:
-    seeds = sorted(set(int(s) for s in summary["seeds"])) if "seeds" in summary.columns else []
+    seeds = sorted({int(s) for s in summary["seeds"]}) if "seeds" in summary.columns else []
     if not seeds:
         return "no seeds"
     return " or ".join(str(s) for s in seeds) + (" seed" if seeds == [1] else " seeds")
@@ -299,16 +307,17 @@ def default_block(tables: Tables) -> str:
     order = summary.assign(_a=summary["adversary"].map(ADVERSARIES.index), _v=summary["variant"] != BASE_VARIANT)
     for _, r in order.sort_values([*varying, "loss", "_a", "_v", "variant"]).iterrows():
         cell = {k: r[k] for k in ("dataset", "model", "loss", "adversary", "variant")}
-        accuracy = [_cell(lambda: acc(cells.attack("pgd", **cell)))] + ([_cell(lambda: acc(cells.attack("worst", **cell)))] if strong else [])
+        accuracy = [_show(acc, cells.attack, attack, **cell) for attack in ("pgd", *(["worst"] if strong else []))]
         rows.append([f"`{r[k]}`" if k in ("adversary", "variant") else str(r[k]) for k in keys] + [
-            _cell(lambda: nc(cells.get("nc1_clean", **cell))), _cell(lambda: nc(cells.get("nc1_pgd", **cell))),
-            _cell(lambda: acc(cells.get("ncc_accuracy_clean_means_pgd", **cell))),
-            _cell(lambda: acc(cells.get("leap_rate_pgd", **cell))), _cell(lambda: deg(cells.get("alignment_angle_pgd", **cell))),
-            " / ".join(accuracy),
+            _show(nc, cells.get, "nc1_clean", **cell), _show(nc, cells.get, "nc1_pgd", **cell),
+            _show(acc, cells.get, "ncc_accuracy_clean_means_pgd", **cell), _show(acc, cells.get, "leap_rate_pgd", **cell),
+            _show(deg, cells.get, "alignment_angle_pgd", **cell), " / ".join(accuracy),
         ])
     lines = [
-        f"Final epoch ({_epoch(summary)}), mean over {_seeds(summary)}; the geometry on the train split, "
-        f"PGD under each cell's own threat model (`results/tables/summary.parquet`, `robustness.parquet`).",
+        (
+            f"Final epoch ({_epoch(summary)}), mean over {_seeds(summary)}; the geometry on the train split, "
+            f"PGD under each cell's own threat model (`results/tables/summary.parquet`, `robustness.parquet`)."
+        ),
         "",
         *_table(header, rows),
         "",
@@ -408,7 +417,7 @@ def _loss_sentences(cells: _Cells, summary: pd.DataFrame, varying: list[str]) ->
         first = losses[0] if losses else None
         for loss in losses[1:]:
             for quantity, what in (("nc1_clean", "clean features"), ("nc1_pgd", "PGD features")):
-                def sentence(loss=loss, quantity=quantity, what=what):
+                def sentence(loss=loss, quantity=quantity, what=what, setting=setting, first=first):
                     parts, directions = [], set()
                     for adversary in _ordered(summary["adversary"], ADVERSARIES):
                         cell = dict(setting, adversary=adversary, variant=BASE_VARIANT)
@@ -446,20 +455,19 @@ def imbalance_block(tables: Tables) -> str:
         for adversary in _ordered(summary[summary["loss"] == loss]["adversary"], ADVERSARIES):
             cell = dict(base, loss=loss, adversary=adversary)
 
-            def get(quantity, variant, fmt=two, cell=cell):
-                return _cell(lambda: fmt(cells.get(quantity, variant=variant, **cell)))
-
-            rows.append([
-                f"{loss}, `{adversary}`",
-                _both((get("minority_cos_W", "r10"), get("minority_cos_W", "r100"))),
-                _both((get("minority_cos_W", "r10-nobias"), get("minority_cos_W", "r100-nobias"))),
-                _both((get("minority_cos_M_clean", "r100"), get("minority_cos_M_pgd", "r100"))),
-                _both((get("test_minority_accuracy", "r10"), get("test_minority_robust_accuracy", "r10"))),
+            pairs = ((("minority_cos_W", "r10"), ("minority_cos_W", "r100")),
+                     (("minority_cos_W", "r10-nobias"), ("minority_cos_W", "r100-nobias")),
+                     (("minority_cos_M_clean", "r100"), ("minority_cos_M_pgd", "r100")),
+                     (("test_minority_accuracy", "r10"), ("test_minority_robust_accuracy", "r10")))
+            rows.append([f"{loss}, `{adversary}`"] + [
+                _both(tuple(_show(two, cells.get, quantity, variant=variant, **cell) for quantity, variant in pair)) for pair in pairs
             ])
     lines = [
-        f"Final epoch ({_epoch(summary)}), {_seeds(summary)}, train split for the cosines (`minority_cos_W`: mean cosine "
-        "between the minority classes' classifier rows, 1 = Minority Collapse; `minority_cos_M`: the same for their "
-        "centred class means), test split for the accuracies (`results/tables/summary.parquet`).",
+        (
+            f"Final epoch ({_epoch(summary)}), {_seeds(summary)}, train split for the cosines (`minority_cos_W`: mean cosine "
+            "between the minority classes' classifier rows, 1 = Minority Collapse; `minority_cos_M`: the same for their "
+            "centred class means), test split for the accuracies (`results/tables/summary.parquet`)."
+        ),
         "",
         *_table(header, rows),
         "",
@@ -482,8 +490,13 @@ def _imbalance_sentences(cells: _Cells, summary: pd.DataFrame, base: dict) -> li
             r10, r100 = c("minority_cos_W", adversary, "r10"), c("minority_cos_W", adversary, "r100")
             parts.append(f"{pick(r100, r10, 'rises', 'falls', 'stays', two)} from {two(r10)} to {two(r100)} for `{adversary}`")
         means, minority, overall = c("minority_cos_M_clean", "st", "r100"), c("test_minority_accuracy", "st", "r100"), c("test_accuracy", "st", "r100")
+        try:
+            fewest = cells.smallest_class(loss=ce, adversary="st", variant="r100", **base)
+            images = f" ({fewest} training image{'' if fewest == 1 else 's'} per minority class)"
+        except _Missing:
+            images = ""
         return (f"**Minority Collapse with `{ce}`.** From ratio 10 to ratio 100 the minority classifier rows' mean cosine "
-                f"{' and '.join(parts)}. At ratio 100 (one training image per minority class) the minority clean class means "
+                f"{' and '.join(parts)}. At ratio 100{images} the minority clean class means "
                 f"of `st` have a mean cosine of {two(means)}, and its test accuracy on the minority classes is {two(minority)} "
                 f"(on all classes {two(overall)}).")
 
@@ -591,17 +604,18 @@ def related_block(tables: Tables) -> str:
                 cell = dict(base, loss=loss, adversary=adversary, variant=variant)
                 rows.append([
                     loss, adversary, variant,
-                    _cell(lambda: acc(cells.get("test_accuracy", **cell))),
-                    _cell(lambda: acc(cells.get("test_robust_accuracy", **cell))),
-                    _cell(lambda: nc(cells.get("nc1_clean", **cell))), _cell(lambda: nc(cells.get("nc1_pgd", **cell))),
-                    *(_both(tuple(_cell(lambda p=p, m=m: deg0(angle(loss, adversary, variant, m, p))) for p in ("clean", "pgd")))
+                    _show(acc, cells.get, "test_accuracy", **cell), _show(acc, cells.get, "test_robust_accuracy", **cell),
+                    _show(nc, cells.get, "nc1_clean", **cell), _show(nc, cells.get, "nc1_pgd", **cell),
+                    *(_both(tuple(_show(deg0, angle, loss, adversary, variant, m, p) for p in ("clean", "pgd")))
                       for m in ("same_class_angle", "cross_boundary_angle")),
-                    _both(tuple(_cell(lambda p=p: two(ratio(loss, adversary, variant, p))) for p in ("clean", "pgd"))),
+                    _both(tuple(_show(two, ratio, loss, adversary, variant, p) for p in ("clean", "pgd"))),
                 ])
     lines = [
-        f"Final epoch ({_epoch(summary)}), {_seeds(summary)}; the geometry on the train split (angles: clean / PGD mixes; "
-        f"probe: `nc1_ratio` at lambda = {PROBE_LAMBDA:g}, clean / PGD features), the accuracies on the test split "
-        "(`results/tables/summary.parquet`, `mixup_geometry.parquet`, `probe.parquet`).",
+        (
+            f"Final epoch ({_epoch(summary)}), {_seeds(summary)}; the geometry on the train split (angles: clean / PGD mixes; "
+            f"probe: `nc1_ratio` at lambda = {PROBE_LAMBDA:g}, clean / PGD features), the accuracies on the test split "
+            "(`results/tables/summary.parquet`, `mixup_geometry.parquet`, `probe.parquet`)."
+        ),
         "",
         *_table(header, rows),
         "",
@@ -627,6 +641,9 @@ def _related_sentences(cells: _Cells, summary: pd.DataFrame, base: dict, angle, 
         robust = {a: (g("test_robust_accuracy", a, "mixup"), g("test_robust_accuracy", a, BASE_VARIANT)) for a in ("st", "pgd-linf")}
         toward = {compare(m, b, deg0) for m, b in cross.values()}
         channel = ("move towards" if toward == {-1} else "move away from" if toward == {1} else "do not move uniformly towards")
+        cost = {compare(m, b, acc) for m, b in robust.values()}
+        effect = ("Mixup costs robustness here" if cost == {-1} else "Mixup adds robustness here" if cost == {1}
+                  else "Mixup does not change robustness uniformly here")
         return (
             f"**Mixup** (`{ce}`): cross-class mixes {channel} the boundary between their two classes' rows "
             f"({deg0(cross['st'][0])} from it for `st` and {deg0(cross['pgd-linf'][0])} for `pgd-linf`, against "
@@ -635,7 +652,7 @@ def _related_sentences(cells: _Cells, summary: pd.DataFrame, base: dict, angle, 
             f"{pick(same[0], same[1], 'further from', 'closer to', 'as far from', deg0)} their row with mixup "
             f"({deg0(same[0])} against {deg0(same[1])} for `st`), and the clean features collapse "
             f"{pick(collapse[0], collapse[1], 'less', 'more', 'as much')} (`nc1` {nc(collapse[0])} against {nc(collapse[1])}). "
-            f"PGD-10 test accuracy with mixup: {acc(robust['st'][0])} against {acc(robust['st'][1])} for `st`, "
+            f"{effect}: PGD-10 test accuracy {acc(robust['st'][0])} against {acc(robust['st'][1])} for `st`, "
             f"{acc(robust['pgd-linf'][0])} against {acc(robust['pgd-linf'][1])} for `pgd-linf`."
         )
 
