@@ -40,9 +40,10 @@ include: "workflow/rules/related.smk"
 
 
 rule all:
-    """Every table, figure and per-cell output of the grid, and the report's front page."""
+    """Every table, figure and per-cell output of the grid, the report's front page and the findings."""
     input:
         final_outputs(),
         f"{RESULTS}/report/front_page.html",
         related_outputs(),
+        FINDINGS,
     default_target: True

@@ -285,6 +285,8 @@ ENUM_REGISTRIES = {  # schema path -> the library's name for the same list
     "evaluation.attack_loss": "ncrobust.jobs.experiment.ATTACK_LOSSES",
     "evaluation.feature_dtype": "ncrobust.evaluation.checkpoint.FEATURE_DTYPES",
     "datasets.*.options.imbalance.profile": "ncrobust.data.IMBALANCE_PROFILES",
+    "variants.*.adversaries.[]": "ncrobust.cell.ADVERSARIES",
+    "findings": "ncrobust.findings.BLOCKS",
 }
 
 

@@ -13,7 +13,7 @@ from workflow_helpers import cell_dir, copy_run, file_mtimes, run_snakemake, tin
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 CELLS = ("st", "pgd-linf")
-FINAL = {("aggregate",), ("figures",), ("report_page",), ("all",)}
+FINAL = {("aggregate",), ("figures",), ("report_page",), ("findings",), ("all",)}
 # The tiny config (its strong evaluation: 40 samples, PGD-10 only): what the finished run ran.
 BASE = tiny_config()
 
@@ -151,6 +151,12 @@ EDITS = {
                    c["grid"].update(variant=["base", "r10"])),
         {("prepare_data", "digits")} | cell_jobs() | FINAL,  # its own data file, then its cells
     ),
+    "new variant for one adversary": (
+        lambda c: (c.update(variants={"bn": {"training": {"pgd_clean_bn_pass": True}, "adversaries": ["pgd-linf"]}}),
+                   c["grid"].update(variant=["base", "bn"])),
+        cell_jobs(["pgd-linf"]) | FINAL,  # no st copy of the base cell
+    ),
+    "findings block": (lambda c: c.update(findings="imbalance"), {("findings",), ("all",)}),  # its own output, nothing else
     "dataset split": (
         lambda c: c["datasets"]["digits"]["options"].update(test_fraction=0.3),
         {("prepare_data", "digits")} | cell_jobs() | FINAL,

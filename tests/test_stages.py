@@ -7,7 +7,9 @@ from workflow_helpers import tiny_config
 
 from ncrobust.cell import ADVERSARIES, Adversary, Cell
 from ncrobust.config import validate_config
-from ncrobust.stages import EXECUTION_KEYS, STAGES, canonical, job_config, merge, stage_slice
+from ncrobust.stages import (
+    EXECUTION_KEYS, RESULTS_ONLY_KEYS, STAGES, canonical, cell_config, grid_cells, job_config, merge, stage_slice,
+)
 
 ST = Cell("digits", "mlp", "ce", "st", 1)
 PGD = Cell("digits", "mlp", "ce", "pgd-linf", 1)
@@ -72,6 +74,8 @@ EDITS = {
     "group_training": (_set("group_training", True), set()),
     "mps": (_set("mps", True), set()),
     "results path": (_set("results", "elsewhere"), set()),
+    "findings block": (_set("findings", "imbalance"), set()),  # read by the findings rule alone (its params)
+    "findings default spelled out": (_set("findings", "default"), set()),
     "default spelled out": (_set("training.optimizer", {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}), set()),
     "int for a number": (_set("training.trades_beta", 6), set()),
     "unused l2 threat": (_set("datasets.digits.threat.l2.eps", 2.0), set()),
@@ -150,6 +154,42 @@ def test_slices_keep_the_config_nesting_and_leave_out_execution_settings():
     assert "checkpoints" not in s["training"] and "trades_beta" not in s["training"]
     for stage, adversary in _slices(config):
         assert not set(EXECUTION_KEYS) & set(_slices(config)[stage, adversary])
+        assert not set(RESULTS_ONLY_KEYS) & set(_slices(config)[stage, adversary])
+
+
+def _bn_eval(config: dict, only=("trades-linf",)) -> dict:
+    """``config`` with the variant of Su et al.'s TRADES BatchNorm, restricted to ``only``."""
+    config = copy.deepcopy(config)
+    config["variants"] = {"bn-eval": {"training": {"trades_bn": "eval"}, "adversaries": list(only)}}
+    config["grid"]["variant"] = ["base", "bn-eval"]
+    return config
+
+
+def test_a_variant_restricted_to_trades_has_trades_cells_only_with_the_slices_of_its_override():
+    raw = tiny_config()
+    raw["grid"]["adversary"] = ["st", "pgd-linf", "trades-linf"]
+    config = validate_config(_bn_eval(raw))
+    cells = [(c["adversary"], c["variant"]) for c in grid_cells(config)]
+    assert cells == [("st", "base"), ("pgd-linf", "base"), ("trades-linf", "base"), ("trades-linf", "bn-eval")]
+    # the variant's TRADES cell computes what the config with trades_bn: eval computes; base cells are untouched
+    eval_config = validate_config(merge(raw, {"training": {"trades_bn": "eval"}}))
+    plain = validate_config(raw)
+    variant_trades = Cell("digits", "mlp", "ce", "trades-linf", 1, "bn-eval")
+    for stage in CELL_STAGES:
+        assert stage_slice(stage, config, cell=variant_trades) == stage_slice(stage, eval_config, cell=TRADES)
+        for cell in (ST, PGD, TRADES):
+            assert stage_slice(stage, config, cell=cell) == stage_slice(stage, plain, cell=cell)
+    # a path of a cell the variant leaves out is an error naming the variant's adversaries
+    with pytest.raises(ValueError, match=r"variant 'bn-eval' has no st cells: variants\.bn-eval\.adversaries = \[trades-linf\]"):
+        cell_config(config, Cell("digits", "mlp", "ce", "st", 1, "bn-eval"))
+
+
+def test_grid_cells_is_the_product_of_the_axes_without_a_restriction():
+    config = validate_config(_bn_eval(tiny_config(), only=("st", "pgd-linf")))
+    raw = tiny_config()
+    expected = [dict(dataset="digits", model="mlp", loss="ce", adversary=a, variant=v, seed=1)
+                for a in raw["grid"]["adversary"] for v in ("base", "bn-eval")]
+    assert sorted(map(repr, grid_cells(config))) == sorted(map(repr, expected))
 
 
 def test_job_config_is_the_slice_plus_execution_settings_and_inert_keys():

@@ -7,7 +7,7 @@ from workflow_helpers import cell_dir, run_snakemake, tiny_config, write_tiny_co
 
 from ncrobust.cell import Cell
 from ncrobust.config import ConfigError, validate_config
-from ncrobust.stages import cell_config, data_variant, job_config, stage_slice
+from ncrobust.stages import cell_config, data_variant, grid_cells, job_config, stage_slice, variant_applies
 
 STEP10 = {"imbalance": {"profile": "step", "ratio": 10}}
 VARIANTS = {
@@ -80,10 +80,16 @@ def test_variants_with_the_same_dataset_overrides_share_one_data_file():
      r"variants\.r10: datasets\.digits\.options\.imbalance\.ratio = 0\.5: must be >= 1"),
     ({"wide": {"model": {"widht": 64}}}, ("wide",), r"variants\.wide: models\.mlp: unknown option 'widht'; allowed: .*width"),
     ({"long": {"training": {"epochs": 8}}}, ("long",), r"variants\.long\.training\.epochs: the checkpoint epochs are the grid's"),
-    ({"odd": {"losses": {}}}, ("odd",), r"unknown key 'losses' under variants\.odd; allowed: dataset, model, training"),
+    ({"odd": {"losses": {}}}, ("odd",), r"unknown key 'losses' under variants\.odd; allowed: adversaries, dataset, model, training"),
     ({"base": {"model": {"bias": False}}}, ("base",), r"variants: the name 'base' is not allowed \(reserved\)"),
     ({"R 10": {"dataset": STEP10}}, ("R 10",), r"variants: the name 'R 10' is not allowed"),
     ({"empty": {}}, ("empty",), r"variants\.empty = \{\}: must name at least 1 entry"),
+    ({"bn": {"training": {"trades_bn": "eval"}, "adversaries": ["trades-linf"]}}, ("base", "bn"),
+     r"variants\.bn\.adversaries = \['trades-linf'\]: none is in grid\.adversary \(st, pgd-linf\); the variant would have no cells"),
+    ({"bn": {"training": {"trades_bn": "eval"}, "adversaries": ["trades"]}}, ("base", "bn"),
+     r"variants\.bn\.adversaries\.0 = 'trades': not allowed; allowed: st, pgd-linf, pgd-l2, trades-linf, trades-l2"),
+    ({"bn": {"training": {"trades_bn": "eval"}, "adversaries": []}}, ("base", "bn"),
+     r"variants\.bn\.adversaries = \[\]: must have at least 1 item"),
 ])
 def test_a_bad_variant_is_one_clear_line(variants, grid_variants, message):
     with pytest.raises(ConfigError, match=message) as info:
@@ -96,8 +102,22 @@ def test_a_variant_outside_the_grid_is_kept_and_its_name_and_keys_are_still_chec
     assert config["grid"]["variant"] == ["base"] and config["variants"] == {"r10": {"dataset": STEP10}}
     with pytest.raises(ConfigError, match=r"variants: the name 'R10' is not allowed"):
         config_with({"R10": {"dataset": STEP10}}, ("base",))
-    with pytest.raises(ConfigError, match=r"unknown key 'losses' under variants\.r10; allowed: dataset, model, training"):
+    with pytest.raises(ConfigError, match=r"unknown key 'losses' under variants\.r10; allowed: adversaries, dataset, model, training"):
         config_with({"r10": {"losses": {}}}, ("base",))
+
+
+def test_a_variant_restricted_to_some_adversaries_has_cells_of_those_only():
+    config = config_with({"slow": {"training": {"optimizer": {"lr": 0.01}}, "adversaries": ["pgd-linf"]}}, ("base", "slow"))
+    assert [(c["adversary"], c["variant"]) for c in grid_cells(config)] == [("st", "base"), ("pgd-linf", "base"), ("pgd-linf", "slow")]
+    assert variant_applies(config, "slow", "pgd-linf") and not variant_applies(config, "slow", "st")
+    assert variant_applies(config, "base", "st")
+    assert stage_slice("train", config, cell=cell("slow", "pgd-linf"))["training"]["optimizer"]["lr"] == 0.01
+    with pytest.raises(ValueError, match=r"variant 'slow' has no st cells"):
+        stage_slice("train", config, cell=cell("slow", "st"))
+    # the restriction is no override: the figures' variant groups do not show it
+    from ncrobust.tables import variant_groups
+
+    assert variant_groups(config["variants"]) == {"slow": "training.optimizer.lr=0.01"}
 
 
 # ---------------------------------------------------------------------------------- the workflow
@@ -122,3 +142,12 @@ def test_a_variant_cell_gets_its_own_path_data_and_model(tmp_path):
     checkpoint = torch.load(tmp_path / run / "checkpoints/epoch0.pt")
     assert checkpoint["cell"]["variant"] == "r10-nobias"
     assert "classifier.weight" in checkpoint["model"] and "classifier.bias" not in checkpoint["model"]
+
+
+@pytest.mark.workflow
+def test_a_variant_restricted_to_an_adversary_schedules_its_cells_only(tmp_path):
+    config = tiny_config(variants={"slow": {"training": {"optimizer": {"lr": 0.01}}, "adversaries": ["pgd-linf"]}})
+    config["grid"]["variant"] = ["base", "slow"]
+    out = run_snakemake(tmp_path, "--dry-run", configfile=write_tiny_config(tmp_path, **config)).stdout
+    assert f"{cell_dir(adversary='pgd-linf', variant='slow')}/metrics/epoch4.parquet" in out
+    assert "/st/slow/" not in out and f"{cell_dir(adversary='st')}/metrics/epoch4.parquet" in out

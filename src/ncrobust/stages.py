@@ -20,6 +20,7 @@ Free of torch: the rules call this at parse time.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Mapping
 
 from ncrobust.cell import BASE_VARIANT, Cell
@@ -29,6 +30,10 @@ STAGES = ("prepare_data", "init_model", "train", "evaluate", "robustness", "mixu
 EXECUTION_KEYS = ("results", "data_root", "download", "device", "threads", "resources", "group_training", "mps")
 """Top-level keys that say where and how a job runs, never what it computes: in no slice.
 ``data_root`` and ``download`` say where a dataset comes from, not which one it is."""
+
+RESULTS_ONLY_KEYS = ("findings",)
+"""Top-level keys that only a stage reading the result tables uses (the ``findings`` rule, which
+takes the value as its params): in no slice, so changing one reruns no cell's job."""
 
 TRAINING_IGNORED = frozenset({"checkpoints"})
 """``training`` keys no training output depends on: the checkpoint epochs choose which segments
@@ -72,6 +77,11 @@ VARIANT_PARTS = ("dataset", "model", "training")
 """What a variant may override: the cell's dataset loader options, its model's options, and
 ``training`` (but :data:`VARIANT_FIXED_TRAINING`)."""
 
+VARIANT_ADVERSARIES = "adversaries"
+"""A variant entry's field that restricts it to some training adversaries (absent: every one of
+the grid): a variant that only changes what one adversary kind reads (``training.trades_bn``)
+gets no cells of the others, which would train copies of their ``base`` cells."""
+
 VARIANT_FIXED_TRAINING = {
     "epochs": "the checkpoint epochs are the grid's",
     "checkpoints": "the checkpoint epochs are the grid's",
@@ -102,10 +112,37 @@ def variant_overrides(config: dict, variant: str, dataset: str, model: str) -> d
     return out
 
 
+def variant_applies(config: dict, variant: str, adversary: str) -> bool:
+    """Whether the grid has cells of ``variant`` trained by ``adversary``: always for ``base`` and
+    for a variant without :data:`VARIANT_ADVERSARIES`, else when it lists ``adversary``."""
+    if variant == BASE_VARIANT:
+        return True
+    only = config.get("variants", {}).get(variant, {}).get(VARIANT_ADVERSARIES)
+    return only is None or adversary in only
+
+
+GRID_AXES = ("dataset", "model", "loss", "adversary", "variant", "seed")
+"""The grid's axes, in the order of a cell's path."""
+
+
+def grid_cells(config: dict) -> list[dict]:
+    """Every cell of a validated config's grid as a dict of :data:`GRID_AXES` values: the product of
+    the axes, less the (adversary, variant) pairs a variant's ``adversaries`` leaves out."""
+    grid = config["grid"]
+    cells = (dict(zip(GRID_AXES, values)) for values in itertools.product(*(grid[axis] for axis in GRID_AXES)))
+    return [c for c in cells if variant_applies(config, c["variant"], c["adversary"])]
+
+
 def cell_config(config: dict, cell: Cell) -> dict:
     """The config as the cell's variant sees it: ``config`` with the variant's overrides merged
     in (``config`` itself for ``base``). Every stage reads its cell's config through this, so a
-    library function never needs to know about variants."""
+    library function never needs to know about variants. A cell the variant's ``adversaries``
+    leaves out is an error (a target asked for by path that no grid cell has)."""
+    if not variant_applies(config, cell.variant, cell.adversary):
+        only = ", ".join(config["variants"][cell.variant][VARIANT_ADVERSARIES])
+        raise ValueError(
+            f"variant {cell.variant!r} has no {cell.adversary} cells: variants.{cell.variant}.adversaries = [{only}]"
+        )
     overrides = variant_overrides(config, cell.variant, cell.dataset, cell.model)
     return merge(config, overrides) if overrides else config
 

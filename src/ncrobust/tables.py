@@ -16,6 +16,7 @@ import pandas as pd
 
 from ncrobust.cell import Cell
 from ncrobust.columns import CELL_COLUMNS, METRIC_COLUMNS, PENULTIMATE, RESULT_COLUMNS, SETTING_COLUMNS, TRAINING_COLUMNS
+from ncrobust.stages import VARIANT_PARTS
 
 # Final-epoch summary: (split, perturbation, layer, metric) -> column name (the cell's own threat model).
 SUMMARY_METRICS = {
@@ -317,8 +318,9 @@ def variant_groups(variants: dict, ignore: tuple[str, ...] = ("dataset.imbalance
     """Each variant's overrides (``config.variants``) but those under ``ignore``, as one label
     (``"model.bias=False"``; ``""`` for none): variants that differ only in what a figure puts on
     its x axis (the imbalance ratio) fall in one group."""
-    return {
-        name: ", ".join(f"{key}={value}" for key, value in _flat(entry) if not key.startswith(ignore))
+    return {  # the overrides only: a variant's `adversaries` says which cells it has, not what they compute
+        name: ", ".join(f"{key}={value}" for key, value in _flat({k: entry[k] for k in VARIANT_PARTS if k in entry})
+                        if not key.startswith(ignore))
         for name, entry in variants.items()
     }
 

@@ -1,5 +1,4 @@
 # Validation, the grid, wildcard constraints and input functions. No logic beyond wiring.
-import itertools
 import sys
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
@@ -7,7 +6,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from ncrobust.config import ConfigError, typed_overrides, validate_config
 from ncrobust.cell import Cell
 from ncrobust.columns import EPOCH_FIGURES, FIGURES
-from ncrobust.stages import data_variant, merge, stage_slice
+from ncrobust.stages import data_variant, grid_cells, merge, stage_slice
 
 # Snakemake leaves the scalars of a nested --config value as strings (training='{"epochs": 3}'
 # gives "3"): merge the overrides again with YAML's types, then check everything that can be
@@ -32,6 +31,7 @@ PROBE = config["probe"]["enabled"]
 RELATED_FIGURES = [name for name, on in (("mixup", MIXUP_GEOMETRY), ("probe", PROBE)) if on]
 EPOCH_MEASURE = config["training"]["epoch_measure"]  # the per-epoch measurement of training: extra train outputs
 MEASURED_FIGURES = EPOCH_FIGURES if EPOCH_MEASURE else []  # drawn by rule epoch_figures (report.smk)
+FINDINGS = f"{RESULTS}/findings/{config['findings']}.md"  # the findings block of this config (report.smk)
 
 
 wildcard_constraints:
@@ -46,9 +46,9 @@ wildcard_constraints:
 
 
 def cells():
-    """Every cell of the grid, as dicts of wildcard values."""
-    keys = ["dataset", "model", "loss", "adversary", "variant", "seed"]
-    return [dict(zip(keys, values)) for values in itertools.product(*(GRID[k] for k in keys))]
+    """Every cell of the grid, as dicts of wildcard values: the product of the axes, less the
+    adversaries a variant's `adversaries` leaves out (ncrobust.stages.grid_cells)."""
+    return grid_cells(config)
 
 
 def cell_of(wildcards):

@@ -1,10 +1,12 @@
 # `snakemake --lint` asks for a conda env or container per rule: none, every rule runs in the
 # project's one Python environment (`pip install -e .`); see data.smk.
 
-# The front page only copies text and links the figures (well under a second): on a cluster it
-# runs where Snakemake runs instead of waiting in the queue for a job of its own.
+# The front page only copies text and links the figures, and the findings only read the tables
+# (each well under a second): on a cluster they run where Snakemake runs instead of waiting in the
+# queue for a job of their own.
 localrules:
     report_page,
+    findings,
 
 
 rule figures:
@@ -68,3 +70,25 @@ rule report_page:
         **job_resources("cpu"),
     script:
         "../scripts/report_page.py"
+
+
+rule findings:
+    """The run's findings block (config `findings`): the table and the conclusion sentences that
+    ncrobust.findings generates from the tables; `python -m ncrobust.findings check DOC` compares
+    a document's copy with it."""
+    input:
+        summary=f"{RESULTS}/tables/summary.parquet",
+        metrics=f"{RESULTS}/tables/metrics.parquet",
+        robustness=f"{RESULTS}/tables/robustness.parquet",
+        related=[f"{RESULTS}/tables/{name}.parquet" for name, on in (("mixup_geometry", MIXUP_GEOMETRY), ("probe", PROBE)) if on],
+    output:
+        FINDINGS,
+    log:
+        f"{RESULTS}/logs/findings.log",
+    params:
+        block=config["findings"],
+        results=RESULTS,
+    resources:
+        **job_resources("cpu"),
+    script:
+        "../scripts/findings.py"
