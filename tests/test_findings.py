@@ -20,12 +20,12 @@ SEEDS = (1, 2)
 SPREAD = {1: -0.01, 2: 0.01}  # seed 1 lies below the mean, seed 2 above: the mean is the stated value
 # (loss, adversary, variant) -> final-epoch values (means over the seeds)
 DEFAULT = {
-    ("ce", "st", "base"): dict(nc1_clean=0.055, nc1_pgd=1.32, ncc_pgd=0.61, leap=0.39, angle=19.4, pgd10=0.54, worst=0.51),
-    ("ce", "pgd-linf", "base"): dict(nc1_clean=0.088, nc1_pgd=0.28, ncc_pgd=0.97, leap=0.03, angle=10.2, pgd10=0.86, worst=0.85),
-    ("ce", "trades-linf", "base"): dict(nc1_clean=0.096, nc1_pgd=0.255, ncc_pgd=0.94, leap=0.06, angle=8.0, pgd10=0.88, worst=0.87),
-    ("ce", "trades-linf", BN_EVAL_VARIANT): dict(nc1_clean=0.174, nc1_pgd=0.452, ncc_pgd=0.90, leap=0.10, angle=9.0, pgd10=0.85, worst=0.84),
-    ("mse", "st", "base"): dict(nc1_clean=0.133, nc1_pgd=0.94, ncc_pgd=0.72, leap=0.28, angle=14.4, pgd10=0.57, worst=0.44),
-    ("mse", "pgd-linf", "base"): dict(nc1_clean=0.14, nc1_pgd=0.43, ncc_pgd=0.84, leap=0.16, angle=10.0, pgd10=0.80, worst=0.76),
+    ("ce", "st", "base"): dict(nc1_clean=0.055, nc1_pgd=1.32, ncc_pgd=0.61, leap=0.39, angle=19.4, pgd10=0.54, worst=0.51, hit=0.65),
+    ("ce", "pgd-linf", "base"): dict(nc1_clean=0.088, nc1_pgd=0.28, ncc_pgd=0.97, leap=0.03, angle=10.2, pgd10=0.86, worst=0.85, hit=0.02),
+    ("ce", "trades-linf", "base"): dict(nc1_clean=0.096, nc1_pgd=0.255, ncc_pgd=0.94, leap=0.06, angle=8.0, pgd10=0.88, worst=0.87, hit=0.03),
+    ("ce", "trades-linf", BN_EVAL_VARIANT): dict(nc1_clean=0.174, nc1_pgd=0.452, ncc_pgd=0.90, leap=0.10, angle=9.0, pgd10=0.85, worst=0.84, hit=0.04),
+    ("mse", "st", "base"): dict(nc1_clean=0.133, nc1_pgd=0.94, ncc_pgd=0.72, leap=0.28, angle=14.4, pgd10=0.57, worst=0.44, hit=0.55),
+    ("mse", "pgd-linf", "base"): dict(nc1_clean=0.14, nc1_pgd=0.43, ncc_pgd=0.84, leap=0.16, angle=10.0, pgd10=0.80, worst=0.76, hit=0.05),
 }
 
 
@@ -49,6 +49,8 @@ def metrics_frame(values: dict) -> pd.DataFrame:
                 ("train", "pgd", "alignment_angle"): v["angle"],
                 ("test", "clean", "accuracy"): v.get("test", 0.97), ("test", "pgd", "accuracy"): v["pgd10"],
             }
+            if "hit" in v:
+                final["train", "pgd-targeted", "target_hit_rate"] = v["hit"]
             for (split, perturbation, metric), value in final.items():
                 rows.append(_row(cell, seed, 60, split, perturbation, metric, value + d * value))
             for metric, value in v.get("extra", {}).items():  # (split, perturbation, metric) -> value
@@ -114,7 +116,7 @@ def test_the_default_block_states_the_seed_means_of_the_tables():
     nc1_pgd = st[(st.perturbation == "pgd") & (st.metric == "nc1")].value.mean()
     nc1_clean = st[(st.perturbation == "clean") & (st.metric == "nc1")].value.mean()
     row = bullet(block, "| ce | `st` | `base` |")
-    assert row == "| ce | `st` | `base` | 0.055 | 1.32 | 0.610 | 0.390 | 19.4° | 0.540 / 0.510 |"
+    assert row == "| ce | `st` | `base` | 0.055 | 1.32 | 0.610 | 0.390 | 19.4° | 0.650 | 0.540 / 0.510 |"
     assert f"`nc1_pgd` {nc1_pgd:.3g}, {nc1_pgd / nc1_clean:.2g} times larger than clean" in block
     assert "worst of APGD-CE)" in block.splitlines()[2]  # the header names the strong attacks of the table
     assert bullet(block, "| ce | `trades-linf` | `bn-eval` |").startswith("| ce | `trades-linf` | `bn-eval` | 0.174 | 0.452 |")
@@ -149,7 +151,31 @@ def test_a_grid_without_trades_or_strong_attacks_gives_the_sentences_its_tables_
     block = findings.block("default", grid_tables(values, robustness=False))
     assert "trades" not in block and "Su et al." not in block
     assert "`pgd-linf`: its PGD features are more collapsed" in block
-    assert "test robust accuracy (PGD-10) |" in block and "| ce | `st` | `base` | 0.055 | 1.32 | 0.610 | 0.390 | 19.4° | – |" in block
+    assert "test robust accuracy (PGD-10) |" in block and "| ce | `st` | `base` | 0.055 | 1.32 | 0.610 | 0.390 | 19.4° | 0.650 | – |" in block
+
+
+def test_the_targeted_sentence_states_the_hit_rates_and_whether_half_is_reached():
+    block = findings.block("default", grid_tables())
+    assert bullet(block, "- `pgd-targeted`", after="With `ce`") == (
+        "- `pgd-targeted` reaches its target for at least half of `st`'s training samples (`target_hit_rate` 0.650); "
+        "`pgd-linf` is steered to the target less often (0.020, 32 times less).")
+    missed = with_values({("ce", "st", "base"): {"hit": 0.11}})
+    assert bullet(findings.block("default", grid_tables(missed)), "- `pgd-targeted`", after="With `ce`").startswith(
+        "- `pgd-targeted` does not reach its target for at least half of `st`'s training samples (`target_hit_rate` 0.110)")
+    without = {cell: {k: x for k, x in v.items() if k != "hit"} for cell, v in DEFAULT.items()}
+    assert "pgd-targeted" not in findings.block("default", grid_tables(without)).split("\n\n", 2)[2]
+
+
+def test_the_attack_gap_sentence_compares_pgd10_with_the_worst_case_per_loss():
+    block = findings.block("default", grid_tables())
+    # mse: 0.57 - 0.44 and 0.80 - 0.76 against ce's 0.54 - 0.51 and 0.86 - 0.85: further above for both
+    assert bullet(block, "- `mse`: PGD-10") == (
+        "- `mse`: PGD-10 with the cells' attack loss (`evaluation.attack_loss`) stays further above the worst case than "
+        "with `ce` (test robust accuracy PGD-10 / worst: `st` 0.570 / 0.440 against 0.540 / 0.510, `pgd-linf` 0.800 / "
+        "0.760 against 0.860 / 0.850), so their PGD geometry is measured on points that a stronger attack moves further.")
+    closer = with_values({("mse", "st", "base"): {"worst": 0.56}, ("mse", "pgd-linf", "base"): {"worst": 0.80}})
+    assert "PGD-10 stays closer to the worst case than with `ce`" in findings.block("default", grid_tables(closer))
+    assert "PGD-10" not in findings.block("default", grid_tables(robustness=False)).split("\n\n", 2)[2]
 
 
 # ------------------------------------------------------------------------------------ check and update

@@ -78,12 +78,19 @@ def snakemake_on_slurm(workdir: Path, configfile: Path, *extra: str) -> list[str
     ]
 
 
-def wait_for_job(cluster: SlurmCluster, proc: subprocess.Popen, match, timeout: float = 600) -> dict[str, str]:
-    """Poll the controller until a job for which ``match(job)`` holds is RUNNING."""
+def wait_for_job(cluster: SlurmCluster, proc: subprocess.Popen, match, timeout: float = 600,
+                 log: Path | None = None) -> dict[str, str]:
+    """Poll the controller until a job for which ``match(job)`` holds is RUNNING; when Snakemake
+    ends first, the message holds the end of its output (``log``) and the cluster's jobs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"snakemake ended ({proc.returncode}) before the awaited job ran")
+            output = log.read_text()[-6000:] if log is not None and log.exists() else ""
+            if log is not None:  # the jobs' own logs (kept: --slurm-keep-successful-logs)
+                for job_log in sorted(log.parent.glob("*/.snakemake/slurm_logs/*/*/*.log")):
+                    output += f"\n--- {job_log.name}:\n{job_log.read_text()[-2000:]}"
+            raise AssertionError(f"snakemake ended ({proc.returncode}) before the awaited job ran:\n{output}\n"
+                                 f"jobs: {cluster.jobs()}")
         for job in cluster.jobs():
             if job.get("JobState") == "RUNNING" and match(job):
                 return job
@@ -270,14 +277,14 @@ def test_workflow_on_slurm_survives_preemption_and_cancellation(cluster, tmp_pat
     try:
         # 1. Preemption: requeue the running first segment, and let it start again at once
         #    (SLURM holds a requeued job back for two minutes by default).
-        seg1 = wait_for_job(cluster, first, train_segment(2))
+        seg1 = wait_for_job(cluster, first, train_segment(2), log=tmp_path / "first_run.log")
         cluster.run("scontrol", "requeue", seg1["JobId"])
         deadline = time.monotonic() + 60
         while job_state(cluster, seg1["JobId"]) != "PENDING" and time.monotonic() < deadline:
             time.sleep(0.2)
         cluster.run("scontrol", "update", f"JobId={seg1['JobId']}", "StartTime=now")
         # 2. Cancellation: scancel the running second segment.
-        seg2 = wait_for_job(cluster, first, train_segment(4))
+        seg2 = wait_for_job(cluster, first, train_segment(4), log=tmp_path / "first_run.log")
         cluster.run("scancel", seg2["JobId"])
         first.wait(timeout=600)
     finally:

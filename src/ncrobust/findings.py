@@ -301,7 +301,7 @@ def default_block(tables: Tables) -> str:
     split = "test" if cells.robustness is None else "/".join(sorted(set(cells.robustness["split"])))
     robust = f"{split} robust accuracy (PGD-10" + (f" / worst of {', '.join(a.upper() if a.startswith('apgd') else a for a in strong)})" if strong else ")")
     header = [*varying, "loss", "adversary", "variant", "`nc1_clean`", "`nc1_pgd`", "`ncc_accuracy_clean_means_pgd`",
-              "`leap_rate_pgd`", "`alignment_angle_pgd`", robust]
+              "`leap_rate_pgd`", "`alignment_angle_pgd`", "`target_hit_rate`", robust]
     rows = []
     keys = [*varying, "loss", "adversary", "variant"]
     order = summary.assign(_a=summary["adversary"].map(ADVERSARIES.index), _v=summary["variant"] != BASE_VARIANT)
@@ -311,12 +311,14 @@ def default_block(tables: Tables) -> str:
         rows.append([f"`{r[k]}`" if k in ("adversary", "variant") else str(r[k]) for k in keys] + [
             _show(nc, cells.get, "nc1_clean", **cell), _show(nc, cells.get, "nc1_pgd", **cell),
             _show(acc, cells.get, "ncc_accuracy_clean_means_pgd", **cell), _show(acc, cells.get, "leap_rate_pgd", **cell),
-            _show(deg, cells.get, "alignment_angle_pgd", **cell), " / ".join(accuracy),
+            _show(deg, cells.get, "alignment_angle_pgd", **cell), _show(acc, cells.get, "target_hit_rate", **cell),
+            " / ".join(accuracy),
         ])
     lines = [
         (
             f"Final epoch ({_epoch(summary)}), mean over {_seeds(summary)}; the geometry on the train split, "
-            f"PGD under each cell's own threat model (`results/tables/summary.parquet`, `robustness.parquet`)."
+            f"PGD under each cell's own threat model; `target_hit_rate`: the share of the `pgd-targeted` set (target "
+            f"`(y + 1) mod C`) that the network classifies as its target (`results/tables/summary.parquet`, `robustness.parquet`)."
         ),
         "",
         *_table(header, rows),
@@ -328,6 +330,7 @@ def default_block(tables: Tables) -> str:
         if sentences:
             bullets += [f"- With {_label(group, [*varying, 'loss'])}:"] + [f"  - {text}" for text in sentences]
     bullets += [f"- {text}" for text in _loss_sentences(cells, summary, varying)]
+    bullets += [f"- {text}" for text in _attack_gap_sentences(cells, summary, varying)]
     return "\n".join(lines + bullets) + "\n"
 
 
@@ -364,6 +367,15 @@ def _default_sentences(cells: _Cells, g: dict) -> list[str]:
             f"({acc(p_ncc)} against {acc(s_ncc)})."
         )
 
+    def targeted():
+        s_hit, p_hit = cells.get("target_hit_rate", **st), cells.get("target_hit_rate", **pgd)
+        reached = "reaches" if compare(s_hit, 0.5, acc) >= 0 else "does not reach"
+        return (
+            f"`pgd-targeted` {reached} its target for at least half of `st`'s training samples (`target_hit_rate` "
+            f"{acc(s_hit)}); `pgd-linf` is steered to the target {pick(p_hit, s_hit, 'more', 'less', 'as', acc)} often "
+            f"({acc(p_hit)}, {times(p_hit, s_hit, 'more', 'less')})."
+        )
+
     def trades(variant: str):
         def sentence():
             cell = dict(g, adversary="trades-linf", variant=variant)
@@ -396,7 +408,7 @@ def _default_sentences(cells: _Cells, g: dict) -> list[str]:
         return text + "."
 
     variants = [v for v in (BASE_VARIANT, BN_EVAL_VARIANT) if cells.has(**dict(g, adversary="trades-linf", variant=v))]
-    return _sentences(standard, adversarial, *(trades(v) for v in variants), verdict)
+    return _sentences(standard, adversarial, targeted, *(trades(v) for v in variants), verdict)
 
 
 def _trades_verdict(t_clean: float, t_pgd: float, p_clean: float, p_pgd: float) -> str:
@@ -436,6 +448,39 @@ def _loss_sentences(cells: _Cells, summary: pd.DataFrame, varying: list[str]) ->
                     prefix = _label(setting, varying)
                     return f"{prefix + ', ' if prefix else ''}`{loss}`: the {what} {overall} (`{quantity}` {', '.join(parts)})."
                 out += _sentences(sentence)
+    return out
+
+
+def _attack_gap_sentences(cells: _Cells, summary: pd.DataFrame, varying: list[str]) -> list[str]:
+    """Per (dataset, model, loss): how far PGD-10 (the evaluation's attack, with the cell's attack
+    loss) stays above the worst case of the strong evaluation, per adversary, against the first loss."""
+    out = []
+    for setting in _groups(summary, ("dataset", "model")):
+        losses = _ordered(summary[(summary["dataset"] == setting["dataset"]) & (summary["model"] == setting["model"])]["loss"])
+        for loss in losses[1:]:
+            def sentence(loss=loss, setting=setting, first=losses[0]):
+                parts, wider = [], []
+                for adversary in _ordered(summary["adversary"], ADVERSARIES):
+                    cell = dict(setting, adversary=adversary, variant=BASE_VARIANT)
+                    try:
+                        pgd, worst = cells.attack("pgd", loss=loss, **cell), cells.attack("worst", loss=loss, **cell)
+                        pgd0, worst0 = cells.attack("pgd", loss=first, **cell), cells.attack("worst", loss=first, **cell)
+                    except _Missing:
+                        continue
+                    parts.append(f"`{adversary}` {acc(pgd)} / {acc(worst)} against {acc(pgd0)} / {acc(worst0)}")
+                    wider.append(compare(pgd - worst, pgd0 - worst0, acc))
+                if not parts:
+                    raise _Missing("robustness")
+                head = f"{_label(setting, varying) + ', ' if _label(setting, varying) else ''}`{loss}`: "
+                numbers = f"(test robust accuracy PGD-10 / worst: {', '.join(parts)})"
+                if set(wider) == {1}:
+                    return (head + f"PGD-10 with the cells' attack loss (`evaluation.attack_loss`) stays further above the "
+                            f"worst case than with `{first}` {numbers}, so their PGD geometry is measured on points that a "
+                            f"stronger attack moves further.")
+                word = "closer to" if set(wider) == {-1} else "not uniformly further from or closer to"
+                return head + f"PGD-10 stays {word} the worst case than with `{first}` {numbers}."
+
+            out += _sentences(sentence)
     return out
 
 
