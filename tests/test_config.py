@@ -286,6 +286,7 @@ ENUM_REGISTRIES = {  # schema path -> the library's name for the same list
     "evaluation.feature_dtype": "ncrobust.evaluation.checkpoint.FEATURE_DTYPES",
     "datasets.*.options.imbalance.profile": "ncrobust.data.IMBALANCE_PROFILES",
     "variants.*.adversaries.[]": "ncrobust.cell.ADVERSARIES",
+    "variants.*.losses.[]": "ncrobust.losses.LOSSES",
     "findings": "ncrobust.findings.BLOCKS",
 }
 

@@ -348,7 +348,7 @@ def _config(name):
 def test_the_shipped_configs_name_their_block_and_define_the_variants_it_reads():
     default, imbalance, related = _config("config"), _config("imbalance"), _config("related")
     assert default["findings"] == "default" and imbalance["findings"] == "imbalance" and related["findings"] == "related"
-    assert default["variants"][BN_EVAL_VARIANT] == {"training": {"trades_bn": "eval"}, "adversaries": ["trades-linf"]}
+    assert default["variants"][BN_EVAL_VARIANT] == {"training": {"trades_bn": "eval"}, "adversaries": ["trades-linf"], "losses": ["ce"]}
     assert default["training"]["trades_bn"] == "train" and BN_EVAL_VARIANT in default["grid"]["variant"]
     for name, (ratio, bias) in findings.IMBALANCE_VARIANTS.items():
         entry = imbalance["variants"][name]

@@ -180,7 +180,7 @@ def test_a_variant_restricted_to_trades_has_trades_cells_only_with_the_slices_of
         for cell in (ST, PGD, TRADES):
             assert stage_slice(stage, config, cell=cell) == stage_slice(stage, plain, cell=cell)
     # a path of a cell the variant leaves out is an error naming the variant's adversaries
-    with pytest.raises(ValueError, match=r"variant 'bn-eval' has no st cells: variants\.bn-eval\.adversaries = \[trades-linf\]"):
+    with pytest.raises(ValueError, match=r"variant 'bn-eval' has no ce st cells: variants\.bn-eval\.adversaries = \[trades-linf\]"):
         cell_config(config, Cell("digits", "mlp", "ce", "st", 1, "bn-eval"))
 
 

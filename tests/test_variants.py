@@ -80,7 +80,7 @@ def test_variants_with_the_same_dataset_overrides_share_one_data_file():
      r"variants\.r10: datasets\.digits\.options\.imbalance\.ratio = 0\.5: must be >= 1"),
     ({"wide": {"model": {"widht": 64}}}, ("wide",), r"variants\.wide: models\.mlp: unknown option 'widht'; allowed: .*width"),
     ({"long": {"training": {"epochs": 8}}}, ("long",), r"variants\.long\.training\.epochs: the checkpoint epochs are the grid's"),
-    ({"odd": {"losses": {}}}, ("odd",), r"unknown key 'losses' under variants\.odd; allowed: adversaries, dataset, model, training"),
+    ({"odd": {"loss": {}}}, ("odd",), r"unknown key 'loss' under variants\.odd; allowed: adversaries, dataset, losses, model, training"),
     ({"base": {"model": {"bias": False}}}, ("base",), r"variants: the name 'base' is not allowed \(reserved\)"),
     ({"R 10": {"dataset": STEP10}}, ("R 10",), r"variants: the name 'R 10' is not allowed"),
     ({"empty": {}}, ("empty",), r"variants\.empty = \{\}: must name at least 1 entry"),
@@ -90,6 +90,10 @@ def test_variants_with_the_same_dataset_overrides_share_one_data_file():
      r"variants\.bn\.adversaries\.0 = 'trades': not allowed; allowed: st, pgd-linf, pgd-l2, trades-linf, trades-l2"),
     ({"bn": {"training": {"trades_bn": "eval"}, "adversaries": []}}, ("base", "bn"),
      r"variants\.bn\.adversaries = \[\]: must have at least 1 item"),
+    ({"bn": {"training": {"trades_bn": "eval"}, "losses": ["mse"]}}, ("base", "bn"),
+     r"variants\.bn\.losses = \['mse'\]: none is in grid\.loss \(ce\); the variant would have no cells"),
+    ({"bn": {"training": {"trades_bn": "eval"}, "losses": ["hinge"]}}, ("base", "bn"),
+     r"variants\.bn\.losses\.0 = 'hinge': not allowed; allowed: ce, mse, label_smoothing, focal"),
 ])
 def test_a_bad_variant_is_one_clear_line(variants, grid_variants, message):
     with pytest.raises(ConfigError, match=message) as info:
@@ -102,22 +106,34 @@ def test_a_variant_outside_the_grid_is_kept_and_its_name_and_keys_are_still_chec
     assert config["grid"]["variant"] == ["base"] and config["variants"] == {"r10": {"dataset": STEP10}}
     with pytest.raises(ConfigError, match=r"variants: the name 'R10' is not allowed"):
         config_with({"R10": {"dataset": STEP10}}, ("base",))
-    with pytest.raises(ConfigError, match=r"unknown key 'losses' under variants\.r10; allowed: adversaries, dataset, model, training"):
-        config_with({"r10": {"losses": {}}}, ("base",))
+    with pytest.raises(ConfigError, match=r"unknown key 'loss' under variants\.r10; allowed: adversaries, dataset, losses, model, training"):
+        config_with({"r10": {"loss": {}}}, ("base",))
 
 
 def test_a_variant_restricted_to_some_adversaries_has_cells_of_those_only():
     config = config_with({"slow": {"training": {"optimizer": {"lr": 0.01}}, "adversaries": ["pgd-linf"]}}, ("base", "slow"))
     assert [(c["adversary"], c["variant"]) for c in grid_cells(config)] == [("st", "base"), ("pgd-linf", "base"), ("pgd-linf", "slow")]
-    assert variant_applies(config, "slow", "pgd-linf") and not variant_applies(config, "slow", "st")
-    assert variant_applies(config, "base", "st")
+    assert variant_applies(config, "slow", adversary="pgd-linf") and not variant_applies(config, "slow", adversary="st")
+    assert variant_applies(config, "base", adversary="st")
     assert stage_slice("train", config, cell=cell("slow", "pgd-linf"))["training"]["optimizer"]["lr"] == 0.01
-    with pytest.raises(ValueError, match=r"variant 'slow' has no st cells"):
+    with pytest.raises(ValueError, match=r"variant 'slow' has no ce st cells: variants\.slow\.adversaries = \[pgd-linf\]"):
         stage_slice("train", config, cell=cell("slow", "st"))
     # the restriction is no override: the figures' variant groups do not show it
     from ncrobust.tables import variant_groups
 
     assert variant_groups(config["variants"]) == {"slow": "training.optimizer.lr=0.01"}
+
+
+def test_a_variant_restricted_to_some_losses_and_adversaries_has_cells_of_both_only():
+    raw = {"slow": {"training": {"optimizer": {"lr": 0.01}}, "adversaries": ["pgd-linf"], "losses": ["ce"]}}
+    config = config_with(raw, ("base", "slow"))
+    config["grid"]["loss"] = ["ce", "mse"]
+    cells = [(c["loss"], c["adversary"], c["variant"]) for c in grid_cells(config)]
+    assert cells == [("ce", "st", "base"), ("ce", "pgd-linf", "base"), ("ce", "pgd-linf", "slow"),
+                     ("mse", "st", "base"), ("mse", "pgd-linf", "base")]
+    assert not variant_applies(config, "slow", adversary="pgd-linf", loss="mse")
+    with pytest.raises(ValueError, match=r"variant 'slow' has no mse pgd-linf cells: variants\.slow\.losses = \[ce\]"):
+        cell_config(config, Cell("digits", "mlp", "mse", "pgd-linf", 1, "slow"))
 
 
 # ---------------------------------------------------------------------------------- the workflow

@@ -21,7 +21,7 @@ import yaml
 
 from ncrobust.cell import BASE_VARIANT, Adversary
 from ncrobust.columns import PENULTIMATE
-from ncrobust.stages import VARIANT_ADVERSARIES, VARIANT_FIXED_TRAINING, merge, variant_overrides
+from ncrobust.stages import VARIANT_FIXED_TRAINING, VARIANT_ONLY, merge, variant_overrides
 
 # Shipped inside the package (a non-editable install has no workflow/ beside it);
 # workflow/schemas/config.schema.yaml is a link to it, where the workflow template keeps schemas.
@@ -196,7 +196,7 @@ def _check_variants(config: dict, schema_path, base_dir: Path) -> None:
     """Each variant of ``grid.variant`` is defined, and the config with it applied to every grid
     dataset and model validates like any config (so a variant's option names, types and ranges
     get the same one-line errors, prefixed with the variant), and a variant restricted to some
-    adversaries has at least one of them in the grid."""
+    adversaries or losses has at least one of each in the grid."""
     defined = config["variants"]
     for name in config["grid"]["variant"]:
         if name != BASE_VARIANT and name not in defined:
@@ -206,12 +206,13 @@ def _check_variants(config: dict, schema_path, base_dir: Path) -> None:
     for name in config["grid"]["variant"]:
         if name == BASE_VARIANT:
             continue
-        only = defined[name].get(VARIANT_ADVERSARIES)
-        if only is not None and not set(only) & set(config["grid"]["adversary"]):
-            raise ConfigError(
-                f"variants.{name}.adversaries = {only}: none is in grid.adversary ({', '.join(config['grid']['adversary'])}); "
-                "the variant would have no cells (add one of them to grid.adversary, or the variant's adversaries)"
-            )
+        for field, axis in VARIANT_ONLY.items():
+            only = defined[name].get(field)
+            if only is not None and not set(only) & set(config["grid"][axis]):
+                raise ConfigError(
+                    f"variants.{name}.{field} = {only}: none is in grid.{axis} ({', '.join(config['grid'][axis])}); "
+                    f"the variant would have no cells (add one of them to grid.{axis}, or to the variant's {field})"
+                )
         fixed = sorted(set(defined[name].get("training", {})) & set(VARIANT_FIXED_TRAINING))
         if fixed:
             raise ConfigError(f"variants.{name}.training.{fixed[0]}: {VARIANT_FIXED_TRAINING[fixed[0]]}; set it in training, not in a variant")

@@ -77,10 +77,11 @@ VARIANT_PARTS = ("dataset", "model", "training")
 """What a variant may override: the cell's dataset loader options, its model's options, and
 ``training`` (but :data:`VARIANT_FIXED_TRAINING`)."""
 
-VARIANT_ADVERSARIES = "adversaries"
-"""A variant entry's field that restricts it to some training adversaries (absent: every one of
+VARIANT_ONLY = {"adversaries": "adversary", "losses": "loss"}
+"""A variant entry's fields that restrict it to some values of a grid axis (absent: every value of
 the grid): a variant that only changes what one adversary kind reads (``training.trades_bn``)
-gets no cells of the others, which would train copies of their ``base`` cells."""
+gets no cells of the others, which would train copies of their ``base`` cells; ``losses`` keeps a
+variant to the losses it is meant to study."""
 
 VARIANT_FIXED_TRAINING = {
     "epochs": "the checkpoint epochs are the grid's",
@@ -112,13 +113,24 @@ def variant_overrides(config: dict, variant: str, dataset: str, model: str) -> d
     return out
 
 
-def variant_applies(config: dict, variant: str, adversary: str) -> bool:
-    """Whether the grid has cells of ``variant`` trained by ``adversary``: always for ``base`` and
-    for a variant without :data:`VARIANT_ADVERSARIES`, else when it lists ``adversary``."""
+def variant_restriction(config: dict, variant: str, **axes: str) -> str | None:
+    """Why the grid has no cell of ``variant`` with these axis values (``adversary=...``,
+    ``loss=...``): the :data:`VARIANT_ONLY` field that leaves them out, as ``variants.V.F = [...]``;
+    ``None`` when it has (always for ``base``)."""
     if variant == BASE_VARIANT:
-        return True
-    only = config.get("variants", {}).get(variant, {}).get(VARIANT_ADVERSARIES)
-    return only is None or adversary in only
+        return None
+    entry = config.get("variants", {}).get(variant, {})
+    for field, axis in VARIANT_ONLY.items():
+        only = entry.get(field)
+        if only is not None and axis in axes and axes[axis] not in only:
+            return f"variants.{variant}.{field} = [{', '.join(only)}]"
+    return None
+
+
+def variant_applies(config: dict, variant: str, **axes: str) -> bool:
+    """Whether the grid has cells of ``variant`` with these axis values (``adversary=...``,
+    ``loss=...``; see :func:`variant_restriction`)."""
+    return variant_restriction(config, variant, **axes) is None
 
 
 GRID_AXES = ("dataset", "model", "loss", "adversary", "variant", "seed")
@@ -127,22 +139,20 @@ GRID_AXES = ("dataset", "model", "loss", "adversary", "variant", "seed")
 
 def grid_cells(config: dict) -> list[dict]:
     """Every cell of a validated config's grid as a dict of :data:`GRID_AXES` values: the product of
-    the axes, less the (adversary, variant) pairs a variant's ``adversaries`` leaves out."""
+    the axes, less the cells a variant's ``adversaries`` or ``losses`` leaves out."""
     grid = config["grid"]
     cells = (dict(zip(GRID_AXES, values)) for values in itertools.product(*(grid[axis] for axis in GRID_AXES)))
-    return [c for c in cells if variant_applies(config, c["variant"], c["adversary"])]
+    return [c for c in cells if variant_applies(config, c["variant"], adversary=c["adversary"], loss=c["loss"])]
 
 
 def cell_config(config: dict, cell: Cell) -> dict:
     """The config as the cell's variant sees it: ``config`` with the variant's overrides merged
     in (``config`` itself for ``base``). Every stage reads its cell's config through this, so a
-    library function never needs to know about variants. A cell the variant's ``adversaries``
-    leaves out is an error (a target asked for by path that no grid cell has)."""
-    if not variant_applies(config, cell.variant, cell.adversary):
-        only = ", ".join(config["variants"][cell.variant][VARIANT_ADVERSARIES])
-        raise ValueError(
-            f"variant {cell.variant!r} has no {cell.adversary} cells: variants.{cell.variant}.adversaries = [{only}]"
-        )
+    library function never needs to know about variants. A cell the variant's ``adversaries`` or
+    ``losses`` leaves out is an error (a target asked for by path that no grid cell has)."""
+    why = variant_restriction(config, cell.variant, adversary=cell.adversary, loss=cell.loss)
+    if why:
+        raise ValueError(f"variant {cell.variant!r} has no {cell.loss} {cell.adversary} cells: {why}")
     overrides = variant_overrides(config, cell.variant, cell.dataset, cell.model)
     return merge(config, overrides) if overrides else config
 

@@ -47,7 +47,7 @@ wildcard_constraints:
 
 def cells():
     """Every cell of the grid, as dicts of wildcard values: the product of the axes, less the
-    adversaries a variant's `adversaries` leaves out (ncrobust.stages.grid_cells)."""
+    cells a variant's `adversaries` or `losses` leaves out (ncrobust.stages.grid_cells)."""
     return grid_cells(config)
 
 
