@@ -145,6 +145,12 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MinJobAge={self.min_job_age}
 ReturnToService=2
+# A test machine may be loaded by the rest of the suite: allow the daemons and clients more than
+# the defaults (10 s for an RPC and for a batch job's launch, 300 s of silence from slurmd) before
+# they give a job or a node up.
+MessageTimeout=60
+BatchStartTimeout=120
+SlurmdTimeout=900
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2
 SelectType=select/cons_tres

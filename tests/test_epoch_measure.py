@@ -117,6 +117,8 @@ def test_each_epochs_rows_are_the_dense_metrics_of_the_stored_inputs_through_the
         for metric, value in own.items():
             assert _metric(frame, name, metric) == pytest.approx(value, rel=1e-9, abs=1e-12), metric
         moved = perturbation_metrics(H, labels, Hp, labels, num_classes=10, logits=logits_p)
+        # the authors' per-epoch outputs: per-class mean distances, the global mean's distance and angle
+        assert {"class_mean_distance_per_class", "class_mean_distance", "global_mean_distance", "global_mean_angle"} <= set(moved)
         for metric, value in moved.items():
             if isinstance(value, torch.Tensor) and value.dim() == 1:  # per class
                 for c, v in enumerate(value.tolist()):
@@ -275,7 +277,7 @@ def test_the_epoch_collapse_figure_draws_nc1_to_nc4_and_the_angle_per_adversary(
     assert set(curves["norm"]) == {"linf"} and curves["class"].isna().all()
     fig = plots.epoch_collapse(curves, tmp_path / "epoch_collapse.png")
     axes = np.array(fig.axes[: 6 * 2]).reshape(6, 2)
-    assert [ax.get_title() for ax in axes[0]] == ["trained with st", "trained with pgd-linf"]
+    assert [ax.get_title() for ax in axes[0]] == ["trained with\nst", "trained with\npgd-linf"]
     assert not axes[-1, 0].axison and axes[-1, 1].axison  # st has no perturbed set: no angle
     check_image_files({"epoch_collapse": str(tmp_path / "epoch_collapse.png")})
     write_parquet(m, tmp_path / "table.parquet")

@@ -373,7 +373,7 @@ def test_imbalance_figure_draws_norms_against_class_size_and_minority_cos_agains
     fig = plots.imbalance(f, tmp_path / "imbalance.png")
     assert (tmp_path / "imbalance.png").exists() and (tmp_path / "imbalance.pdf").exists()
     axes = np.array(fig.axes).reshape(3, 2)
-    assert [ax.get_title() for ax in axes[0]] == ["trained with st", "trained with pgd-linf"]
+    assert [ax.get_title() for ax in axes[0]] == ["trained with\nst", "trained with\npgd-linf"]
     expected = sorted(
         (float(n), round(float(np.mean([mean_norm(n, p, s) for s in (1, 2)])), 9))
         for counts in VARIANT_COUNTS.values() for n in counts for p in ("clean", "pgd")

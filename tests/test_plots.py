@@ -347,7 +347,7 @@ def test_nc_vs_epoch_draws_one_series_per_perturbation_under_the_own_threat(tmp_
     metrics = synthetic_metrics()
     fig = plots.nc_vs_epoch(tables.nc_curves(metrics), tmp_path / "nc.png")
     axes = np.array(fig.axes).reshape(7, 2)
-    assert [ax.get_title() for ax in axes[0]] == ["trained with st", "trained with pgd-linf"]
+    assert [ax.get_title() for ax in axes[0]] == ["trained with\nst", "trained with\npgd-linf"]
     assert "NC1" in axes[0, 0].get_ylabel() and "NC4" in axes[6, 0].get_ylabel()
     # NC2 of the classifier W: one line (W is the same in every set), the mean over seeds
     assert "of W" in axes[3, 0].get_ylabel() and "of W" in axes[4, 0].get_ylabel()

@@ -275,8 +275,9 @@ def _metric_panels(axes, m, rows, cols, *, x, styles: _Styles, linear_ylim=None)
 
 
 def _col_titles(axes, cols, prefix: str = "") -> None:
+    """Column titles; a prefix goes on its own line, so that narrow columns' titles do not overlap."""
     for j, col in enumerate(cols):
-        axes[0, j].set_title(f"{prefix}{col}", fontsize=11, weight="bold")
+        axes[0, j].set_title(f"{prefix.strip()}\n{col}" if prefix else str(col), fontsize=11, weight="bold")
 
 
 def _title(fig, text: str, frame: pd.DataFrame) -> None:
