@@ -6,7 +6,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from ncrobust.config import ConfigError, typed_overrides, validate_config
 from ncrobust.cell import Cell
 from ncrobust.columns import EPOCH_FIGURES, FIGURES
-from ncrobust.stages import data_variant, grid_cells, merge, stage_slice
+from ncrobust.stages import canonical, data_variant, grid_cells, merge, stage_slice
 
 # Snakemake leaves the scalars of a nested --config value as strings (training='{"epochs": 3}'
 # gives "3"): merge the overrides again with YAML's types, then check everything that can be

@@ -25,7 +25,8 @@ rule figures:
     log:
         f"{RESULTS}/logs/figures.log",
     params:
-        variants={name: config["variants"][name] for name in GRID["variant"] if name in config["variants"]},
+        # canonical: the variants' key order (or the grid's variant order) must not redraw the figures
+        variants=canonical({name: config["variants"][name] for name in GRID["variant"] if name in config["variants"]}),
     threads: 4  # one process per figure (Snakemake caps this at --cores)
     resources:
         **job_resources("cpu"),
