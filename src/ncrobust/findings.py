@@ -521,10 +521,15 @@ def imbalance_block(tables: Tables) -> str:
     return "\n".join(lines + [f"- {b}" for b in bullets]) + "\n"
 
 
-def _imbalance_sentences(cells: _Cells, summary: pd.DataFrame, base: dict) -> list[str]:
+def _reference_loss(summary: pd.DataFrame) -> tuple[str | None, list[str]]:
+    """The loss the sentences compare against (``ce`` when the run has it) and the others."""
     losses = _ordered(summary["loss"])
     ce = "ce" if "ce" in losses else (losses[0] if losses else None)
-    others = [loss for loss in losses if loss != ce]
+    return ce, [loss for loss in losses if loss != ce]
+
+
+def _imbalance_sentences(cells: _Cells, summary: pd.DataFrame, base: dict) -> list[str]:
+    ce, others = _reference_loss(summary)
 
     def c(quantity, adversary, variant, loss=ce):
         return cells.get(quantity, loss=loss, adversary=adversary, variant=variant, **base)
@@ -670,9 +675,7 @@ def related_block(tables: Tables) -> str:
 
 
 def _related_sentences(cells: _Cells, summary: pd.DataFrame, base: dict, angle, ratio, probe: pd.DataFrame) -> list[str]:
-    losses = _ordered(summary["loss"])
-    ce = "ce" if "ce" in losses else (losses[0] if losses else None)
-    others = [loss for loss in losses if loss != ce]
+    ce, others = _reference_loss(summary)
 
     def g(quantity, adversary, variant, loss=ce):
         return cells.get(quantity, loss=loss, adversary=adversary, variant=variant, **base)
@@ -739,7 +742,7 @@ def _related_sentences(cells: _Cells, summary: pd.DataFrame, base: dict, angle, 
         at = probe[probe["lam"] == PROBE_LAMBDA]
         clean = at[at["perturbation"] == "clean"]["nc1_ratio"].tolist()
         parts = []
-        for loss in losses:
+        for loss in (ce, *others):
             for a in ("st", "pgd-linf"):
                 try:
                     parts.append(f"{two(ratio(loss, a, BASE_VARIANT, 'pgd'))} for `{a}` with `{loss}`")

@@ -274,6 +274,18 @@ def _metric_panels(axes, m, rows, cols, *, x, styles: _Styles, linear_ylim=None)
             ax.set_xlabel("")
 
 
+def _epoch_panels(m: pd.DataFrame, rows: list):
+    """A metric-by-adversary grid of curves against epoch, one style per perturbation: the figure,
+    its axes, the adversary columns and the styles."""
+    cols = _present(m["adversary"], ADVERSARIES)
+    styles = _perturbation_styles(m)
+    fig, axes = _grid(len(rows), len(cols))
+    _metric_panels(axes, m, rows, cols, x="epoch", styles=styles)
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig, axes, cols, styles
+
+
 def _col_titles(axes, cols, prefix: str = "") -> None:
     """Column titles; a prefix goes on its own line, so that narrow columns' titles do not overlap."""
     for j, col in enumerate(cols):
@@ -338,12 +350,7 @@ def nc_vs_epoch(m: pd.DataFrame, path: str | Path, split: str = "train", hits: p
     if m.empty:
         return _placeholder(path, "Neural Collapse against epoch", f"no NC metrics of the penultimate layer on the {split} split")
     rows = [(k, *NC_METRICS[k]) for k in NC_METRICS if k in set(m["metric"])]
-    cols = _present(m["adversary"], ADVERSARIES)
-    styles = _perturbation_styles(m)
-    fig, axes = _grid(len(rows), len(cols))
-    _metric_panels(axes, m, rows, cols, x="epoch", styles=styles)
-    for ax in axes.flat:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig, axes, cols, styles = _epoch_panels(m, rows)
     _bottom_labels(axes, "epoch")
     _col_titles(axes, cols, "trained with ")
     _legend(fig, "evaluated on", styles, _hit_rate_handles(hits, m, [split]))
@@ -747,12 +754,7 @@ def epoch_collapse(m: pd.DataFrame, path: str | Path):
         return _placeholder(path, "Neural Collapse of the training-time examples", "no per-epoch measurement (training.epoch_measure: false?)")
     labels = {**NC_METRICS, "alignment_angle": ("alignment angle\n(degrees, centred)", False)}
     rows = [(k, *labels[k]) for k in labels if k in set(m["metric"])]
-    cols = _present(m["adversary"], ADVERSARIES)
-    styles = _perturbation_styles(m)
-    fig, axes = _grid(len(rows), len(cols))
-    _metric_panels(axes, m, rows, cols, x="epoch", styles=styles)
-    for ax in axes.flat:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig, axes, cols, styles = _epoch_panels(m, rows)
     for i, (metric, label, _) in enumerate(rows):  # a row whose first panels are empty (st has no angle)
         live = [ax for ax in axes[i] if ax.axison]
         if live and live[0] is not axes[i, 0]:
