@@ -142,8 +142,15 @@ def _train_one(config: dict, cell: Cell, data_path: str, run: str, epochs: int) 
     """One cell from its initialisation to ``epochs``; its epoch seconds (a process of --packed)."""
     Path(run).mkdir(parents=True, exist_ok=True)
     init_cell(config, cell, data_path, f"{run}/epoch0.pt")
-    train_cell(config, cell, data_path, f"{run}/epoch0.pt", epochs, f"{run}/epoch{epochs}.pt", f"{run}/log.parquet")
+    train_cell(config, cell, data_path, f"{run}/epoch0.pt", epochs, f"{run}/epoch{epochs}.pt", f"{run}/log.parquet",
+               _epoch_metrics_out(config, run))
     return pd.read_parquet(f"{run}/log.parquet")["seconds"].tolist()
+
+
+def _epoch_metrics_out(config: dict, run) -> str | None:
+    """Where a training run writes Su et al.'s per-epoch measurement: paper.yaml measures every
+    epoch (``training.epoch_measure``), so the epoch times include it, as in the workflow."""
+    return f"{run}/epoch_metrics.parquet" if config["training"]["epoch_measure"] else None
 
 
 def packed_throughput(config: dict, data_path: str, work: Path, model: str, adversary: str, epochs: int, k: int) -> float:
@@ -232,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
             run = work / model / adversary
             run.mkdir(parents=True, exist_ok=True)
             init_cell(config, cell, data_path, str(run / "epoch0.pt"))
-            train_cell(config, cell, data_path, str(run / "epoch0.pt"), epochs, str(run / f"epoch{epochs}.pt"), str(run / "log.parquet"))
+            train_cell(config, cell, data_path, str(run / "epoch0.pt"), epochs, str(run / f"epoch{epochs}.pt"), str(run / "log.parquet"),
+                       _epoch_metrics_out(config, run))
             seconds = pd.read_parquet(run / "log.parquet")["seconds"].tolist()
             epoch_s[model, adversary] = statistics.median(seconds[1:])
             line = f"{model:<16} {adversary:<12} {seconds[0]:>10.2f} {epoch_s[model, adversary]:>9.2f}"
