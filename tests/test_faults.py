@@ -45,7 +45,7 @@ def reference(tmp_path_factory) -> Reference:
     second invocation of the same command on the same directory while it runs."""
     workdir = tmp_path_factory.mktemp("reference")
     config = write_tiny_config(workdir, **LONG)
-    cmd = snakemake_command(workdir, TARGET, configfile=config, cores=1)
+    cmd = snakemake_command(workdir, TARGET, configfile=config)
     with open(workdir.parent / f"{workdir.name}.log", "w+") as log:
         first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
@@ -170,7 +170,7 @@ def test_corrupt_files_are_reported_as_corrupt_with_path_and_fix(tmp_path):
             load_torch(path)
         message = str(info.value)
         assert message.startswith(f"{path}: unreadable or corrupt"), message
-        assert f"delete it (rm '{path}') and rerun the same snakemake command" in message
+        assert f"rebuild it alone (rm '{path}' && snakemake --cores 1 '{path}'), then rerun the same snakemake command" in message
         assert "\n" not in message and "weights_only" not in message and "other than tensors" not in message
         assert info.value.__cause__ is None and info.value.__context__ is None  # torch's hint is not chained either
     assert load_torch(good)["epoch"] == 2
@@ -237,10 +237,11 @@ def test_corrupt_checkpoint_in_the_workflow_names_the_file(tmp_path, finished_ti
     proc = run_snakemake(workdir, f"{CELL}/checkpoints/epoch4.pt", configfile=config, check=False)
     assert proc.returncode != 0
     assert f"{CELL}/checkpoints/epoch2.pt: unreadable or corrupt" in proc.stderr
-    assert f"delete it (rm '{CELL}/checkpoints/epoch2.pt') and rerun the same snakemake command" in proc.stderr
+    assert f"rebuild it alone (rm '{CELL}/checkpoints/epoch2.pt' && snakemake --cores 1 '{CELL}/checkpoints/epoch2.pt')" in proc.stderr
     assert not (workdir / CELL / "checkpoints/epoch4.pt").exists()
     # following the advice fixes it
     ckpt.unlink()
+    run_snakemake(workdir, f"{CELL}/checkpoints/epoch2.pt", configfile=config)
     run_snakemake(workdir, f"{CELL}/checkpoints/epoch4.pt", configfile=config)
 
 
@@ -458,14 +459,17 @@ def _assert_same_results(workdir: Path, reference: Path) -> None:
         assert (workdir / "results/figures" / name).read_bytes() == (reference / "results/figures" / name).read_bytes(), name
 
 
-def _follow_the_message(workdir: Path, stderr: str, damaged: str) -> None:
-    """Find the one line that reports ``damaged`` and run the `rm` it gives, as a user would."""
+def _follow_the_message(workdir: Path, stderr: str, damaged: str, config: Path) -> None:
+    """Find the one line that reports ``damaged`` and run the rebuild it gives (the `rm`, then
+    Snakemake for that file alone), as a user would."""
     lines = [line for line in stderr.splitlines() if line.startswith("ncrobust: CorruptFileError: ")]
     assert lines, stderr[-3000:]
     assert all(line.startswith(f"ncrobust: CorruptFileError: {damaged}: unreadable or corrupt") for line in lines), lines
-    command = re.search(r"delete it \(rm '([^']+)'\) and rerun the same snakemake command", lines[0])
-    assert command and command.group(1) == damaged
+    command = re.search(r"rebuild it alone \(rm '([^']+)' && snakemake --cores 1 '([^']+)'\), then rerun the same snakemake command",
+                        lines[0])
+    assert command and command.group(1) == command.group(2) == damaged
     (workdir / command.group(1)).unlink()
+    run_snakemake(workdir, command.group(2), configfile=config)
 
 
 def test_every_output_is_readable_by_the_group_with_umask_022(finished_run):
@@ -498,7 +502,7 @@ def test_corrupt_checkpoint_and_deleted_files_are_rebuilt_by_the_same_command(tm
     assert failed.returncode != 0, "the run over a corrupt checkpoint succeeded"
     assert "weights_only" not in failed.stdout + failed.stderr and "other than tensors" not in failed.stderr
     assert "Traceback" not in failed.stderr
-    _follow_the_message(workdir, failed.stderr, damaged)
+    _follow_the_message(workdir, failed.stderr, damaged, config)
     run_snakemake(workdir, configfile=config)
     missing = [name for name in [damaged, *deleted] if not (workdir / name).is_file()]
     assert not missing, f"not rebuilt by the same command: {missing}"

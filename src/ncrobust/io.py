@@ -23,8 +23,8 @@ class CorruptFileError(RuntimeError):
     def at(cls, path: str | os.PathLike, cause: str) -> "CorruptFileError":
         """The one-line report of an unreadable ``path``: what is wrong and the command that recovers."""
         return cls(
-            f"{path}: {cause}; delete it (rm '{path}') and rerun the same snakemake command, "
-            "which rebuilds it and everything made from it"
+            f"{path}: {cause}; rebuild it alone (rm '{path}' && snakemake --cores 1 '{path}'), then rerun the "
+            "same snakemake command: what is made from it reruns only if its content changed"
         )
 
 
@@ -119,9 +119,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file, then rename."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """``torch.save`` to a temporary file, then rename. Saved through a file object, so that the
+    archive's inner folder is torch's fixed ``archive`` and not the temporary file's random name:
+    the same object gives the same bytes, and Snakemake's checksums see a rebuilt file as unchanged."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def load_torch(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> Any:

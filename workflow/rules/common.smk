@@ -1,11 +1,15 @@
 # Validation, the grid, wildcard constraints and input functions. No logic beyond wiring.
+import os
 import sys
+
+from snakemake_interface_executor_plugins.settings import ExecMode
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from ncrobust.config import ConfigError, typed_overrides, validate_config
 from ncrobust.cell import Cell
 from ncrobust.columns import EPOCH_FIGURES, FIGURES
+from ncrobust.lineage import cell_sources, merged, rebuild_alone, stranded
 from ncrobust.stages import canonical, data_variant, grid_cells, merge, stage_slice
 
 # Snakemake leaves the scalars of a nested --config value as strings (training='{"epochs": 3}'
@@ -124,6 +128,35 @@ def final_outputs():
     if EPOCH_MEASURE:
         tables.append(f"{RESULTS}/tables/epoch_metrics.parquet")
     return tables + per_cell + [f"{RESULTS}/figures/{name}.png" for name in FIGURES + MEASURED_FIGURES]
+
+
+def requested_files():
+    """The files named on the command line (normalised, relative to the working directory)."""
+    from snakemake.cli import get_argument_parser
+
+    args, _ = get_argument_parser().parse_known_args(sys.argv[1:])
+    return {os.path.normpath(os.path.relpath(t)) for t in args.targets or ()}
+
+
+def check_no_stranded_files():
+    """Stop, in one line, when an intermediate file (prepared data, a checkpoint) is missing while
+    files made from it exist, unless this run asks for it by path (ncrobust.lineage). Jobs started
+    by a cluster executor do not check: the run that submitted them did."""
+    if workflow.workflow_settings.exec_mode != ExecMode.DEFAULT:
+        return
+    targets = requested_files()
+    sources = merged(*(
+        cell_sources(RUN.format(**c), DATA.format(dataset=c["dataset"], data_variant=data_variant(config, c["variant"])),
+                     CHECKPOINT_EPOCHS, EVAL_EPOCHS, config["evaluation"]["strong"]["enabled"])
+        for c in cells()
+    ))
+    for missing, product in stranded(sources):
+        if os.path.normpath(missing) not in targets:
+            sys.stderr.write(f"ncrobust: {rebuild_alone(missing, product)}\n")
+            sys.exit(1)
+
+
+check_no_stranded_files()
 
 
 def job_resources(kind):
