@@ -323,7 +323,7 @@ def test_a_full_disk_is_named_with_the_path(tmp_path, monkeypatch, kind):
     """Whatever the writer's error (torch's zip writer loses the errno), the message says disk full,
     names the file, and no temporary file remains."""
     def full_disk(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"partial")
+        f.write(b"partial")  # save_torch hands torch an open file
         raise DISK_FULL_ERRORS[kind]
 
     monkeypatch.setattr(torch, "save", full_disk)

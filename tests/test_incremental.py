@@ -202,3 +202,81 @@ def test_report_opens_on_the_front_page_with_the_summary_and_every_figure(finish
 
     assert desc.count("<figure") == desc.count("data:image/png;base64,") == len(FIGURES) == 8
     assert "<strong>Leap matrix at the final epoch.</strong>" in desc
+
+
+# ------------------------------------------------------------------ reruns by content, not by age
+DATA = "results/data/digits/base.pt"
+CONFIG = "config.yaml"
+
+
+def _refusal(workdir, *args: str) -> str:
+    """The one line a run stops with while an intermediate file is missing; its recovery command."""
+    proc = run_snakemake(workdir, *args, configfile=workdir / CONFIG, check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("ncrobust: ")]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-3000:]
+    command = re.search(r"Rebuild it alone first, then rerun this command .*: snakemake --cores 1 (\S+)$", lines[0])
+    assert command, lines[0]
+    return command.group(1)
+
+
+@pytest.fixture
+def damaged(tmp_path, finished_tiny_run):
+    """A fresh copy of the finished run (with Snakemake's metadata: the recorded checksums)."""
+    return copy_run(finished_tiny_run, tmp_path / "run")
+
+
+def test_a_deleted_data_file_is_rebuilt_alone_and_then_a_new_seed_trains_only_its_cells(damaged):
+    """Deleting the prepared data (to save disk) and extending the grid: the run stops in one line
+    naming the rebuild; after it (the same bytes), nothing is out of date, and a new seed schedules
+    its own cells and the tables only."""
+    (damaged / DATA).unlink()
+    assert _refusal(damaged) == DATA
+    assert _refusal(damaged, "-n") == DATA  # a dry run says so too
+    run_snakemake(damaged, DATA, configfile=damaged / CONFIG)
+    assert scheduled(damaged, BASE) == set()
+    assert scheduled(damaged, edited(lambda c: c["grid"].update(seed=[1, 2]))) == cell_jobs(seeds=(2,)) | FINAL
+
+
+def test_a_deleted_middle_checkpoint_rebuilt_alone_reruns_only_what_changed(damaged):
+    """The rebuilt checkpoint has the same bytes (CPU training is deterministic): the next segment
+    and the evaluations made from it stay; only the segment's training log changed (its timing
+    column), so the tables are made again."""
+    middle = f"{cell_dir(adversary='pgd-linf')}/checkpoints/epoch2.pt"
+    before = (damaged / middle).read_bytes()
+    (damaged / middle).unlink()
+    assert _refusal(damaged) == middle
+    run_snakemake(damaged, middle, configfile=damaged / CONFIG)
+    assert (damaged / middle).read_bytes() == before
+    assert scheduled(damaged, BASE) == FINAL
+
+
+def test_a_data_file_with_other_content_reruns_exactly_what_is_made_from_it(damaged):
+    """A newer data file with different tensors (what a changed loader would write): every job
+    downstream of it, and not prepare_data, whose output it is."""
+    import torch
+
+    from ncrobust.io import load_torch, save_torch
+
+    data = load_torch(damaged / DATA)
+    data["x_train"] = data["x_train"].clone()
+    data["x_train"].view(-1)[0] = (int(data["x_train"].view(-1)[0]) + 1) % 256  # one pixel of one image
+    save_torch(data, damaged / DATA)
+    assert scheduled(damaged, BASE) == cell_jobs() | FINAL
+    assert torch.equal(load_torch(damaged / DATA)["x_train"], data["x_train"])
+
+
+def test_a_truncated_data_file_recovers_by_the_printed_commands_and_reruns_nothing_else(damaged):
+    """A truncated data file stops the run before any job reads it, in one line with the advice;
+    following it (rm, rebuild alone) restores the same bytes, and then nothing is out of date."""
+    original = (damaged / DATA).read_bytes()
+    (damaged / DATA).write_bytes(original[:100])
+    failed = run_snakemake(damaged, configfile=damaged / CONFIG, check=False)
+    lines = [line for line in failed.stderr.splitlines() if line.startswith("ncrobust: CorruptFileError: ")]
+    assert failed.returncode != 0 and len(lines) == 1, failed.stderr[-3000:]
+    assert "Error in rule" not in failed.stdout + failed.stderr  # no job ran
+    advice = re.search(r"rebuild it alone \(rm '([^']+)' && snakemake --cores 1 '([^']+)'\), then rerun the same", lines[0])
+    assert advice and advice.group(1) == advice.group(2) == DATA
+    (damaged / advice.group(1)).unlink()
+    run_snakemake(damaged, advice.group(2), configfile=damaged / CONFIG)
+    assert (damaged / DATA).read_bytes() == original
+    assert scheduled(damaged, BASE) == set()

@@ -312,3 +312,37 @@ def test_an_adversary_name_parses_to_its_kind_and_norm_and_back():
     for kind, norm in (("st", "linf"), ("pgd", None), ("fgsm", "linf")):
         with pytest.raises(ValueError, match="no adversary of kind"):
             Adversary(kind, norm)
+
+
+# ------------------------------------------------------------------ lineage: stranded intermediate files
+def test_a_missing_source_with_an_existing_product_is_stranded_and_the_refusal_names_its_rebuild():
+    from ncrobust.lineage import cell_sources, merged, rebuild_alone, stranded
+
+    run, data = "R", "D.pt"
+    sources = cell_sources(run, data, [0, 2, 4], [0, 2, 4], robustness=True)
+    assert sources[data] == ["R/checkpoints/epoch0.pt"]
+    assert sources["R/checkpoints/epoch2.pt"] == ["R/checkpoints/epoch4.pt", "R/metrics/epoch2.parquet", "R/projection/epoch2.parquet"]
+    assert sources["R/checkpoints/epoch4.pt"] == ["R/metrics/epoch4.parquet", "R/projection/epoch4.parquet", "R/robustness/epoch4.parquet"]
+    assert merged(sources, cell_sources("S", data, [0, 4], [4], robustness=False))[data] == ["R/checkpoints/epoch0.pt", "S/checkpoints/epoch0.pt"]
+    present = {"R/checkpoints/epoch0.pt", "R/checkpoints/epoch4.pt", "R/metrics/epoch2.parquet"}
+    assert stranded(sources, present.__contains__) == [(data, "R/checkpoints/epoch0.pt"), ("R/checkpoints/epoch2.pt", "R/checkpoints/epoch4.pt")]
+    assert stranded(sources, lambda p: False) == []  # nothing made yet: nothing stranded
+    line = rebuild_alone(data, "R/checkpoints/epoch0.pt")
+    assert "\n" not in line and line.endswith("snakemake --cores 1 D.pt") and line.startswith("D.pt is missing")
+
+
+def test_archive_damage_names_a_truncated_torch_file_and_passes_a_whole_one(tmp_path):
+    import torch
+
+    from ncrobust.io import archive_damage, save_torch
+
+    good = tmp_path / "a.pt"
+    save_torch({"w": torch.ones(3)}, good)
+    assert archive_damage(good) is None
+    bad = tmp_path / "b.pt"
+    bad.write_bytes(good.read_bytes()[:50])
+    assert archive_damage(bad) == "unreadable or corrupt: not a PyTorch checkpoint archive (50 bytes: truncated or overwritten)"
+    # the same object, saved twice under other names: the same bytes (what the rerun checksums compare)
+    again = tmp_path / "c.pt"
+    save_torch({"w": torch.ones(3)}, again)
+    assert again.read_bytes() == good.read_bytes()

@@ -11,9 +11,10 @@ import shutil
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the Snakefile reads archive_damage at parse time
+    import torch
 
 
 class CorruptFileError(RuntimeError):
@@ -122,8 +123,20 @@ def save_torch(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file, then rename. Saved through a file object, so that the
     archive's inner folder is torch's fixed ``archive`` and not the temporary file's random name:
     the same object gives the same bytes, and Snakemake's checksums see a rebuilt file as unchanged."""
+    import torch
+
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         torch.save(obj, fh)
+
+
+def archive_damage(path: str | os.PathLike) -> str | None:
+    """Why an existing ``torch.save`` file cannot be a checkpoint (``None`` when it can): torch
+    always writes a zip archive, anything else is damaged (truncated, overwritten). Cheap (the
+    archive's directory only), so the Snakefile checks every intermediate file before a run."""
+    if zipfile.is_zipfile(path):
+        return None
+    size = Path(path).stat().st_size
+    return f"unreadable or corrupt: not a PyTorch checkpoint archive ({size} bytes: truncated or overwritten)"
 
 
 def load_torch(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> Any:
@@ -133,13 +146,14 @@ def load_torch(path: str | os.PathLike, *, map_location: str | torch.device = "c
     cause and the command that recovers. The original error is not chained: torch's advice for a
     refused file is to load it with ``weights_only=False``, which would run whatever it carries.
     """
+    import torch
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    if not zipfile.is_zipfile(path):
-        # torch.save always writes a zip archive; anything else is damaged (truncated, overwritten)
-        size = path.stat().st_size
-        raise CorruptFileError.at(path, f"unreadable or corrupt: not a PyTorch checkpoint archive ({size} bytes: truncated or overwritten)")
+    damage = archive_damage(path)
+    if damage:
+        raise CorruptFileError.at(path, damage)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

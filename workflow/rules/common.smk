@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from ncrobust.config import ConfigError, typed_overrides, validate_config
 from ncrobust.cell import Cell
 from ncrobust.columns import EPOCH_FIGURES, FIGURES
+from ncrobust.io import CorruptFileError, archive_damage
 from ncrobust.lineage import cell_sources, merged, rebuild_alone, stranded
 from ncrobust.stages import canonical, data_variant, grid_cells, merge, stage_slice
 
@@ -140,8 +141,8 @@ def requested_files():
 
 def check_no_stranded_files():
     """Stop, in one line, when an intermediate file (prepared data, a checkpoint) is missing while
-    files made from it exist, unless this run asks for it by path (ncrobust.lineage). Jobs started
-    by a cluster executor do not check: the run that submitted them did."""
+    files made from it exist and the run names no files (ncrobust.lineage), or is damaged and the
+    run does not ask for it. Jobs started by a cluster executor do not check: the run that submitted them did."""
     if workflow.workflow_settings.exec_mode != ExecMode.DEFAULT:
         return
     targets = requested_files()
@@ -150,9 +151,15 @@ def check_no_stranded_files():
                      CHECKPOINT_EPOCHS, EVAL_EPOCHS, config["evaluation"]["strong"]["enabled"])
         for c in cells()
     ))
-    for missing, product in stranded(sources):
-        if os.path.normpath(missing) not in targets:
-            sys.stderr.write(f"ncrobust: {rebuild_alone(missing, product)}\n")
+    for missing, product in [] if targets else stranded(sources):  # files asked for: only what they need is built
+        sys.stderr.write(f"ncrobust: {rebuild_alone(missing, product)}\n")
+        sys.exit(1)
+    # A damaged one (truncated, overwritten) stops the run before any job reads it: a job that
+    # failed on it would leave its restored outputs without Snakemake's record of their inputs.
+    for path in sources:
+        damage = archive_damage(path) if os.path.exists(path) and os.path.normpath(path) not in targets else None
+        if damage:
+            sys.stderr.write(f"ncrobust: CorruptFileError: {CorruptFileError.at(path, damage)}\n")
             sys.exit(1)
 
 
