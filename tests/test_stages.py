@@ -44,6 +44,11 @@ def _changed(edit) -> set:
     return {key for key in before if repr(before[key]) != repr(after[key])}
 
 
+def _stages_that_differ(before: dict, after: dict, cell: Cell) -> set:
+    """The stages of ``cell`` whose config slice differs between two validated configs."""
+    return {stage for stage in CELL_STAGES if repr(stage_slice(stage, before, cell=cell)) != repr(stage_slice(stage, after, cell=cell))}
+
+
 def _reversed_keys(value):
     if isinstance(value, dict):
         return {k: _reversed_keys(value[k]) for k in reversed(list(value))}
@@ -247,8 +252,7 @@ def test_the_attack_loss_is_in_the_evaluate_and_robustness_slices_of_a_non_ce_ce
         edited["evaluation"]["attack_loss"] = value
         before, after = validate_config(raw), validate_config(edited)
         for cell in MSE_CELLS:
-            differs = {stage for stage in CELL_STAGES
-                       if repr(stage_slice(stage, before, cell=cell)) != repr(stage_slice(stage, after, cell=cell))}
+            differs = _stages_that_differ(before, after, cell)
             assert differs == changed, (value, cell.adversary)
     for cell in (ST, PGD, TRADES):
         assert "attack_loss" not in stage_slice("evaluate", validate_config(raw), cell=cell)["evaluation"]
@@ -290,8 +294,7 @@ def test_the_trades_l2_step_is_in_the_slices_of_trades_l2_cells_only():
         edited["training"]["trades_l2_step"] = value
         before, after = validate_config(raw), validate_config(edited)
         for cell in cells:
-            differs = {stage for stage in CELL_STAGES
-                       if repr(stage_slice(stage, before, cell=cell)) != repr(stage_slice(stage, after, cell=cell))}
+            differs = _stages_that_differ(before, after, cell)
             assert differs == (changed if cell.adversary == "trades-l2" else set()), (value, cell.adversary)
         for cell in cells:
             for stage in ("init_model", "train"):
