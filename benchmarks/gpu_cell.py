@@ -5,6 +5,7 @@ of config/paper.yaml.
     python benchmarks/gpu_cell.py                  # GPU: 50,000 + 10,000 fake images, 3 epochs per cell
     python benchmarks/gpu_cell.py --smoke          # a tiny version (default without a GPU): a smoke test
     python benchmarks/gpu_cell.py --precision bf16 --attack-precision bf16   # the bf16 opt-in (paper.yaml: fp32)
+    python benchmarks/gpu_cell.py --epoch-measure off --train-only   # training without the per-epoch measurement
     python benchmarks/gpu_cell.py --packed 1 2 4 --models preact_resnet18 --adversaries pgd-linf
                                                    # k cells training at once on one GPU: aggregate images/s
 
@@ -57,7 +58,8 @@ ADVERSARIES = ("st", "pgd-linf", "trades-linf")
 
 
 def benchmark_config(data_root: Path, *, device: str, epochs: int, smoke: bool, deterministic: bool,
-                     attack_precision: str | None = None, precision: str | None = None) -> dict:
+                     attack_precision: str | None = None, precision: str | None = None,
+                     epoch_measure: bool | None = None) -> dict:
     """config/paper.yaml restricted to fake CIFAR-10 and ``epochs`` epochs (tiny in smoke mode);
     ``precision`` and ``attack_precision`` override training's and the evaluation's (paper.yaml:
     fp32; always fp32 on the CPU unless given)."""
@@ -72,6 +74,8 @@ def benchmark_config(data_root: Path, *, device: str, epochs: int, smoke: bool, 
         config["evaluation"]["attack_precision"] = attack_precision
     if precision is not None:
         config["precision"] = precision
+    if epoch_measure is not None:
+        config["training"]["epoch_measure"] = epoch_measure
     if smoke:
         config["threads"] = 1
         config["training"]["batch_size"] = 20
@@ -204,6 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the evaluation's attacks (default: paper.yaml's, fp32)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                         help="training and its attacks (default: paper.yaml's, fp32)")
+    parser.add_argument("--epoch-measure", choices=("on", "off"), default=None,
+                        help="the authors' per-epoch measurement during training (paper.yaml: on)")
     parser.add_argument("--train-only", action="store_true", help="time the training epochs only (no evaluations, no projection)")
     parser.add_argument("--packed", type=int, nargs="+", default=None, metavar="K",
                         help="instead: aggregate images/s of K cells training at once, for every --models x --adversaries")
@@ -222,12 +228,13 @@ def main(argv: list[str] | None = None) -> dict:
         if not (data_root / "cifar-10-batches-py").exists():
             write_fake_cifar10(data_root, **({} if smoke else {"n_train_per_file": 10000, "n_test": 10000}))
         config = benchmark_config(data_root, device=args.device, epochs=epochs, smoke=smoke, deterministic=args.deterministic,
-                                  attack_precision=args.attack_precision, precision=args.precision)
+                                  attack_precision=args.attack_precision, precision=args.precision,
+                                  epoch_measure=None if args.epoch_measure is None else args.epoch_measure == "on")
         data_path = str(work / "cifar10.pt")
         prepare_data(config, "cifar10", data_path)
         print(f"device {args.device}{' (smoke)' if smoke else ''}, precision {config['precision']}, "
               f"attack precision {config['evaluation']['attack_precision']}, "
-              f"deterministic {config['training']['deterministic']}, cuda_graph {config['training']['cuda_graph']}, "
+              f"deterministic {config['training']['deterministic']}, epoch_measure {config['training']['epoch_measure']}, cuda_graph {config['training']['cuda_graph']}, "
               f"{epochs} epochs per cell")
         if args.packed:
             return packed(args, config, data_path, work, data_root, epochs)
