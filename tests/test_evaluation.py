@@ -410,6 +410,28 @@ def test_strong_evaluation_reports_every_attack_on_the_same_samples_with_one_los
         assert by["pgd"]["robust_accuracy"] == pytest.approx(float((model(x_p).argmax(1) == y).double().mean()))
 
 
+def test_strong_evaluation_takes_the_evaluations_pgd_inputs(small):
+    """Given the evaluation's PGD-10 examples (``attack_set``, as the workflow passes them), the
+    strong evaluation's ``pgd`` row and its ``worst`` count those inputs, not a second attack; inputs
+    of another shape are refused."""
+    from ncrobust.evaluation.checkpoint import attack_set
+
+    model, d = small
+    x, y = as_float(d, "test")
+    ev_plan = plan(perturbations={"clean": {}, "pgd": {}}, splits=("test",), batch_size=64)
+    x_pgd = attack_set("pgd", model, x, y, ev_plan, LINF, num_classes=10, seed=1, epoch=3, split="test", device="cpu")
+    rows_ = strong_evaluation(model, x, y, threat=LINF, num_classes=10, attacks=[], seed=1, batch_size=64, pgd_inputs=x_pgd)
+    with torch.no_grad():
+        expected = float((model(x_pgd).argmax(1) == y).double().mean())
+    assert {r["attack"]: r["robust_accuracy"] for r in rows_}["pgd"] == expected
+    # the evaluation of epoch 3 measured its test pgd set on exactly these inputs
+    metrics = evaluate_checkpoint(model, d, ev_plan, seed=1, epoch=3).metrics
+    evaluated = metrics.query("split == 'test' and perturbation == 'pgd' and layer == 'penultimate' and metric == 'accuracy'")
+    assert evaluated["value"].item() == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="pgd_inputs has shape"):
+        strong_evaluation(model, x, y, threat=LINF, num_classes=10, attacks=[], seed=1, pgd_inputs=x_pgd[:5])
+
+
 def test_worst_is_the_per_example_worst_case_over_pgd10_and_the_strong_attacks(small, monkeypatch):
     """A strong attack weaker than PGD-10 (here one that returns x unchanged) cannot lift ``worst``
     above PGD-10: a sample counts only if it survives PGD-10 too."""

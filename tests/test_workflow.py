@@ -152,3 +152,28 @@ def test_readme_python_examples_run(tiny_run, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "adversary" in out and "pgd-linf" in out  # the metrics-table example printed its pivot
     assert re.search(r"^0\.\d+$", out, flags=re.M)  # the collapse example printed NC1 values
+
+
+def test_strong_evaluation_attacks_with_the_evaluations_pgd(tmp_path, finished_tiny_run):
+    """One PGD-10 per checkpoint: the robustness stage's ``pgd`` is the evaluation's attack (the same
+    seeded inputs), so on the whole test split its accuracy equals the metrics table's test robust
+    accuracy exactly, and ``pgd_gap`` compares the summary's robust accuracy with the strong attacks.
+    (In a copy of the finished run with ``max_samples: null``: only the robustness jobs run.)"""
+    workdir = copy_run(finished_tiny_run, tmp_path / "run")
+    evaluation = tiny_config()["evaluation"]
+    evaluation["strong"] = {**evaluation["strong"], "attacks": ["pgd-strong"], "max_samples": None}
+    config = write_tiny_config(workdir, evaluation=evaluation)
+    cells = [cell_dir(adversary=a) for a in ("st", "pgd-linf")]
+    targets = [f"{c}/robustness/epoch4.parquet" for c in cells]
+    dry = run_snakemake(workdir, "-n", *targets, configfile=config).stdout
+    assert dict(re.findall(r"^(\w+)\s+(\d+)$", dry, flags=re.M)) == {"robustness": "2", "total": "2"}
+    run_snakemake(workdir, *targets, configfile=config)
+    for cell in cells:
+        metrics = pd.read_parquet(workdir / cell / "metrics/epoch4.parquet")
+        evaluated = metrics.query("split == 'test' and perturbation == 'pgd' and layer == 'penultimate' "
+                                  "and metric == 'accuracy' and norm == 'linf'")["value"]
+        strong = pd.read_parquet(workdir / cell / "robustness/epoch4.parquet").set_index("attack")
+        assert strong.loc["pgd", "samples"] == 450
+        assert strong.loc["pgd", "robust_accuracy"] == evaluated.item()
+        assert strong.loc["worst", "robust_accuracy"] <= min(strong.loc["pgd", "robust_accuracy"],
+                                                             strong.loc["pgd-strong", "robust_accuracy"])

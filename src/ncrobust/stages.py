@@ -60,10 +60,14 @@ EVALUATION_IGNORED = {
     # written (an output of its own): neither changes a metric; `strong` is the robustness stage's
     "evaluate": frozenset({"epochs", "keep_features", "strong", "mixup_geometry"}),
     # extra threat models are attacked on `st` cells only (EVALUATION_USED_BY)
-    # the strong evaluation reads only `strong`, `batch_size` and what later keys bring
-    "robustness": frozenset({"epochs", "keep_features", "splits", "perturbations", "layerwise", "feature_dtype", "norms",
-                             "mixup_geometry", "attack_precision", "projection_points"}),
+    # the strong evaluation reads `strong`, `batch_size`, `attack_precision` and the `pgd` entry of
+    # `perturbations` (it attacks with the evaluation's PGD-10: ROBUSTNESS_PERTURBATIONS)
+    "robustness": frozenset({"epochs", "keep_features", "splits", "layerwise", "feature_dtype", "norms",
+                             "mixup_geometry", "projection_points"}),
 }
+
+ROBUSTNESS_PERTURBATIONS = ("pgd",)
+"""The ``evaluation.perturbations`` entries in the robustness slice: its PGD-10 is the evaluation's."""
 
 EVALUATION_USED_BY = {"norms": "st"}
 """``evaluation`` keys that only one adversary kind reads: in the slices of that kind's cells only."""
@@ -218,6 +222,8 @@ def _evaluation(stage: str, config: dict, cell: Cell) -> dict:
         if k not in EVALUATION_IGNORED[stage] and EVALUATION_USED_BY.get(k, kind) == kind
         and EVALUATION_UNUSED_BY_LOSS.get(k) != cell.loss
     }
+    if stage == "robustness":
+        evaluation["perturbations"] = {k: v for k, v in evaluation["perturbations"].items() if k in ROBUSTNESS_PERTURBATIONS}
     return merge(_training(config, cell), cell_threat(config, cell), {"evaluation": evaluation})
 
 

@@ -323,6 +323,22 @@ def _projection_indices(n: int, points: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n, size=min(points, n), replace=False))
 
 
+def attack_set(
+    name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, plan: EvaluationPlan, threat: ThreatModel, *,
+    num_classes: int, seed: int, epoch: int, split: str, device: torch.device | str,
+) -> torch.Tensor:
+    """The perturbed inputs of one set of :func:`evaluate_checkpoint`, seeded by ``(seed, "evaluate",
+    epoch, split, name)`` (and the norm, for a threat model other than the cell's own). The strong
+    evaluation attacks with this PGD-10 too, so that the summary's robust accuracy and its
+    ``pgd_gap`` come from the same attacked inputs."""
+    stream = (seed, "evaluate", epoch, split, name) + (() if threat.norm == plan.threats[0].norm else (threat.norm,))
+    return perturb(
+        name, model, x, y, threat=threat, num_classes=num_classes, generator=generator(*stream, device=device),
+        batch_size=plan.batch_size, loss=plan.attack_loss, autocast_dtype=plan.attack_dtype,
+        l2_step=plan.trades_l2_step, **plan.perturbations.get(name, {}),
+    )
+
+
 @torch.no_grad()
 def evaluate_checkpoint(
     model: torch.nn.Module, data: dict, plan: EvaluationPlan, *, seed: int, epoch: int, device: torch.device | str = "cpu",
@@ -370,12 +386,7 @@ def evaluate_checkpoint(
         clean, plane = measure(x, y, y, None, (split, primary, "clean"), None, None, index)
         for threat in plan.threats:
             for name in plan.attacked:
-                stream = (seed, "evaluate", epoch, split, name) + (() if threat.norm == primary else (threat.norm,))
-                x_p = perturb(
-                    name, model, x, y, threat=threat, num_classes=num_classes, generator=generator(*stream, device=device),
-                    batch_size=plan.batch_size, loss=plan.attack_loss, autocast_dtype=plan.attack_dtype,
-                    l2_step=plan.trades_l2_step, **plan.perturbations[name],
-                )
+                x_p = attack_set(name, model, x, y, plan, threat, num_classes=num_classes, seed=seed, epoch=epoch, split=split, device=device)
                 targets = target_labels(y, num_classes) if name == "pgd-targeted" else None
                 groups = y if targets is None else targets
                 measure(x_p, y, groups, targets, (split, threat.norm, name), clean, plane, index)

@@ -34,6 +34,7 @@ def strong_evaluation(
     batch_size: int = 500,
     loss=None,
     loss_name: str = "ce",
+    pgd_inputs: torch.Tensor | None = None,
 ) -> list[dict]:
     """Rows ``{attack, attack_loss, robust_accuracy, samples}`` for ``clean``, ``pgd`` (the cell's
     PGD-10), each of ``attacks`` and the per-example ``worst`` over PGD-10 and ``attacks``.
@@ -41,15 +42,20 @@ def strong_evaluation(
     ``loss`` (named ``loss_name``) is the loss PGD and PGD-strong ascend: the cell's training loss,
     as in the evaluation's ``pgd``, so that both report the same attack. APGD-CE and APGD-T keep
     their definitions (cross-entropy, targeted DLR). The model runs in eval mode; its modes are
-    restored afterwards."""
+    restored afterwards. ``pgd_inputs``: the PGD-10 examples of ``x`` as the evaluation attacked them
+    (:func:`ncrobust.evaluation.checkpoint.attack_set`; the workflow passes them, so that ``pgd`` here
+    is the summary's robust accuracy); without them PGD-10 runs here, seeded by ``(seed, "strong", "pgd")``."""
     unknown = set(attacks) - set(STRONG_ATTACKS)
     if unknown:
         raise ValueError(f"unknown strong attacks {sorted(unknown)}; allowed: {', '.join(STRONG_ATTACKS)}")
     attack_loss = {"pgd": loss_name, "pgd-strong": loss_name, "apgd-ce": "ce", "apgd-t": "dlr"}
     with eval_mode(model):
         rows = [{"attack": "clean", "robust_accuracy": _correct(model, x, y, batch_size).double().mean().item()}]
-        x_pgd = perturb("pgd", model, x, y, threat=threat, num_classes=num_classes, batch_size=batch_size, loss=loss,
-                        generator=generator(seed, "strong", "pgd", device=x.device))
+        x_pgd = pgd_inputs if pgd_inputs is not None else perturb(
+            "pgd", model, x, y, threat=threat, num_classes=num_classes, batch_size=batch_size, loss=loss,
+            generator=generator(seed, "strong", "pgd", device=x.device))
+        if x_pgd.shape != x.shape:
+            raise ValueError(f"pgd_inputs has shape {tuple(x_pgd.shape)}, the samples {tuple(x.shape)}: pass the PGD-10 examples of x")
         survived = _correct(model, x_pgd, y, batch_size)  # worst: robust to PGD-10 and to every strong attack
         rows.append({"attack": "pgd", "robust_accuracy": survived.double().mean().item()})
         for name in attacks:

@@ -73,6 +73,21 @@ def evaluation_plan(config: dict, cell: Cell, *, keep_features: bool = False) ->
     )
 
 
+def robustness_plan(config: dict, cell: Cell) -> EvaluationPlan:
+    """The part of :func:`evaluation_plan` that the evaluation's PGD-10 on the cell's own threat
+    model reads (its ``perturbations.pgd`` overrides, batch size, loss and precision): the strong
+    evaluation attacks with that same PGD-10 (:func:`ncrobust.evaluation.checkpoint.attack_set`)."""
+    ev = config["evaluation"]
+    return EvaluationPlan(
+        threats=(threat_model(config, cell),),
+        perturbations={"pgd": dict(ev["perturbations"].get("pgd") or {})},
+        splits=(ev["strong"]["split"],),
+        batch_size=int(ev["batch_size"]),
+        attack_loss=attack_loss(config, cell)[1],
+        attack_dtype=AUTOCAST[ev["attack_precision"]],
+    )
+
+
 def trades_l2_step(config: dict, cell: Cell) -> str:
     """The ``l2`` step of the evaluation's ``trades-kl`` attack on ``cell``: a ``trades-l2`` cell's
     own training attack (``training.trades_l2_step``, in its slices only), the threat model's step
