@@ -65,6 +65,14 @@ BAD = [
     ("datasets.digits.threat", {"linf": {"eps": float("nan"), "step_size": 0.1, "steps": 3}}, r"datasets\.digits\.threat\.linf\.eps = nan: must be a finite number"),
     ("training.optimizer", {"lr": float("inf")}, r"training\.optimizer\.lr = inf: must be a finite number"),
     ("training.schedule", {"milestones": [0.5], "factors": [float("nan")]}, r"training\.schedule\.factors\.0 = nan: must be a finite number"),
+    # what passes a schema's ranges but fails in torch or the random generators: integers beyond 64 bits
+    ("grid.seed", [2**64], r"grid\.seed\.0 = 18446744073709551616: must lie in -9223372036854775808\.\.9223372036854775807"),
+    ("datasets.digits.options", {"split_seed": 2**63}, r"datasets\.digits\.options\.split_seed = 9223372036854775808: must lie in"),
+    ("training.epochs", 2**70, r"training\.epochs = 1180591620717411303424: must lie in"),
+    # empty paths (results '' would write under /runs), and a thread count no machine has
+    ("results", "", r"results = '': '' should be non-empty"),
+    ("data_root", "", r"data_root = '': '' should be non-empty"),
+    ("threads", 10**6, r"threads = 1000000: must be <= 1024"),
     # model options, against the constructors
     ("models.mlp", {"depth": 0, "width": 32}, r"models\.mlp = \{'depth': 0, 'width': 32\}: mlp needs depth >= 1"),
     ("models.mlp", {"dept": 3}, r"models\.mlp: unknown option 'dept'; allowed: depth, width, bias"),
@@ -101,6 +109,52 @@ def test_real_dataset_needs_an_existing_data_root(tmp_path):
     config["datasets"]["cifar10"] = copy.deepcopy(config["datasets"]["digits"])
     with pytest.raises(ConfigError, match=r"data_root = '.*nowhere': directory does not exist; dataset 'cifar10' needs it"):
         validate_config(config)
+
+
+def test_the_largest_seed_is_accepted_and_seeds_torch_and_numpy():
+    import numpy as np
+    import torch
+
+    from ncrobust.config import INT64
+
+    config = tiny_config()
+    config["grid"]["seed"] = [INT64[1]]
+    assert validate_config(config)["grid"]["seed"] == [INT64[1]]
+    torch.manual_seed(INT64[1])
+    torch.Generator().manual_seed(INT64[1])
+    np.random.default_rng(INT64[1])
+
+
+@pytest.mark.parametrize("dataset,staged,lacks", [
+    ("cifar10", [], r"cifar10: .*/cifar-10-batches-py lacks data_batch_1, data_batch_2, data_batch_3, data_batch_4 and 3 more; "
+                    r"set data_root to a directory holding cifar-10-batches-py/"),
+    ("cifar10", ["cifar-10-batches-py/data_batch_1"], r"cifar10: .* lacks data_batch_2, data_batch_3, data_batch_4, data_batch_5 and 2 more"),
+    ("mnist", ["MNIST/raw/train-images-idx3-ubyte.gz", "MNIST/raw/train-labels-idx1-ubyte"],
+     r"mnist: .*/MNIST/raw lacks t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; set data_root to a directory holding MNIST/raw/"),
+    ("imagenette", ["imagenette2-160/train/n01440764"], r"imagenette: .*/imagenette2-160 lacks train/n02102040, .* and 15 more;"),
+])
+def test_an_empty_or_partial_data_root_is_named_before_any_job(tmp_path, dataset, staged, lacks):
+    """What the staged layout lacks, and how to stage it, in one line at config time (not when
+    prepare_data runs); a complete layout passes (its content is the loader's to check)."""
+    for path in staged:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).mkdir() if dataset == "imagenette" else (tmp_path / path).write_bytes(b"")
+    config = tiny_config(data_root=str(tmp_path))
+    config["grid"]["dataset"] = [dataset]
+    config["datasets"][dataset] = copy.deepcopy(config["datasets"]["digits"])
+    config["datasets"][dataset]["options"] = {}
+    with pytest.raises(ConfigError, match=rf"^data_root = '{tmp_path}': {lacks}") as info:
+        validate_config(config)
+    assert "\n" not in str(info.value)
+    from ncrobust.data import staged_layout
+
+    layout = staged_layout(dataset)
+    for name in layout.files:
+        (tmp_path / layout.folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / layout.folder / name).write_bytes(b"")
+    for name in layout.folders:
+        (tmp_path / layout.folder / name).mkdir(parents=True, exist_ok=True)
+    validate_config(config)
 
 
 def test_defaults_are_filled_and_the_shipped_configs_are_valid():

@@ -243,7 +243,7 @@ def test_train_per_class(tmp_path):
     assert torch.bincount(a["y_train"], minlength=10).tolist() == [k] * 10
     assert torch.equal(a["x_train"], b["x_train"])
     assert torch.equal(a["x_test"], full["x_test"])  # the test split is untouched
-    with pytest.raises(ValueError, match="train_per_class=1000 but class"):
+    with pytest.raises(ValueError, match="train_per_class=1000 but class 0 has only .* set datasets.<dataset>.options.train_per_class to at most"):
         load("cifar10", root=tmp_path, verify_checksums=False, train_per_class=1000)
 
 

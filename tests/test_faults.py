@@ -1,6 +1,7 @@
 """Faults: killed and preempted jobs, corrupt and untrusted files, divergence, two invocations.
 Nothing already computed is lost, nothing is loaded silently."""
 
+import contextlib
 import errno
 import os
 import pickle
@@ -201,6 +202,25 @@ def test_a_corrupt_file_in_a_job_is_one_line_on_stderr(tmp_path, capsys):
     assert "Traceback" in log.read_text() and "Traceback" not in err
 
 
+@pytest.mark.parametrize("fails", ["missing dataset", "too few samples"])
+def test_an_explained_data_error_in_a_job_is_one_line_on_stderr(tmp_path, capsys, fails):
+    """A dataset that is missing (a data_root emptied after the config check) or too small for the
+    asked subset: one line on stderr naming the fix, the traceback in the log only."""
+    from ncrobust import data
+
+    log = tmp_path / "job.log"
+    with pytest.raises(SystemExit) as info:
+        with job_log(log):
+            if fails == "missing dataset":
+                data.load("cifar10", root=tmp_path)
+            else:
+                data.load("digits", train_per_class=10_000)
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("lacks data_batch_1" in err if fails == "missing dataset" else "to at most" in err), err
+    assert "Traceback" in log.read_text() and "Traceback" not in err
+
+
 class _RunsCode:
     def __reduce__(self):
         return (os.system, ("touch /tmp/ncrobust-pwned",))
@@ -270,7 +290,7 @@ def test_a_second_invocation_on_the_same_directory_is_locked_out(reference):
     second is refused, and the first finishes undisturbed."""
     second = reference.second
     assert second.returncode != 0
-    assert "Directory cannot be locked" in second.stderr + second.stdout
+    assert "another Snakemake run holds a lock on files this run would write" in second.stderr
     assert (reference.workdir / TARGET).exists()
 
 
@@ -338,6 +358,46 @@ def test_other_write_errors_are_not_called_disk_full(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied")))
     with pytest.raises(PermissionError):
         save_torch({}, tmp_path / "x.pt")
+
+
+@contextlib.contextmanager
+def _read_only(directory: Path):
+    """``directory`` unwritable while in the block: mode 555 for a user, an empty read-only tmpfs
+    over it for root (whom modes do not stop); skips the test where neither works."""
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        try:
+            yield
+        finally:
+            directory.chmod(0o755)
+        return
+    if not shutil.which("mount") or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(directory)],
+                                                   capture_output=True).returncode != 0:
+        pytest.skip("cannot make a directory read-only here (root without mount)")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+@pytest.mark.workflow
+@pytest.mark.slow
+def test_an_unwritable_cell_directory_stops_the_run_in_one_line_before_any_job(tmp_path, finished_tiny_run):
+    """A cell's directory that cannot be written (a read-only mount, another group's directory):
+    one line naming it and the fix, no job started, and after the fix the same command finishes."""
+    workdir = copy_run(finished_tiny_run, tmp_path / "run")
+    cell = cell_dir(dataset="digits", adversary="st")
+    (workdir / cell / "metrics/epoch4.parquet").unlink()
+    config = workdir / "config.yaml"
+    with _read_only(workdir / cell / "logs"):
+        proc = run_snakemake(workdir, configfile=config, check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("ncrobust:")]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-3000:]
+    assert f"cannot write into {workdir / cell / 'logs'} " in lines[0] and "chmod -R u+w" in lines[0]
+    assert "Traceback" not in proc.stderr and "Error in rule" not in proc.stderr + proc.stdout
+    assert not list((workdir / ".snakemake/locks").glob("*"))  # the lock is released
+    run_snakemake(workdir, configfile=config)
+    assert (workdir / cell / "metrics/epoch4.parquet").exists()
 
 
 def _small_tmpfs(where: Path) -> bool:
@@ -423,11 +483,33 @@ def test_interrupted_then_the_same_command_resumes(tmp_path, reference, how):
     workdir = _before_last_segment(reference, tmp_path)
     config = workdir / "config.yaml"
     _interrupt_while_training(workdir, config, how)
-    if how == "kill-snakemake":  # a killed Snakemake leaves its lock: the README's `--unlock` first
-        run_snakemake(workdir, "--unlock", configfile=config)
+    if how == "kill-snakemake":  # a killed Snakemake leaves its lock, and the record that it held it
+        assert list((workdir / ".snakemake/locks").glob("*.lock"))
     proc = run_snakemake(workdir, TARGET, configfile=config, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "IncompleteFilesException" not in proc.stderr
+    assert ("removed the lock left by a killed run" in proc.stderr) == (how == "kill-snakemake")
+    assert not list((workdir / ".snakemake/ncrobust/runs").glob("*"))  # the resumed run ended: no record
+    pd.testing.assert_frame_equal(_metrics(workdir), reference.metrics)
+
+
+@pytest.mark.workflow
+@pytest.mark.slow
+def test_a_lock_no_recorded_run_holds_is_one_line_whose_advice_resumes(tmp_path, reference):
+    """A lock that no run of this workflow is recorded to hold (a run on another machine, or killed
+    before it could say so) is not removed: the run stops with one line naming ``--unlock`` and
+    when it is safe; following it resumes with the uninterrupted run's result."""
+    workdir = _before_last_segment(reference, tmp_path)
+    config = workdir / "config.yaml"
+    _interrupt_while_training(workdir, config, "kill-snakemake")
+    shutil.rmtree(workdir / ".snakemake/ncrobust/runs")
+    proc = run_snakemake(workdir, TARGET, configfile=config, check=False)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("ncrobust:")]
+    assert len(lines) == 1 and "`snakemake --unlock` followed by the same command" in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    run_snakemake(workdir, "--unlock", configfile=config)
+    run_snakemake(workdir, TARGET, configfile=config)
     pd.testing.assert_frame_equal(_metrics(workdir), reference.metrics)
 
 

@@ -280,3 +280,22 @@ def test_a_truncated_data_file_recovers_by_the_printed_commands_and_reruns_nothi
     run_snakemake(damaged, advice.group(2), configfile=damaged / CONFIG)
     assert (damaged / DATA).read_bytes() == original
     assert scheduled(damaged, BASE) == set()
+
+
+def test_a_moved_project_reruns_nothing(tmp_path, finished_tiny_run):
+    """The workflow's code and a finished run copied together elsewhere (a project moved to another
+    disk, a colleague's copy): no input is named by an absolute path, so nothing reruns."""
+    import shutil
+    import subprocess
+
+    from workflow_helpers import REPO_ROOT, snakemake_command
+
+    moved = copy_run(finished_tiny_run, tmp_path / "moved")
+    for name in ("Snakefile", "workflow", "src", "config", "profiles"):
+        copy = shutil.copytree if (REPO_ROOT / name).is_dir() else shutil.copy2
+        copy(REPO_ROOT / name, moved / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+    cmd = snakemake_command(moved, "-n", configfile=moved / CONFIG)
+    cmd[cmd.index("--snakefile") + 1] = str(moved / "Snakefile")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]

@@ -24,9 +24,8 @@ def test_front_page_has_the_table_and_each_figure_with_its_caption(tmp_path):
     (tmp_path / "summary.md").write_text(SUMMARY)
     png = b"\x89PNG\r\n\x1a\n fake"
     (tmp_path / "leap.png").write_bytes(png)
-    (tmp_path / "leap.rst").write_text("**Leap matrix.** Entry ``L[y, k]``.")
     out = tmp_path / "front.html"
-    front_page(tmp_path / "summary.md", {"leap": str(tmp_path / "leap.png")}, {"leap": str(tmp_path / "leap.rst")}, out)
+    front_page(tmp_path / "summary.md", {"leap": str(tmp_path / "leap.png")}, {"leap": "**Leap matrix.** Entry ``L[y, k]``."}, out)
     text = out.read_text()
     assert "<td>st</td>" in text
     assert f"data:image/png;base64,{base64.b64encode(png).decode()}" in text

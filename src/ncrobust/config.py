@@ -267,6 +267,11 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
                     f"data_root = {config['data_root']!r}: directory does not exist; dataset {ds!r} needs it "
                     "(pre-stage the dataset there, or set download: true on a machine with internet)"
                 )
+            from ncrobust.data import missing_staged_files
+
+            lacking = missing_staged_files(ds, root)
+            if lacking:
+                raise ConfigError(f"data_root = {config['data_root']!r}: {lacking}")
     _check_dataset_options(config)
     _check_model_options(config)
     _check_related(config)
@@ -296,9 +301,13 @@ def _check_related(config: dict) -> None:
                     raise ConfigError(f"probe.layer = {probe['layer']!r}: not a tap of {name}; its taps: {', '.join(taps)}")
 
 
+INT64 = (-(2**63), 2**63 - 1)
+"""The integers torch and the random generators accept (a seed of 2**64 fails inside a job)."""
+
+
 def _check_finite(node, path=()) -> None:
-    """NaN and infinity pass a schema's ranges (every comparison with NaN is false): refuse them
-    anywhere."""
+    """NaN and infinity pass a schema's ranges (every comparison with NaN is false), and integers
+    beyond 64 bits pass them too but fail in torch: refuse them anywhere."""
     if isinstance(node, dict):
         for key, value in node.items():
             _check_finite(value, (*path, key))
@@ -307,6 +316,8 @@ def _check_finite(node, path=()) -> None:
             _check_finite(value, (*path, i))
     elif isinstance(node, float) and not math.isfinite(node):
         raise ConfigError(f"{_key(path)} = {node!r}: must be a finite number")
+    elif isinstance(node, int) and not isinstance(node, bool) and not INT64[0] <= node <= INT64[1]:
+        raise ConfigError(f"{_key(path)} = {node}: must lie in {INT64[0]}..{INT64[1]} (a 64-bit integer, what torch and the random generators accept)")
 
 
 def _check_results_path(config: dict, base_dir: Path) -> None:

@@ -37,12 +37,15 @@ import os
 import pickle
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+
+from ncrobust.io import ExplainedError
 
 Dataset = dict
 
@@ -63,8 +66,12 @@ _READ_ERRORS = (
 )
 
 
-class DatasetNotFoundError(ValueError):
+class DatasetNotFoundError(ExplainedError, ValueError):
     """A dataset's files are missing, incomplete or corrupt; the message says what to put where."""
+
+
+class TooFewSamplesError(ExplainedError, ValueError):
+    """A subset asks for more samples of a class than the split holds; the message names the bound."""
 
 
 def register_dataset(name: str):
@@ -166,7 +173,10 @@ def per_class_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarra
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         if len(idx) < per_class:
-            raise ValueError(f"train_per_class={per_class} but class {c} has only {len(idx)} training samples")
+            raise TooFewSamplesError(
+                f"train_per_class={per_class} but class {c} has only {len(idx)} training samples: "
+                f"set datasets.<dataset>.options.train_per_class to at most {np.unique(labels, return_counts=True)[1].min()}"
+            )
         keep.append(rng.choice(idx, size=per_class, replace=False))
     return np.sort(np.concatenate(keep))
 
@@ -362,6 +372,59 @@ def _root_dir(name: str, root: str | Path | None, expected: str) -> Path:
     return Path(root).expanduser()
 
 
+@dataclass(frozen=True)
+class StagedLayout:
+    """Where a real dataset's files lie under ``data_root``: the folder, the files (a file may
+    also be staged gzipped: ``gzipped``) or folders it must hold, and how to get them."""
+
+    folder: str
+    files: tuple[str, ...] = ()
+    folders: tuple[str, ...] = ()
+    gzipped: bool = False
+    how: str = ""
+
+
+def staged_layout(name: str) -> StagedLayout:
+    """The pre-staged layout of real dataset ``name`` (what its loader reads under ``data_root``)."""
+    if name in ("mnist", "fashion_mnist"):
+        from torchvision.datasets import MNIST, FashionMNIST
+
+        folder = f"{(MNIST if name == 'mnist' else FashionMNIST).__name__}/raw"
+        how = _how_to_get(name, f"{folder}/ with {', '.join(f + '[.gz]' for f in _MNIST_FILES)}",
+                          _MNIST_URLS[name] + "{" + ",".join(f + ".gz" for f in _MNIST_FILES) + "}")
+        return StagedLayout(folder, files=_MNIST_FILES, gzipped=True, how=how)
+    if name in ("cifar10", "cifar100"):
+        from torchvision.datasets import CIFAR10, CIFAR100
+
+        tv_cls = CIFAR10 if name == "cifar10" else CIFAR100
+        files = (*(f for f, _ in (*tv_cls.train_list, *tv_cls.test_list)), tv_cls.meta["filename"])
+        return StagedLayout(tv_cls.base_folder, files=files,
+                            how=_how_to_get(name, f"{tv_cls.base_folder}/ ({', '.join(files)})", tv_cls.url))
+    if name == "imagenette":
+        from torchvision.datasets import Imagenette
+
+        url, _ = Imagenette._ARCHIVES["160px"]
+        wnids = sorted(Imagenette._WNID_TO_CLASS)
+        how = _how_to_get("imagenette", "imagenette2-160/train/<wnid>/*.JPEG and imagenette2-160/val/<wnid>/*.JPEG for the 10 "
+                          f"ImageNette WordNet ids ({', '.join(wnids)})", url)
+        return StagedLayout(Path(url).stem, folders=tuple(f"{split}/{w}" for split in ("train", "val") for w in wnids), how=how)
+    raise ValueError(f"{name!r} is not read from data_root; staged datasets: mnist, fashion_mnist, cifar10, cifar100, imagenette")
+
+
+def missing_staged_files(name: str, root: str | Path) -> str | None:
+    """One line naming what ``root`` lacks of dataset ``name``'s staged layout and how to stage
+    it, or None when every file and folder is there. Presence only (fast: the config check runs
+    it before any job); the loader then checks content."""
+    layout = staged_layout(name)
+    base = Path(root).expanduser() / layout.folder
+    missing = [f for f in layout.files if not (base / f).is_file() and not (layout.gzipped and (base / f"{f}.gz").is_file())]
+    missing += [d for d in layout.folders if not (base / d).is_dir()]
+    if not missing:
+        return None
+    shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+    return f"{name}: {base} lacks {shown}; {layout.how}"
+
+
 def _how_to_get(name: str, layout: str, url: str) -> str:
     return (
         f"set data_root to a directory holding {layout} (from {url}), "
@@ -419,11 +482,7 @@ def _mnist_family(
     from torchvision.datasets.utils import check_md5
 
     folder = tv_cls.__name__  # torchvision's raw folder: root/MNIST/raw, root/FashionMNIST/raw
-    how = _how_to_get(
-        name,
-        f"{folder}/raw/ with {', '.join(f + '[.gz]' for f in _MNIST_FILES)}",
-        _MNIST_URLS[name] + "{" + ",".join(f + ".gz" for f in _MNIST_FILES) + "}",
-    )
+    how = staged_layout(name).how
     root = _root_dir(name, root, how)
     raw = root / folder / "raw"
     if download:
@@ -441,9 +500,9 @@ def _mnist_family(
                     f"{name}: cannot unpack {raw / f'{f}.gz'} ({type(err).__name__}: {err}): corrupt or "
                     f"truncated, or {raw} is not writable; {how}"
                 ) from err
-    missing = [f for f in _MNIST_FILES if not (raw / f).is_file()]
-    if missing:
-        raise DatasetNotFoundError(f"{name}: {raw} lacks {', '.join(missing)}; {how}")
+    lacking = missing_staged_files(name, root)
+    if lacking:
+        raise DatasetNotFoundError(lacking)
     if verify_checksums:  # the published md5s are those of the .gz files; check them where present
         for fname, md5 in tv_cls.resources:
             if (raw / fname).is_file() and not check_md5(raw / fname, md5):
@@ -531,7 +590,7 @@ def _cifar(
 
     folder = tv_cls.base_folder
     records = [*tv_cls.train_list, *tv_cls.test_list, [tv_cls.meta["filename"], tv_cls.meta["md5"]]]
-    how = _how_to_get(name, f"{folder}/ ({', '.join(f for f, _ in records)})", tv_cls.url)
+    how = staged_layout(name).how
     root = _root_dir(name, root, how)
     base = root / folder
     reader = _cifar_reader(tv_cls)
@@ -540,9 +599,9 @@ def _cifar(
             reader(str(root), train=True, download=True)
         except _READ_ERRORS as err:
             raise _download_failed(name, root, err, how) from err
-    missing = [f for f, _ in records if not (base / f).is_file()]
-    if missing:
-        raise DatasetNotFoundError(f"{name}: {base} lacks {', '.join(missing)}; {how}")
+    lacking = missing_staged_files(name, root)
+    if lacking:
+        raise DatasetNotFoundError(lacking)
     if verify_checksums:
         for f, md5 in records:
             if not check_md5(base / f, md5):
@@ -649,10 +708,7 @@ def _imagenette(
         raise ValueError(f"imagenette image_size must be >= 1, got {image_size}")
     url, _ = Imagenette._ARCHIVES["160px"]
     wnids = sorted(Imagenette._WNID_TO_CLASS)
-    how = _how_to_get(
-        "imagenette", "imagenette2-160/train/<wnid>/*.JPEG and imagenette2-160/val/<wnid>/*.JPEG for the 10 "
-        f"ImageNette WordNet ids ({', '.join(wnids)})", url
-    )
+    how = staged_layout("imagenette").how
     root = _root_dir("imagenette", root, how)
     base = root / Path(url).stem  # imagenette2-160
     if download:
@@ -660,10 +716,9 @@ def _imagenette(
             Imagenette(str(root), split="train", size="160px", download=True)
         except _READ_ERRORS as err:
             raise _download_failed("imagenette", root, err, how) from err
-    missing = [f"{split}/{w}" for split in ("train", "val") for w in wnids if not (base / split / w).is_dir()]
-    if missing:
-        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-        raise DatasetNotFoundError(f"imagenette: {base} lacks {shown}; {how}")
+    lacking = missing_staged_files("imagenette", root)
+    if lacking:
+        raise DatasetNotFoundError(lacking)
     workers = num_threads if num_threads is not None else min(8, os.cpu_count() or 1)
     if workers < 1:
         raise ValueError(f"imagenette num_threads must be >= 1, got {num_threads}")

@@ -17,6 +17,11 @@ if TYPE_CHECKING:  # torch is imported where it is used: the Snakefile reads arc
     import torch
 
 
+class ExplainedError(Exception):
+    """An error whose message says what is wrong and how to recover: a job that fails with it
+    reports that one line (the traceback goes to its log only)."""
+
+
 class CorruptFileError(RuntimeError):
     """A result file exists but cannot be read back; the message names the path and the fix."""
 
@@ -167,6 +172,24 @@ def load_torch(path: str | os.PathLike, *, map_location: str | torch.device = "c
     raise error
 
 
+def unwritable_directory(paths) -> str | None:
+    """The first directory that files in ``paths`` would be written into (their nearest existing
+    ancestor: missing ones are created there) and that cannot be written: a read-only mount,
+    another user's or group's directory. None if all can. Checked before any job starts, so that
+    a run stops in one line instead of a job failing on its log file."""
+    checked: set[str] = set()
+    for path in paths:
+        directory = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(directory):
+            directory = os.path.dirname(directory)
+        if directory in checked:
+            continue
+        checked.add(directory)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            return directory
+    return None
+
+
 def write_parquet(frame, path: str | os.PathLike) -> None:
     """Write a DataFrame to Parquet atomically (no index)."""
     with atomic_path(path) as tmp:
@@ -225,7 +248,7 @@ def job_log(path: str | os.PathLike) -> Iterator[None]:
         except BaseException as err:
             traceback.print_exc(file=fh)
             old_err.write(f"ncrobust: {type(err).__name__}: {err} (log: {path})\n")
-            if isinstance(err, (CorruptFileError, OutdatedFileError, DiskFullError)):
+            if isinstance(err, (ExplainedError, CorruptFileError, OutdatedFileError, DiskFullError)):
                 # the line above says all a user needs; the traceback is in the log
                 raise SystemExit(1) from None
             raise

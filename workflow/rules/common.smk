@@ -9,8 +9,9 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from ncrobust.config import ConfigError, typed_overrides, validate_config
 from ncrobust.cell import Cell
 from ncrobust.columns import EPOCH_FIGURES, FIGURES
-from ncrobust.io import CorruptFileError, archive_damage
+from ncrobust.io import CorruptFileError, archive_damage, unwritable_directory
 from ncrobust.lineage import cell_sources, merged, rebuild_alone, stranded
+from ncrobust.runlock import clear_stale_lock, locked_message, record_run, release_run
 from ncrobust.stages import canonical, data_variant, grid_cells, merge, stage_slice
 
 # Snakemake leaves the scalars of a nested --config value as strings (training='{"epochs": 3}'
@@ -164,6 +165,57 @@ def check_no_stranded_files():
 
 
 check_no_stranded_files()
+
+
+def handle_stale_lock():
+    """After a killed run (SIGKILL, the out-of-memory killer), the same command resumes: a lock that
+    surely belongs to no running process is removed (ncrobust.runlock); any other refusal to run in
+    a locked directory is one line naming `--unlock` and when it is safe."""
+    if workflow.workflow_settings.exec_mode != ExecMode.DEFAULT:
+        return
+    import snakemake.exceptions
+
+    for run in clear_stale_lock():
+        sys.stderr.write(f"ncrobust: removed the lock left by a killed run (pid {run.pid} on this machine, no longer "
+                         "running); the jobs it left unfinished are redone\n")
+
+    class LockedDirectory(snakemake.exceptions.LockException):
+        def __init__(self):
+            snakemake.exceptions.WorkflowError.__init__(self, f"ncrobust: {locked_message()}")
+
+    snakemake.exceptions.LockException = LockedDirectory  # raised by Snakemake's Persistence.lock()
+
+
+handle_stale_lock()
+
+
+def check_writable():
+    """Stop in one line, before any job starts, when a directory the jobs to run write into (their
+    outputs and logs) cannot be written: a read-only mount, a directory of another user or group."""
+    paths = [str(f) for job in workflow.dag.needrun_jobs() for f in (*job.output, *job.log)]
+    blocked = unwritable_directory(paths)
+    if blocked:
+        sys.stderr.write(f"ncrobust: cannot write into {blocked} (read-only, or not yours), where jobs of this run write "
+                         f"their outputs and logs: make it writable (chmod -R u+w {blocked}, or remount it read-write), "
+                         "or write the results elsewhere (--config results=DIR); no job has started\n")
+        sys.exit(1)
+
+
+# Before any job: the directories it writes are writable. A run that holds the lock says so while it
+# runs jobs (Snakemake calls onstart after taking the lock, and onsuccess / onerror before removing
+# it): a record left behind is a killed run's.
+onstart:
+    if workflow.workflow_settings.exec_mode == ExecMode.DEFAULT:
+        check_writable()
+        record_run()
+
+
+onsuccess:
+    release_run()
+
+
+onerror:
+    release_run()
 
 
 def job_resources(kind):

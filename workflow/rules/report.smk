@@ -60,13 +60,14 @@ rule report_page:
     input:
         summary=f"{RESULTS}/tables/summary.md",
         figures=[f"{RESULTS}/figures/{name}.png" for name in FIGURES + MEASURED_FIGURES + RELATED_FIGURES],
-        captions=[str(Path(workflow.basedir) / "workflow" / "report" / f"{name}.rst") for name in FIGURES + MEASURED_FIGURES + RELATED_FIGURES],
     output:
         f"{RESULTS}/report/front_page.html",
     log:
         f"{RESULTS}/logs/report_page.log",
     params:
         names=FIGURES + MEASURED_FIGURES + RELATED_FIGURES,
+        # the captions' text, not their paths: an edited caption reruns this job, a moved project does not
+        captions=[(Path(workflow.basedir) / "workflow" / "report" / f"{name}.rst").read_text() for name in FIGURES + MEASURED_FIGURES + RELATED_FIGURES],
     resources:
         **job_resources("cpu"),
     script:

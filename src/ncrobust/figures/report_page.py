@@ -40,7 +40,8 @@ def front_page(
     summary_md: str | os.PathLike, figures: dict[str, str], captions: dict[str, str], output: str | os.PathLike
 ) -> None:
     """Write the front page fragment: the summary table, then each figure (name -> PNG path) with
-    its caption (name -> reStructuredText file), in the order of ``figures``."""
+    its caption (name -> reStructuredText text), in the order of ``figures``. The captions come as
+    text, not paths: the rule passes them as params, so a moved or copied project reruns nothing."""
     missing = sorted(set(figures) - set(captions))
     if missing:
         raise ValueError(f"no caption for figure(s) {', '.join(missing)}")
@@ -55,7 +56,7 @@ def front_page(
         data = base64.b64encode(Path(png).read_bytes()).decode()
         parts.append(
             f'<figure id="{html.escape(name)}"><img style="max-width: 100%" alt="{html.escape(name)}" '
-            f'src="data:image/png;base64,{data}"><figcaption>{caption_html(Path(captions[name]).read_text())}'
+            f'src="data:image/png;base64,{data}"><figcaption>{caption_html(captions[name])}'
             "</figcaption></figure>"
         )
     parts.append("</div>")
