@@ -134,21 +134,22 @@ def test_rerunning_a_cell_by_its_file(tiny_run):
     pd.testing.assert_frame_equal(pd.read_parquet(target), before)
 
 
-def _readme_python_blocks() -> list[str]:
+def _docs_python_blocks() -> list[tuple[str, str]]:
+    """Every ```python block of the README and the docs pages, with its file."""
     from workflow_helpers import REPO_ROOT
 
-    text = (REPO_ROOT / "README.md").read_text()
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    pages = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+    return [(page.name, block) for page in pages for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)]
 
 
-def test_readme_python_examples_run(tiny_run, monkeypatch, capsys):
-    """The README's Python examples run as written (in a finished workflow directory)."""
+def test_docs_python_examples_run(tiny_run, monkeypatch, capsys):
+    """The Python examples of the README and the docs run as written (in a finished workflow directory)."""
     workdir, _ = tiny_run
     monkeypatch.chdir(workdir)
-    blocks = _readme_python_blocks()
+    blocks = _docs_python_blocks()
     assert len(blocks) >= 2
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+    for page, block in blocks:
+        exec(compile(block, page, "exec"), {})
     out = capsys.readouterr().out
     assert "adversary" in out and "pgd-linf" in out  # the metrics-table example printed its pivot
     assert re.search(r"^0\.\d+$", out, flags=re.M)  # the collapse example printed NC1 values
