@@ -438,3 +438,35 @@ def test_the_losses_models_and_related_stages_defaults_are_the_schemas():
     assert list(geometry["lambdas"].default) == _default("evaluation.mixup_geometry.lambdas")
     assert geometry["per_class"].default == _default("evaluation.mixup_geometry.per_class")
     assert inspect.signature(probe_model).parameters["weight_decay"].default == _default("probe.weight_decay")
+
+
+def test_every_schema_property_has_a_description():
+    from ncrobust.config import schema_properties
+
+    rows = schema_properties()
+    assert len(rows) > 100  # every property, those of the definitions ($ref) at each place they are used
+    assert [key for key, node, _ in rows if not node.get("description")] == []
+
+
+def test_config_readme_is_the_schemas_reference(capsys):
+    """config/README.md is what `python -m ncrobust.config --markdown` prints: one row per key."""
+    from ncrobust.config import config_reference, schema_properties
+
+    assert config_main(["--markdown"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == config_reference()
+    assert (REPO_ROOT / "config/README.md").read_text() == printed, (
+        "config/README.md is out of date: python -m ncrobust.config --markdown > config/README.md")
+    for key, _, _ in schema_properties():
+        assert f"| `{key}` |" in printed
+    for shipped in ("config.yaml", "imbalance.yaml", "related.yaml", "paper.yaml"):
+        assert f"`config/{shipped}`" in printed
+
+
+def test_a_property_without_a_description_is_named():
+    from ncrobust.config import config_reference, load_schema
+
+    schema = load_schema()
+    del schema["properties"]["training"]["properties"]["batch_size"]["description"]
+    with pytest.raises(ValueError, match=r"without a description: training\.batch_size$"):
+        config_reference(schema)

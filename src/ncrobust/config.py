@@ -12,6 +12,7 @@ import inspect
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -411,12 +412,170 @@ def _model_taps(name: str, kwargs_json: str, chans: int, side: int, classes: int
             raise ConfigError(f"models.{name} = {kwargs!r}: {err}") from None
 
 
+# ---------------------------------------------------------------------------------------------
+# config/README.md: every key of the schema, generated (`python -m ncrobust.config --markdown`)
+
+REFERENCE_INTRO = """\
+# Configuration
+
+The workflow reads one config file. Without `--configfile` it is the embedded default,
+`config/config.yaml`; a file given with `--configfile` replaces it (it is not merged into it, so a
+key left out takes the schema's default below, not the default file's value). Single keys can be
+overridden on the command line with `--config`, e.g. `--config threads=2` or
+`--config training='{"epochs": 30, "checkpoints": [10, 30]}'` (nested values are merged).
+
+| file | what it runs | command |
+| --- | --- | --- |
+| `config/config.yaml` | the embedded default: digits, an MLP, `ce` and `mse`, `st`/`pgd-linf`/`trades-linf`, 2 seeds, on a CPU in minutes | `snakemake --cores 2` |
+| `config/imbalance.yaml` | class imbalance (ratios 1, 10, 100) with and without the classifier's bias, on digits | `snakemake --cores 2 --configfile config/imbalance.yaml` |
+| `config/related.yaml` | mixup and normalized features next to the base recipe, with the mixup geometry and the near-collapse probe, on digits | `snakemake --cores 2 --configfile config/related.yaml` |
+| `config/paper.yaml` | Su et al.'s grid at full scale: CIFAR-10/100, PreActResNet18 and VGG11-BN, 400 epochs, 3 seeds, on a SLURM GPU cluster | `snakemake --cores 8 --profile slurm --configfile config/paper.yaml --group-components train=2` |
+
+To write your own, copy the closest one and change it. `python -m ncrobust.config FILE` checks a
+file without Snakemake (one line per problem, naming the key, the value and what is allowed);
+the workflow runs the same checks before any job starts.
+
+Every key below, with its type, its default (filled in when the key is absent) and what it
+allows. `<dataset>`, `<model>`, `<name>` and `<perturbation>` stand for a map's own keys.
+A `required` key has no default and must be given wherever its section is. This page is generated from the schema
+(`src/ncrobust/config.schema.yaml`, which `workflow/schemas/config.schema.yaml` links to) by
+`python -m ncrobust.config --markdown > config/README.md`; `tests/test_config.py` checks that it
+is up to date and that every key has a description.
+"""
+
+# The placeholder a map's key is written as, by the map's path.
+_MAP_KEYS = {"variants": "<name>", "datasets": "<dataset>", "models": "<model>", "evaluation.perturbations": "<perturbation>"}
+
+
+def _resolve(node: dict, root: dict) -> dict:
+    """A property's schema with a ``$ref`` replaced by the definition (the property's own keys,
+    e.g. its description and default, win)."""
+    if "$ref" not in node:
+        return node
+    target = root["definitions"][node["$ref"].split("/")[-1]]
+    return {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+
+
+def schema_properties(schema: dict | None = None) -> list[tuple[str, dict, bool]]:
+    """Every property of the schema in document order, ``$ref`` resolved: (key path, its schema,
+    whether its parent requires it). Map entries (``additionalProperties`` schemas) are written
+    with a placeholder key (``datasets.<dataset>.norm``)."""
+    root = load_schema() if schema is None else schema
+    rows: list[tuple[str, dict, bool]] = []
+
+    def walk(node: dict, path: str) -> None:
+        node = _resolve(node, root)
+        required = set(node.get("required", []))
+        for name, sub in node.get("properties", {}).items():
+            key = f"{path}.{name}" if path else name
+            rows.append((key, _resolve(sub, root), name in required))
+            walk(sub, key)
+        extra = node.get("additionalProperties")
+        if isinstance(extra, dict):
+            walk(extra, f"{path}.{_MAP_KEYS.get(path, '<key>')}")
+
+    walk(root, "")
+    return rows
+
+
+def _type(node: dict) -> str:
+    types = node.get("type", "object" if "properties" in node else "any")
+    types = [types] if isinstance(types, str) else list(types)
+    out = []
+    for t in types:
+        if t == "array":
+            items = node.get("items", {})
+            inner = _type(items) if isinstance(items, dict) and items else "any"
+            out.append(f"list of {inner}")
+        elif t == "object" and "propertyNames" in node or t == "object" and "properties" not in node and isinstance(node.get("additionalProperties"), dict):
+            out.append("map")
+        else:
+            out.append(t)
+    return " or ".join(out)
+
+
+def _bounds(node: dict) -> list[str]:
+    ops = (("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤"), ("exclusiveMaximum", "<"))
+    found = [f"{op} {node[k]}" for k, op in ops if k in node]
+    if "minLength" in node:
+        found.append("non-empty" if node["minLength"] == 1 else f"at least {node['minLength']} characters")
+    return found
+
+
+def _allowed(node: dict) -> str:
+    parts = []
+    if "enum" in node:
+        parts.append(", ".join(f"`{v}`" for v in node["enum"]))
+    parts += _bounds(node)
+    items = node.get("items")
+    if isinstance(items, dict):
+        if "enum" in items:
+            parts.append("each of " + ", ".join(f"`{v}`" for v in items["enum"]))
+        parts += [f"each {b}" for b in _bounds(items)]
+        if isinstance(items.get("items"), dict):
+            parts += [f"each {b}" for b in _bounds(items["items"])]
+    if "minItems" in node:
+        parts.append(f"at least {node['minItems']} item{'s' if node['minItems'] > 1 else ''}")
+    if "maxItems" in node:
+        parts.append(f"at most {node['maxItems']} items")
+    if node.get("uniqueItems"):
+        parts.append("no duplicates")
+    names = node.get("propertyNames", {})
+    if "enum" in names:
+        parts.append("keys: " + ", ".join(f"`{v}`" for v in names["enum"]))
+    if "pattern" in names:
+        parts.append(f"keys match `{names['pattern']}`")
+    if "const" in names.get("not", {}):
+        parts.append(f"not `{names['not']['const']}`")
+    if "minProperties" in node:
+        parts.append(f"at least {node['minProperties']} key{'s' if node['minProperties'] > 1 else ''}")
+    return "; ".join(parts)
+
+
+def _cell(text: str) -> str:
+    """Text for a Markdown table cell: one line, pipes escaped, and outside code spans nothing
+    read as markup (``<name>`` as an HTML tag, ``a * b`` as emphasis)."""
+    parts = " ".join(str(text).split()).replace("|", "\\|").split("`")
+    for i in range(0, len(parts), 2):  # the even parts lie outside code spans
+        parts[i] = re.sub(r"<(?=[A-Za-z/!?])", "&lt;", parts[i]).replace("*", "\\*")
+    return "`".join(parts)
+
+
+def config_reference(schema: dict | None = None) -> str:
+    """config/README.md: how to use the shipped configs, then every schema property, one table
+    per top-level section: key, type, default, allowed values, description. Raises
+    :class:`ValueError` naming any property without a description."""
+    root = load_schema() if schema is None else schema
+    rows = schema_properties(root)
+    missing = [key for key, node, _ in rows if not node.get("description")]
+    if missing:
+        raise ValueError(f"schema properties without a description: {', '.join(missing)}")
+    sections: dict[str, list[str]] = {}
+    for key, node, required in rows:
+        top = key.split(".")[0] if "." in key or "properties" in node or node.get("type") == "object" else ""
+        if "default" in node:
+            default = f"`{json.dumps(node['default'])}`"
+        else:
+            default = "required" if required else "not set"
+        line = f"| `{key}` | {_cell(_type(node))} | {_cell(default)} | {_cell(_allowed(node))} | {_cell(node['description'])} |"
+        sections.setdefault(top, []).append(line)
+    header = "| key | type | default | allowed | description |\n| --- | --- | --- | --- | --- |"
+    out = [REFERENCE_INTRO.rstrip("\n"), "", "## Top-level keys", "", _cell(root.get("description", "")), "", header, *sections.pop("")]
+    for top, lines in sections.items():
+        out += ["", f"## `{top}`", "", header, *lines]
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m ncrobust.config FILE [FILE ...]``: check config files (merged in order, as
-    ``--configfile A B``) without Snakemake; one line per problem, exit status 1 if any."""
+    ``--configfile A B``) without Snakemake; one line per problem, exit status 1 if any.
+    ``python -m ncrobust.config --markdown``: print config/README.md (every key of the schema)."""
     files = sys.argv[1:] if argv is None else argv
+    if files == ["--markdown"]:
+        sys.stdout.write(config_reference())
+        return 0
     if not files:
-        print("usage: python -m ncrobust.config FILE [FILE ...]", file=sys.stderr)
+        print("usage: python -m ncrobust.config FILE [FILE ...]  |  python -m ncrobust.config --markdown", file=sys.stderr)
         return 2
     try:
         config: dict = {}
