@@ -7,7 +7,8 @@ function (:func:`aggregate`), into ``RESULTS/partial/tables/``: Snakemake's own 
 touched, so the running workflow reruns nothing because of it. A partial cell is in the tables up
 to its last evaluated epoch, and the summary labels each row with its epoch.
 
-Torch-free: it only reads Parquet files, so it starts in a second beside a running grid.
+Torch-free, like the tables: the ``aggregate`` job and this command only read Parquet files (the
+config check builds a model only for a config that sets model options, as the Snakefile's does).
 """
 
 from __future__ import annotations
