@@ -497,3 +497,29 @@ def test_leap_matrices_average_over_seeds():
 def test_gpu_block_size_is_the_whole_batch():
     assert blocks._block_rows(512, torch.device("cuda")) >= 1 << 40
     assert blocks._block_rows(512, torch.device("cpu")) == max(blocks._MIN_BLOCK_ROWS, blocks._BLOCK_BYTES // (8 * 512))
+
+
+def test_evaluation_and_strong_evaluation_log_one_line_per_set_and_attack(small, caplog):
+    """A long job's log shows how far it got: ``evaluate_checkpoint`` logs one line per evaluated set
+    (split, norm, perturbation; its position of all and its seconds), ``strong_evaluation`` one per
+    attack (PGD-10 and each strong one, with its accuracy)."""
+    import logging
+
+    model, d = small
+    p = plan(threats=(LINF, L2), perturbations={"clean": {}, "pgd": {}, "gaussian": {}}, splits=("train", "test"))
+    with caplog.at_level(logging.INFO, logger="ncrobust"):
+        evaluate_checkpoint(model, d, p, seed=SEED, epoch=EPOCH)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ncrobust.evaluation.checkpoint"]
+    sets = [f"{s}/{n}/{q}" for s in ("train", "test") for n, q in [("linf", "clean")] + [(t, q) for t in ("linf", "l2") for q in ("pgd", "gaussian")]]
+    assert [line.split()[5] for line in lines] == sets
+    assert [line.split()[4] for line in lines] == [f"{i}/{len(sets)}" for i in range(1, len(sets) + 1)]
+    assert all(line.startswith(f"evaluate epoch {EPOCH}: set ") and " done in " in line for line in lines)
+
+    caplog.clear()
+    x, y = as_float(d, "test")
+    with caplog.at_level(logging.INFO, logger="ncrobust"):
+        rows_ = strong_evaluation(model, x[:50], y[:50], threat=LINF, num_classes=10, attacks=["pgd-strong"], seed=1, batch_size=64)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ncrobust.evaluation.robustness"]
+    accuracy = {r["attack"]: r["robust_accuracy"] for r in rows_}
+    assert [line.split()[3:5] for line in lines] == [["1/2", "pgd:"], ["2/2", "pgd-strong:"]]
+    assert [float(line.split()[7]) for line in lines] == pytest.approx([accuracy["pgd"], accuracy["pgd-strong"]], abs=1e-4)

@@ -142,7 +142,7 @@ def test_the_schema_ships_with_the_package_and_the_workflow_links_to_it():
 
 
 @pytest.mark.workflow
-@pytest.mark.parametrize("module", ["ncrobust.tables", "ncrobust.figures.plots", "ncrobust.columns", "ncrobust.findings", "ncrobust.io", "ncrobust.lineage", "ncrobust.runlock"])
+@pytest.mark.parametrize("module", ["ncrobust.tables", "ncrobust.figures.plots", "ncrobust.columns", "ncrobust.findings", "ncrobust.io", "ncrobust.lineage", "ncrobust.runlock", "ncrobust.collect"])
 def test_the_tables_and_figures_import_without_torch(module):
     """The tables, the figures and the names the workflow parses with need no torch: importing them
     in a fresh interpreter leaves it unloaded."""

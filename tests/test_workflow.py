@@ -88,6 +88,17 @@ def test_no_features_files_by_default_and_every_job_has_a_log(tiny_run):
                     "robustness_epoch4.log", "train_epoch2.log", "train_epoch4.log"]
 
 
+def test_long_jobs_log_their_progress(tiny_run):
+    """Not only training reports progress: each evaluate log has one line per evaluated set, the
+    robustness log one per attack, the aggregate log what it stacked."""
+    workdir, _ = tiny_run
+    evaluate = (workdir / CELL / "logs/evaluate_epoch4.log").read_text()
+    sets = [f"{s}/linf/{p}" for s in ("train", "test") for p in sorted(tiny_config()["evaluation"]["perturbations"])]
+    assert re.findall(r"evaluate epoch 4: set (\d+)/10 (\S+) done in", evaluate) == [(str(i + 1), key) for i, key in enumerate(sets)]
+    assert "strong evaluation: attack 1/1 pgd: robust accuracy" in (workdir / CELL / "logs/robustness_epoch4.log").read_text()
+    assert re.search(r"INFO metrics: 6 files, \d+ rows", (workdir / "results/logs/aggregate.log").read_text())
+
+
 def test_kept_features_give_back_the_metrics_table(tmp_path, finished_tiny_run):
     """With ``keep_features: true`` the features file is an output of ``evaluate``, and the
     penultimate metrics recomputed from it (the same code, without attacking again) equal the table

@@ -141,6 +141,22 @@ GRID_AXES = ("dataset", "model", "loss", "adversary", "variant", "seed")
 """The grid's axes, in the order of a cell's path."""
 
 
+RUN_LAYOUT = "runs/{dataset}/{model}/{loss}/{adversary}/{variant}/seed{seed}"
+"""A cell's directory under ``results``, in :data:`GRID_AXES` (Snakemake's wildcards fill it in
+``common.smk``, :mod:`ncrobust.collect` reads finished cells from it): one spelling for both."""
+
+
+def checkpoint_epochs(config: dict) -> list[int]:
+    """The epochs with a checkpoint: 0 (the initialisation) and ``training.checkpoints``; training
+    segment ``e`` ends at each after 0."""
+    return [0, *config["training"]["checkpoints"]]
+
+
+def evaluated_epochs(config: dict) -> list[int]:
+    """The checkpoint epochs the ``evaluate`` stage measures: ``evaluation.epochs``, by default all."""
+    return list(config["evaluation"].get("epochs") or checkpoint_epochs(config))
+
+
 def grid_cells(config: dict) -> list[dict]:
     """Every cell of a validated config's grid as a dict of :data:`GRID_AXES` values: the product of
     the axes, less the cells a variant's ``adversaries`` or ``losses`` leaves out."""

@@ -143,7 +143,8 @@ def robustness_by_cell(robustness: pd.DataFrame) -> pd.DataFrame:
 def summary(metrics: pd.DataFrame, robustness: pd.DataFrame | None = None) -> pd.DataFrame:
     """Final-epoch values per cell (mean and std over seeds) of the headline quantities
     (:data:`SUMMARY_METRICS`; NC and perturbation quantities on the train split, as Su et al.,
-    under each cell's own threat model). One row per (dataset, model, loss, adversary, variant)."""
+    under each cell's own threat model). One row per (dataset, model, loss, adversary, variant) and
+    ``epoch``, each cell's last: one epoch per setting in a finished grid, maybe several in a partial one."""
     group = ["dataset", "model", "loss", "adversary", "variant"]
     if metrics.empty or not set(METRIC_COLUMNS) <= set(metrics.columns):
         return pd.DataFrame(columns=[*group, "seeds", "epoch"])
@@ -159,11 +160,14 @@ def summary(metrics: pd.DataFrame, robustness: pd.DataFrame | None = None) -> pd
         wide = wide.merge(robustness_by_cell(robustness), on=CELL_COLUMNS, how="left")
         extra = ["strong_robust_accuracy", "pgd_gap"]
     quantities = [q for q in SUMMARY_METRICS.values() if q in wide.columns] + extra
-    agg = wide.groupby(group)[quantities].agg(["mean", "std"])
+    # by epoch too: seeds of a partial grid (ncrobust.collect) may have reached different epochs, and
+    # a mean is over seeds at one epoch; a finished grid has one final epoch per setting
+    keys = [*group, "epoch"]
+    agg = wide.groupby(keys)[quantities].agg(["mean", "std"])
     agg.columns = [f"{q}_{stat}" for q, stat in agg.columns]
-    agg.insert(0, "seeds", wide.groupby(group)["seed"].nunique())
-    agg.insert(1, "epoch", wide.groupby(group)["epoch"].max())
-    return agg.reset_index()
+    columns = list(agg.columns)
+    agg.insert(0, "seeds", wide.groupby(keys)["seed"].nunique())
+    return agg.reset_index()[[*group, "seeds", "epoch", *columns]]
 
 
 def summary_markdown(table: pd.DataFrame) -> str:

@@ -12,7 +12,7 @@ from ncrobust.columns import EPOCH_FIGURES, FIGURES
 from ncrobust.io import CorruptFileError, archive_damage, unwritable_directory
 from ncrobust.lineage import cell_sources, merged, rebuild_alone, stranded
 from ncrobust.runlock import clear_stale_lock, locked_message, record_run, release_run
-from ncrobust.stages import canonical, data_variant, grid_cells, merge, stage_slice
+from ncrobust.stages import RUN_LAYOUT, canonical, checkpoint_epochs, data_variant, evaluated_epochs, grid_cells, merge, stage_slice
 
 # Snakemake leaves the scalars of a nested --config value as strings (training='{"epochs": 3}'
 # gives "3"): merge the overrides again with YAML's types, then check everything that can be
@@ -28,10 +28,10 @@ config.update(_checked)
 
 RESULTS = config["results"]
 GRID = config["grid"]
-RUN = f"{RESULTS}/runs/{{dataset}}/{{model}}/{{loss}}/{{adversary}}/{{variant}}/seed{{seed}}"
+RUN = f"{RESULTS}/{RUN_LAYOUT}"  # a cell's directory, with its wildcards (ncrobust.stages.RUN_LAYOUT)
 DATA = f"{RESULTS}/data/{{dataset}}/{{data_variant}}.pt"  # data_variant: base, or a variant with dataset overrides
-CHECKPOINT_EPOCHS = [0, *config["training"]["checkpoints"]]
-EVAL_EPOCHS = config["evaluation"].get("epochs") or CHECKPOINT_EPOCHS
+CHECKPOINT_EPOCHS = checkpoint_epochs(config)
+EVAL_EPOCHS = evaluated_epochs(config)
 MIXUP_GEOMETRY = config["evaluation"]["mixup_geometry"]["enabled"]  # opt-in stages of related.smk
 PROBE = config["probe"]["enabled"]
 RELATED_FIGURES = [name for name, on in (("mixup", MIXUP_GEOMETRY), ("probe", PROBE)) if on]

@@ -1,5 +1,5 @@
 from ncrobust.io import job_log
-from ncrobust.jobs.pipeline import aggregate
+from ncrobust.collect import aggregate  # torch-free: the job starts in a second
 
 with job_log(snakemake.log[0]):
     out = snakemake.output

@@ -28,6 +28,8 @@ Nothing in the per-batch loop reads a value back to the host (``tests/host_syncs
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -42,6 +44,8 @@ from ncrobust.data import as_float, device_layout
 from ncrobust.geometry.projection import SimplexPlane
 from ncrobust.models.base import eval_mode
 from ncrobust.seeding import generator
+
+log = logging.getLogger(__name__)
 
 FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CPU_ACTIVATION_CACHE_BYTES = 512 << 20
@@ -379,17 +383,33 @@ def evaluate_checkpoint(
             kept["/".join(keys)] = entry
         return stats, plane
 
+    sets = len(plan.splits) * (1 + len(plan.threats) * len(plan.attacked))
+    done = 0
+    started = time.perf_counter()
+
+    def progress(keys, since):
+        # one line per set, after its metrics were read back to the host (so the time is the set's own
+        # on a GPU too, without an extra synchronisation): what a long job's log shows while it runs
+        nonlocal done
+        done += 1
+        log.info("evaluate epoch %d: set %d/%d %s done in %.2f s (%.1f s so far)",
+                 epoch, done, sets, "/".join(keys), time.perf_counter() - since, time.perf_counter() - started)
+
     for split in plan.splits:
+        since = time.perf_counter()
         x, y = as_float(data, split, device)
         x = device_layout(x)
         index = _projection_indices(len(y), plan.projection_points, seed)
         clean, plane = measure(x, y, y, None, (split, primary, "clean"), None, None, index)
+        progress((split, primary, "clean"), since)
         for threat in plan.threats:
             for name in plan.attacked:
+                since = time.perf_counter()
                 x_p = attack_set(name, model, x, y, plan, threat, num_classes=num_classes, seed=seed, epoch=epoch, split=split, device=device)
                 targets = target_labels(y, num_classes) if name == "pgd-targeted" else None
                 groups = y if targets is None else targets
                 measure(x_p, y, groups, targets, (split, threat.norm, name), clean, plane, index)
+                progress((split, threat.norm, name), since)
 
     features = None
     if plan.keep_features:

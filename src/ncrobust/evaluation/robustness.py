@@ -10,11 +10,24 @@ and the collapse measured under PGD-10 would be measured on points that are not 
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
 from ncrobust.attacks import STRONG_ATTACKS, ThreatModel, perturb
 from ncrobust.models.base import eval_mode
 from ncrobust.seeding import generator
+
+log = logging.getLogger(__name__)
+
+
+def _progress(row: dict, samples: int, attacks: list[str], since: float) -> None:
+    """One log line per attack, once its accuracy is on the host (no extra synchronisation): a long
+    strong evaluation shows in its job's log how far it got."""
+    order = ["pgd", *attacks]
+    log.info("strong evaluation: attack %d/%d %s: robust accuracy %.4f on %d samples, %.2f s",
+             order.index(row["attack"]) + 1, len(order), row["attack"], row["robust_accuracy"], samples, time.perf_counter() - since)
 
 
 @torch.no_grad()
@@ -49,6 +62,7 @@ def strong_evaluation(
     if unknown:
         raise ValueError(f"unknown strong attacks {sorted(unknown)}; allowed: {', '.join(STRONG_ATTACKS)}")
     attack_loss = {"pgd": loss_name, "pgd-strong": loss_name, "apgd-ce": "ce", "apgd-t": "dlr"}
+    since = time.perf_counter()
     with eval_mode(model):
         rows = [{"attack": "clean", "robust_accuracy": _correct(model, x, y, batch_size).double().mean().item()}]
         x_pgd = pgd_inputs if pgd_inputs is not None else perturb(
@@ -58,11 +72,14 @@ def strong_evaluation(
             raise ValueError(f"pgd_inputs has shape {tuple(x_pgd.shape)}, the samples {tuple(x.shape)}: pass the PGD-10 examples of x")
         survived = _correct(model, x_pgd, y, batch_size)  # worst: robust to PGD-10 and to every strong attack
         rows.append({"attack": "pgd", "robust_accuracy": survived.double().mean().item()})
+        _progress(rows[-1], len(x), attacks, since)
         for name in attacks:
+            since = time.perf_counter()
             x_adv = perturb(name, model, x, y, threat=threat, num_classes=num_classes, seed=seed, batch_size=batch_size, loss=loss)
             correct = _correct(model, x_adv, y, batch_size)
             survived &= correct
             rows.append({"attack": name, "robust_accuracy": correct.double().mean().item()})
+            _progress(rows[-1], len(x), attacks, since)
     if attacks:
         rows.append({"attack": "worst", "robust_accuracy": survived.double().mean().item()})
     for row in rows:

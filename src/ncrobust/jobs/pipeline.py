@@ -15,12 +15,12 @@ from ncrobust import mps
 from ncrobust.cell import Cell
 from ncrobust.columns import EPOCH_FIGURES, ROBUSTNESS_COLUMNS
 from ncrobust.evaluation.checkpoint import attack_set, evaluate_checkpoint
-from ncrobust.io import CorruptFileError, OutdatedFileError, load_torch, read_parquet, save_torch, write_parquet, write_text
+from ncrobust.io import CorruptFileError, OutdatedFileError, load_torch, read_parquet, save_torch, write_parquet
 from ncrobust.jobs.experiment import (
     AUTOCAST, attack_loss, build_model, cell_loss, evaluation_plan, resolve_device, robustness_plan, threat_model,
 )
 from ncrobust.models.base import eval_mode
-from ncrobust.tables import epoch_collapse_curves, metrics_frame, stack, summary, summary_markdown, tag, training_frame
+from ncrobust.tables import epoch_collapse_curves, metrics_frame, stack, tag, training_frame
 from ncrobust.training.train import Recipe, Schedule, initial_checkpoint, train_segment
 
 log = logging.getLogger("ncrobust")
@@ -194,6 +194,8 @@ def robustness_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, o
     x, y = place(model, device, *datasets.as_float(data, strong["split"]))[1:]
     plan = robustness_plan(config, cell)
     loss_name = attack_loss(config, cell)[0]
+    log.info("robustness epoch %d: the evaluation's PGD-10 of the %s split (%d samples), then %s on the first %s",
+             epoch, strong["split"], len(x), ", ".join(strong["attacks"]) or "no strong attack", strong["max_samples"] or "all")
     with eval_mode(model):
         x_pgd = attack_set("pgd", model, x, y, plan, plan.threats[0], num_classes=num_classes, seed=cell.seed, epoch=epoch,
                            split=strong["split"], device=device)
@@ -205,26 +207,6 @@ def robustness_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, o
     )
     frame = pd.DataFrame(rows).assign(split=strong["split"], norm=plan.threats[0].norm)
     write_parquet(tag(frame, cell, epoch)[ROBUSTNESS_COLUMNS], output)
-
-
-def aggregate(
-    metrics: list[str], training: list[str], robustness: list[str], out_metrics: str, out_training: str,
-    out_robustness: str, out_summary: str, out_summary_md: str, out_summary_csv: str,
-    epoch_metrics: list[str] = (), out_epoch_metrics: str | None = None,
-) -> None:
-    """All cells into one table each, plus the final-epoch summary (Parquet, Markdown, CSV); with
-    ``out_epoch_metrics`` also the per-epoch measurement of training (``training.epoch_measure``)."""
-    if out_epoch_metrics is not None:
-        write_parquet(stack([read_parquet(p) for p in epoch_metrics]), out_epoch_metrics)
-    m = stack([read_parquet(p) for p in metrics])
-    write_parquet(m, out_metrics)
-    write_parquet(stack([read_parquet(p) for p in training]), out_training)
-    r = stack([read_parquet(p) for p in robustness])
-    write_parquet(r, out_robustness)
-    s = summary(m, r)
-    write_parquet(s, out_summary)
-    write_text(s.to_csv(index=False), out_summary_csv)
-    write_text(summary_markdown(s), out_summary_md)
 
 
 def epoch_figures(epoch_metrics: str, outputs: dict[str, str]) -> None:
