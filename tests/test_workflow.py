@@ -189,3 +189,11 @@ def test_strong_evaluation_attacks_with_the_evaluations_pgd(tmp_path, finished_t
         assert strong.loc["pgd", "robust_accuracy"] == evaluated.item()
         assert strong.loc["worst", "robust_accuracy"] <= min(strong.loc["pgd", "robust_accuracy"],
                                                              strong.loc["pgd-strong", "robust_accuracy"])
+    # the summary: its robust accuracy is the strong evaluation's PGD-10, and pgd_gap the difference of two of its columns
+    from ncrobust.tables import summary
+
+    table = summary(pd.concat([pd.read_parquet(p) for c in cells for p in (workdir / c / "metrics").glob("*.parquet")]),
+                    pd.concat([pd.read_parquet(workdir / t) for t in targets]))
+    assert len(table) == 2
+    assert (table["test_robust_accuracy_mean"] == table["strong_pgd_robust_accuracy_mean"]).all()
+    assert np.allclose(table["pgd_gap_mean"], table["test_robust_accuracy_mean"] - table["strong_robust_accuracy_mean"], rtol=0, atol=1e-15)

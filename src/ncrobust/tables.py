@@ -130,11 +130,15 @@ def constant_setting(frame: pd.DataFrame) -> str:
 
 
 def robustness_by_cell(robustness: pd.DataFrame) -> pd.DataFrame:
-    """Per cell: ``strong_robust_accuracy`` (per-example worst case over PGD-10 and the strong attacks) and
-    ``pgd_gap`` = PGD-10 robust accuracy minus it, on the same samples (large: gradient masking)."""
+    """Per cell, on the strong evaluation's samples (``evaluation.strong``: the first ``max_samples``
+    of its split): ``strong_pgd_robust_accuracy`` (the evaluation's own PGD-10 there: with all samples,
+    the summary's ``test_robust_accuracy``), ``strong_robust_accuracy`` (the per-example worst case
+    over PGD-10 and the strong attacks) and ``pgd_gap``, the first minus the second (large: gradient
+    masking). Naming the subset's PGD-10 keeps ``pgd_gap`` the difference of two columns of the table."""
     wide = robustness.pivot_table(index=CELL_COLUMNS, columns="attack", values="robust_accuracy").reset_index()
     strongest = "worst" if "worst" in wide.columns else "pgd"
     out = wide[CELL_COLUMNS].copy()
+    out["strong_pgd_robust_accuracy"] = wide["pgd"]
     out["strong_robust_accuracy"] = wide[strongest]
     out["pgd_gap"] = wide["pgd"] - wide[strongest]
     return out
@@ -158,7 +162,7 @@ def summary(metrics: pd.DataFrame, robustness: pd.DataFrame | None = None) -> pd
     extra = []
     if robustness is not None and not robustness.empty:
         wide = wide.merge(robustness_by_cell(robustness), on=CELL_COLUMNS, how="left")
-        extra = ["strong_robust_accuracy", "pgd_gap"]
+        extra = ["strong_pgd_robust_accuracy", "strong_robust_accuracy", "pgd_gap"]
     quantities = [q for q in SUMMARY_METRICS.values() if q in wide.columns] + extra
     # by epoch too: seeds of a partial grid (ncrobust.collect) may have reached different epochs, and
     # a mean is over seeds at one epoch; a finished grid has one final epoch per setting
