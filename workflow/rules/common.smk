@@ -4,8 +4,6 @@ import sys
 
 from snakemake_interface_executor_plugins.settings import ExecMode
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-
 from ncrobust.config import ConfigError, typed_overrides, validate_config
 from ncrobust.cell import Cell
 from ncrobust.columns import EPOCH_FIGURES, FIGURES

@@ -67,7 +67,7 @@ rule report_page:
     params:
         names=FIGURES + MEASURED_FIGURES + RELATED_FIGURES,
         # the captions' text, not their paths: an edited caption reruns this job, a moved project does not
-        captions=[(Path(workflow.basedir) / "workflow" / "report" / f"{name}.rst").read_text() for name in FIGURES + MEASURED_FIGURES + RELATED_FIGURES],
+        captions=[Path(workflow.source_path(f"../report/{name}.rst")).read_text() for name in FIGURES + MEASURED_FIGURES + RELATED_FIGURES],
     resources:
         **job_resources("cpu"),
     script:
