@@ -221,7 +221,8 @@ def check_writable():
 
 # Before any job: the directories it writes are writable. A run that holds the lock says so while it
 # runs jobs (Snakemake calls onstart after taking the lock, and onsuccess / onerror before removing
-# it): a record left behind is a killed run's.
+# it): a record left behind is a killed run's. As a module of another workflow, Snakemake runs only
+# the main Snakefile's handlers: that one calls these (ncrobust.onstart(), ...; docs/deploy.md).
 onstart:
     if workflow.workflow_settings.exec_mode == ExecMode.DEFAULT:
         check_writable()
