@@ -24,7 +24,7 @@ def main() -> None:
     best, jobs = float("inf"), None
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(3):
-            cmd = [snakemake, "-n", "--cores", "8", "--configfile", configfile, "--config", f"data_root={tmp}", "--directory", tmp, "--snakefile", str(ROOT / "Snakefile")]
+            cmd = [snakemake, "-n", "--cores", "8", "--configfile", configfile, "--config", f"data_root={tmp}", "--directory", tmp, "--snakefile", str(ROOT / "workflow" / "Snakefile")]
             start = time.perf_counter()
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             elapsed = time.perf_counter() - start

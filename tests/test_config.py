@@ -271,13 +271,13 @@ def test_nested_command_line_overrides_work_in_snakemake(tmp_path):
 
 
 def _copy_of_the_workflow(tmp_path: Path) -> Path:
-    """The Snakefile with its workflow/, src/ and config/, to break the embedded default config."""
+    """The workflow (workflow/Snakefile and the rest of workflow/) with src/ and config/, to break the embedded
+    default config."""
     import shutil
 
     copy_root = tmp_path / "repo"
     for name in ("workflow", "src", "config"):
         shutil.copytree(REPO_ROOT / name, copy_root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO_ROOT / "Snakefile", copy_root / "Snakefile")
     return copy_root
 
 
@@ -290,7 +290,7 @@ def test_the_default_config_missing_or_broken_is_one_line(tmp_path):
 
     repo = _copy_of_the_workflow(tmp_path)
     default = repo / "config" / "config.yaml"
-    run = lambda: subprocess.run([SNAKEMAKE, "-n", "--cores", "1", "--snakefile", str(repo / "Snakefile"), "--directory", str(tmp_path / "work")],
+    run = lambda: subprocess.run([SNAKEMAKE, "-n", "--cores", "1", "--snakefile", str(repo / "workflow" / "Snakefile"), "--directory", str(tmp_path / "work")],
                                  capture_output=True, text=True, timeout=300)
     default.write_text(default.read_text().replace("training:\n", "training:\n  epochs: [\n", 1))
     proc = run()

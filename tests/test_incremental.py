@@ -291,11 +291,10 @@ def test_a_moved_project_reruns_nothing(tmp_path, finished_tiny_run):
     from workflow_helpers import REPO_ROOT, snakemake_command
 
     moved = copy_run(finished_tiny_run, tmp_path / "moved")
-    for name in ("Snakefile", "workflow", "src", "config", "profiles"):
-        copy = shutil.copytree if (REPO_ROOT / name).is_dir() else shutil.copy2
-        copy(REPO_ROOT / name, moved / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+    for name in ("workflow", "src", "config", "profiles"):
+        shutil.copytree(REPO_ROOT / name, moved / name, ignore=shutil.ignore_patterns("__pycache__"))
     cmd = snakemake_command(moved, "-n", configfile=moved / CONFIG)
-    cmd[cmd.index("--snakefile") + 1] = str(moved / "Snakefile")
+    cmd[cmd.index("--snakefile") + 1] = str(moved / "workflow" / "Snakefile")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]

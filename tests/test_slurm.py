@@ -69,7 +69,7 @@ def snakemake_on_slurm(workdir: Path, configfile: Path, *extra: str) -> list[str
     """The user's command (`snakemake --cores 8 --profile slurm`) plus what the test cluster needs."""
     return [
         SNAKEMAKE, "--profile", str(PROFILE),
-        "--snakefile", str(REPO_ROOT / "Snakefile"), "--directory", str(workdir),
+        "--snakefile", str(REPO_ROOT / "workflow" / "Snakefile"), "--directory", str(workdir),
         "--configfile", str(configfile), "--cores", "8",
         "--default-resources", f"slurm_partition={SlurmCluster.partition}", "slurm_account=ncrobust",
         "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "4",
@@ -143,7 +143,7 @@ def test_gpu_requests_go_to_train_and_evaluate_only(tmp_path):
     gpu_model) for train and evaluate, none elsewhere; CPUs, memory and runtime from the config."""
     resources = dict(TEST_RESOURCES, gpu_model="a100")
     config = write_tiny_config(tmp_path, **dict(SLURM_TINY, resources=resources))
-    proc = subprocess.run([SNAKEMAKE, "--profile", str(PROFILE), "--snakefile", str(REPO_ROOT / "Snakefile"),
+    proc = subprocess.run([SNAKEMAKE, "--profile", str(PROFILE), "--snakefile", str(REPO_ROOT / "workflow" / "Snakefile"),
                            "--directory", str(tmp_path), "--configfile", str(config), "--cores", "8", "-n"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

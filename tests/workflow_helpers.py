@@ -13,6 +13,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+SNAKEFILE = REPO_ROOT / "workflow" / "Snakefile"
 
 TINY_CONFIG = {
     "results": "results",
@@ -76,7 +77,7 @@ def file_mtimes(directory: str | os.PathLike) -> dict[Path, int]:
 def snakemake_command(workdir: str | os.PathLike, *args: str, configfile: str | os.PathLike | None = None,
                       extra_configfiles: list[str] | None = None, cores: int = 2) -> list[str]:
     """The command line :func:`run_snakemake` runs (for tests that start it with Popen)."""
-    cmd = [SNAKEMAKE, "--snakefile", str(REPO_ROOT / "Snakefile"), "--directory", str(workdir), "--cores", str(cores)]
+    cmd = [SNAKEMAKE, "--snakefile", str(SNAKEFILE), "--directory", str(workdir), "--cores", str(cores)]
     cmd += list(args)
     configfiles = ([str(configfile)] if configfile is not None else []) + list(extra_configfiles or [])
     if configfiles:  # last: --configfile takes several values and would swallow targets

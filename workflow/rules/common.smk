@@ -4,8 +4,6 @@ import sys
 
 from snakemake_interface_executor_plugins.settings import ExecMode
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-
 from ncrobust.config import ConfigError, typed_overrides, validate_config
 from ncrobust.cell import Cell
 from ncrobust.columns import EPOCH_FIGURES, FIGURES
@@ -108,7 +106,11 @@ def robustness_files():
     """The strong final evaluation of every cell (none when evaluation.strong.attacks is empty
     and PGD-10 is the only attack: the table then still gives PGD-10 on the same samples)."""
     final = CHECKPOINT_EPOCHS[-1]
-    return [f"{RUN}/robustness/epoch{final}.parquet".format(**c) for c in cells()] if config["evaluation"]["strong"]["enabled"] else []
+    return (
+        [f"{RUN}/robustness/epoch{final}.parquet".format(**c) for c in cells()]
+        if config["evaluation"]["strong"]["enabled"]
+        else []
+    )
 
 
 def checkpoint_files():
@@ -120,11 +122,16 @@ def final_outputs():
     file only when it is a target or an input of a job that runs, so a deleted checkpoint or
     metrics file (e.g. a corrupt one removed as its error message says) is rebuilt by the same
     command even though the tables made from it still exist."""
-    tables = [f"{RESULTS}/tables/{name}" for name in ("metrics.parquet", "training.parquet", "robustness.parquet", "summary.parquet", "summary.md", "summary.csv")]
+    tables = [
+        f"{RESULTS}/tables/{name}"
+        for name in ("metrics.parquet", "training.parquet", "robustness.parquet", "summary.parquet", "summary.md", "summary.csv")
+    ]
     evaluated = ["metrics", "projection", *(["features"] if config["evaluation"]["keep_features"] else [])]
     per_epoch = [
         f"{RUN}/{kind}/epoch{e}.{'pt' if kind == 'features' else 'parquet'}".format(**c)
-        for c in cells() for e in EVAL_EPOCHS for kind in evaluated
+        for c in cells()
+        for e in EVAL_EPOCHS
+        for kind in evaluated
     ]
     per_cell = checkpoint_files() + training_logs() + per_epoch + robustness_files() + epoch_metrics_files()
     if EPOCH_MEASURE:
@@ -147,11 +154,18 @@ def check_no_stranded_files():
     if workflow.workflow_settings.exec_mode != ExecMode.DEFAULT:
         return
     targets = requested_files()
-    sources = merged(*(
-        cell_sources(RUN.format(**c), DATA.format(dataset=c["dataset"], data_variant=data_variant(config, c["variant"])),
-                     CHECKPOINT_EPOCHS, EVAL_EPOCHS, config["evaluation"]["strong"]["enabled"])
-        for c in cells()
-    ))
+    sources = merged(
+        *(
+            cell_sources(
+                RUN.format(**c),
+                DATA.format(dataset=c["dataset"], data_variant=data_variant(config, c["variant"])),
+                CHECKPOINT_EPOCHS,
+                EVAL_EPOCHS,
+                config["evaluation"]["strong"]["enabled"],
+            )
+            for c in cells()
+        )
+    )
     for missing, product in [] if targets else stranded(sources):  # files asked for: only what they need is built
         sys.stderr.write(f"ncrobust: {rebuild_alone(missing, product)}\n")
         sys.exit(1)
@@ -176,8 +190,10 @@ def handle_stale_lock():
     import snakemake.exceptions
 
     for run in clear_stale_lock():
-        sys.stderr.write(f"ncrobust: removed the lock left by a killed run (pid {run.pid} on this machine, no longer "
-                         "running); the jobs it left unfinished are redone\n")
+        sys.stderr.write(
+            f"ncrobust: removed the lock left by a killed run (pid {run.pid} on this machine, no longer "
+            "running); the jobs it left unfinished are redone\n"
+        )
 
     class LockedDirectory(snakemake.exceptions.LockException):
         def __init__(self):
@@ -195,15 +211,18 @@ def check_writable():
     paths = [str(f) for job in workflow.dag.needrun_jobs() for f in (*job.output, *job.log)]
     blocked = unwritable_directory(paths)
     if blocked:
-        sys.stderr.write(f"ncrobust: cannot write into {blocked} (read-only, or not yours), where jobs of this run write "
-                         f"their outputs and logs: make it writable (chmod -R u+w {blocked}, or remount it read-write), "
-                         "or write the results elsewhere (--config results=DIR); no job has started\n")
+        sys.stderr.write(
+            f"ncrobust: cannot write into {blocked} (read-only, or not yours), where jobs of this run write "
+            f"their outputs and logs: make it writable (chmod -R u+w {blocked}, or remount it read-write), "
+            "or write the results elsewhere (--config results=DIR); no job has started\n"
+        )
         sys.exit(1)
 
 
 # Before any job: the directories it writes are writable. A run that holds the lock says so while it
 # runs jobs (Snakemake calls onstart after taking the lock, and onsuccess / onerror before removing
-# it): a record left behind is a killed run's.
+# it): a record left behind is a killed run's. As a module of another workflow, Snakemake runs only
+# the main Snakefile's handlers: that one calls these (ncrobust.onstart(), ...; docs/deploy.md).
 onstart:
     if workflow.workflow_settings.exec_mode == ExecMode.DEFAULT:
         check_writable()
@@ -238,8 +257,11 @@ FINAL_EPOCH = CHECKPOINT_EPOCHS[-1]
 def related_files(kind):
     """The per-cell outputs of one related stage at the final epoch: mixup_geometry (points),
     mixup_summary, probe."""
-    folder, name = {"mixup_geometry": ("mixup_geometry", "points"), "mixup_summary": ("mixup_geometry", "summary"),
-                    "probe": ("probe", "probe")}[kind]
+    folder, name = {
+        "mixup_geometry": ("mixup_geometry", "points"),
+        "mixup_summary": ("mixup_geometry", "summary"),
+        "probe": ("probe", "probe"),
+    }[kind]
     return [f"{RUN}/{folder}/{name}_epoch{FINAL_EPOCH}.parquet".format(**c) for c in cells()]
 
 

@@ -1,5 +1,3 @@
-# No conda env or container per rule (`snakemake --lint`): the project installs into one Python
-# environment (`pip install -e .`, see the README), which every rule runs in.
 rule prepare_data:
     """Load a dataset, split it (and subsample it, for a variant with dataset overrides), and save it as one tensor file."""
     output:

@@ -1,14 +1,12 @@
-# `snakemake --lint` asks for a conda env or container per rule: none, every rule runs in the
-# project's one Python environment (`pip install -e .`); see data.smk.
 rule evaluate:
     """Attack one checkpoint with every perturbation; write its NC metrics and simplex projection."""
     input:
         data=data_file,
         checkpoint=f"{RUN}/checkpoints/epoch{{epoch}}.pt",
     output:
+        **({"features": f"{RUN}/features/epoch{{epoch}}.pt"} if config["evaluation"]["keep_features"] else {}),
         metrics=update(f"{RUN}/metrics/epoch{{epoch}}.parquet"),
         projection=update(f"{RUN}/projection/epoch{{epoch}}.parquet"),
-        **({"features": f"{RUN}/features/epoch{{epoch}}.pt"} if config["evaluation"]["keep_features"] else {}),
     log:
         f"{RUN}/logs/evaluate_epoch{{epoch}}.log",
     params:

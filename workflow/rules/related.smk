@@ -1,5 +1,3 @@
-# `snakemake --lint` asks for a conda env or container per rule: none, every rule runs in the
-# project's one Python environment (`pip install -e .`); see data.smk.
 # The related questions (README, "Related questions: mixup, normalized features, near collapse"):
 # Fisher et al.'s mixup geometry and Tirer et al.'s near-collapse probe on every cell's final
 # checkpoint, each opt-in (evaluation.mixup_geometry.enabled, probe.enabled; off in the embedded
@@ -56,16 +54,32 @@ if MIXUP_GEOMETRY or PROBE:  # a rule without outputs cannot exist
             **({"points": related_files("mixup_geometry"), "summaries": related_files("mixup_summary")} if MIXUP_GEOMETRY else {}),
             **({"probes": related_files("probe")} if PROBE else {}),
         output:
-            **({
-                "mixup_geometry": f"{RESULTS}/tables/mixup_geometry.parquet",
-                "mixup_figure": report(f"{RESULTS}/figures/mixup.png", caption="../report/mixup.rst", category="Figures",
-                                       labels={"figure": "mixup"}),
-            } if MIXUP_GEOMETRY else {}),
-            **({
-                "probe": f"{RESULTS}/tables/probe.parquet",
-                "probe_figure": report(f"{RESULTS}/figures/probe.png", caption="../report/probe.rst", category="Figures",
-                                       labels={"figure": "probe"}),
-            } if PROBE else {}),
+            **(
+                {
+                    "mixup_geometry": f"{RESULTS}/tables/mixup_geometry.parquet",
+                    "mixup_figure": report(
+                        f"{RESULTS}/figures/mixup.png",
+                        caption="../report/mixup.rst",
+                        category="Figures",
+                        labels={"figure": "mixup"},
+                    ),
+                }
+                if MIXUP_GEOMETRY
+                else {}
+            ),
+            **(
+                {
+                    "probe": f"{RESULTS}/tables/probe.parquet",
+                    "probe_figure": report(
+                        f"{RESULTS}/figures/probe.png",
+                        caption="../report/probe.rst",
+                        category="Figures",
+                        labels={"figure": "probe"},
+                    ),
+                }
+                if PROBE
+                else {}
+            ),
         log:
             f"{RESULTS}/logs/related_figures.log",
         resources:

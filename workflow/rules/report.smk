@@ -1,6 +1,3 @@
-# `snakemake --lint` asks for a conda env or container per rule: none, every rule runs in the
-# project's one Python environment (`pip install -e .`); see data.smk.
-
 # The front page only copies text and links the figures, and the findings only read the tables
 # (each well under a second): on a cluster they run where Snakemake runs instead of waiting in the
 # queue for a job of their own.
@@ -67,7 +64,10 @@ rule report_page:
     params:
         names=FIGURES + MEASURED_FIGURES + RELATED_FIGURES,
         # the captions' text, not their paths: an edited caption reruns this job, a moved project does not
-        captions=[(Path(workflow.basedir) / "workflow" / "report" / f"{name}.rst").read_text() for name in FIGURES + MEASURED_FIGURES + RELATED_FIGURES],
+        captions=[
+            Path(workflow.source_path(f"../report/{name}.rst")).read_text()
+            for name in FIGURES + MEASURED_FIGURES + RELATED_FIGURES
+        ],
     resources:
         **job_resources("cpu"),
     script:
@@ -89,7 +89,6 @@ rule findings:
         f"{RESULTS}/logs/findings.log",
     params:
         block=config["findings"],
-        results=RESULTS,
     resources:
         **job_resources("cpu"),
     script:

@@ -1,5 +1,3 @@
-# `snakemake --lint` asks for a conda env or container per rule: none, every rule runs in the
-# project's one Python environment (`pip install -e .`); see data.smk.
 rule init_model:
     """Epoch 0 of a cell: the seeded initialisation of its model."""
     input:
@@ -23,10 +21,10 @@ rule train:
         data=data_file,
         previous=previous_checkpoint,
     output:
-        checkpoint=update(f"{RUN}/checkpoints/epoch{{epoch}}.pt"),
-        log_table=update(f"{RUN}/train_log/epoch{{epoch}}.parquet"),
         # training.epoch_measure: the segment's per-epoch measurement of the training-time examples
         **({"epoch_metrics": update(f"{RUN}/epoch_metrics/epoch{{epoch}}.parquet")} if EPOCH_MEASURE else {}),
+        checkpoint=update(f"{RUN}/checkpoints/epoch{{epoch}}.pt"),
+        log_table=update(f"{RUN}/train_log/epoch{{epoch}}.parquet"),
     log:
         f"{RUN}/logs/train_epoch{{epoch}}.log",
     wildcard_constraints:
