@@ -188,8 +188,8 @@ def test_report_opens_on_the_title_and_the_summary_with_the_figures_in_the_sideb
     """`snakemake --report` on the finished run (here, because it needs one): the landing page is
     the workflow description, short (what the run is, the summary table), the figures and the
     front page are sidebar entries, and in Chromium the title and the summary are in view as the
-    report opens (Snakemake centres its content pane; the workflow profile's stylesheet keeps a
-    tall one's top reachable)."""
+    report opens (Snakemake centres its content pane; workflow/report/report.css keeps a tall
+    one's top reachable)."""
     import json
 
     from browser_helpers import CHROMIUM, layout
@@ -198,10 +198,12 @@ def test_report_opens_on_the_title_and_the_summary_with_the_figures_in_the_sideb
     from workflow_helpers import REPO_ROOT
 
     metadata = REPO_ROOT / "workflow/report/metadata.yaml"
-    run_snakemake(finished, "--report", "report.html", "--report-metadata", str(metadata), configfile=finished / "config.yaml")
+    stylesheet = REPO_ROOT / "workflow/report/report.css"
+    run_snakemake(finished, "--report", "report.html", "--report-metadata", str(metadata), "--report-stylesheet", str(stylesheet),
+                  configfile=finished / "config.yaml")
     page = (finished / "report.html").read_text()
     assert re.search(r"var metadata = \{.+\};", page)  # non-empty metadata: Snakemake opens on the description
-    assert "align-items: safe center" in page  # the workflow profile's report-stylesheet
+    assert "align-items: safe center" in page  # the report's stylesheet
     desc = json.loads(re.search(r"var workflow_desc = (\".*?\");\n", page, re.S).group(1))
     assert "Grid of this run: dataset digits" in desc and "training adversary st, pgd-linf" in desc
     assert desc.count("<tr>") == 2 + 2  # two header rows and one row per (dataset, model, loss, adversary)
