@@ -351,3 +351,20 @@ def test_archive_damage_names_a_truncated_torch_file_and_passes_a_whole_one(tmp_
     again = tmp_path / "c.pt"
     save_torch({"w": torch.ones(3)}, again)
     assert again.read_bytes() == good.read_bytes()
+
+
+def test_the_imbalance_figure_is_drawn_only_when_a_cell_has_minority_classes():
+    from ncrobust.columns import FIGURES
+    from ncrobust.stages import drawn_figures
+
+    balanced = _config()
+    assert drawn_figures(balanced) == [name for name in FIGURES if name != "imbalance"]
+    skewed = copy.deepcopy(balanced)
+    skewed["variants"] = {"r10": {"dataset": {"imbalance": {"profile": "step", "ratio": 10}}}}
+    skewed["grid"]["variant"] = ["base", "r10"]
+    assert drawn_figures(skewed) == FIGURES
+    skewed["variants"]["r10"]["dataset"]["imbalance"]["ratio"] = 1.5  # no class has half the largest's samples
+    assert "imbalance" not in drawn_figures(skewed)
+    skewed["grid"]["variant"] = ["base"]  # the base options themselves
+    skewed["datasets"]["digits"]["options"]["imbalance"] = {"profile": "exponential", "ratio": 4}
+    assert drawn_figures(skewed) == FIGURES

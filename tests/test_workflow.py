@@ -25,9 +25,12 @@ def test_every_table_and_figure_is_made(tiny_run):
     workdir, _ = tiny_run
     for name in ("metrics.parquet", "training.parquet", "summary.parquet", "summary.md", "summary.csv"):
         assert (workdir / "results/tables" / name).stat().st_size > 0
-    for name in ("nc_vs_epoch", "accuracy", "alignment", "leap", "layerwise", "simplex", "ncc_robustness", "imbalance"):
+    for name in ("nc_vs_epoch", "accuracy", "alignment", "leap", "layerwise", "simplex", "ncc_robustness"):
         assert (workdir / f"results/figures/{name}.png").stat().st_size > 10_000
         assert (workdir / f"results/figures/{name}.pdf").stat().st_size > 0
+    assert not (workdir / "results/figures/imbalance.png").exists()  # a balanced grid: nothing to show
+    page = (workdir / "results/report/front_page.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<figure") == 7
     assert (workdir / "results/tables/robustness.parquet").stat().st_size > 0
 
 

@@ -165,6 +165,29 @@ def grid_cells(config: dict) -> list[dict]:
     return [c for c in cells if variant_applies(config, c["variant"], adversary=c["adversary"], loss=c["loss"])]
 
 
+def imbalanced(config: dict) -> bool:
+    """Whether a cell of the grid trains with minority classes (an ``imbalance`` ratio of at least
+    2 in its dataset options, its variant's included: a minority class has at most half the
+    training samples of the largest)."""
+    for c in grid_cells(config):
+        variant = variant_overrides(config, c["variant"], c["dataset"], c["model"]).get("datasets", {})
+        options = merge(config["datasets"].get(c["dataset"], {}), variant.get(c["dataset"], {})).get("options") or {}
+        imbalance = options.get("imbalance")
+        if imbalance and float(imbalance.get("ratio", 1)) >= 2:
+            return True
+    return False
+
+
+def drawn_figures(config: dict) -> list[str]:
+    """The study figures (:data:`ncrobust.columns.FIGURES`) that this grid has something to show
+    in: ``imbalance`` only when a cell has minority classes (:func:`imbalanced`); on a balanced
+    grid all its Minority Collapse panels would be placeholders. Decided from the config at parse
+    time, so a figure left out is simply no output of the run."""
+    from ncrobust.columns import FIGURES
+
+    return [name for name in FIGURES if name != "imbalance" or imbalanced(config)]
+
+
 def cell_config(config: dict, cell: Cell) -> dict:
     """The config as the cell's variant sees it: ``config`` with the variant's overrides merged
     in (``config`` itself for ``base``). Every stage reads its cell's config through this, so a

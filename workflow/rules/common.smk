@@ -6,11 +6,21 @@ from snakemake_interface_executor_plugins.settings import ExecMode
 
 from ncrobust.config import ConfigError, typed_overrides, validate_config
 from ncrobust.cell import Cell
-from ncrobust.columns import EPOCH_FIGURES, FIGURES
+from ncrobust.columns import EPOCH_FIGURES
 from ncrobust.io import CorruptFileError, archive_damage, unwritable_directory
 from ncrobust.lineage import cell_sources, merged, rebuild_alone, stranded
 from ncrobust.runlock import clear_stale_lock, locked_message, record_run, release_run
-from ncrobust.stages import RUN_LAYOUT, canonical, checkpoint_epochs, data_variant, evaluated_epochs, grid_cells, merge, stage_slice
+from ncrobust.stages import (
+    RUN_LAYOUT,
+    canonical,
+    checkpoint_epochs,
+    data_variant,
+    drawn_figures,
+    evaluated_epochs,
+    grid_cells,
+    merge,
+    stage_slice,
+)
 
 # Snakemake leaves the scalars of a nested --config value as strings (training='{"epochs": 3}'
 # gives "3"): merge the overrides again with YAML's types, then check everything that can be
@@ -35,6 +45,8 @@ PROBE = config["probe"]["enabled"]
 RELATED_FIGURES = [name for name, on in (("mixup", MIXUP_GEOMETRY), ("probe", PROBE)) if on]
 EPOCH_MEASURE = config["training"]["epoch_measure"]  # the per-epoch measurement of training: extra train outputs
 MEASURED_FIGURES = EPOCH_FIGURES if EPOCH_MEASURE else []  # drawn by rule epoch_figures (report.smk)
+DRAWN_FIGURES = drawn_figures(config)  # FIGURES this grid has something to show in (rule figures)
+REPORT_FIGURES = DRAWN_FIGURES + MEASURED_FIGURES + RELATED_FIGURES  # the front page's, in its order
 FINDINGS = f"{RESULTS}/findings/{config['findings']}.md"  # the findings block of this config (report.smk)
 
 
@@ -136,7 +148,7 @@ def final_outputs():
     per_cell = checkpoint_files() + training_logs() + per_epoch + robustness_files() + epoch_metrics_files()
     if EPOCH_MEASURE:
         tables.append(f"{RESULTS}/tables/epoch_metrics.parquet")
-    return tables + per_cell + [f"{RESULTS}/figures/{name}.png" for name in FIGURES + MEASURED_FIGURES]
+    return tables + per_cell + [f"{RESULTS}/figures/{name}.png" for name in DRAWN_FIGURES + MEASURED_FIGURES]
 
 
 def requested_files():

@@ -17,7 +17,7 @@ rule figures:
             name: report(
                 f"{RESULTS}/figures/{name}.png", caption=f"../report/{name}.rst", category="Figures", labels={"figure": name}
             )
-            for name in FIGURES
+            for name in DRAWN_FIGURES
         },
     log:
         f"{RESULTS}/logs/figures.log",
@@ -53,21 +53,27 @@ if EPOCH_MEASURE:  # a rule without outputs cannot exist
 
 
 rule report_page:
-    """The report's front page: the summary table and every figure with its caption (workflow/report/workflow.rst)."""
+    """The report's front door: the overview the report opens on (what the run is, the summary
+    table; workflow/report/workflow.rst includes it) and the front page, one standalone HTML page
+    with the overview and every figure with its caption."""
     input:
-        summary=f"{RESULTS}/tables/summary.md",
-        figures=[f"{RESULTS}/figures/{name}.png" for name in FIGURES + MEASURED_FIGURES + RELATED_FIGURES],
+        summary=f"{RESULTS}/tables/summary.parquet",
+        figures=[f"{RESULTS}/figures/{name}.png" for name in REPORT_FIGURES],
     output:
-        f"{RESULTS}/report/front_page.html",
+        overview=f"{RESULTS}/report/overview.html",
+        page=report(
+            f"{RESULTS}/report/front_page.html",
+            caption="../report/front_page.rst",
+            category="Overview",
+            labels={"page": "front page"},
+        ),
     log:
         f"{RESULTS}/logs/report_page.log",
     params:
-        names=FIGURES + MEASURED_FIGURES + RELATED_FIGURES,
+        names=REPORT_FIGURES,
         # the captions' text, not their paths: an edited caption reruns this job, a moved project does not
-        captions=[
-            Path(workflow.source_path(f"../report/{name}.rst")).read_text()
-            for name in FIGURES + MEASURED_FIGURES + RELATED_FIGURES
-        ],
+        captions=[Path(workflow.source_path(f"../report/{name}.rst")).read_text() for name in REPORT_FIGURES],
+        run={"grid": GRID, "epochs": config["training"]["epochs"], "perturbations": list(config["evaluation"]["perturbations"])},
     resources:
         **job_resources("cpu"),
     script:
