@@ -77,7 +77,7 @@ BAD = [
     ("models.mlp", {"depth": 0, "width": 32}, r"models\.mlp = \{'depth': 0, 'width': 32\}: mlp needs depth >= 1"),
     ("models.mlp", {"dept": 3}, r"models\.mlp: unknown option 'dept'; allowed: depth, width, bias"),
     ("models.mlp", {"depth": "3"}, r"models\.mlp = \{'depth': '3'\}: "),
-    ("models.mpl", {"depth": 3}, r"models\.mpl: unknown model; known: convnet, deep_linear, mlp, "),
+    ("models.mpl", {"depth": 3}, r"models\.mpl: unknown model; known: cnn1d, convnet, deep_linear, mlp, "),
     # loader options: ranges from the schema, names from the loader
     ("datasets.digits.options", {"test_fraction": 1.5}, r"datasets\.digits\.options\.test_fraction = 1\.5: must be < 1"),
     ("datasets.digits.options", {"train_per_class": 0}, r"datasets\.digits\.options\.train_per_class = 0: must be >= 1"),

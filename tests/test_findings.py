@@ -338,6 +338,52 @@ def test_the_related_block_quotes_the_mixup_geometry_and_the_probe():
     assert "cross-class mixes move away from the boundary" in away
 
 
+# ------------------------------------------------------------------------------------ mnist1d
+
+
+def test_the_mnist1d_block_checks_the_published_accuracy_then_gives_the_default_findings():
+    """The external check compares `st`'s clean test accuracy (ce, seed mean) with the MNIST-1D
+    paper's within the tolerance, and says whether it holds; the default block's table follows."""
+    far = findings.block("mnist1d", grid_tables())
+    assert "| `mlp` | 0.680 | 0.970 | +0.290 | no |" in far
+    assert findings.default_block(grid_tables()) in far
+    near = findings.block("mnist1d", grid_tables(with_values({("ce", "st", "base"): {"test": 0.70}})))
+    assert "| `mlp` | 0.680 | 0.700 | +0.020 | yes |" in near
+    assert "tolerance 0.05" in near and "Terminal phase" not in near  # one trained epoch: no half-way checkpoint
+
+
+def test_the_mnist1d_terminal_phase_reads_the_training_logs_nc1():
+    """Half-way and final in-step `nc1` of `st` (the training log, mean over seeds) and the train
+    accuracy of the summary; the direction follows the numbers."""
+    tabs = grid_tables(with_values({("ce", "st", "base"): {"extra": {("train", "clean", "accuracy"): 1.0}}}))
+
+    def log(half, final):
+        rows = [dict(dataset="digits", model="mlp", loss="ce", adversary="st", variant="base", seed=seed, epoch=epoch,
+                     nc1_clean=value + SPREAD[seed] * value)
+                for seed in SEEDS for epoch, value in ((30, half), (60, final))]
+        return pd.DataFrame(rows)
+
+    falling = findings.block("mnist1d", Tables(tabs.summary, tabs.metrics, tabs.robustness, training=log(0.5, 0.25)))
+    line = bullet(falling, "- Terminal phase, `mlp` / `ce` `st`")
+    assert line.startswith("- Terminal phase, `mlp` / `ce` `st`: train accuracy 1.000 at epoch 60;")
+    assert "is still falling: 0.500 at epoch 30, 0.250 at epoch 60" in line
+    rising = findings.block("mnist1d", Tables(tabs.summary, tabs.metrics, tabs.robustness, training=log(0.25, 0.5)))
+    assert "rises: 0.250 at epoch 30, 0.500 at epoch 60" in bullet(rising, "- Terminal phase, `mlp` / `ce` `st`")
+
+
+def test_the_mnist1d_layerwise_sentence_states_each_taps_nc1_and_the_gap():
+    metrics = metrics_frame(DEFAULT)
+    first = metrics[(metrics["metric"] == "nc1") & (metrics["epoch"] == 60)].copy()
+    first["layer"], first["layer_index"] = "layer1", 1
+    clean, pgd = first["perturbation"] == "clean", first["perturbation"] == "pgd"
+    first.loc[clean, "value"], first.loc[pgd, "value"] = 2.0, 3.0  # PGD / clean 1.5 at layer1
+    metrics = pd.concat([metrics, first], ignore_index=True)
+    text = findings.block("mnist1d", Tables(summary=tables.summary(metrics, None), metrics=metrics))
+    line = bullet(text, "- Layerwise `nc1` of `mlp`")
+    assert "`st`: `layer1` 2.00 / 3.00, `penultimate` 0.055 / 1.32" in line
+    assert "1.50 times the clean one at `layer1` and 24.00 times at `penultimate` (the gap widens" in line
+
+
 # ------------------------------------------------------------------------------------ the shipped configs
 
 
@@ -356,6 +402,20 @@ def test_the_shipped_configs_name_their_block_and_define_the_variants_it_reads()
         assert entry.get("model", {}).get("bias", True) is bias
     assert set(related["variants"]) == set(findings.RELATED_VARIANTS)
     assert findings.PROBE_LAMBDA in related["probe"]["lambdas"]
+    mnist1d = _config("mnist1d")
+    assert mnist1d["findings"] == "mnist1d" and set(mnist1d["grid"]["model"]) == set(findings.PUBLISHED_ACCURACY)
+    assert mnist1d["variants"][BN_EVAL_VARIANT]["training"] == {"trades_bn": "eval"}
+
+
+def test_the_mnist1d_page_holds_its_block_and_names_the_commands():
+    page = (REPO_ROOT / "docs/mnist1d.md").read_text()
+    words = " ".join(page.split())
+    first, last = findings.locate(page, "mnist1d", "docs/mnist1d.md")
+    assert first < last
+    results = _config("mnist1d")["results"]
+    assert f"python -m ncrobust.findings update docs/mnist1d.md --results {results} --config mnist1d" in words
+    assert "snakemake --cores 2 --configfile config/mnist1d.yaml" in words
+    assert "[docs/mnist1d.md](docs/mnist1d.md)" in (REPO_ROOT / "README.md").read_text()
 
 
 def test_the_docs_hold_each_block_between_its_markers_and_name_the_commands():

@@ -54,7 +54,7 @@ def forward_cache():
 
 def test_registry_names():
     names = list_models()
-    for name in ("mlp", "convnet", "deep_linear", "preact_resnet18", "vgg11_bn", "wide_resnet", "wrn28_10", "wrn34_10"):
+    for name in ("mlp", "convnet", "cnn1d", "deep_linear", "preact_resnet18", "vgg11_bn", "wide_resnet", "wrn28_10", "wrn34_10"):
         assert name in names
     with pytest.raises(ValueError, match="unknown model 'resnet1000'"):
         build("resnet1000")
@@ -250,6 +250,32 @@ def test_vgg_conv_taps_are_the_authors_resolution_of_the_same_network():
         build("vgg11_bn", taps="layer")
 
 
+def test_cnn1d_is_the_mnist1d_papers_network_with_a_tap_at_every_block():
+    """Greydanus & Kobak's ``ConvBase`` on length-40 sequences: Conv1d(1, 25, 5), Conv1d(25, 25, 3),
+    Conv1d(25, 25, 3), stride 2 and padding 1, then Linear(125, 10): 150 + 1900 + 1900 + 1260 =
+    5210 parameters without BatchNorm; taps after each block, the third flattened as penultimate."""
+    torch.manual_seed(0)
+    paper = build("cnn1d", in_chans=1, image_size=(1, 40), batch_norm=False).eval()
+    assert n_params(paper) == 5210 and paper.tap_names == ["conv1", "conv2", "penultimate"]
+    x = torch.rand(3, 1, 1, 40)
+    with torch.no_grad():
+        logits, taps = paper(x, taps=True)
+    assert {k: tuple(v.shape) for k, v in taps.items()} == {"conv1": (3, 25, 19), "conv2": (3, 25, 10), "penultimate": (3, 125)}
+    torch.testing.assert_close(paper.classifier(taps["penultimate"]), logits)
+    with_bn = build("cnn1d", in_chans=1, image_size=(1, 40))
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in with_bn.modules()) == 3 and with_bn.classifier.in_features == 125
+
+
+def test_sequences_are_one_row_images_for_the_models_that_take_them():
+    """``image_size=(1, 40)``: the MLP flattens 40 values; a model built for square images refuses
+    them in one line naming the models that take sequences."""
+    mlp = build("mlp", in_chans=1, image_size=(1, 40), depth=2, width=100)
+    assert mlp.stages["layer1"][1].in_features == 40 and mlp(torch.rand(2, 1, 1, 40)).shape == (2, 10)
+    assert build("deep_linear", in_chans=1, image_size=(1, 40)).stages["layer1"][1].in_features == 40
+    with pytest.raises(ValueError, match="convnet takes square images, not 1x40 inputs; for sequences .* cnn1d, deep_linear, mlp"):
+        build("convnet", in_chans=1, image_size=(1, 40))
+
+
 def test_train_mode_taps_consistent():
     torch.manual_seed(0)
     model = build("preact_resnet18", width=8).train()
@@ -275,6 +301,9 @@ def test_train_mode_taps_consistent():
         ("deep_linear", {"batch_norm": "off"}, "deep_linear option batch_norm must be true or false"),
         ("deep_linear", {"activation": "relu"}, "unknown option 'activation'; allowed: depth, width, batch_norm, bias"),
         ("mlp", {"bais": False}, "unknown option 'bais'; allowed: depth, width, bias"),
+        ("cnn1d", {"channels": 0}, "cnn1d option channels must be an integer >= 1"),
+        ("cnn1d", {"batch_norm": "yes"}, "cnn1d option batch_norm must be true or false"),
+        ("cnn1d", {"image_size": 1}, "too short for its three stride-2 convolutions"),
     ],
 )
 def test_bad_options(name, kwargs, message):

@@ -37,6 +37,7 @@ DATASET_SHAPES = {
     "cifar10": (3, 32, 10),
     "cifar100": (3, 32, 100),
     "imagenette": (3, None, 10),
+    "mnist1d": (1, (1, 40), 10),  # sequences of length 40, stored as one-row images
 }
 # Loader keywords the workflow sets itself, and options it handles before the loader.
 _LOADER_ARGUMENTS = ("root", "download", "seed")
@@ -361,7 +362,7 @@ def _check_dataset_options(config: dict) -> None:
             )
 
 
-def _model_input(dataset: str, options: dict) -> tuple[int, int, int]:
+def _model_input(dataset: str, options: dict) -> tuple[int, int | tuple[int, int], int]:
     chans, side, classes = DATASET_SHAPES[dataset]
     if side is None:
         side = options.get("image_size", _loader_options(dataset)["image_size"].default)
@@ -371,27 +372,38 @@ def _model_input(dataset: str, options: dict) -> tuple[int, int, int]:
 def _check_model_options(config: dict) -> None:
     """Each grid model with its ``models.<name>`` options is built (on the CPU, once per input
     shape) for each grid dataset, so that an unknown option or a value the constructor refuses
-    (``depth: 0``, a ``convnet`` that pools a small image to nothing) stops here, not in a job."""
+    (``depth: 0``, a ``convnet`` that pools a small image to nothing) stops here, not in a job.
+    A dataset of non-square inputs (``mnist1d``) has every grid model built, options or not: a
+    model for square images is refused here."""
     options = config["models"]
-    if not options:
+    datasets = config["grid"]["dataset"]
+    sequences = [ds for ds in datasets if isinstance(DATASET_SHAPES[ds][1], tuple)]
+    if not options and not sequences:
         return  # every model with its constructor's defaults (and no torch import at parse time)
     from ncrobust.models import list_models
+    from ncrobust.models.registry import any_shape_models
 
     known = list_models()
     for name in options:
         if name not in known:
             raise ConfigError(f"models.{name}: unknown model; known: {', '.join(known)}")
-    shapes = sorted({_model_input(ds, config["datasets"][ds]["options"]) for ds in config["grid"]["dataset"]})
+    for ds in sequences:
+        for name in config["grid"]["model"]:
+            if name not in any_shape_models():
+                raise ConfigError(
+                    f"grid.model = {name!r}: builds square images, not {ds}'s sequences; use one of "
+                    f"{', '.join(any_shape_models())} (or a grid without {ds})"
+                )
+    shapes = sorted({_model_input(ds, config["datasets"][ds]["options"]) for ds in datasets}, key=repr)
     for name in config["grid"]["model"]:
         kwargs = options.get(name, {})
-        if not kwargs:
-            continue  # the constructor's defaults
         for chans, side, classes in shapes:
-            _model_taps(name, json.dumps(kwargs, sort_keys=True), chans, side, classes)
+            if kwargs or isinstance(side, tuple):  # else the constructor's defaults, built in the tests
+                _model_taps(name, json.dumps(kwargs, sort_keys=True), chans, side, classes)
 
 
 @functools.lru_cache(maxsize=None)
-def _model_taps(name: str, kwargs_json: str, chans: int, side: int, classes: int) -> tuple[str, ...]:
+def _model_taps(name: str, kwargs_json: str, chans: int, side: int | tuple[int, int], classes: int) -> tuple[str, ...]:
     """The tap names of grid model ``name`` built with its options (JSON) on the CPU for one input
     shape, or a :class:`ConfigError`. Once per process (each grid variant is validated as a whole
     config, and most share the base model's options); the model itself is not kept."""
@@ -407,7 +419,8 @@ def _model_taps(name: str, kwargs_json: str, chans: int, side: int, classes: int
         except ValueError as err:
             if str(err).startswith("unknown option"):
                 raise ConfigError(f"models.{name}: {err}") from None
-            raise ConfigError(f"models.{name} = {kwargs!r}: {err} (for {chans}x{side}x{side} images)") from None
+            hw = side if isinstance(side, tuple) else (side, side)
+            raise ConfigError(f"models.{name} = {kwargs!r}: {err} (for {chans}x{hw[0]}x{hw[1]} images)") from None
         except TypeError as err:  # a value of the wrong type reaching the constructor
             raise ConfigError(f"models.{name} = {kwargs!r}: {err}") from None
 

@@ -1,8 +1,8 @@
 """Findings: what a run shows, as Markdown generated from its result tables.
 
 A *findings block* is a table and the conclusion sentences drawn from it, for one shipped config
-(:data:`BLOCKS`: ``default`` for ``config/config.yaml``, ``imbalance`` and ``related`` for the
-configs of the same names). Every number in a block is read from the run's tables
+(:data:`BLOCKS`: ``default`` for ``config/config.yaml``, ``imbalance``, ``related`` and ``mnist1d``
+for the configs of the same names). Every number in a block is read from the run's tables
 (``results/tables/*.parquet``), and every comparison a sentence makes (larger, smaller, closer,
 holds, does not hold) is computed from the numbers the sentence quotes: the text has no direction
 typed in, so a block cannot claim what its run does not show. A sentence whose numbers are missing
@@ -35,7 +35,7 @@ import pandas as pd
 from ncrobust.cell import ADVERSARIES, BASE_VARIANT
 from ncrobust.columns import PENULTIMATE
 
-TABLES = ("summary", "metrics", "robustness", "mixup_geometry", "probe")
+TABLES = ("summary", "metrics", "robustness", "mixup_geometry", "probe", "training")
 """The tables of ``results/tables`` a block may read (``summary`` and ``metrics`` are required)."""
 
 BN_EVAL_VARIANT = "bn-eval"
@@ -73,6 +73,7 @@ class Tables:
     robustness: pd.DataFrame | None = None
     mixup_geometry: pd.DataFrame | None = None
     probe: pd.DataFrame | None = None
+    training: pd.DataFrame | None = None
 
     @classmethod
     def read(cls, results: str | os.PathLike) -> Tables:
@@ -761,9 +762,121 @@ def _related_sentences(cells: _Cells, summary: pd.DataFrame, base: dict, angle, 
 
 
 # ---------------------------------------------------------------------------------------------
+# the mnist1d block: the published accuracies, then Su et al.'s findings on MNIST-1D
+
+PUBLISHED_ACCURACY = {"mlp": 0.68, "cnn1d": 0.94}
+"""Greydanus & Kobak (ICML 2024), MNIST-1D test accuracy of the MLP and the CNN (their table of
+baselines: logistic regression 0.32, GRU 0.91, human 0.96)."""
+
+PUBLISHED_TOLERANCE = 0.05
+"""How far (in accuracy) the standard-trained networks' mean clean test accuracy may lie from the
+published one: our recipe differs (SGD with momentum, weight decay and a step schedule instead of
+Adam; BatchNorm; a plain MLP of the same size instead of one with a residual layer)."""
+
+
+def mnist1d_block(tables: Tables) -> str:
+    """The external check (the clean test accuracy of standard training against the MNIST-1D
+    paper's), the terminal phase of standard training (train accuracy, NC1 half-way and final),
+    Su et al.'s findings as in the default block, and the layerwise NC1 of ``st`` and ``pgd-linf``."""
+    cells, summary = _Cells(tables), tables.summary
+    reference = _reference_loss(summary)[0]
+    rows = []
+    for model in _ordered(summary["model"], tuple(PUBLISHED_ACCURACY)):
+        cell = dict(model=model, loss=reference, adversary="st", variant=BASE_VARIANT)
+        published = PUBLISHED_ACCURACY.get(model)
+        try:
+            ours = cells.get("test_accuracy", **cell)
+        except _Missing:
+            ours = None
+        if published is None or ours is None:
+            rows.append([f"`{model}`", MISSING if published is None else acc(published),
+                         MISSING if ours is None else acc(ours), MISSING, MISSING])
+            continue
+        within = compare(abs(ours - published), PUBLISHED_TOLERANCE, acc) <= 0
+        rows.append([f"`{model}`", acc(published), acc(ours), f"{ours - published:+.3f}", "yes" if within else "no"])
+    lines = [
+        (
+            f"**External check.** Clean test accuracy of `st` with `{reference}` at the final epoch ({_epoch(summary)}), "
+            f"mean over {_seeds(summary)}, against Greydanus & Kobak's published MNIST-1D accuracy "
+            f"(tolerance {PUBLISHED_TOLERANCE:.2f}; `results/tables/summary.parquet`)."
+        ),
+        "",
+        *_table(["model", "published", "ours", "difference", f"within {PUBLISHED_TOLERANCE:.2f}"], rows),
+        "",
+    ]
+    terminal = [f"- {text}" for text in _terminal_sentences(cells, summary, tables.training)]
+    layerwise = [f"- {text}" for text in _layerwise_sentences(cells, summary, tables.metrics)]
+    return "\n".join(lines + terminal + [""]) + "\n" + default_block(tables) + ("\n".join(layerwise) + "\n" if layerwise else "")
+
+
+def _terminal_sentences(cells: _Cells, summary: pd.DataFrame, training: pd.DataFrame | None) -> list[str]:
+    """Per model and loss: `st`'s train accuracy at the final epoch (eval mode) and the training
+    log's in-step clean NC1 (``training.track_collapse``) half-way and at the end, mean over seeds:
+    whether the run is in the terminal phase."""
+    if training is None or training.empty or "nc1_clean" not in training.columns or training["nc1_clean"].isna().all():
+        return []
+    out = []
+    for group in _groups(summary):
+        def sentence(group=group):
+            st = dict(group, adversary="st", variant=BASE_VARIANT)
+            train = cells.get("train_accuracy", **st)
+            log = cells._rows(training, st)
+            if log.empty:
+                raise _Missing("training")
+            final = int(log["epoch"].max())
+            half = final // 2
+            before = float(log[log["epoch"] == half]["nc1_clean"].mean())
+            after = float(log[log["epoch"] == final]["nc1_clean"].mean())
+            if not (_present(before) and _present(after)):
+                raise _Missing("nc1_clean")
+            return (f"Terminal phase, `{group['model']}` / `{group['loss']}` `st`: train accuracy {acc(train)} at epoch {final}; "
+                    f"the training features' `nc1` (in-step, training log) {pick(after, before, 'rises', 'is still falling', 'is flat')}: "
+                    f"{nc(before)} at epoch {half}, {nc(after)} at epoch {final}.")
+        out += _sentences(sentence)
+    return out
+
+
+def _layerwise_sentences(cells: _Cells, summary: pd.DataFrame, metrics: pd.DataFrame) -> list[str]:
+    """Per model (the reference loss): NC1 of the clean and the PGD train features at every tap,
+    final epoch, for `st` and `pgd-linf`, and how the PGD / clean ratio changes from the first
+    tap to the penultimate layer."""
+    reference = _reference_loss(summary)[0]
+    m = metrics[(metrics["metric"] == "nc1") & (metrics["split"] == "train") & metrics["class"].isna() & metrics["row"].isna()]
+    out = []
+    for model in _ordered(summary["model"], tuple(PUBLISHED_ACCURACY)):
+        def sentence(model=model):
+            parts = []
+            for adversary in ("st", "pgd-linf"):
+                rows = m[(m["model"] == model) & (m["loss"] == reference) & (m["adversary"] == adversary)
+                         & (m["variant"] == BASE_VARIANT)]
+                rows = rows[rows["epoch"] == rows["epoch"].max()] if not rows.empty else rows
+                if rows.empty:
+                    raise _Missing("nc1")
+                layers = list(dict.fromkeys(rows["layer"]))
+                layers = [layer for layer in layers if layer != PENULTIMATE] + [PENULTIMATE]
+                value = {(p, layer): float(rows[(rows["perturbation"] == p) & (rows["layer"] == layer)].groupby("seed")["value"].first().mean())
+                         for p in ("clean", "pgd") for layer in layers}
+                if any(math.isnan(v) for v in value.values()):
+                    raise _Missing("nc1")
+                if len(layers) < 2:
+                    raise _Missing("layerwise nc1")
+                first, last = layers[0], layers[-1]
+                ratio_first, ratio_last = value[("pgd", first)] / value[("clean", first)], value[("pgd", last)] / value[("clean", last)]
+                steps = ", ".join(f"`{layer}` {nc(value[('clean', layer)])} / {nc(value[('pgd', layer)])}" for layer in layers)
+                parts.append(f"`{adversary}`: {steps}; PGD's `nc1` is {two(ratio_first)} times the clean one at `{first}` and "
+                             f"{two(ratio_last)} times at `{last}` (the gap {pick(ratio_last, ratio_first, 'widens', 'narrows', 'stays', two)} "
+                             f"through the network)")
+            return f"Layerwise `nc1` of `{model}` (`{reference}`, train split, clean / PGD): " + "; ".join(parts) + "."
+        out += _sentences(sentence)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # blocks in documents
 
-BLOCKS: dict[str, Callable[[Tables], str]] = {"default": default_block, "imbalance": imbalance_block, "related": related_block}
+BLOCKS: dict[str, Callable[[Tables], str]] = {
+    "default": default_block, "imbalance": imbalance_block, "related": related_block, "mnist1d": mnist1d_block,
+}
 """The findings blocks by name (the config key ``findings``: the schema's enum is this list)."""
 
 

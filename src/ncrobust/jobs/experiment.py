@@ -103,7 +103,7 @@ def build_model(config: dict, cell: Cell, data: dict) -> torch.nn.Module:
         cell.model,
         num_classes=len(data["classes"]),
         in_chans=x.shape[1],
-        image_size=x.shape[-1],
+        image_size=x.shape[-1] if x.shape[-2] == x.shape[-1] else tuple(x.shape[-2:]),
         mean=data["mean"],
         std=data["std"],
         **config.get("models", {}).get(cell.model, {}),

@@ -69,6 +69,15 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+def image_hw(image_size) -> tuple[int, int]:
+    """``(height, width)`` of the constructors' ``image_size``: a side (square images) or a
+    ``(height, width)`` pair (MNIST-1D's sequences are one-row images, ``(1, 40)``)."""
+    if isinstance(image_size, int) and not isinstance(image_size, bool):
+        return image_size, image_size
+    height, width = image_size
+    return int(height), int(width)
+
+
 def linear_classifier(model: str, width: int, num_classes: int, bias: bool) -> nn.Linear:
     """The classifier every model ends with; ``bias=False`` drops its bias (the bias-free
     classifiers of Dang et al.'s and Fang et al.'s analyses of Neural Collapse)."""

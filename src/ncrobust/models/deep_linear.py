@@ -13,9 +13,11 @@ then ``penultimate`` (the output of layer ``depth``).
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
-from .base import Normalize, TappedNet, linear_classifier
+from .base import Normalize, TappedNet, image_hw, linear_classifier
 from .registry import register_model
 
 
@@ -31,7 +33,7 @@ class DeepLinear(TappedNet):
         *,
         num_classes: int,
         in_chans: int,
-        image_size: int,
+        image_size: int | tuple[int, int],
         mean,
         std,
         depth: int = 3,
@@ -46,7 +48,7 @@ class DeepLinear(TappedNet):
         if not isinstance(batch_norm, bool):
             raise ValueError(f"deep_linear option batch_norm must be true or false, got {batch_norm!r}")
         self.normalize = Normalize(mean, std)
-        dims = [in_chans * image_size * image_size] + [width] * depth
+        dims = [in_chans * math.prod(image_hw(image_size))] + [width] * depth
 
         def layer(i: int) -> nn.Sequential:
             parts: list[nn.Module] = [nn.Flatten()] if i == 0 else []
@@ -60,6 +62,6 @@ class DeepLinear(TappedNet):
         self.classifier = linear_classifier("deep_linear", width, num_classes, bias)
 
 
-@register_model("deep_linear")
+@register_model("deep_linear", any_shape=True)
 def deep_linear(**kwargs) -> DeepLinear:
     return DeepLinear(**kwargs)

@@ -7,18 +7,24 @@ from typing import Callable
 
 from torch import nn
 
-from .base import check_normalized_features, normalize_features
+from .base import check_normalized_features, image_hw, normalize_features
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_ANY_SHAPE: set[str] = set()
 
 
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Register a constructor taking keyword arguments ``num_classes, in_chans, image_size, mean, std``."""
+def register_model(name: str, *, any_shape: bool = False) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register a constructor taking keyword arguments ``num_classes, in_chans, image_size, mean, std``.
+
+    ``any_shape``: it also takes ``image_size=(height, width)`` (non-square inputs: MNIST-1D's
+    one-row sequences); the others are built for square images only."""
 
     def decorate(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is registered twice")
         _MODELS[name] = fn
+        if any_shape:
+            _ANY_SHAPE.add(name)
         return fn
 
     return decorate
@@ -29,12 +35,17 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
+def any_shape_models() -> list[str]:
+    """Names of the models that take non-square inputs (``image_size=(height, width)``), sorted."""
+    return sorted(_ANY_SHAPE)
+
+
 def create_model(
     name: str,
     *,
     num_classes: int,
     in_chans: int,
-    image_size: int,
+    image_size: int | tuple[int, int],
     mean: tuple[float, ...] | list[float],
     std: tuple[float, ...] | list[float],
     **kwargs,
@@ -44,6 +55,13 @@ def create_model(
     implies a bias-free classifier, so ``bias=True`` with it is an error)."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+    height, width = image_hw(image_size)
+    if height != width and name not in _ANY_SHAPE:
+        raise ValueError(
+            f"{name} takes square images, not {height}x{width} inputs; for sequences (mnist1d) use one of "
+            f"{', '.join(any_shape_models())}"
+        )
+    image_size = height if height == width else (height, width)
     shape = dict(num_classes=num_classes, in_chans=in_chans, image_size=image_size, mean=mean, std=std)
     temperature = None
     if "normalized_features" in kwargs:
