@@ -14,7 +14,7 @@ DEPLOY_DOC = REPO_ROOT / "docs" / "deploy.md"
 
 def deployed_snakefile(snakefile) -> str:
     """docs/deploy.md's Snakefile, its module pointing at ``snakefile``."""
-    block = re.search(r"<!-- deploy:snakefile:start -->\n```python\n(.*?)```\n<!-- deploy:snakefile:end -->",
+    block = re.search(r"<!-- deploy:snakefile:start -->\n```snakemake\n(.*?)```\n<!-- deploy:snakefile:end -->",
                       DEPLOY_DOC.read_text(), re.S).group(1)
     placeholder = '"/path/to/ncrobust/workflow/Snakefile"'
     assert placeholder in block
