@@ -458,3 +458,36 @@ def test_simplex_draws_arrows_from_clean_to_perturbed_means(tmp_path):
         assert len(arrows) == C, ax.get_title()
         vertex_labels = sorted(t.get_text() for t in ax.texts if getattr(t, "arrow_patch", None) is None)
         assert vertex_labels == [str(c) for c in range(C)]
+
+
+def test_vertex_labels_are_spread_apart_even_from_coinciding_vertices():
+    """The simplex figure's class labels: at least about the asked distance apart, also for class
+    means that project onto one point, and near their vertices."""
+    from ncrobust.figures.plots import spread_labels
+
+    rng = np.random.default_rng(0)
+    points = np.concatenate([np.zeros((3, 2)), rng.normal(size=(7, 2)) * 0.01 + [1, 0]])  # 3 coincide, 7 nearly
+    labels = spread_labels(points, 0.2)
+    dist = np.linalg.norm(labels[:, None] - labels[None], axis=2) + np.eye(len(points)) * 9
+    assert dist.min() >= 0.2 * 0.9
+    assert np.linalg.norm(labels - points, axis=1).max() < 1.0  # each stays near its vertex
+    far = np.array([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]])  # already apart: pushed out by the distance only
+    assert np.allclose(np.linalg.norm(spread_labels(far, 0.2) - far, axis=1), 0.2)
+
+
+def test_gaussian_is_drawn_wide_under_sign(tmp_path):
+    """The two noises give nearly equal values: gaussian is a wider, translucent line below sign, so
+    both stay visible (and the legend shows it the same way)."""
+    import matplotlib.pyplot as plt
+
+    from ncrobust.figures import plots
+
+    frame = pd.DataFrame([{"epoch": e, "perturbation": p, "value": 1.0 + e, "seed": 1, "setting": ""}
+                          for e in range(3) for p in ("clean", "gaussian", "sign")])
+    styles = plots._perturbation_styles(frame)
+    fig, ax = plt.subplots()
+    plots._lines(ax, frame, x="epoch", styles=styles)
+    widths = {line.get_color(): (line.get_linewidth(), line.get_zorder()) for line in ax.get_lines() if len(line.get_xdata()) > 1}
+    gaussian, sign = widths[plots.PERTURBATION_PALETTE["gaussian"]], widths[plots.PERTURBATION_PALETTE["sign"]]
+    assert gaussian[0] > 2 * sign[0] and gaussian[1] < sign[1]
+    plt.close(fig)

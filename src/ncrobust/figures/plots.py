@@ -52,6 +52,10 @@ PERTURBATION_PALETTE = {
 }
 PERTURBATION_DASHES = {"clean": "", "pgd": "", "pgd-targeted": (5, 1.5), "trades-kl": (5, 1.5), "gaussian": (2, 1.2), "sign": (4, 1, 1, 1)}
 PERTURBATION_MARKERS = {"clean": "o", "pgd": "s", "pgd-targeted": "^", "trades-kl": "P", "gaussian": "v", "sign": "D"}
+# The two noises of one size give almost the same values: `gaussian` is drawn wide and underneath,
+# so that it shows as a band around `sign` instead of being hidden by it.
+PERTURBATION_WIDTHS = {"gaussian": (3.6, 7)}  # (line width, marker size); the others: DEFAULT_WIDTH
+DEFAULT_WIDTH = (1.5, 4)
 # Adversaries: grey for standard training, blues for PGD-AT, greens for TRADES (dark l_inf, light l_2).
 ADVERSARY_PALETTE = {
     "st": "#4D4D4D",
@@ -207,11 +211,13 @@ def _lines(ax, data: pd.DataFrame, *, x: str, styles: _Styles, **kwargs) -> None
         d = data[data["perturbation"] == pert]
         if d.empty:
             continue
+        width, marker = PERTURBATION_WIDTHS.get(pert, DEFAULT_WIDTH)
         sns.lineplot(
             data=d, x=x, y="value", hue="perturbation", hue_order=styles.perts, palette=styles.palette,
-            style=style, style_order=order, dashes=styles.dashes, markers=styles.markers, markersize=4,
+            style=style, style_order=order, dashes=styles.dashes, markers=styles.markers, markersize=marker,
+            linewidth=width, alpha=0.55 if pert in PERTURBATION_WIDTHS else 1.0,
             errorbar=("pi", 100), err_kws={"alpha": 0.18, "linewidth": 0}, ax=ax, legend=False,
-            zorder=3 if pert == "clean" else 2, **kwargs,
+            zorder=3 if pert == "clean" else 1.5 if pert in PERTURBATION_WIDTHS else 2, **kwargs,
         )
 
 
@@ -219,7 +225,9 @@ def _legend(fig, hue_title: str, styles: _Styles, extra: list | None = None) -> 
     palette, settings, dashes, markers = styles.palette, styles.settings, styles.dashes, styles.markers
     handles = []
     for v in styles.perts:
-        line = Line2D([], [], color=palette[v], marker=markers[v] if styles.by_perturbation else "o", markersize=4, label=str(v))
+        width, size = PERTURBATION_WIDTHS.get(v, DEFAULT_WIDTH)
+        line = Line2D([], [], color=palette[v], marker=markers[v] if styles.by_perturbation else "o", markersize=size,
+                      linewidth=width, alpha=0.55 if v in PERTURBATION_WIDTHS else 1.0, label=str(v))
         if styles.by_perturbation and dashes[v]:
             line.set_dashes(dashes[v])
         handles.append(line)
@@ -240,6 +248,48 @@ def _legend(fig, hue_title: str, styles: _Styles, extra: list | None = None) -> 
         handles.append(handle)
         labels.append(handle.get_label())
     fig.legend(handles, labels, loc="outside right center", frameon=False)
+
+
+def spread_labels(points: np.ndarray, min_distance: float, *, iterations: int = 200) -> np.ndarray:
+    """Label positions near ``points`` ([n, 2], in any one unit) that lie at least about
+    ``min_distance`` apart: each starts pushed away from the points' centre, then overlapping pairs
+    are pushed apart. Class means that project close together on the simplex plane keep readable
+    labels, each joined to its vertex by a line."""
+    points = np.asarray(points, dtype=float)
+    centre = points.mean(0)
+    out = points - centre
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    angles = 2 * np.pi * np.arange(len(points)) / max(len(points), 1)  # coincident points: spread on a circle
+    fallback = np.stack([np.cos(angles), np.sin(angles)], 1)
+    direction = np.where(norms > 1e-12 * max(float(norms.max()), 1.0), out / np.maximum(norms, 1e-300), fallback)
+    labels = points + direction * min_distance
+    # labels that coincide separate along their circle positions
+    apart = fallback[:, None, :] - fallback[None, :, :]
+    apart = apart / np.maximum(np.linalg.norm(apart, axis=2, keepdims=True), 1e-12)
+    off_diagonal = ~np.eye(len(labels), dtype=bool)
+    for _ in range(iterations):
+        delta = labels[:, None, :] - labels[None, :, :]
+        dist = np.linalg.norm(delta, axis=2)
+        close = (dist < min_distance) & off_diagonal
+        if not close.any():
+            break
+        unit = np.where((dist > 1e-9 * min_distance)[..., None], delta / np.maximum(dist, 1e-300)[..., None], apart)
+        labels = labels + np.where(close[..., None], unit * (min_distance - dist)[..., None] / 2, 0).sum(1)
+    return labels
+
+
+def _vertex_labels(ax, means: pd.DataFrame, colours, span: float) -> None:
+    """Each clean class mean's index beside its vertex, spread so that no two overlap, joined to the
+    vertex by a thin line. ``span``: the panel's data extent (its aspect is equal), of which a
+    label takes about 6%."""
+    if means.empty:
+        return
+    labels = spread_labels(means[["x", "y"]].to_numpy(dtype=float), 0.07 * span)
+    for (c, row), (lx, ly) in zip(means.iterrows(), labels):
+        ax.annotate(str(c), xy=(row["x"], row["y"]), xytext=(lx, ly), ha="center", va="center", fontsize=7, weight="bold",
+                    color="black", zorder=5, annotation_clip=False,
+                    bbox=dict(boxstyle="round,pad=0.15", facecolor=colours[c], edgecolor="none", alpha=0.85),
+                    arrowprops=dict(arrowstyle="-", color="0.3", lw=0.5, shrinkA=0, shrinkB=4))
 
 
 def _bottom_labels(axes, xlabel: str) -> None:
@@ -570,9 +620,9 @@ def simplex(p: pd.DataFrame, path: str | Path, split: str = "train", perturbatio
                     ax.annotate("", xy=(pmeans.at[c, "x"], pmeans.at[c, "y"]), xytext=(row["x"], row["y"]),
                                 arrowprops=dict(arrowstyle="->", color="0.25", lw=0.8, shrinkA=5, shrinkB=2))
             ax.scatter(means["x"], means["y"], s=140, c=[class_colours[c] for c in means.index], edgecolors="black", linewidths=0.8, zorder=3)
-            for c, row in means.iterrows():
-                ax.text(row["x"], row["y"], str(c), ha="center", va="center", fontsize=7, weight="bold", color="white", zorder=4)
             ax.set_aspect("equal", adjustable="datalim")
+            shown = pd.concat([clean[["x", "y"]], pts[["x", "y"]], means[["x", "y"]]])
+            _vertex_labels(ax, means, class_colours, float(max(np.ptp(shown["x"]), np.ptp(shown["y"]), 1e-12)))
             ax.tick_params(labelsize=7)
             epoch = f" · epoch {int(cell['epoch'].max())}" if "epoch" in cell.columns else ""
             seed = f" · seed {int(cell['seed'].min())}" if "seed" in cell.columns else ""
