@@ -66,6 +66,7 @@ def benchmark_config(data_root: Path, *, device: str, epochs: int, smoke: bool, 
     config = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
     config["data_root"], config["device"], config["results"] = str(data_root), device, str(data_root.parent / "results")
     config["datasets"]["cifar10"]["options"] = {"verify_checksums": False}
+    config["grid"]["dataset"] = ["cifar10"]  # the fake data are CIFAR-10's (CIFAR-100 costs the same)
     config["training"].update(epochs=epochs, checkpoints=list(range(1, epochs + 1)), deterministic=deterministic)
     config["evaluation"].pop("epochs", None)
     if device == "cpu":

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import yaml
-from workflow_helpers import REPO_ROOT
+from workflow_helpers import REPO_ROOT, stage_placeholders
 
 from ncrobust.config import validate_config
 
@@ -47,13 +47,15 @@ def test_packed_mode_trains_k_cells_at_once_in_k_processes(tmp_path, monkeypatch
 
 
 def test_training_hours_with_k_cells_per_gpu_are_the_grids_epochs_at_the_packed_rate(tmp_path):
-    paper = validate_config(yaml.safe_load((REPO_ROOT / "config" / "paper.yaml").read_text()) | {"data_root": str(tmp_path)})
+    paper = validate_config(yaml.safe_load((REPO_ROOT / "config" / "paper.yaml").read_text())
+                            | {"data_root": str(stage_placeholders(tmp_path, "cifar10", "cifar100"))})
     epoch_s = {(m, a): 50000 / 5000 for m in gpu_cell.MODELS for a in gpu_cell.ADVERSARIES}  # 5,000 images/s in all
     assert gpu_cell.training_hours(paper, epoch_s) == pytest.approx(36 * 400 * 10.0 / 3600)
 
 
 def test_projection_is_cells_times_epochs_evaluations_and_strong_evaluation(tmp_path):
-    paper = validate_config(yaml.safe_load((REPO_ROOT / "config" / "paper.yaml").read_text()) | {"data_root": str(tmp_path)})
+    paper = validate_config(yaml.safe_load((REPO_ROOT / "config" / "paper.yaml").read_text())
+                            | {"data_root": str(stage_placeholders(tmp_path, "cifar10", "cifar100"))})
     epoch_s = {(m, a): 1.0 for m in gpu_cell.MODELS for a in gpu_cell.ADVERSARIES}
     hours = gpu_cell.projected_hours(paper, epoch_s, {m: 10.0 for m in gpu_cell.MODELS}, {m: 100.0 for m in gpu_cell.MODELS})
     cells = 2 * 2 * 1 * 3 * 3  # datasets x models x losses x adversaries x seeds
@@ -65,7 +67,7 @@ def test_projection_is_cells_times_epochs_evaluations_and_strong_evaluation(tmp_
 def test_the_precisions_are_paper_yamls_unless_overridden(tmp_path):
     """On a GPU the benchmark measures paper.yaml's fp32 training and attacks, or the bf16 opt-in
     with ``--precision bf16 --attack-precision bf16``; the CPU smoke test runs fp32."""
-    (tmp_path / "data").mkdir()
+    stage_placeholders(tmp_path / "data", "cifar10")
 
     def precisions(**kw):
         options = dict(device="cuda", epochs=2, smoke=False, deterministic=False) | kw

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 from test_data import write_py2_pickle
-from workflow_helpers import REPO_ROOT, cell_dir, run_snakemake
+from workflow_helpers import REPO_ROOT, cell_dir, run_snakemake, stage_placeholders
 
 from ncrobust.config import validate_config
 
@@ -33,7 +33,7 @@ def write_fake_cifar10(root, n_train_per_file=4, n_test=20):
 
 
 def test_paper_config_is_the_papers_recipe(tmp_path):
-    config = validate_config(yaml.safe_load(PAPER.read_text()) | {"data_root": str(tmp_path)})
+    config = validate_config(yaml.safe_load(PAPER.read_text()) | {"data_root": str(stage_placeholders(tmp_path, "cifar10", "cifar100"))})
     assert config["grid"]["model"] == ["preact_resnet18", "vgg11_bn"]
     assert config["grid"]["adversary"] == ["st", "pgd-linf", "trades-linf"] and config["grid"]["seed"] == [1, 2, 3]
     t = config["training"]

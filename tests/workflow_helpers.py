@@ -113,3 +113,20 @@ def fit_full_batch(model, x, y, *, lr: float, steps: int):
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     return model.eval()
+
+
+def stage_placeholders(root: str | os.PathLike, *datasets: str) -> Path:
+    """Empty files and folders in the staged layout of ``datasets`` under ``root``
+    (``ncrobust.data.staged_layout``): what the config check asks of a data_root, for a config
+    test or a dry run that reads no data (a loader would refuse them)."""
+    from ncrobust.data import staged_layout
+
+    root = Path(root)
+    for name in datasets:
+        layout = staged_layout(name)
+        for f in layout.files:
+            (root / layout.folder / f).parent.mkdir(parents=True, exist_ok=True)
+            (root / layout.folder / f).touch()
+        for d in layout.folders:
+            (root / layout.folder / d).mkdir(parents=True, exist_ok=True)
+    return root
