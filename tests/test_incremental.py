@@ -126,7 +126,12 @@ EDITS = {
         jobs("evaluate", epochs=(0, 2, 4)) | jobs("robustness", epochs=(4,)) | FINAL,
     ),
     "perturbation override": (
-        lambda c: c["evaluation"]["perturbations"].update(pgd={"steps": 5}), jobs("evaluate", epochs=(0, 2, 4)) | FINAL
+        # the strong evaluation attacks with the evaluation's PGD-10: its robustness job reruns too
+        lambda c: c["evaluation"]["perturbations"].update(pgd={"steps": 5}),
+        jobs("evaluate", epochs=(0, 2, 4)) | jobs("robustness", epochs=(4,)) | FINAL,
+    ),
+    "perturbation override but pgd": (
+        lambda c: c["evaluation"]["perturbations"].update(sign={"eps": 0.05}), jobs("evaluate", epochs=(0, 2, 4)) | FINAL
     ),
     "strong evaluation samples": (
         lambda c: c["evaluation"]["strong"].update(max_samples=30), jobs("robustness", epochs=(4,)) | FINAL

@@ -5,7 +5,8 @@ import sys
 from snakemake_interface_executor_plugins.settings import ExecMode
 
 from ncrobust.config import ConfigError, typed_overrides, validate_config
-from ncrobust.cell import Cell
+from ncrobust.attacks import PERTURBATIONS
+from ncrobust.cell import ADVERSARIES, Cell
 from ncrobust.columns import EPOCH_FIGURES
 from ncrobust.io import CorruptFileError, archive_damage, unwritable_directory
 from ncrobust.lineage import cell_sources, merged, rebuild_alone, stranded

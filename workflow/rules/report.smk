@@ -52,6 +52,20 @@ if EPOCH_MEASURE:  # a rule without outputs cannot exist
             "../scripts/epoch_figures.py"
 
 
+CAPTIONS = [Path(workflow.source_path(f"../report/{name}.rst")).read_text() for name in REPORT_FIGURES]
+# what the front page says the run is, in an order of its own: a reordered grid or mapping reruns nothing
+RUN_DESCRIPTION = canonical(
+    {
+        "grid": {
+            axis: sorted(values, key=ADVERSARIES.index) if axis == "adversary" else sorted(values)
+            for axis, values in GRID.items()
+        },
+        "epochs": config["training"]["epochs"],
+        "perturbations": sorted(config["evaluation"]["perturbations"], key=PERTURBATIONS.index),
+    }
+)
+
+
 rule report_page:
     """The report's front door: the overview the report opens on (what the run is, the summary
     table; workflow/report/workflow.rst includes it) and the front page, one standalone HTML page
@@ -71,9 +85,10 @@ rule report_page:
         f"{RESULTS}/logs/report_page.log",
     params:
         names=REPORT_FIGURES,
-        # the captions' text, not their paths: an edited caption reruns this job, a moved project does not
-        captions=[Path(workflow.source_path(f"../report/{name}.rst")).read_text() for name in REPORT_FIGURES],
-        run={"grid": GRID, "epochs": config["training"]["epochs"], "perturbations": list(config["evaluation"]["perturbations"])},
+        # the captions' text, not their paths: an edited caption reruns this job, a moved project does not;
+        # a function, so that Snakemake does not read a caption's braces as wildcards
+        captions=lambda wildcards: CAPTIONS,
+        run=RUN_DESCRIPTION,
     resources:
         **job_resources("cpu"),
     script:

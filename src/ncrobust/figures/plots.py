@@ -286,10 +286,9 @@ def _vertex_labels(ax, means: pd.DataFrame, colours, span: float) -> None:
         return
     labels = spread_labels(means[["x", "y"]].to_numpy(dtype=float), 0.07 * span)
     for (c, row), (lx, ly) in zip(means.iterrows(), labels):
-        ax.annotate(str(c), xy=(row["x"], row["y"]), xytext=(lx, ly), ha="center", va="center", fontsize=7, weight="bold",
-                    color="black", zorder=5, annotation_clip=False,
-                    bbox=dict(boxstyle="round,pad=0.15", facecolor=colours[c], edgecolor="none", alpha=0.85),
-                    arrowprops=dict(arrowstyle="-", color="0.3", lw=0.5, shrinkA=0, shrinkB=4))
+        ax.plot([row["x"], lx], [row["y"], ly], color="0.3", lw=0.5, zorder=4)  # a leader line, not an arrow
+        ax.text(lx, ly, str(c), ha="center", va="center", fontsize=7, weight="bold", color="black", zorder=5,
+                bbox=dict(boxstyle="round,pad=0.15", facecolor=colours[c], edgecolor="none", alpha=0.85))
 
 
 def _bottom_labels(axes, xlabel: str) -> None:
