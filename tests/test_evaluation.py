@@ -428,6 +428,9 @@ def test_strong_evaluation_takes_the_evaluations_pgd_inputs(small):
     metrics = evaluate_checkpoint(model, d, ev_plan, seed=1, epoch=3).metrics
     evaluated = metrics.query("split == 'test' and perturbation == 'pgd' and layer == 'penultimate' and metric == 'accuracy'")
     assert evaluated["value"].item() == pytest.approx(expected, abs=1e-12)
+    # the robustness stage attacks only the whole batches that hold its first samples: the same inputs there
+    first = attack_set("pgd", model, x[:128], y[:128], ev_plan, LINF, num_classes=10, seed=1, epoch=3, split="test", device="cpu")
+    assert torch.equal(first, x_pgd[:128])
     with pytest.raises(ValueError, match="pgd_inputs has shape"):
         strong_evaluation(model, x, y, threat=LINF, num_classes=10, attacks=[], seed=1, pgd_inputs=x_pgd[:5])
 
