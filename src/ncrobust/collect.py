@@ -23,21 +23,8 @@ from pathlib import Path
 import yaml
 
 from ncrobust.config import ConfigError, load_config_file, validate_config
-from ncrobust.io import (
-    CorruptFileError,
-    ExplainedError,
-    read_parquet,
-    write_parquet,
-    write_text,
-)
-from ncrobust.stages import (
-    GRID_AXES,
-    RUN_LAYOUT,
-    checkpoint_epochs,
-    evaluated_epochs,
-    grid_cells,
-    merge,
-)
+from ncrobust.io import CorruptFileError, ExplainedError, read_parquet, write_parquet, write_text
+from ncrobust.stages import GRID_AXES, RUN_LAYOUT, checkpoint_epochs, evaluated_epochs, grid_cells, merge
 from ncrobust.tables import stack, summary, summary_markdown
 
 log = logging.getLogger(__name__)
