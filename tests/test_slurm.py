@@ -14,6 +14,7 @@ ended); the test's jobs take 8 to 17 s, so most are seen at 18 s (with 5: at 20 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -292,9 +293,17 @@ def test_workflow_on_slurm_survives_preemption_and_cancellation(cluster, tmp_pat
             run.kill()
         log.close()
     assert run.returncode == 0, run_log.read_text()[-6000:] + cluster.logs()
-    seg1_jobs = [j for j in cluster.jobs() if train_segment(2)(j)]
-    assert [j["JobId"] for j in seg1_jobs] == [seg1["JobId"]]  # requeued, not submitted again
-    assert seg1_jobs[0]["JobState"] == "COMPLETED" and int(seg1_jobs[0].get("Restarts", "0")) >= 1
+    seg1_jobs = {j["JobId"]: j for j in cluster.jobs() if train_segment(2)(j)}
+    requeued = seg1_jobs.pop(seg1["JobId"])
+    assert requeued["JobState"] == "COMPLETED" and int(requeued.get("Restarts", "0")) >= 1  # ran again, to the end
+    # Requeued, not submitted again, unless Snakemake reported a failure of the segment's job first (the
+    # profile's `retries: 1` then submits it once more; seen once on a loaded CI machine): a resubmission
+    # without a reported failure would be two jobs writing one checkpoint.
+    failures = re.findall(r"SLURM-job '(\d+)' failed[^\n]*", run_log.read_text())
+    assert not seg1_jobs or (len(seg1_jobs) == 1 and seg1["JobId"] in failures), (
+        f"segment 2 submitted again without a reported failure: {sorted(seg1_jobs)}; failures: {failures}\n"
+        + run_log.read_text()[-6000:]
+    )
     seg2_states = {j["JobId"]: j["JobState"] for j in cluster.jobs() if train_segment(4)(j)}
     assert seg2_states.pop(seg2["JobId"]) == "CANCELLED" and list(seg2_states.values()) == ["COMPLETED"]
 
