@@ -249,11 +249,15 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
         if e not in allowed_epochs:
             raise ConfigError(f"evaluation.epochs: {e} is not a checkpoint epoch; allowed: {allowed_epochs}")
     datasets = config["datasets"]
-    for ds in config["grid"]["dataset"]:
+    _check_external(config, base_dir)
+    external = config["external"]
+    for ds in dict.fromkeys([*config["grid"]["dataset"], *(entry["dataset"] for entry in external.values())]):
+        where = "grid.dataset" if ds in config["grid"]["dataset"] else f"external.{next(n for n, e in external.items() if e['dataset'] == ds)}.dataset"
         if ds not in datasets:
-            raise ConfigError(f"grid.dataset = {ds!r}: no entry datasets.{ds} (threat models) in the config")
+            raise ConfigError(f"{where} = {ds!r}: no entry datasets.{ds} (threat models) in the config")
         threat = datasets[ds]["threat"]
-        adversaries = [Adversary.parse(a) for a in config["grid"]["adversary"]]
+        adversaries = [Adversary.parse(a) for a in config["grid"]["adversary"] if ds in config["grid"]["dataset"]]
+        adversaries += [Adversary.parse(e["adversary"]) for e in external.values() if e["dataset"] == ds]
         needed = {a.norm for a in adversaries if a.norm is not None}
         if any(a.kind == "st" for a in adversaries):
             needed.add(datasets[ds]["norm"])
@@ -277,6 +281,21 @@ def _check_semantics(config: dict, base_dir: Path) -> None:
     _check_dataset_options(config)
     _check_model_options(config)
     _check_related(config)
+
+
+def _check_external(config: dict, base_dir: Path) -> None:
+    """Each external network's name is free (no grid model has it: it is its cell's model) and its
+    weights file exists (an input of its cell, like prepared data)."""
+    for name, entry in config["external"].items():
+        if name in config["grid"]["model"]:
+            raise ConfigError(f"external.{name}: the name of a grid model; name the network otherwise (it is its cells' model)")
+        path = Path(entry["path"])
+        path = path if path.is_absolute() else base_dir / path
+        if not path.is_file():
+            raise ConfigError(f"external.{name}.path = {entry['path']!r}: no such file (relative paths start at the directory "
+                              "snakemake runs in)")
+        if (entry["mean"] is None) != (entry["std"] is None):
+            raise ConfigError(f"external.{name}: give both mean and std of the input normalisation, or neither")
 
 
 def _check_related(config: dict) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 from ncrobust.cell import BASE_VARIANT, Cell
 
-STAGES = ("prepare_data", "init_model", "train", "evaluate", "robustness", "mixup_geometry", "probe")
+STAGES = ("prepare_data", "init_model", "train", "import_network", "evaluate", "robustness", "mixup_geometry", "probe")
 
 EXECUTION_KEYS = ("results", "data_root", "download", "device", "threads", "resources", "group_training", "mps")
 """Top-level keys that say where and how a job runs, never what it computes: in no slice.
@@ -165,6 +165,45 @@ def grid_cells(config: dict) -> list[dict]:
     return [c for c in cells if variant_applies(config, c["variant"], adversary=c["adversary"], loss=c["loss"])]
 
 
+def external_cells(config: dict) -> list[dict]:
+    """The cells of the networks under ``external`` (trained elsewhere, docs/own-network.md): one
+    per entry, whose model is the entry's name, in the ``base`` variant."""
+    return [
+        {"dataset": e["dataset"], "model": name, "loss": e["loss"], "adversary": e["adversary"], "variant": BASE_VARIANT,
+         "seed": e["seed"]}
+        for name, e in config.get("external", {}).items()
+    ]
+
+
+def all_cells(config: dict) -> list[dict]:
+    """The grid's trained cells (:func:`grid_cells`), then the external networks' (:func:`external_cells`)."""
+    return grid_cells(config) + external_cells(config)
+
+
+def is_external(config: dict, cell: Cell | dict) -> bool:
+    """Whether ``cell`` is an external network's: imported, not trained (its model is an entry's name)."""
+    model = cell["model"] if isinstance(cell, dict) else cell.model
+    return model in config.get("external", {})
+
+
+EXTERNAL_UNSLICED = ("path",)
+"""External entry keys in no slice: where the weights file is does not change a result, and its
+content is the ``import_network`` job's input (Snakemake compares it)."""
+
+
+def _external(config: dict, cell: Cell) -> dict:
+    """An external cell's part of every slice: its entry (but :data:`EXTERNAL_UNSLICED`) and the
+    options of its loss, which the attacks may ascend."""
+    entry = {k: v for k, v in config["external"][cell.model].items() if k not in EXTERNAL_UNSLICED}
+    return {"external": {cell.model: entry}, "losses": {cell.loss: config.get("losses", {}).get(cell.loss, {})}}
+
+
+def _recipe(config: dict, cell: Cell) -> dict:
+    """What made the checkpoint, in a later stage's slice: the training recipe of a trained cell,
+    the entry of an external one."""
+    return _external(config, cell) if is_external(config, cell) else _training(config, cell)
+
+
 def imbalanced(config: dict) -> bool:
     """Whether a cell of the grid trains with minority classes (an ``imbalance`` ratio of at least
     2 in its dataset options, its variant's included: a minority class has at most half the
@@ -263,7 +302,7 @@ def _evaluation(stage: str, config: dict, cell: Cell) -> dict:
     }
     if stage == "robustness":
         evaluation["perturbations"] = {k: v for k, v in evaluation["perturbations"].items() if k in ROBUSTNESS_PERTURBATIONS}
-    return merge(_training(config, cell), cell_threat(config, cell), {"evaluation": evaluation})
+    return merge(_recipe(config, cell), cell_threat(config, cell), {"evaluation": evaluation})
 
 
 def stage_slice(
@@ -284,6 +323,8 @@ def stage_slice(
       :data:`EVALUATION_IGNORED`; ``robustness`` likewise, with its own ignored keys.
     - ``mixup_geometry``, ``probe``: the train slice, the cell's threat model and their own
       section (:data:`RELATED_SECTIONS`).
+    - ``import_network`` (external cells only): the entry under ``external`` but its path, and its
+      loss's options; the later stages of an external cell hold that in place of the recipe.
 
     ``aggregate`` and ``figures`` read files only: no slice.
     """
@@ -299,6 +340,12 @@ def stage_slice(
     if cell is None:
         raise ValueError(f"stage {stage} needs cell=")
     config = cell_config(config, cell)
+    if stage in ("init_model", "train") and is_external(config, cell):
+        raise ValueError(f"{cell.model} is an external network: it has no {stage} stage (import_network makes its checkpoint)")
+    if stage == "import_network":
+        if not is_external(config, cell):
+            raise ValueError(f"{cell.model} is no external network: its checkpoints are trained")
+        return canonical(_external(config, cell))
     if stage == "init_model":
         return canonical({"models": {cell.model: config.get("models", {}).get(cell.model, {})}})
     if stage == "train":
@@ -306,7 +353,7 @@ def stage_slice(
     if stage in RELATED_SECTIONS:  # the checkpoint's recipe, the threat model and the stage's own section
         section = RELATED_SECTIONS[stage]
         own = {section[0]: {section[1]: config[section[0]][section[1]]}} if len(section) == 2 else {section[0]: config[section[0]]}
-        return canonical(merge(_training(config, cell), cell_threat(config, cell), own))
+        return canonical(merge(_recipe(config, cell), cell_threat(config, cell), own))
     return canonical(_evaluation(stage, config, cell))
 
 

@@ -1,5 +1,6 @@
 # Validation, the grid, wildcard constraints and input functions. No logic beyond wiring.
 import os
+import re
 import sys
 
 from snakemake_interface_executor_plugins.settings import ExecMode
@@ -13,12 +14,14 @@ from ncrobust.lineage import cell_sources, merged, rebuild_alone, stranded
 from ncrobust.runlock import clear_stale_lock, locked_message, record_run, release_run
 from ncrobust.stages import (
     RUN_LAYOUT,
+    all_cells,
     canonical,
     checkpoint_epochs,
     data_variant,
     drawn_figures,
     evaluated_epochs,
     grid_cells,
+    is_external,
     merge,
     stage_slice,
 )
@@ -41,6 +44,9 @@ RUN = f"{RESULTS}/{RUN_LAYOUT}"  # a cell's directory, with its wildcards (ncrob
 DATA = f"{RESULTS}/data/{{dataset}}/{{data_variant}}.pt"  # data_variant: base, or a variant with dataset overrides
 CHECKPOINT_EPOCHS = checkpoint_epochs(config)
 EVAL_EPOCHS = evaluated_epochs(config)
+FINAL_EPOCH = CHECKPOINT_EPOCHS[-1]  # an external network's one checkpoint is the grid's last epoch
+EXTERNAL = list(config["external"])  # networks trained elsewhere: their cells are imported, not trained
+CELLS = all_cells(config)
 MIXUP_GEOMETRY = config["evaluation"]["mixup_geometry"]["enabled"]  # opt-in stages of related.smk
 PROBE = config["probe"]["enabled"]
 RELATED_FIGURES = [name for name, on in (("mixup", MIXUP_GEOMETRY), ("probe", PROBE)) if on]
@@ -52,10 +58,10 @@ FINDINGS = f"{RESULTS}/findings/{config['findings']}.md"  # the findings block o
 
 
 wildcard_constraints:
-    dataset="|".join(GRID["dataset"]),
-    model="|".join(GRID["model"]),
-    loss="|".join(GRID["loss"]),
-    adversary="|".join(GRID["adversary"]),
+    dataset="|".join(dict.fromkeys(c["dataset"] for c in CELLS)),
+    model="|".join(map(re.escape, dict.fromkeys(c["model"] for c in CELLS))),
+    loss="|".join(dict.fromkeys(c["loss"] for c in CELLS)),
+    adversary="|".join(dict.fromkeys(c["adversary"] for c in CELLS)),
     variant="|".join(GRID["variant"]),
     data_variant="|".join(sorted({data_variant(config, v) for v in GRID["variant"]})),
     seed=r"\d+",
@@ -63,9 +69,29 @@ wildcard_constraints:
 
 
 def cells():
-    """Every cell of the grid, as dicts of wildcard values: the product of the axes, less the
-    cells a variant's `adversaries` or `losses` leaves out (ncrobust.stages.grid_cells)."""
+    """Every cell, as dicts of wildcard values: the grid's (the product of the axes, less the cells
+    a variant's `adversaries` or `losses` leaves out) and the external networks' (ncrobust.stages.all_cells)."""
+    return CELLS
+
+
+def trained_cells():
+    """The cells that train (not the external networks')."""
     return grid_cells(config)
+
+
+def cell_checkpoint_epochs(c):
+    """A cell's checkpoint epochs: the grid's, or the one imported checkpoint of an external network."""
+    return [FINAL_EPOCH] if is_external(config, c) else CHECKPOINT_EPOCHS
+
+
+def cell_eval_epochs(c):
+    """The epochs evaluated in a cell: evaluation.epochs, or an external network's one checkpoint."""
+    return [FINAL_EPOCH] if is_external(config, c) else EVAL_EPOCHS
+
+
+def external_weights(wildcards):
+    """An external network's weights file: the import job's input (replacing it reruns the cell)."""
+    return config["external"][wildcards.model]["path"]
 
 
 def cell_of(wildcards):
@@ -96,38 +122,37 @@ def previous_checkpoint(wildcards):
 
 
 def metrics_files():
-    return [f"{RUN}/metrics/epoch{e}.parquet".format(**c) for c in cells() for e in EVAL_EPOCHS]
+    return [f"{RUN}/metrics/epoch{e}.parquet".format(**c) for c in cells() for e in cell_eval_epochs(c)]
 
 
 def training_logs():
-    return [f"{RUN}/train_log/epoch{e}.parquet".format(**c) for c in cells() for e in CHECKPOINT_EPOCHS[1:]]
+    return [f"{RUN}/train_log/epoch{e}.parquet".format(**c) for c in trained_cells() for e in CHECKPOINT_EPOCHS[1:]]
 
 
 def epoch_metrics_files():
     """The per-epoch measurement of every training segment (training.epoch_measure; none when off)."""
     if not EPOCH_MEASURE:
         return []
-    return [f"{RUN}/epoch_metrics/epoch{e}.parquet".format(**c) for c in cells() for e in CHECKPOINT_EPOCHS[1:]]
+    return [f"{RUN}/epoch_metrics/epoch{e}.parquet".format(**c) for c in trained_cells() for e in CHECKPOINT_EPOCHS[1:]]
 
 
 def projection_files():
     """The simplex projection of every cell at its last evaluated epoch (input of the figures)."""
-    return [f"{RUN}/projection/epoch{max(EVAL_EPOCHS)}.parquet".format(**c) for c in cells()]
+    return [f"{RUN}/projection/epoch{max(cell_eval_epochs(c))}.parquet".format(**c) for c in cells()]
 
 
 def robustness_files():
     """The strong final evaluation of every cell (none when evaluation.strong.attacks is empty
     and PGD-10 is the only attack: the table then still gives PGD-10 on the same samples)."""
-    final = CHECKPOINT_EPOCHS[-1]
     return (
-        [f"{RUN}/robustness/epoch{final}.parquet".format(**c) for c in cells()]
+        [f"{RUN}/robustness/epoch{FINAL_EPOCH}.parquet".format(**c) for c in cells()]
         if config["evaluation"]["strong"]["enabled"]
         else []
     )
 
 
 def checkpoint_files():
-    return [f"{RUN}/checkpoints/epoch{e}.pt".format(**c) for c in cells() for e in CHECKPOINT_EPOCHS]
+    return [f"{RUN}/checkpoints/epoch{e}.pt".format(**c) for c in cells() for e in cell_checkpoint_epochs(c)]
 
 
 def final_outputs():
@@ -143,7 +168,7 @@ def final_outputs():
     per_epoch = [
         f"{RUN}/{kind}/epoch{e}.{'pt' if kind == 'features' else 'parquet'}".format(**c)
         for c in cells()
-        for e in EVAL_EPOCHS
+        for e in cell_eval_epochs(c)
         for kind in evaluated
     ]
     per_cell = checkpoint_files() + training_logs() + per_epoch + robustness_files() + epoch_metrics_files()
@@ -172,8 +197,8 @@ def check_no_stranded_files():
             cell_sources(
                 RUN.format(**c),
                 DATA.format(dataset=c["dataset"], data_variant=data_variant(config, c["variant"])),
-                CHECKPOINT_EPOCHS,
-                EVAL_EPOCHS,
+                cell_checkpoint_epochs(c),
+                cell_eval_epochs(c),
                 config["evaluation"]["strong"]["enabled"],
             )
             for c in cells()
@@ -264,7 +289,6 @@ def job_resources(kind):
 
 
 # The related stages' per-cell outputs at the final epoch (related.smk), and what rule all asks of them.
-FINAL_EPOCH = CHECKPOINT_EPOCHS[-1]
 
 
 def related_files(kind):

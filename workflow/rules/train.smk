@@ -6,6 +6,8 @@ rule init_model:
         checkpoint=update(f"{RUN}/checkpoints/epoch0.pt"),
     log:
         f"{RUN}/logs/init.log",
+    wildcard_constraints:
+        model="|".join(GRID["model"]),  # the trained models; an external network's checkpoint is imported
     params:
         config=config_slice("init_model"),
         cell=cell_of,  # not a rerun trigger: a Cell has no repr Snakemake records, and it is in the path
@@ -29,6 +31,7 @@ rule train:
         f"{RUN}/logs/train_epoch{{epoch}}.log",
     wildcard_constraints:
         epoch=r"[1-9]\d*",
+        model="|".join(GRID["model"]),
     params:
         config=config_slice("train"),
         cell=cell_of,
@@ -41,3 +44,26 @@ rule train:
         "train" if config["group_training"] else None
     script:
         "../scripts/train.py"
+
+
+if EXTERNAL:
+
+    rule import_network:
+        """An external network's weights file as its cell's checkpoint of the last epoch (docs/own-network.md)."""
+        input:
+            data=data_file,
+            weights=external_weights,
+        output:
+            checkpoint=update(f"{RUN}/checkpoints/epoch{FINAL_EPOCH}.pt"),
+        log:
+            f"{RUN}/logs/import.log",
+        wildcard_constraints:
+            model="|".join(map(re.escape, EXTERNAL)),
+        params:
+            config=config_slice("import_network"),
+            cell=cell_of,
+            epoch=FINAL_EPOCH,
+        resources:
+            **job_resources("cpu"),
+        script:
+            "../scripts/import_network.py"

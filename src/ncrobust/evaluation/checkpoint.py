@@ -346,12 +346,14 @@ def attack_set(
 @torch.no_grad()
 def evaluate_checkpoint(
     model: torch.nn.Module, data: dict, plan: EvaluationPlan, *, seed: int, epoch: int, device: torch.device | str = "cpu",
+    on_set: Callable[[tuple[str, str, str]], None] | None = None,
 ) -> CheckpointEvaluation:
     """Every metric of ``model`` on each split of ``data`` under each perturbation of ``plan``.
 
     Perturbations are seeded by ``(seed, "evaluate", epoch, split, perturbation)`` (and the norm,
     for a threat model other than the cell's own), so they do not depend on which others run.
-    The model runs in eval mode and fp32.
+    The model runs in eval mode and fp32. ``on_set``: called with ``(split, norm, perturbation)``
+    after each set (a progress bar's update).
     """
     model = model.to(device).eval()
     num_classes = len(data["classes"])
@@ -394,6 +396,8 @@ def evaluate_checkpoint(
         done += 1
         log.info("evaluate epoch %d: set %d/%d %s done in %.2f s (%.1f s so far)",
                  epoch, done, sets, "/".join(keys), time.perf_counter() - since, time.perf_counter() - started)
+        if on_set is not None:
+            on_set(keys)
 
     for split in plan.splits:
         since = time.perf_counter()

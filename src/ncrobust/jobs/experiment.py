@@ -14,7 +14,9 @@ from ncrobust.cell import Cell
 from ncrobust.evaluation.checkpoint import EvaluationPlan
 from ncrobust.losses import get_loss
 from ncrobust.models import create_model
+from ncrobust.models.external import build, spec_of, tapped
 from ncrobust.seeding import generator, stream_seed  # noqa: F401  (re-exported)
+from ncrobust.stages import is_external
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 """``precision`` and ``evaluation.attack_precision`` -> the autocast dtype (None: none)."""
@@ -89,24 +91,29 @@ def robustness_plan(config: dict, cell: Cell) -> EvaluationPlan:
 
 
 def trades_l2_step(config: dict, cell: Cell) -> str:
-    """The ``l2`` step of the evaluation's ``trades-kl`` attack on ``cell``: a ``trades-l2`` cell's
-    own training attack (``training.trades_l2_step``, in its slices only), the threat model's step
-    for every other cell."""
-    return config["training"]["trades_l2_step"] if cell.adversary == "trades-l2" else "threat"
+    """The ``l2`` step of the evaluation's ``trades-kl`` attack on ``cell``: a trained ``trades-l2``
+    cell's own training attack (``training.trades_l2_step``, in its slices only), the threat
+    model's step for every other cell (an external network's recipe is not known)."""
+    trained = cell.adversary == "trades-l2" and not is_external(config, cell)
+    return config["training"]["trades_l2_step"] if trained else "threat"
+
+
+def input_shape(data: dict) -> dict:
+    """The constructors' ``num_classes``, ``in_chans`` and ``image_size`` of a prepared dataset."""
+    x = data["x_train"]
+    side = x.shape[-1] if x.shape[-2] == x.shape[-1] else tuple(x.shape[-2:])
+    return {"num_classes": len(data["classes"]), "in_chans": x.shape[1], "image_size": side}
 
 
 def build_model(config: dict, cell: Cell, data: dict) -> torch.nn.Module:
-    """The cell's model with the seed's initialisation (seeded here, so init is reproducible)."""
+    """The cell's model with the seed's initialisation (seeded here, so init is reproducible); an
+    external network's architecture with its taps (its weights come from its imported checkpoint)."""
     torch.manual_seed(cell.seed)
-    x = data["x_train"]
+    if is_external(config, cell):
+        spec = spec_of(config["external"][cell.model])
+        return tapped(spec, build(spec.architecture, options=spec.options, **input_shape(data)))
     return create_model(
-        cell.model,
-        num_classes=len(data["classes"]),
-        in_chans=x.shape[1],
-        image_size=x.shape[-1] if x.shape[-2] == x.shape[-1] else tuple(x.shape[-2:]),
-        mean=data["mean"],
-        std=data["std"],
-        **config.get("models", {}).get(cell.model, {}),
+        cell.model, mean=data["mean"], std=data["std"], **input_shape(data), **config.get("models", {}).get(cell.model, {}),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 
 import pandas as pd
 import torch
@@ -17,9 +18,11 @@ from ncrobust.columns import EPOCH_FIGURES, ROBUSTNESS_COLUMNS
 from ncrobust.evaluation.checkpoint import attack_set, evaluate_checkpoint
 from ncrobust.io import CorruptFileError, OutdatedFileError, load_torch, read_parquet, save_torch, write_parquet
 from ncrobust.jobs.experiment import (
-    AUTOCAST, attack_loss, build_model, cell_loss, evaluation_plan, resolve_device, robustness_plan, threat_model,
+    AUTOCAST, attack_loss, build_model, cell_loss, evaluation_plan, input_shape, resolve_device, robustness_plan, threat_model,
 )
+from ncrobust.models.adapter import check_classifier
 from ncrobust.models.base import eval_mode
+from ncrobust.models.external import load_weights, spec_of, tapped
 from ncrobust.tables import epoch_collapse_curves, metrics_frame, stack, tag, training_frame
 from ncrobust.training.train import Recipe, Schedule, initial_checkpoint, train_segment
 
@@ -115,6 +118,23 @@ def recipe(config: dict, cell: Cell) -> Recipe:
 
 def _deterministic(config: dict) -> bool:
     return config["training"]["deterministic"]
+
+
+def import_cell(config: dict, cell: Cell, data_path: str, weights: str, epoch: int, output: str) -> None:
+    """An external network's checkpoint at the grid's ``epoch``: its weights file read as its entry
+    says (:mod:`ncrobust.models.external`, never running code), checked to give the dataset's logits
+    from its classifier layer, saved as the state dict of the model :func:`build_model` makes for
+    the cell, so that every later stage reads it like a trained checkpoint."""
+    setup(config)
+    data = load_dataset(data_path)
+    spec = spec_of(config["external"][cell.model])
+    network, own_epoch = load_weights(replace(spec, path=weights), **input_shape(data))
+    model = tapped(spec, network).eval()
+    x, _ = datasets.as_float(data, "test")
+    check_classifier(model, x[:16], len(data["classes"]))
+    save_torch({"model": model.state_dict(), "epoch": epoch, "cell": cell.as_dict(),
+                "source": {"architecture": spec.architecture, "format": spec.format, "epoch": own_epoch}}, output)
+    log.info("%s: %s weights of %s imported as epoch %d", cell.model, spec.format, spec.architecture, epoch)
 
 
 def init_cell(config: dict, cell: Cell, data_path: str, output: str) -> None:
