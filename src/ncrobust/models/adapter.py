@@ -69,12 +69,12 @@ class TappedModule(nn.Module):
         if not isinstance(modules[self.classifier_name], nn.Linear):
             raise AdapterError(f"--classifier {self.classifier_name!r} is a {type(modules[self.classifier_name]).__name__}, "
                                "not an nn.Linear: name the linear layer that makes the logits")
+        if PENULTIMATE in taps:
+            raise AdapterError(f"{PENULTIMATE!r} is always the classifier's input; leave it out of --taps")
         unknown = [t for t in taps if t not in modules or t == ""]
         if unknown:
             raise AdapterError(f"--taps {', '.join(map(repr, unknown))}: no such module; e.g. "
                                f"{', '.join(n for n, _ in list(module.named_children())[:8])}")
-        if PENULTIMATE in taps:
-            raise AdapterError(f"{PENULTIMATE!r} is always the classifier's input; leave it out of --taps")
         self._taps = list(dict.fromkeys(taps))
         self._acts: dict[str, torch.Tensor] | None = None
         for name in self._taps:
