@@ -54,7 +54,7 @@ def forward_cache():
 
 def test_registry_names():
     names = list_models()
-    for name in ("mlp", "convnet", "cnn1d", "deep_linear", "preact_resnet18", "vgg11_bn", "wide_resnet", "wrn28_10", "wrn34_10"):
+    for name in ("mlp", "convnet", "cnn1d", "deep_linear", "preact_resnet18", "resnet18", "vgg11_bn", "wide_resnet", "wrn28_10", "wrn34_10"):
         assert name in names
     with pytest.raises(ValueError, match="unknown model 'resnet1000'"):
         build("resnet1000")
@@ -154,6 +154,16 @@ def test_preact_resnet18_parameters():
     assert n_params(build("preact_resnet18", num_classes=100)) == 11_172_170 + 90 * 513
 
 
+def test_resnet18_parameters():
+    # kuangliu/pytorch-cifar ResNet18 = RobustBench's ResNet18 (architectures/resnet.py) = Madry-lab's
+    # robustness CIFAR ResNet-18: 3x3 stem + BN, BasicBlocks with conv1x1 + BN shortcuts: 11,173,962.
+    assert n_params(build("resnet18")) == 11_173_962
+    assert n_params(build("resnet18", image_size=160)) == 11_173_962
+    assert n_params(build("resnet18", num_classes=100)) == 11_173_962 + 90 * 513
+    shortcuts = [m.shortcut for m in build("resnet18").modules() if getattr(m, "shortcut", None) is not None]
+    assert len(shortcuts) == 3 and all(isinstance(s[1], nn.BatchNorm2d) for s in shortcuts)
+
+
 def test_vgg11_bn_parameters():
     # kuangliu/pytorch-cifar VGG('VGG11') (conv bias, BatchNorm, one Linear(512, 10)): 9,231,114;
     # Su et al.'s vgg11_bn (CIFAR) and vgg11_bn_pool (ImageNette) differ from it only in pooling.
@@ -177,6 +187,7 @@ def test_tap_names():
         *(f"stage{s}_block{b}" for s in (1, 2, 3, 4) for b in (1, 2)),
         "penultimate",
     ]
+    assert build("resnet18").tap_names == build("preact_resnet18").tap_names
     assert build("vgg11_bn").tap_names == ["block1", "block2", "block3", "block4", "block5", "penultimate"]
     assert build("wrn28_10").tap_names == [
         *(f"stage{s}_block{b}" for s in (1, 2, 3) for b in (1, 2, 3, 4)),
@@ -191,6 +202,7 @@ def test_tap_names():
         ("preact_resnet18", {}, (512, 5, 5)),  # imagenet variant: 160 / 32
         ("vgg11_bn", {}, (512, 5, 5)),  # imagenet variant: five max-pools
         ("preact_resnet18", {"variant": "cifar", "width": 8}, (64, 20, 20)),  # the CIFAR net at 160 px
+        ("resnet18", {"width": 8}, (64, 20, 20)),  # adaptive pool: the CIFAR net at 160 px
     ],
 )
 def test_160px(name, kwargs, last_map):
@@ -203,7 +215,7 @@ def test_160px(name, kwargs, last_map):
     assert taps["penultimate"].shape == (2, last_map[0])
 
 
-@pytest.mark.parametrize("name", ["preact_resnet18", "vgg11_bn", "wide_resnet"])
+@pytest.mark.parametrize("name", ["preact_resnet18", "resnet18", "vgg11_bn", "wide_resnet"])
 def test_grayscale_28px_100_classes(name):
     kwargs = {"depth": 10, "widen_factor": 1} if name == "wide_resnet" else {}
     model = build(name, num_classes=100, in_chans=1, image_size=28, **kwargs).eval()
@@ -292,6 +304,8 @@ def test_train_mode_taps_consistent():
         ("vgg11_bn", {"cfg": [[8]]}, "fixed configuration"),
         ("preact_resnet18", {"variant": "tiny"}, "variant must be one of auto, cifar, imagenet"),
         ("preact_resnet18", {"width": 0}, "positive"),
+        ("resnet18", {"width": 0}, "resnet18 needs positive"),
+        ("resnet18", {"variant": "cifar"}, "unknown option 'variant'; allowed: width, bias"),
         ("wide_resnet", {"depth": 30}, "6n \\+ 4"),
         ("wide_resnet", {"widen_factor": 0}, "widen_factor"),
         ("wide_resnet", {"dropout": 1.0}, "dropout"),
