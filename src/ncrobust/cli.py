@@ -97,8 +97,8 @@ def measure_parser(commands) -> argparse.ArgumentParser:
     attack.add_argument("--eps", type=_number, help="radius (default: 8/255 for linf, 0.5 for l2, or the config's)")
     attack.add_argument("--step-size", type=_number, help="PGD step (default: eps/4, or the config's)")
     attack.add_argument("--steps", type=int, help="PGD steps (default: 10, or the config's)")
-    attack.add_argument("--configfile", nargs="+", default=[], help="take the dataset's options, threat models and the "
-                        "perturbations' overrides from these config files (as the workflow does)")
+    attack.add_argument("--configfile", nargs="+", default=[], help="take the dataset's options and threat models, the "
+                        "perturbations' overrides and the model's options from these config files (as the workflow does)")
     run = p.add_argument_group("running")
     run.add_argument("--out", help="the metrics table to write (default: NAME.metrics.parquet)")
     run.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
@@ -119,10 +119,12 @@ def _threat_and_data(args):
     overrides: dict = {}
     options: dict = {}
     threat = None
+    args.model_options = {}
     if args.configfile:
         from ncrobust.collect import load_config
 
         config = load_config(args.configfile, [], ".")
+        args.model_options = config.get("models", {})
         ds = config["datasets"].get(args.dataset)
         if ds is not None:
             norm = norm or ds["norm"]
@@ -139,6 +141,18 @@ def _threat_and_data(args):
     perturbations = {name: dict(overrides.get(name) or {}) for name in args.perturbations}
     options.update(dict(args.dataset_option))
     return threat, perturbations, options
+
+
+def _own_architecture(path: str) -> str | None:
+    """The registry model of an ncrobust checkpoint (its ``cell``), to find its options in a config."""
+    from ncrobust.models.external import NetworkError, read_file
+
+    try:
+        obj = read_file(path)
+    except NetworkError:
+        return None  # reported when the network is loaded
+    cell = obj.get("cell") if isinstance(obj, dict) else None
+    return cell.get("model") if isinstance(cell, dict) else None
 
 
 def run_measure(args) -> int:
@@ -161,8 +175,10 @@ def run_measure(args) -> int:
     seed = options.pop("split_seed", 0)
     data = subset(datasets.load(args.dataset, root=args.data_root, seed=seed, **options), args.max_samples)
     x = data["x_train"]
+    arch = args.arch or _own_architecture(args.weights)
+    options = {**(args.model_options.get(arch, {}) if arch else {}), **dict(args.option)}  # the config's, then the flags'
     spec = NetworkSpec(
-        path=args.weights, architecture=args.arch, format=args.format, options=dict(args.option), taps=args.taps,
+        path=args.weights, architecture=arch, format=args.format, options=options, taps=args.taps,
         classifier=args.classifier, mean=args.mean, std=args.std, trust=args.trust,
     )
     model, epoch = load_network(spec, num_classes=len(data["classes"]), in_chans=x.shape[1],

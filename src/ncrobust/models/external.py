@@ -93,6 +93,8 @@ def read_file(path: str | os.PathLike, *, trust: bool = False):
         except ImportError:
             raise NetworkError(f"{path}: a safetensors file needs the safetensors package (pip install safetensors)") from None
         return load_file(str(path))
+    if trust:
+        _importable_here()
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as err:
@@ -133,10 +135,16 @@ def state_dict_of(obj) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def _importable_here() -> None:
+    """The working directory on the import path, as ``python -m`` has it and a console script has not:
+    a user's module (an architecture, or the class of a trusted pickled model) lives there."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def _import(target: str):
     module_name, _, attr = target.partition(":")
-    if os.getcwd() not in sys.path and "" not in sys.path:  # a console script's path lacks the working directory
-        sys.path.insert(0, os.getcwd())
+    _importable_here()
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
