@@ -146,6 +146,7 @@ def test_measure_equals_the_direct_computation_on_the_same_features(trained, dig
     assert lines[1].split()[:2] == ["test", "clean"] and lines[1].split()[-1] == "-"  # no leap rate without an attack
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch, on the refused pickle
 def test_weights_are_read_without_running_code(tmp_path):
     """A pickle that would run code on loading (``__reduce__``) is refused, and nothing runs."""
     marker = tmp_path / "ran"

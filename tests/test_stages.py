@@ -8,13 +8,13 @@ from workflow_helpers import tiny_config
 from ncrobust.cell import ADVERSARIES, Adversary, Cell
 from ncrobust.config import validate_config
 from ncrobust.stages import (
-    EXECUTION_KEYS, RESULTS_ONLY_KEYS, STAGES, canonical, cell_config, grid_cells, job_config, merge, stage_slice,
+    EXECUTION_KEYS, EXTERNAL_CELL_STAGES, RESULTS_ONLY_KEYS, STAGES, TRAINED_CELL_STAGES, canonical, cell_config, grid_cells, job_config, merge, stage_slice,
 )
 
 ST = Cell("digits", "mlp", "ce", "st", 1)
 PGD = Cell("digits", "mlp", "ce", "pgd-linf", 1)
 TRADES = Cell("digits", "mlp", "ce", "trades-linf", 1)
-CELL_STAGES = [s for s in STAGES if s != "prepare_data"]
+CELL_STAGES = list(TRAINED_CELL_STAGES)
 RELATED = ["mixup_geometry", "probe"]  # like robustness: the checkpoint's recipe and threat model, and their own section
 
 
@@ -368,3 +368,39 @@ def test_the_imbalance_figure_is_drawn_only_when_a_cell_has_minority_classes():
     skewed["grid"]["variant"] = ["base"]  # the base options themselves
     skewed["datasets"]["digits"]["options"]["imbalance"] = {"profile": "exponential", "ratio": 4}
     assert drawn_figures(skewed) == FIGURES
+
+
+def test_an_external_cells_slices_hold_its_entry_not_the_training_recipe(tmp_path):
+    """An external network's stages read its entry (but its path: the file is the import's input)
+    and its loss's options in place of the recipe: a training edit changes none of them, an edit of
+    its entry changes all of them, an edit of another entry none, and it has no init or train stage."""
+    for name in ("a.pt", "b.pt"):
+        (tmp_path / name).write_bytes(b"")
+    entries = {"net_a": {"path": "a.pt", "architecture": "mlp", "dataset": "digits"},
+               "net_b": {"path": "b.pt", "architecture": "mlp", "dataset": "digits", "adversary": "pgd-linf"}}
+
+    def config(edit=lambda c: None):
+        raw = tiny_config(external=copy.deepcopy(entries))
+        edit(raw)
+        return validate_config(raw, base_dir=tmp_path)
+
+    cell = Cell("digits", "net_a", "ce", "st", 0)
+    base = config()
+    sliced = stage_slice("import_network", base, cell=cell)
+    assert sliced["external"] == {"net_a": {k: v for k, v in base["external"]["net_a"].items() if k != "path"}}
+    assert "training" not in stage_slice("evaluate", base, cell=cell)
+
+    def changed(edit):
+        after = config(edit)
+        return {s for s in EXTERNAL_CELL_STAGES if repr(stage_slice(s, base, cell=cell)) != repr(stage_slice(s, after, cell=cell))}
+
+    assert changed(lambda c: c["training"].update(epochs=6, checkpoints=[3, 6])) == set()
+    assert changed(lambda c: c["external"]["net_a"].update(taps=["layer1"])) == set(EXTERNAL_CELL_STAGES)
+    assert changed(lambda c: c["external"]["net_b"].update(taps=["layer1"])) == set()
+    assert changed(lambda c: c["external"]["net_a"].update(path="b.pt")) == set()  # the file's content decides
+    assert changed(lambda c: c["evaluation"].update(batch_size=250)) == {"evaluate", "robustness"}
+    for stage in ("init_model", "train"):
+        with pytest.raises(ValueError, match="external network"):
+            stage_slice(stage, base, cell=cell)
+    with pytest.raises(ValueError, match="no external network"):
+        stage_slice("import_network", base, cell=ST)

@@ -26,6 +26,10 @@ from collections.abc import Mapping
 from ncrobust.cell import BASE_VARIANT, Cell
 
 STAGES = ("prepare_data", "init_model", "train", "import_network", "evaluate", "robustness", "mixup_geometry", "probe")
+TRAINED_CELL_STAGES = ("init_model", "train", "evaluate", "robustness", "mixup_geometry", "probe")
+"""The stages with a slice of a trained cell."""
+EXTERNAL_CELL_STAGES = ("import_network", "evaluate", "robustness", "mixup_geometry", "probe")
+"""The stages with a slice of an external network's cell (``config.external``)."""
 
 EXECUTION_KEYS = ("results", "data_root", "download", "device", "threads", "resources", "group_training", "mps")
 """Top-level keys that say where and how a job runs, never what it computes: in no slice.
