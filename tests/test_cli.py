@@ -20,7 +20,7 @@ import yaml
 import test_data
 from test_data import write_cifar
 from test_robustbench import WideResNet, randomized
-from workflow_helpers import REPO_ROOT, cell_dir, tiny_config
+from workflow_helpers import REPO_ROOT, SMALLNET, cell_dir, tiny_config
 
 from ncrobust import data as datasets
 from ncrobust.cell import Cell
@@ -33,20 +33,7 @@ from ncrobust.tables import metrics_frame
 pytestmark = pytest.mark.workflow
 
 NCROBUST = str(Path(sys.executable).with_name("ncrobust"))
-SMALLNET = '''
-import torch
-from torch import nn
 
-
-class SmallNet(nn.Module):
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.Tanh())
-        self.fc = nn.Linear(32, num_classes)
-
-    def forward(self, x):
-        return self.fc(self.body(x))
-'''
 
 
 def ncrobust(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:

@@ -15,23 +15,11 @@ import pytest
 import torch
 import yaml
 from test_incremental import FINAL, scheduled
-from workflow_helpers import cell_dir, copy_run, run_snakemake, tiny_config
+from workflow_helpers import SMALLNET, cell_dir, copy_run, run_snakemake, tiny_config
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
-SMALLNET = '''
-from torch import nn
 
-
-class SmallNet(nn.Module):
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.Tanh())
-        self.fc = nn.Linear(32, num_classes)
-
-    def forward(self, x):
-        return self.fc(self.body(x))
-'''
 
 EXTERNAL = {
     # the trained st cell's final checkpoint, as a user would bring a checkpoint of their own

@@ -39,6 +39,23 @@ TINY_CONFIG = {
 }
 
 
+# A user's own classifier, as the source of a module (smallnet.py) that the tests of ``ncrobust measure``
+# and of external networks write next to its weights: a body and a head called ``fc``.
+SMALLNET = '''
+import torch
+from torch import nn
+
+
+class SmallNet(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.Tanh())
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+'''
+
 def cell_dir(
     dataset: str = "digits", model: str = "mlp", loss: str = "ce", adversary: str = "pgd-linf", seed: int = 1, variant: str = "base",
 ) -> str:
