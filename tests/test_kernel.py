@@ -7,8 +7,11 @@ from __future__ import annotations
 import math
 import os
 import resource
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +34,7 @@ from ncrobust.kernel import (
 from ncrobust.kernel import ntk as ntk_module
 from ncrobust.models import create_model
 
+REPO = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------
@@ -370,3 +374,17 @@ def test_eigen_feature_accuracy_top_eigenvector_carries_the_labels():
     assert math.isnan(eigen_feature_accuracy(P_test @ P_train.T, values0, vectors, y_train, y_test, [2])[0])
     with pytest.raises(ValueError, match="1-based ranks"):
         eigen_feature_accuracy(P_test @ P_train.T, values, vectors, y_train, y_test, [0])
+
+
+# ------------------------------------------------------------------------------------------
+# benchmark smoke run
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.workflow
+@pytest.mark.slow
+def test_benchmark_quick_runs():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel.py"), "--quick"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "baseline/ours" in proc.stdout and "PreActResNet18" in proc.stdout and "projected" in proc.stdout

@@ -17,8 +17,9 @@ How it is built (Novak et al. 2022, "Fast Finite Width Neural Tangent Kernel", t
 contraction): the parameters are cut into chunks (whole tensors packed together, a tensor larger
 than a chunk cut into flat slices); per chunk and per group of logits, the per-sample Jacobian
 ``[n, logits, chunk]`` of every sample is computed with ``torch.func`` (``vmap`` over the samples of a
-block of ``jacrev`` of ``functional_call``), stored in float64, and contracted into the kernel by one
-``addmm_`` (``K += P1 P2^T``). The kernel is the sum over chunks, accumulated in float64; the
+block of ``jacrev`` of ``functional_call``), stored in float64, and contracted into the kernel by
+``addmm_`` (``K += P1 P2^T``; for ``K(x, x)`` only the bands from the diagonal rightwards, mirrored at
+the end: about half the flops, and a kernel symmetric to the bit). The kernel is the sum over chunks, accumulated in float64; the
 Jacobians are in the model's dtype (float32 products are exact in float64, so only the sums round).
 :func:`plan_ntk` picks the chunks, the sample block and the logit group so that the estimated peak
 (the kernel, the stored Jacobian panel, twice the working set of one vmapped Jacobian pass, and a
@@ -48,6 +49,7 @@ KINDS = ("trace", "full")
 DEFAULT_MEMORY_BYTES = 2 << 30  # 2 GiB
 _F64 = 8  # bytes per float64 element
 _MAX_SAMPLE_BLOCK = 256
+_ROW_BLOCK = 64  # rows per band of a symmetric kernel's triangular product (measured: 64 keeps the matrix product's rate)
 # The planner's estimate of one pass: the forward's saved activations of the block, plus, per
 # (sample, logit) cotangent, the gradients of those activations (counted in full: a bound, not the
 # live peak), the chunk's whole-tensor Jacobians and _COPIES more of its largest tensor's (a
@@ -363,6 +365,9 @@ def empirical_ntk(
     C = plan.num_classes
     K = torch.zeros(plan.n1 * (C if plan.kind == "full" else 1), plan.n2 * (C if plan.kind == "full" else 1),
                     dtype=torch.float64, device=first.device)
+    # one buffer per input set, sized for the widest chunk and reused (no page faults per chunk)
+    widest = max(sum(stop - start for _, start, stop in chunk) for chunk in plan.chunks)
+    buffers = [torch.empty(x.shape[0] * plan.logit_block * widest, dtype=torch.float64, device=first.device) for x in sets]
     with eval_mode(model):
         for chunk in plan.chunks:
             width = sum(stop - start for _, start, stop in chunk)
@@ -370,8 +375,8 @@ def empirical_ntk(
                 logits = slice(g0, min(C, g0 + plan.logit_block))
                 g = logits.stop - logits.start
                 panels = []
-                for x in sets:
-                    panel = torch.empty(x.shape[0], g, width, dtype=torch.float64, device=first.device)
+                for x, buffer in zip(sets, buffers):
+                    panel = buffer[: x.shape[0] * g * width].view(x.shape[0], g, width)
                     for b0 in range(0, x.shape[0], plan.sample_block):
                         xb = x[b0 : b0 + plan.sample_block]
                         jac = _jacobian(model, params, constants, chunk, xb, logits)
@@ -382,14 +387,16 @@ def empirical_ntk(
                             offset += stop - start
                         del jac
                     panels.append(panel)
-                left, right = panels[0], panels[-1]
-                if plan.kind == "trace":
-                    K.addmm_(left.view(left.shape[0], g * width), right.view(right.shape[0], g * width).T)
+                cols = g * width if plan.kind == "trace" else width  # full: rows (n, c) of [n * C, width]
+                left, right = panels[0].view(-1, cols), panels[-1].view(-1, cols)
+                if x2 is None:
+                    _add_upper_(K, left)
                 else:
-                    K.addmm_(left.view(-1, width), right.view(-1, width).T)
+                    K.addmm_(left, right.T)
                 del panels, left, right
+    del buffers
     if x2 is None:
-        _symmetrize_(K)
+        _mirror_upper_(K)
     return K
 
 
@@ -407,14 +414,22 @@ def _jacobian(model, params, constants, chunk, xb, logits: slice) -> dict[str, t
     return vmap(jacrev(logits_of), in_dims=(None, 0))(wrt, xb)
 
 
-def _symmetrize_(K: torch.Tensor, rows: int = 256) -> None:
-    """``K = (K + K^T) / 2`` in place, a band of rows at a time (no second kernel-sized tensor)."""
+def _add_upper_(K: torch.Tensor, P: torch.Tensor, rows: int = _ROW_BLOCK) -> None:
+    """``K += P P^T`` on the bands of rows from the diagonal rightwards only (about half the flops
+    of the whole product; the band's diagonal block is whole): :func:`_mirror_upper_` completes it."""
     n = K.shape[0]
     for a in range(0, n, rows):
         b = min(n, a + rows)
-        mean = (K[a:b, a:] + K[a:, a:b].T) / 2
-        K[a:b, a:] = mean
-        K[a:, a:b] = mean.T
+        K[a:b, a:].addmm_(P[a:b], P[a:].T)
+
+
+def _mirror_upper_(K: torch.Tensor, rows: int = 256) -> None:
+    """Copies the upper triangle onto the lower one, a band at a time: ``K`` symmetric to the bit."""
+    n = K.shape[0]
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        K[a:b, a:b] = K[a:b, a:b].triu() + K[a:b, a:b].triu(1).T
+        K[b:, a:b] = K[a:b, b:].T
 
 
 def logit_trace(K_full: torch.Tensor, num_classes: int) -> torch.Tensor:
