@@ -15,7 +15,7 @@ ST = Cell("digits", "mlp", "ce", "st", 1)
 PGD = Cell("digits", "mlp", "ce", "pgd-linf", 1)
 TRADES = Cell("digits", "mlp", "ce", "trades-linf", 1)
 CELL_STAGES = list(TRAINED_CELL_STAGES)
-RELATED = ["mixup_geometry", "probe"]  # like robustness: the checkpoint's recipe and threat model, and their own section
+RELATED = ["mixup_geometry", "probe", "kernel", "spectra"]  # like robustness: the checkpoint's recipe and threat model, and their own section
 
 
 def _config(**overrides) -> dict:

@@ -43,3 +43,19 @@ FIGURES = ["nc_vs_epoch", "accuracy", "alignment", "leap", "layerwise", "simplex
 EPOCH_FIGURES = ["epoch_collapse"]
 """The figures of the per-epoch measurement of training (rule ``epoch_figures``), drawn only with
 ``training.epoch_measure``; named and captioned like :data:`FIGURES`."""
+
+KERNEL_COLUMNS = ["set", "metric", "index", "value"]
+"""One checkpoint's kernel rows (rule ``kernel``, :func:`ncrobust.evaluation.kernel_views.checkpoint_kernel`):
+``set`` ``clean`` or ``pgd`` (the attacked subset), ``index`` a rank (eigenvalues, eigen-features)
+or ``k`` (top-eigenvalue mass); tagged with the cell and epoch in ``tables/kernel.parquet``."""
+
+DYNAMICS_COLUMNS = ["set", "metric", "value"]
+"""One cell's kernel dynamics per epoch (rule ``kernel_dynamics``): distances, velocity, polar view."""
+
+SPECTRA_COLUMNS = ["split", "perturbation", "layer", "layer_index", "metric", "index", "value"]
+"""One checkpoint's representation spectra (rule ``spectra``): ``alpha`` per layer and perturbation,
+and the eigenvalues by rank (``index``)."""
+
+KERNEL_FIGURES = ["kernel_dynamics", "kernel_spectrum", "spectra"]
+"""The figures of the kernel and spectrum views (rule ``kernel_figures``), drawn when their stage is on:
+``kernel_dynamics`` and ``kernel_spectrum`` with ``kernel.enabled``, ``spectra`` with ``spectra.enabled``."""

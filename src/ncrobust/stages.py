@@ -25,10 +25,11 @@ from collections.abc import Mapping
 
 from ncrobust.cell import BASE_VARIANT, Cell
 
-STAGES = ("prepare_data", "init_model", "train", "import_network", "evaluate", "robustness", "mixup_geometry", "probe")
-TRAINED_CELL_STAGES = ("init_model", "train", "evaluate", "robustness", "mixup_geometry", "probe")
+STAGES = ("prepare_data", "init_model", "train", "import_network", "evaluate", "robustness", "mixup_geometry", "probe",
+          "kernel", "spectra")
+TRAINED_CELL_STAGES = ("init_model", "train", "evaluate", "robustness", "mixup_geometry", "probe", "kernel", "spectra")
 """The stages with a slice of a trained cell."""
-EXTERNAL_CELL_STAGES = ("import_network", "evaluate", "robustness", "mixup_geometry", "probe")
+EXTERNAL_CELL_STAGES = ("import_network", "evaluate", "robustness", "mixup_geometry", "probe", "kernel", "spectra")
 """The stages with a slice of an external network's cell (``config.external``)."""
 
 EXECUTION_KEYS = ("results", "data_root", "download", "device", "threads", "resources", "group_training", "mps")
@@ -325,8 +326,8 @@ def stage_slice(
       while off), ``precision``, and the cell's threat model unless the cell is ``st``.
     - ``evaluate``: that, the cell's threat model, and ``evaluation`` but the keys in
       :data:`EVALUATION_IGNORED`; ``robustness`` likewise, with its own ignored keys.
-    - ``mixup_geometry``, ``probe``: the train slice, the cell's threat model and their own
-      section (:data:`RELATED_SECTIONS`).
+    - ``mixup_geometry``, ``probe``, ``kernel``, ``spectra``: the train slice, the cell's threat
+      model and their own section (:data:`RELATED_SECTIONS`).
     - ``import_network`` (external cells only): the entry under ``external`` but its path, and its
       loss's options; the later stages of an external cell hold that in place of the recipe.
 
@@ -361,9 +362,11 @@ def stage_slice(
     return canonical(_evaluation(stage, config, cell))
 
 
-RELATED_SECTIONS = {"mixup_geometry": ("evaluation", "mixup_geometry"), "probe": ("probe",)}
-"""The config section of each related-question stage (``mixup_geometry``, ``probe``): its slice is
-that section with the train slice and the cell's threat model (their attacks use it)."""
+RELATED_SECTIONS = {"mixup_geometry": ("evaluation", "mixup_geometry"), "probe": ("probe",), "kernel": ("kernel",),
+                    "spectra": ("spectra",)}
+"""The config section of each related-question stage (``mixup_geometry``, ``probe``, and the
+kernel and spectrum views ``kernel``, ``spectra``): its slice is that section with the train slice
+and the cell's threat model (their attacks use it)."""
 
 
 def job_config(stage: str, sliced: dict, config: dict, *, cell: Cell | None = None) -> dict:
