@@ -1,7 +1,7 @@
 """Findings: what a run shows, as Markdown generated from its result tables.
 
 A *findings block* is a table and the conclusion sentences drawn from it, for one shipped config
-(:data:`BLOCKS`: ``default`` for ``config/config.yaml``, ``imbalance``, ``related`` and ``mnist1d``
+(:data:`BLOCKS`: ``default`` for ``config/config.yaml``, ``imbalance``, ``related``, ``mnist1d`` and ``kernel``
 for the configs of the same names). Every number in a block is read from the run's tables
 (``results/tables/*.parquet``), and every comparison a sentence makes (larger, smaller, closer,
 holds, does not hold) is computed from the numbers the sentence quotes: the text has no direction
@@ -35,7 +35,7 @@ import pandas as pd
 from ncrobust.cell import ADVERSARIES, BASE_VARIANT
 from ncrobust.columns import PENULTIMATE
 
-TABLES = ("summary", "metrics", "robustness", "mixup_geometry", "probe", "training")
+TABLES = ("summary", "metrics", "robustness", "mixup_geometry", "probe", "training", "kernel", "kernel_dynamics", "spectra")
 """The tables of ``results/tables`` a block may read (``summary`` and ``metrics`` are required)."""
 
 BN_EVAL_VARIANT = "bn-eval"
@@ -74,6 +74,9 @@ class Tables:
     mixup_geometry: pd.DataFrame | None = None
     probe: pd.DataFrame | None = None
     training: pd.DataFrame | None = None
+    kernel: pd.DataFrame | None = None
+    kernel_dynamics: pd.DataFrame | None = None
+    spectra: pd.DataFrame | None = None
 
     @classmethod
     def read(cls, results: str | os.PathLike) -> Tables:
@@ -872,10 +875,151 @@ def _layerwise_sentences(cells: _Cells, summary: pd.DataFrame, metrics: pd.DataF
 
 
 # ---------------------------------------------------------------------------------------------
+# the kernel block: the kernel and spectrum views of config/kernel.yaml
+
+SETTLE_FRACTION = 0.1
+"""The kernel block compares the kernels at the first checkpoint at or after this fraction of
+training: how far each still is from its final form (Tsilivis & Kempe's "lazy regime" question)."""
+
+LOW_RANKS, HIGH_RANK = (1, 2, 3), 50
+"""Eigen-features of ranks ``LOW_RANKS`` (their mean) against those of rank ``HIGH_RANK`` and above."""
+
+
+def _seed_mean(frame: pd.DataFrame, what: str) -> float:
+    """The mean over seeds of one value per seed; :class:`_Missing` when there is none."""
+    if frame.empty:
+        raise _Missing(what)
+    value = float(frame.groupby("seed")["value"].mean().mean())
+    if not _present(value):
+        raise _Missing(what)
+    return value
+
+
+def _kernel_views(tables: Tables, group: dict):
+    """``(dynamics, kernel, spectra)`` rows of one setting (clean kernel set), or raise :class:`_Missing`."""
+    frames = []
+    for frame in (tables.kernel_dynamics, tables.kernel, tables.spectra):
+        if frame is None or frame.empty:
+            frames.append(pd.DataFrame(columns=["metric"]))
+            continue
+        mask = pd.Series(True, index=frame.index)
+        for key, value in group.items():
+            mask &= frame[key] == value
+        frames.append(frame[mask])
+    return frames
+
+
+def kernel_block(tables: Tables) -> str:
+    """Per training adversary (the base variant of each dataset / model / loss): how far the clean
+    subset's kernel is from its final form early in training (kernel distance and the polar view's
+    ``r``), its velocity in the first and the last segment, the clean and attacked test accuracy
+    of the top eigen-features against those of high rank at the final epoch, and the penultimate
+    layer's power-law exponent ``alpha`` clean and under PGD; then the sentences answering the
+    three questions of config/kernel.yaml with these numbers."""
+    dynamics = tables.kernel_dynamics
+    if dynamics is None or dynamics.empty:
+        raise FindingsError("no kernel_dynamics table: run a config with kernel.enabled (config/kernel.yaml)")
+    summary = tables.summary
+    epochs = sorted(int(e) for e in dynamics["epoch"].unique())
+    final = epochs[-1]
+    early = next(e for e in epochs if e >= SETTLE_FRACTION * final and e > 0)
+    lines = [
+        (f"**Kernel and spectrum views** (`results/tables/kernel*.parquet`, `spectra.parquet`), mean over {_seeds(summary)}: "
+         f"the trace NTK of each cell's fixed subset of training images; *distance to final* is Fort et al.'s kernel distance "
+         f"S(K_t, K_T) at epoch {early} (the first checkpoint at {SETTLE_FRACTION:.0%} of the {final} epochs), *r* the polar "
+         f"view's ||K_t − K_0|| / ||K_T − K_0|| there; velocity is S per epoch in the first and the last segment; eigen-feature "
+         f"accuracy is on clean / PGD test images, ranks {', '.join(map(str, LOW_RANKS))} (mean) and ≥ {HIGH_RANK} (mean); "
+         f"alpha is the penultimate layer's, final epoch, clean / PGD."),
+        "",
+    ]
+    rows, found = [], {}
+    for group in _groups(summary):
+        for adversary in _ordered(summary[summary["dataset"] == group["dataset"]]["adversary"], ADVERSARIES):
+            cell = dict(group, adversary=adversary, variant=BASE_VARIANT)
+            d, k, sp = _kernel_views(tables, cell)
+            clean = d[d["set"] == "clean"] if "set" in d.columns else d
+
+            def value(frame, metric, what, **where):
+                f = frame[frame["metric"] == metric]
+                for key, v in where.items():
+                    f = f[f[key] == v] if not callable(v) else f[v(f[key])]
+                return _seed_mean(f, what)
+
+            numbers = {}
+            for name, get in (
+                ("settle", lambda: value(clean, "distance_to_final", "settle", epoch=early)),
+                ("r", lambda: value(clean, "polar_r", "r", epoch=early)),
+                ("v_first", lambda: value(clean, "velocity", "velocity", epoch=epochs[1])),
+                ("v_last", lambda: value(clean, "velocity", "velocity", epoch=final)),
+                ("low_clean", lambda: value(k, "eigen_feature_accuracy", "eigen", set="clean", index=lambda i: i.isin(LOW_RANKS))),
+                ("low_pgd", lambda: value(k, "eigen_feature_accuracy", "eigen", set="pgd", index=lambda i: i.isin(LOW_RANKS))),
+                ("high_clean", lambda: value(k, "eigen_feature_accuracy", "eigen", set="clean", index=lambda i: i >= HIGH_RANK)),
+                ("high_pgd", lambda: value(k, "eigen_feature_accuracy", "eigen", set="pgd", index=lambda i: i >= HIGH_RANK)),
+                ("alpha_clean", lambda: value(sp, "alpha", "alpha", layer=PENULTIMATE, perturbation="clean", epoch=final)),
+                ("alpha_pgd", lambda: value(sp, "alpha", "alpha", layer=PENULTIMATE, perturbation="pgd", epoch=final)),
+            ):
+                try:
+                    numbers[name] = get()
+                except (_Missing, KeyError):
+                    pass
+            found[adversary] = numbers
+
+            def show(name, fmt, numbers=numbers):
+                return fmt(numbers[name]) if name in numbers else MISSING
+
+            rows.append([f"`{adversary}`", show("settle", acc), show("r", two), f"{show('v_first', acc)} / {show('v_last', acc)}",
+                         f"{show('low_clean', acc)} / {show('low_pgd', acc)}", f"{show('high_clean', acc)} / {show('high_pgd', acc)}",
+                         f"{show('alpha_clean', two)} / {show('alpha_pgd', two)}"])
+    lines += _table(["trained with", f"distance to final (epoch {early})", f"r (epoch {early})", "velocity first / last",
+                     f"eigen-features {LOW_RANKS[0]}-{LOW_RANKS[-1]} clean / PGD", f"eigen-features ≥ {HIGH_RANK} clean / PGD",
+                     "alpha clean / PGD"], rows)
+    sentences = _kernel_sentences(found, early)
+    return "\n".join(lines + [""] + [f"- {text}" for text in sentences]) + "\n"
+
+
+def _kernel_sentences(found: dict, early: int) -> list[str]:
+    """The three questions, each answered for every adversarial training against ``st``."""
+    st = found.get("st", {})
+    out = []
+    for adversary in [a for a in found if a != "st"]:
+        numbers = found[adversary]
+
+        def settle(numbers=numbers, adversary=adversary):
+            a, b = numbers["settle"], st["settle"]
+            return (f"Does the `{adversary}` kernel settle earlier? At epoch {early} it is {acc(a)} from its final form against "
+                    f"`st`'s {acc(b)}: {pick(b, a, 'yes, it is closer', 'no, it is farther', 'no difference at this precision', acc)}"
+                    f" (r {two(numbers['r'])} against {two(st['r'])}).")
+
+        def features(numbers=numbers, adversary=adversary):
+            low, high = numbers["low_pgd"], numbers["high_pgd"]
+            return (f"Do `{adversary}`'s top eigen-features stay robust? On PGD test images they reach {acc(low)} "
+                    f"(ranks {LOW_RANKS[0]}-{LOW_RANKS[-1]}) against {acc(high)} (ranks ≥ {HIGH_RANK}): accuracy "
+                    f"{pick(low, high, 'falls', 'rises', 'does not change', acc)} with rank; `st`'s top eigen-features reach "
+                    f"{acc(st['low_pgd'])} under PGD ({pick(low, st['low_pgd'], 'below', 'above', 'the same as', acc)} `{adversary}`'s).")
+
+        def alpha(numbers=numbers, adversary=adversary):
+            a, b = numbers["alpha_clean"], st["alpha_clean"]
+            return (f"Does alpha differ? The penultimate spectrum of `{adversary}` decays with alpha {two(a)} (clean) and "
+                    f"{two(numbers['alpha_pgd'])} (PGD), `st`'s with {two(b)} and {two(st['alpha_pgd'])}: "
+                    f"{pick(a, b, 'steeper', 'flatter', 'the same', two)} under adversarial training.")
+
+        out += _sentences(lambda: settle() if "settle" in numbers and "settle" in st else _raise("settle"),
+                          lambda: features() if {"low_pgd", "high_pgd"} <= set(numbers) and "low_pgd" in st else _raise("eigen"),
+                          lambda: alpha() if {"alpha_clean", "alpha_pgd"} <= set(numbers) and {"alpha_clean", "alpha_pgd"} <= set(st)
+                          else _raise("alpha"))
+    return out
+
+
+def _raise(what: str):
+    raise _Missing(what)
+
+
+# ---------------------------------------------------------------------------------------------
 # blocks in documents
 
 BLOCKS: dict[str, Callable[[Tables], str]] = {
     "default": default_block, "imbalance": imbalance_block, "related": related_block, "mnist1d": mnist1d_block,
+    "kernel": kernel_block,
 }
 """The findings blocks by name (the config key ``findings``: the schema's enum is this list)."""
 

@@ -8,7 +8,7 @@ from snakemake_interface_executor_plugins.settings import ExecMode
 from ncrobust.config import ConfigError, typed_overrides, validate_config
 from ncrobust.attacks import PERTURBATIONS
 from ncrobust.cell import ADVERSARIES, Cell
-from ncrobust.columns import EPOCH_FIGURES
+from ncrobust.columns import EPOCH_FIGURES, KERNEL_FIGURES
 from ncrobust.io import CorruptFileError, archive_damage, unwritable_directory
 from ncrobust.lineage import cell_sources, merged, rebuild_alone, stranded
 from ncrobust.runlock import clear_stale_lock, locked_message, record_run, release_run
@@ -50,10 +50,13 @@ CELLS = all_cells(config)
 MIXUP_GEOMETRY = config["evaluation"]["mixup_geometry"]["enabled"]  # opt-in stages of related.smk
 PROBE = config["probe"]["enabled"]
 RELATED_FIGURES = [name for name, on in (("mixup", MIXUP_GEOMETRY), ("probe", PROBE)) if on]
+KERNEL = config["kernel"]["enabled"]  # the kernel and spectrum views (kernel.smk), opt-in
+SPECTRA = config["spectra"]["enabled"]
+KERNEL_VIEW_FIGURES = [name for name in KERNEL_FIGURES if (SPECTRA if name == "spectra" else KERNEL)]
 EPOCH_MEASURE = config["training"]["epoch_measure"]  # the per-epoch measurement of training: extra train outputs
 MEASURED_FIGURES = EPOCH_FIGURES if EPOCH_MEASURE else []  # drawn by rule epoch_figures (report.smk)
 DRAWN_FIGURES = drawn_figures(config)  # FIGURES this grid has something to show in (rule figures)
-REPORT_FIGURES = DRAWN_FIGURES + MEASURED_FIGURES + RELATED_FIGURES  # the front page's, in its order
+REPORT_FIGURES = DRAWN_FIGURES + MEASURED_FIGURES + RELATED_FIGURES + KERNEL_VIEW_FIGURES  # the front page's, in its order
 FINDINGS = f"{RESULTS}/findings/{config['findings']}.md"  # the findings block of this config (report.smk)
 
 
@@ -311,3 +314,38 @@ def related_outputs():
     if PROBE:
         out += related_files("probe") + [f"{RESULTS}/tables/probe.parquet", f"{RESULTS}/figures/probe.png"]
     return out
+
+
+# The kernel and spectrum views' per-cell outputs (kernel.smk), and what rule all asks of them.
+
+
+def kernel_files(kind, c=None):
+    """Per-cell files of the kernel views: the checkpoint kernels (`kernels`, .pt) and their rows
+    (`rows`) at every checkpoint epoch (the dynamics need them all, whatever evaluation.epochs
+    evaluates), each trained cell's `dynamics`, the `spectra` rows; of one cell `c` (a dict of
+    wildcard values), or of every cell."""
+    pattern = {
+        "kernels": "kernel/epoch{e}.pt",
+        "rows": "kernel/epoch{e}.parquet",
+        "dynamics": "kernel/dynamics.parquet",
+        "spectra": "spectra/epoch{e}.parquet",
+    }[kind]
+    chosen = [c] if c is not None else (trained_cells() if kind == "dynamics" else cells())
+    epochs = (lambda cell: [None]) if kind == "dynamics" else cell_checkpoint_epochs  # dynamics: one file per cell
+    return [f"{RUN}/{pattern}".format(**cell, e=e) for cell in chosen for e in epochs(cell)]
+
+
+def cell_kernels(wildcards):
+    """One cell's checkpoint kernels, every checkpoint epoch: the input of its kernel dynamics."""
+    return kernel_files("kernels", dict(wildcards))
+
+
+def kernel_outputs():
+    """Every output of the kernel views the config switches on (none by default)."""
+    out = []
+    if KERNEL:
+        out += kernel_files("kernels") + kernel_files("rows") + kernel_files("dynamics")
+        out += [f"{RESULTS}/tables/kernel.parquet", f"{RESULTS}/tables/kernel_dynamics.parquet"]
+    if SPECTRA:
+        out += kernel_files("spectra") + [f"{RESULTS}/tables/spectra.parquet"]
+    return out + [f"{RESULTS}/figures/{name}.png" for name in KERNEL_VIEW_FIGURES]

@@ -104,6 +104,11 @@ rule findings:
         metrics=f"{RESULTS}/tables/metrics.parquet",
         robustness=f"{RESULTS}/tables/robustness.parquet",
         related=[f"{RESULTS}/tables/{name}.parquet" for name, on in (("mixup_geometry", MIXUP_GEOMETRY), ("probe", PROBE)) if on],
+        views=[
+            f"{RESULTS}/tables/{name}.parquet"
+            for name, on in (("kernel", KERNEL), ("kernel_dynamics", KERNEL), ("spectra", SPECTRA))
+            if on
+        ],
     output:
         FINDINGS,
     log:
