@@ -33,7 +33,7 @@ from matplotlib.ticker import LogFormatter, MaxNLocator  # noqa: E402
 
 from ncrobust import tables
 from ncrobust.cell import ADVERSARIES  # noqa: E402
-from ncrobust.columns import FIGURES  # noqa: E402
+from ncrobust.columns import FIGURES, PENULTIMATE  # noqa: E402
 from ncrobust.tables import constant_setting as _constant_setting  # noqa: E402
 
 PERTURBATION_ORDER = ["clean", "pgd", "pgd-targeted", "trades-kl", "gaussian", "sign"]
@@ -1019,3 +1019,419 @@ def probe(frame: pd.DataFrame, path: str | Path):
         f"final epoch · {'1 seed' if seeds <= 1 else f'mean over {seeds} seeds, band = seed range'}", fontsize=10,
     )
     return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernel and spectrum views: Tsilivis & Kempe's empirical NTK, Nassar et al.'s spectra
+
+KERNEL_SETS = {"clean": "clean-subset kernel", "pgd": "PGD-attacked subset kernel"}
+KERNEL_DYNAMICS_ROWS = [  # metric, axis label, log y
+    ("distance_to_init", "distance to the initial\nkernel S(K_t, K_0)", False),
+    ("distance_to_final", "distance to the final\nkernel S(K_t, K_T)", False),
+    ("velocity", "kernel velocity\nS(K_t, K_prev) / epoch", True),
+]
+KERNEL_ANGLES = {  # metric -> (legend label, dashes)
+    "polar_theta": ("whole kernel", ""),
+    "polar_theta_top": ("top-k eigenspace", (4, 1.5)),
+    "polar_theta_bottom": ("remaining eigenspace", (1, 1)),
+}
+TEST_SET_DASHES = {"clean": "", "pgd": (4, 1.5)}  # eigen-feature accuracy: clean / attacked test images
+
+
+@dataclass(frozen=True)
+class _AdversaryStyles:
+    """Colour per training adversary, line style and marker per varying setting (dataset / model /
+    loss / variant), shared by a kernel or spectrum figure's panels and its legend."""
+
+    advs: list[str]
+    palette: dict
+    settings: list[str]
+    dashes: dict
+    markers: dict
+
+
+def _with_setting(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with the ``setting`` column of :func:`ncrobust.tables.with_setting`, joined column by
+    column (the kernel and spectra tables have a row per eigenvalue: joining row by row takes minutes)."""
+    names = [frame[c].astype(str) for c in tables.varying_settings(frame)]
+    return frame.assign(setting=functools.reduce(lambda a, b: a + " / " + b, names) if names else "")
+
+
+def _adversary_styles(frame: pd.DataFrame) -> _AdversaryStyles:
+    advs = _present(frame["adversary"], ADVERSARIES)
+    settings = sorted(frame["setting"].unique())
+    dashes, markers = _style_maps(settings)
+    return _AdversaryStyles(advs, _palette(advs, ADVERSARY_PALETTE), settings, dashes, markers)
+
+
+def _seed_band(ax, d: pd.DataFrame, x: str, colour, dashes="", marker: str | None = "o", *, size: float = 4, width: float = 1.5) -> None:
+    """``value`` against ``x``: the mean over seeds, and a band from the lowest to the highest seed."""
+    g = d.dropna(subset=["value"]).groupby(x)["value"].agg(["mean", "min", "max"]).sort_index()
+    if g.empty:
+        return
+    (line,) = ax.plot(g.index, g["mean"], color=colour, marker=marker, markersize=size, linewidth=width, zorder=3)
+    if dashes:
+        line.set_dashes(dashes)
+    if (g["max"] > g["min"]).any():
+        ax.fill_between(g.index, g["min"], g["max"], color=colour, alpha=0.18, linewidth=0, zorder=2)
+
+
+def _adversary_handles(styles: _AdversaryStyles, title: str = "trained with") -> list:
+    """Legend lines: one colour per adversary, then one line style and marker per setting (several only)."""
+    handles = [Line2D([], [], linestyle="none", label=title)]
+    handles += [Line2D([], [], color=styles.palette[a], linewidth=2.2, label=a) for a in styles.advs]
+    if len(styles.settings) > 1:
+        handles.append(Line2D([], [], linestyle="none", label=" "))
+        for s in styles.settings:
+            line = Line2D([], [], color="0.3", marker=styles.markers[s], markersize=4, label=s)
+            if styles.dashes[s]:
+                line.set_dashes(styles.dashes[s])
+            handles.append(line)
+    return handles
+
+
+def _style_handles(title: str, dashes: dict, markers: dict | None = None) -> list:
+    """Legend lines of a style (not a colour): a blank line, the title, one grey line per key."""
+    handles = [Line2D([], [], linestyle="none", label=" "), Line2D([], [], linestyle="none", label=title)]
+    for key, dash in dashes.items():
+        line = Line2D([], [], color="0.3", marker=(markers or {}).get(key), markersize=4, label=str(key))
+        if dash:
+            line.set_dashes(dash)
+        handles.append(line)
+    return handles
+
+
+def _finish_legend(fig, handles: list) -> None:
+    fig.legend(handles=handles, labels=[h.get_label() for h in handles], loc="outside right center", frameon=False)
+
+
+def _line_axes(fig, gs, nrows: int, ncols: int) -> np.ndarray:
+    """Cartesian panels on the first ``nrows`` rows of ``gs``: x shared per column, y per row."""
+    axes = np.empty((nrows, ncols), dtype=object)
+    for i in range(nrows):
+        for j in range(ncols):
+            axes[i, j] = fig.add_subplot(gs[i, j], sharex=axes[0, j] if i else None, sharey=axes[i, 0] if j else None)
+            if i < nrows - 1:
+                axes[i, j].tick_params(labelbottom=False)
+            if j:
+                axes[i, j].tick_params(labelleft=False)
+    return axes
+
+
+def _adversary_lines(ax, d: pd.DataFrame, x: str, styles: _AdversaryStyles, *, markers: bool = True, dashes=None) -> None:
+    """One seed-averaged line per (adversary, setting) of ``d``: colour = adversary, line style and
+    marker = setting (``dashes`` overrides the line style, when it tells something else apart)."""
+    for adv in styles.advs:
+        for s in styles.settings:
+            e = d[(d["adversary"] == adv) & (d["setting"] == s)]
+            if len(e):
+                _seed_band(ax, e, x, styles.palette[adv], styles.dashes[s] if dashes is None else dashes,
+                           styles.markers[s] if markers else None)
+
+
+POLAR_MIN_DEGREES = 30.0
+"""Below this largest angle the polar view is drawn as a plain r-against-theta panel: a polar wedge
+of a few degrees is too thin to read (a lazy, kernel-regime network's kernel barely turns)."""
+
+
+def _polar_panel(ax, d: pd.DataFrame, styles: _AdversaryStyles, limits: tuple[float, float]) -> None:
+    """The polar view: each checkpoint's kernel at angle theta (to the initial kernel) and radius r
+    (its distance from the initial kernel, in units of the final one's), one trajectory per
+    adversary and setting from the initial kernel (origin) out; thin lines: single seeds, a large
+    outlined marker: the final checkpoint. ``ax`` is a polar axes, or a plain one (theta in
+    degrees on x) for small angles; ``limits``: the largest angle (degrees) and radius measured
+    (:func:`_polar_limits`)."""
+    polar = ax.name == "polar"
+    wide = d.pivot_table(index=["adversary", "setting", "seed", "epoch"], columns="metric", values="value").reset_index()
+    wide = wide.dropna(subset=["polar_r", "polar_theta"])
+    wide["angle"] = wide["polar_theta"] if polar else np.degrees(wide["polar_theta"])
+    for (adv, s), g in wide.groupby(["adversary", "setting"]):
+        colour, marker = styles.palette[adv], styles.markers[s]
+        for _, one in g.groupby("seed"):
+            one = one.sort_values("epoch")
+            ax.plot(one["angle"], one["polar_r"], color=colour, linewidth=0.6, alpha=0.35, zorder=2)
+        mean = g.groupby("epoch")[["angle", "polar_r"]].mean().sort_index()
+        (line,) = ax.plot(mean["angle"], mean["polar_r"], color=colour, marker=marker, markersize=3.5, linewidth=1.5, zorder=3)
+        if styles.dashes[s]:
+            line.set_dashes(styles.dashes[s])
+        ax.plot(mean["angle"].iloc[-1:], mean["polar_r"].iloc[-1:], marker=marker, markersize=8, color=colour,
+                markeredgecolor="black", markeredgewidth=0.8, linestyle="none", zorder=4)
+    angle, radius = "angle θ = arccos sim(K_t, K_0)", "radius r = ‖K_t − K_0‖ / ‖K_T − K_0‖"
+    if polar:  # a wedge of 45, 60, 75 or 90 degrees
+        ax.set_thetamin(0)
+        ax.set_thetamax(float(np.clip(np.ceil(1.1 * limits[0] / 15) * 15, 45, 90)))
+        ax.set_rlim(0, 1.05 * limits[1])
+        ax.tick_params(labelsize=8)
+        ax.text(0.5, -0.1, f"{angle}\n{radius}", transform=ax.transAxes, ha="center", va="top", fontsize=8.5)
+    else:
+        ax.set_xlim(0, 1.08 * limits[0] or 1.0)
+        ax.set_ylim(0, 1.05 * limits[1])
+        ax.set_xlabel(f"{angle}\n(degrees)")
+        ax.set_ylabel(radius.replace("radius ", "") if ax.get_subplotspec().colspan.start == 0 else "")
+    ax.set_title("polar view" if polar else "polar view (r against θ)", fontsize=10, pad=14 if polar else 4)
+
+
+@_themed
+def kernel_dynamics(dynamics: pd.DataFrame | None, path: str | Path):
+    """How far the empirical NTK of a fixed training subset moves during training (the kernel
+    dynamics table; Tsilivis & Kempe 2022): one column per kernel set (the clean subset, its
+    PGD-attacked copy). Rows: the kernel distance S to the initial and to the final kernel and the
+    velocity (distance to the previous checkpoint per epoch, log y) against epoch; the angle to the
+    initial kernel of the whole kernel, its top-k and its remaining eigenspace; and the polar view
+    (r against theta; a plain panel below :data:`POLAR_MIN_DEGREES`): a lazy (kernel) regime keeps
+    small distances and angles, a rich one turns the kernel far; r (1 at the final checkpoint)
+    shows whether it moved early or late. Colour = training adversary; line style and marker =
+    dataset/model/loss/variant where several; mean over seeds, band = seed range."""
+    if dynamics is None or dynamics.empty:
+        return _placeholder(path, "Kernel dynamics", "no kernel dynamics table (kernel.enabled: false?)")
+    d = _with_setting(dynamics)
+    styles = _adversary_styles(d)
+    sets = _present(d["set"], list(KERNEL_SETS))
+    present = set(d["metric"])
+    rows = [r for r in KERNEL_DYNAMICS_ROWS if r[0] in present]
+    angles = {m: v for m, v in KERNEL_ANGLES.items() if m in present}
+    if angles:
+        rows.append(("angles", "angle to the initial\nkernel (degrees)", False))
+    polar = {"polar_r", "polar_theta"} <= present
+    if not rows:
+        return _placeholder(path, "Kernel dynamics", f"no kernel distances in the table (metrics: {', '.join(sorted(present))})")
+    n = len(rows) + polar
+    fig = plt.figure(figsize=(PANEL_WIDTH * len(sets) + 2.6, PANEL_HEIGHT * len(rows) + 3.6 * polar + 1.2), layout="constrained")
+    gs = fig.add_gridspec(n, len(sets), height_ratios=[PANEL_HEIGHT] * len(rows) + [3.4] * polar)
+    axes = _line_axes(fig, gs, len(rows), len(sets))
+    for j, kset in enumerate(sets):
+        k = d[d["set"] == kset]
+        for i, (metric, label, log) in enumerate(rows):
+            ax = axes[i, j]
+            e = k[k["metric"].isin(angles)] if metric == "angles" else k[k["metric"] == metric]
+            e = e[e["value"] > 0] if log else e
+            if e.empty:
+                _empty_panel(ax)
+                continue
+            if metric == "angles":
+                for m, (_, dash) in angles.items():
+                    a = e[e["metric"] == m]
+                    _adversary_lines(ax, a.assign(value=np.degrees(a["value"])), "epoch", styles, dashes=dash)
+            else:
+                _adversary_lines(ax, e, "epoch", styles)
+                if log:
+                    _log_y(ax)
+            ax.set_ylabel(label if j == 0 else "")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[0, j].set_title(KERNEL_SETS.get(kset, kset), fontsize=11, weight="bold")
+        if polar:
+            limits = _polar_limits(d)
+            ax = fig.add_subplot(gs[-1, j], projection="polar" if limits[0] >= POLAR_MIN_DEGREES else None)
+            _polar_panel(ax, k[k["metric"].isin(["polar_r", "polar_theta"])], styles, limits)
+    for i, (_, _, log) in enumerate(rows):  # after every column is drawn: the shared autoscaled top stays
+        if not log:
+            axes[i, 0].set_ylim(bottom=0)
+    _bottom_labels(axes, "epoch")
+    handles = _adversary_handles(styles)
+    if angles:
+        handles += _style_handles("angle of the", {label: dash for label, dash in angles.values()})
+    if polar:
+        handles += [Line2D([], [], linestyle="none", label=" "),
+                    Line2D([], [], color="0.4", marker="o", markersize=7, markeredgecolor="black", linestyle="none",
+                           label="polar: final checkpoint" + ("\n(thin: single seeds)" if d["seed"].nunique() > 1 else ""))]
+    _finish_legend(fig, handles)
+    _title(fig, "Kernel dynamics of the empirical NTK on a fixed training subset\n(Tsilivis & Kempe): "
+                "S = 1 − cosine similarity of kernels;\nsmall distances and angles = lazy (kernel) regime", d)
+    return _save(fig, path)
+
+
+@_themed
+def kernel_spectrum(kernel: pd.DataFrame | None, path: str | Path):
+    """The empirical NTK's spectrum and what it has learnt (the kernel table; Tsilivis & Kempe 2022):
+    one column per kernel set (the clean subset, its PGD-attacked copy). Rows: the mass of the top-k
+    eigenvalues (the largest k measured) and the centred kernel-target alignment against epoch
+    (how the kernel concentrates on, and aligns with, the labels), the final checkpoint's
+    eigenvalues by rank (log-log); below, across the columns, the test accuracy of each
+    eigen-feature of the clean kernel by rank (log x) on clean (solid) and PGD-attacked (dashed)
+    test images: which eigen-directions carry the robust or the non-robust features. Colour =
+    training adversary; mean over seeds, band = seed range."""
+    if kernel is None or kernel.empty:
+        return _placeholder(path, "Kernel spectrum", "no kernel table (kernel.enabled: false?)")
+    d = _with_setting(kernel)
+    styles = _adversary_styles(d)
+    present = set(d["metric"])
+    mass = d[d["metric"] == "top_eigenvalue_mass"]
+    k = int(mass["index"].max()) if len(mass) else None
+    final = tables.final_epoch(d)
+    rows = [r for r in [
+        ("mass", mass[mass["index"] == k], f"top-{k} eigenvalue mass\nΣ_(i≤{k}) λ_i² / Σ λ_i²", "epoch"),
+        ("alignment", d[d["metric"] == "alignment"], "kernel-target\nalignment (centred)", "epoch"),
+        ("eigenvalue", final[final["metric"] == "eigenvalue"], "eigenvalue λ_i\n(final epoch)", "index"),
+    ] if not r[1].empty]
+    features = final[final["metric"] == "eigen_feature_accuracy"]
+    if not rows and features.empty:
+        return _placeholder(path, "Kernel spectrum", f"no kernel spectrum in the kernel table (metrics: {', '.join(sorted(present))})")
+    sets = _present(d.loc[d["metric"] != "eigen_feature_accuracy", "set"], list(KERNEL_SETS)) or ["clean"]
+    n = len(rows) + (not features.empty)
+    fig = plt.figure(figsize=(PANEL_WIDTH * len(sets) + 2.6, PANEL_HEIGHT * (n + 0.4) + 1.2), layout="constrained")
+    gs = fig.add_gridspec(n, len(sets), height_ratios=[1] * len(rows) + [1.4] * (not features.empty))
+    axes = np.empty((n, len(sets)), dtype=object)
+    for i, (name, frame, label, x) in enumerate(rows):
+        last_epoch_row = x == "epoch" and (i + 1 == len(rows) or rows[i + 1][3] != "epoch")
+        for j, kset in enumerate(sets):
+            ax = axes[i, j] = fig.add_subplot(gs[i, j], sharey=axes[i, 0] if j else None,
+                                              sharex=axes[0, j] if i and x == "epoch" else None)
+            if j:
+                ax.tick_params(labelleft=False)
+            e = frame[frame["set"] == kset]
+            e = e[e["value"] > 0] if name == "eigenvalue" else e
+            if e.empty:
+                _empty_panel(ax)
+                continue
+            _adversary_lines(ax, e, x, styles, markers=name != "eigenvalue")
+            if name == "eigenvalue":
+                _log_x(ax)
+                _log_y(ax)
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.tick_params(labelbottom=last_epoch_row)
+            ax.set_xlabel("rank i" if name == "eigenvalue" else "epoch" if last_epoch_row else "")
+            ax.set_ylabel(label if j == 0 else "")
+        if i == 0:
+            for j, kset in enumerate(sets):
+                axes[0, j].set_title(KERNEL_SETS.get(kset, kset), fontsize=11, weight="bold")
+    handles = _adversary_handles(styles)
+    if not features.empty:
+        _eigen_feature_panels(fig, gs[-1, :], features, styles)
+        handles += _style_handles("test images", {"clean": "", "pgd-attacked": TEST_SET_DASHES["pgd"]})
+    _finish_legend(fig, handles)
+    epochs = "/".join(map(str, sorted(final["epoch"].unique())))
+    _title(fig, f"Spectrum of the empirical NTK on a fixed training subset\n(Tsilivis & Kempe) · final epoch {epochs}", d)
+    return _save(fig, path)
+
+
+def _perturbation_dashes(perts: list[str]) -> dict:
+    """Clean solid, each perturbation its own dashes (the colour is the adversary's)."""
+    others = [p for p in perts if p != "clean"]
+    dashes = {p: STYLE_DASHES[1 + k % (len(STYLE_DASHES) - 1)] for k, p in enumerate(others)}
+    return {p: dashes.get(p, "") for p in perts}
+
+
+def _spectra_lines(ax, d: pd.DataFrame, x: str, styles: _AdversaryStyles, perts: list[str], dashes: dict, *, markers: bool = True) -> None:
+    """One seed-averaged line per (adversary, perturbation): colour = adversary, dashes and marker = perturbation."""
+    for adv in styles.advs:
+        for p in sorted(perts, key=lambda q: q == "clean"):  # clean on top
+            e = d[(d["adversary"] == adv) & (d["perturbation"] == p)]
+            if len(e):
+                _seed_band(ax, e, x, styles.palette[adv], dashes[p], PERTURBATION_MARKERS.get(p, "X") if markers else None)
+
+
+@_themed
+def spectra(spectra: pd.DataFrame | None, path: str | Path):
+    """Nassar et al.'s spectrum view of the representations (the spectra table): the power-law
+    exponent alpha of each layer's covariance eigenspectrum, lambda_n ~ n^-alpha, on one split
+    (test when present). Columns: alpha per layer at the final epoch (layers in forward order),
+    alpha of the penultimate layer against epoch, and the penultimate eigenspectrum at the final
+    epoch (rank against eigenvalue, log-log). The dotted line is alpha = 1, Stringer et al.'s 1/n
+    spectrum: below it the representation is too high-dimensional to be smooth (small input changes
+    can move it far), above it smoother. Colour = training adversary; line style and marker =
+    input (clean solid); one row per varying dataset/model/loss/variant, whose layers may differ;
+    mean over seeds, band = seed range."""
+    if spectra is None or spectra.empty:
+        return _placeholder(path, "Representation spectra", "no spectra table (spectra.enabled: false?)")
+    split = _present(spectra["split"], ["test", "train"])[0]
+    d = _with_setting(spectra[spectra["split"] == split])
+    styles = _adversary_styles(d)
+    perts = _present(d["perturbation"], PERTURBATION_ORDER)
+    dashes = _perturbation_dashes(perts)
+    final = tables.final_epoch(d)
+    depth = int(d["layer_index"].max()) + 1
+    fig, axes = plt.subplots(len(styles.settings), 3, figsize=(max(PANEL_WIDTH, 0.55 * depth + 1.4) + 2 * PANEL_WIDTH + 2.6,
+                             (PANEL_HEIGHT + 0.5) * len(styles.settings) + 1.4), squeeze=False, layout="constrained",
+                             gridspec_kw={"width_ratios": [max(PANEL_WIDTH, 0.55 * depth + 1.4), PANEL_WIDTH, PANEL_WIDTH]})
+    for i, s in enumerate(styles.settings):
+        e, f = d[d["setting"] == s], final[final["setting"] == s]
+        last = e.loc[e["layer_index"].idxmax(), "layer"] if PENULTIMATE not in set(e["layer"]) else PENULTIMATE
+        layers = e.drop_duplicates("layer_index").sort_values("layer_index")
+        measured = e[e["metric"] == "alpha"]
+        alpha = measured.dropna(subset=["value"])
+        panels = [
+            (f[f["metric"] == "alpha"].dropna(subset=["value"]), "layer_index", (f"{s}\n" if s else "") + "α per layer\n(final epoch)"),
+            (alpha[alpha["layer"] == last], "epoch", f"α of {last}"),
+            (f[(f["metric"] == "eigenvalue") & (f["layer"] == last) & (f["value"] > 0)], "index", f"eigenvalue λ_n\n({last})"),
+        ]
+        for j, (frame, x, label) in enumerate(panels):
+            ax = axes[i, j]
+            if frame.empty:
+                nan = j < 2 and len(measured)
+                _empty_panel(ax, "α is NaN: the spectra are shorter\nthan spectra.index_range" if nan else "no data")
+                continue
+            _spectra_lines(ax, frame, x, styles, perts, dashes, markers=j < 2)
+            ax.set_ylabel(label)
+            if j < 2:
+                ax.axhline(1.0, color="0.45", linestyle=":", linewidth=1.2, zorder=1)
+            if j == 0:
+                ax.set_xticks(layers["layer_index"], layers["layer"], rotation=35 if depth > 3 else 0,
+                              ha="right" if depth > 3 else "center", rotation_mode="anchor")
+                ax.set_xlim(-0.3, depth - 0.7)
+                ax.set_xlabel("layer (input → output)")
+            elif j == 1:
+                ax.sharey(axes[i, 0])  # both panels are alpha
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.set_xlabel("epoch")
+            else:
+                _one_over_n(ax, frame)
+                _log_x(ax)
+                _log_y(ax)
+                ax.set_xlabel("rank n")
+    for j, title in enumerate(["α through depth", "α against epoch", "eigenspectrum"]):
+        axes[0, j].set_title(title, fontsize=11, weight="bold")
+    handles = _adversary_handles(_AdversaryStyles(styles.advs, styles.palette, [""], {"": ""}, {"": "o"}))
+    handles += _style_handles("input", dashes, {p: PERTURBATION_MARKERS.get(p, "X") for p in perts})
+    handles += [Line2D([], [], linestyle="none", label=" "),
+                Line2D([], [], color="0.45", linestyle=":", linewidth=1.2, label="α = 1: 1/n spectrum\n(Stringer et al.)")]
+    _finish_legend(fig, handles)
+    epochs = "/".join(map(str, sorted(final["epoch"].unique())))
+    _title(fig, f"Power-law exponent α of the layers' covariance eigenspectra, λ_n ∝ n^(−α) ({split} split, final epoch {epochs})\n"
+                f"Nassar et al.; dotted: α = 1, Stringer et al.'s 1/n spectrum (below it a representation cannot be smooth)", d)
+    return _save(fig, path)
+
+
+def _one_over_n(ax, frame: pd.DataFrame) -> None:
+    """A dotted 1/n line (alpha = 1) through the median of the mean spectra at rank 10 (the first rank when shorter)."""
+    ranks = np.sort(frame["index"].unique())
+    anchor = ranks[min(9, len(ranks) - 1)]
+    level = float(frame[frame["index"] == anchor].groupby(["adversary", "perturbation", "setting"])["value"].mean().median())
+    ax.plot(ranks, level * anchor / ranks, color="0.45", linestyle=":", linewidth=1.2, zorder=1)
+
+
+def _log_x(ax) -> None:
+    """Log x axis with plain-number labels (``1``, ``10``, ``100``)."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.5)))
+    ax.xaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.5)))
+
+
+def _polar_limits(d: pd.DataFrame) -> tuple[float, float]:
+    """The largest angle (degrees) and radius of the polar view, the same in every column."""
+    theta, r = d.loc[d["metric"] == "polar_theta", "value"], d.loc[d["metric"] == "polar_r", "value"]
+    top = float(np.degrees(theta.max())) if theta.notna().any() else 90.0
+    return top, max(1.0, float(r.max())) if r.notna().any() else 1.0
+
+
+def _eigen_feature_panels(fig, spec, features: pd.DataFrame, styles: _AdversaryStyles) -> None:
+    """The eigen-features' test accuracy by rank (log x) across the bottom row ``spec``: clean test
+    images solid, attacked ones dashed, colour = adversary; one panel per setting where several
+    (the line style is the test set's, so the settings cannot share a panel)."""
+    sub = spec.subgridspec(1, len(styles.settings))
+    first = None
+    for j, s in enumerate(styles.settings):
+        ax = fig.add_subplot(sub[0, j], sharex=first, sharey=first)
+        first = first or ax
+        e = features[features["setting"] == s]
+        if e.empty:
+            _empty_panel(ax)
+            continue
+        for test_set, dash in TEST_SET_DASHES.items():
+            _adversary_lines(ax, e[e["set"] == test_set], "index", styles, dashes=dash)
+        _log_x(ax)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("rank i of f_i(x) = λ_i⁻¹ K(x, X) v_i v_iᵀ Y\n(eigen-feature of the clean kernel)")
+        ax.set_ylabel("eigen-feature\ntest accuracy" if j == 0 else "")
+        ax.tick_params(labelleft=j == 0)
+        ax.set_title("each eigen-feature alone, final epoch" + (f"\n{s}" if s else ""), fontsize=10)
