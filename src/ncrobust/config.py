@@ -461,6 +461,8 @@ overridden on the command line with `--config`, e.g. `--config threads=2` or
 | `config/config.yaml` | the embedded default: digits, an MLP, `ce` and `mse`, `st`/`pgd-linf`/`trades-linf`, 2 seeds, on a CPU in minutes | `snakemake --cores 2` |
 | `config/imbalance.yaml` | class imbalance (ratios 1, 10, 100) with and without the classifier's bias, on digits | `snakemake --cores 2 --configfile config/imbalance.yaml` |
 | `config/related.yaml` | mixup and normalized features next to the base recipe, with the mixup geometry and the near-collapse probe, on digits | `snakemake --cores 2 --configfile config/related.yaml` |
+| `config/mnist1d.yaml` | Su et al.'s questions on MNIST-1D (a published benchmark generated offline), an MLP and a 1-D CNN | `snakemake --cores 2 --configfile config/mnist1d.yaml` |
+| `config/kernel.yaml` | the kernel and spectrum views (empirical NTK through training, power-law spectra) on digits | `snakemake --cores 2 --configfile config/kernel.yaml` |
 | `config/paper.yaml` | Su et al.'s grid at full scale: CIFAR-10/100, PreActResNet18 and VGG11-BN, 400 epochs, 3 seeds, on a SLURM GPU cluster | `snakemake --cores 8 --profile slurm --configfile config/paper.yaml --group-components train=2` |
 
 To write your own, copy the closest one and change it. `python -m ncrobust.config FILE` checks a
