@@ -422,7 +422,7 @@ def test_the_docs_hold_each_block_between_its_markers_and_name_the_commands():
     """The default block is in the README, the variants' in docs/variants.md; each document names
     the commands that regenerate its block."""
     for name, config, doc in (("default", "config", "README.md"), ("imbalance", "imbalance", "docs/variants.md"),
-                              ("related", "related", "docs/variants.md")):
+                              ("related", "related", "docs/variants.md"), ("kernel", "kernel", "docs/kernel.md")):
         text = (REPO_ROOT / doc).read_text()
         words = " ".join(text.split())
         first, last = findings.locate(text, name, doc)
