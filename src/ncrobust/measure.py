@@ -70,10 +70,14 @@ def measure(
 
 def summary_lines(results: pd.DataFrame) -> list[str]:
     """A fixed-width table of the penultimate layer's headline quantities (:data:`SUMMARY_COLUMNS`)
-    per split and perturbation; '-' where a quantity does not apply (the leap rate of the clean set)."""
+    per split and perturbation; '-' where a quantity does not apply (the leap rate of the clean set).
+    ``acc`` is the accuracy on the true labels, also for ``pgd-targeted`` (whose metrics group its
+    samples by their targets)."""
     rows = results[(results["layer"] == PENULTIMATE) & results["class"].isna() & results["row"].isna()]
-    table = rows[rows["metric"].isin(SUMMARY_COLUMNS)].pivot_table(
+    table = rows[rows["metric"].isin([*SUMMARY_COLUMNS, "accuracy_true_labels"])].pivot_table(
         index=["split", "perturbation"], columns="metric", values="value", sort=False)
+    if "accuracy_true_labels" in table.columns:  # a targeted set's own accuracy is against its targets: show the true labels'
+        table["accuracy"] = table["accuracy_true_labels"].fillna(table["accuracy"])
     width = max(len("perturbation"), *(len(p) for p in rows["perturbation"].unique()))
     head = f"{'split':<6} {'perturbation':<{width}} " + " ".join(f"{h:>{max(len(h), 7)}}" for h in SUMMARY_COLUMNS.values())
     lines = [head]
