@@ -118,3 +118,19 @@ def test_an_external_network_needs_its_file(tmp_path):
     path.write_text(yaml.safe_dump(config))
     proc = run_snakemake(tmp_path, "-n", configfile=path, check=False)
     assert proc.returncode == 1 and "external.gone.path = 'networks/none.pt': no such file" in proc.stderr
+
+
+def test_the_partial_tables_hold_the_external_cells(with_external, tmp_path):
+    """`ncrobust collect` on the run: the external cells are complete once imported and evaluated,
+    and their rows are in the partial tables as in the workflow's."""
+    from ncrobust.collect import collect
+    from ncrobust.config import validate_config
+
+    workdir, config, _ = with_external
+    collected = collect(validate_config(config, base_dir=workdir), workdir=workdir, out=tmp_path / "partial")
+    lines = {line.split()[1]: line for line in collected.report().splitlines()[:-2]}
+    assert lines["digits/small/ce/pgd-linf/base/seed0:"].startswith("complete") and "imported" in lines["digits/small/ce/pgd-linf/base/seed0:"]
+    assert len(lines) == 4 and all(line.startswith("complete") for line in lines.values())
+    metrics = pd.read_parquet(tmp_path / "partial/tables/metrics.parquet")
+    pd.testing.assert_frame_equal(metrics.sort_values(list(metrics.columns)).reset_index(drop=True),
+                                  pd.read_parquet(workdir / "results/tables/metrics.parquet").sort_values(list(metrics.columns)).reset_index(drop=True))

@@ -24,7 +24,7 @@ import yaml
 
 from ncrobust.config import ConfigError, load_config_file, validate_config
 from ncrobust.io import CorruptFileError, ExplainedError, read_parquet, write_parquet, write_text
-from ncrobust.stages import GRID_AXES, RUN_LAYOUT, checkpoint_epochs, evaluated_epochs, grid_cells, merge
+from ncrobust.stages import GRID_AXES, RUN_LAYOUT, all_cells, checkpoint_epochs, evaluated_epochs, is_external, merge
 from ncrobust.tables import stack, summary, summary_markdown
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class CellProgress:
     expected_trained: tuple[int, ...]
     expected_evaluated: tuple[int, ...]
     expect_measured: bool
+    external: bool = False  # an external network's cell: its one checkpoint is imported, not trained
 
     @classmethod
     def of(cls, config: dict, cell: dict, results: Path) -> CellProgress:
@@ -85,6 +86,15 @@ class CellProgress:
         evaluated = tuple(evaluated_epochs(config))
         strong = config["evaluation"]["strong"]["enabled"]
         measure = config["training"]["epoch_measure"]
+        if is_external(config, cell):  # one checkpoint, the last epoch's: "trained" once it is imported
+            final = segments[-1]
+            imported = (directory / f"checkpoints/epoch{final}.pt").exists()
+            return cls(
+                cell, directory, trained=(final,) if imported else (),
+                evaluated=(final,) if (directory / f"metrics/epoch{final}.parquet").exists() else (),
+                robustness=(directory / f"robustness/epoch{final}.parquet").exists() if strong else None,
+                measured=(), expected_trained=(final,), expected_evaluated=(final,), expect_measured=False, external=True,
+            )
         return cls(
             cell, directory,
             trained=tuple(e for e in segments if (directory / f"train_log/epoch{e}.parquet").exists()),
@@ -120,7 +130,7 @@ class CellProgress:
         if kind == "metrics":
             return [str(d / f"metrics/epoch{e}.parquet") for e in self.evaluated]
         if kind == "training":
-            return [str(d / f"train_log/epoch{e}.parquet") for e in self.trained]
+            return [] if self.external else [str(d / f"train_log/epoch{e}.parquet") for e in self.trained]
         if kind == "epoch_metrics":
             return [str(d / f"epoch_metrics/epoch{e}.parquet") for e in self.measured]
         if kind == "robustness":
@@ -131,7 +141,8 @@ class CellProgress:
         """One line: the status, the cell, and how far it got."""
         if self.status == "missing":
             return f"missing   {self.name}: nothing yet"
-        parts = [_progress("trained to epoch", self.trained, self.expected_trained, last=True),
+        parts = [("imported" if self.trained else "not imported yet") if self.external else
+                 _progress("trained to epoch", self.trained, self.expected_trained, last=True),
                  _progress("evaluated", self.evaluated, self.expected_evaluated)]
         if self.expect_measured:
             parts.append(_progress("per-epoch measurement", self.measured, self.expected_trained))
@@ -183,7 +194,7 @@ def collect(config: dict, *, workdir: str | os.PathLike = ".", out: str | os.Pat
     by :func:`aggregate`, and ``progress.txt`` beside them: the per-cell lines. Snakemake's own
     outputs are neither read nor written."""
     results = Path(workdir) / config["results"]
-    cells = [CellProgress.of(config, cell, results) for cell in grid_cells(config)]
+    cells = [CellProgress.of(config, cell, results) for cell in all_cells(config)]
     if not any(c.evaluated for c in cells):
         raise NothingToCollect(
             f"{results}: no cell of the grid has an evaluated epoch yet ({len(cells)} cells; "
