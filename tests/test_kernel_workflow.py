@@ -58,3 +58,15 @@ def test_the_views_tables_figures_and_findings(with_views):
     text = block("kernel", Tables.read(workdir / "results"))
     assert "| `st` |" in text and "| `pgd-linf` |" in text and "Does the `pgd-linf` kernel settle earlier?" in text
     assert scheduled(workdir, config) == set()  # done: a second run has nothing to do
+
+
+def test_a_sentence_whose_numbers_are_missing_is_left_out(with_views):
+    """Without the spectra table the kernel block keeps its other sentences and drops alpha's (its
+    table cells read '–')."""
+    workdir, _, _ = with_views
+    tables = Tables.read(workdir / "results")
+    assert "Does alpha differ?" in block("kernel", tables)
+    tables.spectra = None
+    text = block("kernel", tables)
+    assert "Does the `pgd-linf` kernel settle earlier?" in text
+    assert "Does alpha differ?" not in text and "– / –" in text

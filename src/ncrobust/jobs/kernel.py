@@ -37,13 +37,14 @@ def kernel_cell(config: dict, cell: Cell, data_path: str, checkpoint: str, final
     write_parquet(tag(rows, cell, epoch), rows_out)
 
 
-def kernel_dynamics_cell(config: dict, cell: Cell, kernel_files: list[str], output: str) -> None:
-    """A cell's kernel distances, velocity and polar view over its checkpoints (:func:`kernel_dynamics`)."""
+def kernel_dynamics_cell(top_k: int, cell: Cell, kernel_files: list[str], output: str) -> None:
+    """A cell's kernel distances, velocity and polar view over its checkpoints (:func:`kernel_dynamics`;
+    ``top_k``: ``kernel.top_k``, the polar view's top eigenspace)."""
     kernels = {}
     for path in kernel_files:
         saved = load_torch(path)
         kernels[int(saved["epoch"])] = saved
-    frame = kernel_dynamics(kernels, config["kernel"]["top_k"])
+    frame = kernel_dynamics(kernels, top_k)
     write_parquet(tag(frame, cell).astype({"epoch": "int64"}), output)
 
 

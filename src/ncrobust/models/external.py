@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ncrobust.columns import PENULTIMATE
 from ncrobust.io import ExplainedError
 
 from .adapter import AdapterError, as_tapped
@@ -299,7 +300,7 @@ class _SelectedTaps(nn.Module):
     def __init__(self, model: nn.Module, taps) -> None:
         super().__init__()
         self.model = model
-        self._taps = [t for t in model.tap_names if t in set(taps) and t != "penultimate"]
+        self._taps = [t for t in model.tap_names if t in set(taps) and t != PENULTIMATE]
 
     @property
     def classifier(self) -> nn.Linear:
@@ -307,7 +308,7 @@ class _SelectedTaps(nn.Module):
 
     @property
     def tap_names(self) -> list[str]:
-        return [*self._taps, "penultimate"]
+        return [*self._taps, PENULTIMATE]
 
     def forward(self, x: torch.Tensor, taps: bool = False):
         if not taps:
