@@ -491,3 +491,16 @@ def test_gaussian_is_drawn_wide_under_sign(tmp_path):
     gaussian, sign = widths[plots.PERTURBATION_PALETTE["gaussian"]], widths[plots.PERTURBATION_PALETTE["sign"]]
     assert gaussian[0] > 2 * sign[0] and gaussian[1] < sign[1]
     plt.close(fig)
+
+
+def test_the_seed_count_of_a_title_is_per_cell_not_over_the_grid():
+    """An imported network (seed 0) beside a trained grid (seeds 1, 2) is still 'mean over 2 seeds'."""
+    trained = pd.DataFrame({"dataset": "digits", "model": "mlp", "loss": "ce", "adversary": "st",
+                            "variant": "base", "seed": [1, 2, 1, 2], "epoch": [1, 1, 2, 2]})
+    imported = pd.DataFrame({"dataset": "digits", "model": "mine", "loss": "ce", "adversary": "st",
+                             "variant": "base", "seed": [0], "epoch": [2]})
+    frame = pd.concat([trained, imported], ignore_index=True)
+    assert frame["seed"].nunique() == 3
+    assert plots._seeds_note(frame) == "mean over 2 seeds, band = seed range"
+    assert plots._seeds_note(imported) == "1 seed (no band)"
+    assert plots._seeds_note(frame.iloc[:0]) == "1 seed (no band)"

@@ -33,7 +33,7 @@ from matplotlib.ticker import LogFormatter, MaxNLocator  # noqa: E402
 
 from ncrobust import tables
 from ncrobust.cell import ADVERSARIES  # noqa: E402
-from ncrobust.columns import FIGURES, PENULTIMATE  # noqa: E402
+from ncrobust.columns import CELL_COLUMNS, FIGURES, PENULTIMATE  # noqa: E402
 from ncrobust.tables import constant_setting as _constant_setting  # noqa: E402
 
 PERTURBATION_ORDER = ["clean", "pgd", "pgd-targeted", "trades-kl", "gaussian", "sign"]
@@ -98,11 +98,22 @@ def _palette(values, base: dict[str, str]) -> dict:
     return {**base, **dict(zip(extra, colours))}
 
 
+def _seed_count(frame: pd.DataFrame) -> int:
+    """The most seeds any one cell (but for its seed) has in ``frame``: an external network's seed 0 next
+    to a trained grid's seeds 1 and 2 is still two seeds per line, not three."""
+    if "seed" not in frame.columns or not len(frame):
+        return 0
+    keys = [c for c in CELL_COLUMNS if c != "seed" and c in frame.columns]
+    if not keys:
+        return int(frame["seed"].nunique())
+    return int(frame.groupby(keys, observed=True, dropna=False)["seed"].nunique().max())
+
+
 def _seeds_note(frame: pd.DataFrame, *, band: bool = True) -> str:
     if "seeds" in frame.columns:  # a frame already averaged over seeds
         n = int(frame["seeds"].max()) if len(frame) else 0
     else:
-        n = frame["seed"].nunique() if "seed" in frame.columns and len(frame) else 0
+        n = _seed_count(frame)
     if n <= 1:
         return "1 seed (no band)" if band else "1 seed"
     return f"mean over {n} seeds, band = seed range" if band else f"mean over {n} seeds"
@@ -950,7 +961,7 @@ def mixup(points: pd.DataFrame, summary: pd.DataFrame, path: str | Path):
                for v, label in (("cross", f"{i} mixed with {j}"), ("same-i", f"{i} with {i}"), ("same-j", f"{j} with {j}"))]
     handles.append(Line2D([], [], color="0.35", linestyle="--", label=f"boundary {i} vs {j}"))
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
-    seeds = points["seed"].nunique() if "seed" in points.columns else 1
+    seeds = max(_seed_count(points), 1)
     fig.suptitle(
         f"Mixup geometry: penultimate features h of mixed examples of classes {i} and {j}, centred by the clean global mean μ_G,\n"
         f"in the plane of w_{i}, w_{j} (e₂: the part of w_{j} orthogonal to w_{i}) · PGD mixes attacked against the majority label"
@@ -1012,7 +1023,7 @@ def probe(frame: pd.DataFrame, path: str | Path):
     handles.append(Line2D([], [], color="0.3", linestyle=":", label="input NC1 (λ → ∞)"))
     fig.legend(handles=handles, labels=[h.get_label() for h in handles], loc="outside right center", frameon=False)
     layer = "/".join(sorted(frame["layer"].astype(str).unique()))
-    seeds = frame["seed"].nunique() if "seed" in frame.columns else 1
+    seeds = max(_seed_count(frame), 1)
     fig.suptitle(
         f"Near-collapse probe (Tirer et al.): min over W, H of MSE + λ_W‖W‖² + λ‖H − H₀‖², H₀ = features of {layer}"
         f" (rescaled to unit RMS norm)\n"
