@@ -245,3 +245,22 @@ def test_torchvision_models_by_name(tmp_path):
     assert model.classifier is model.module.fc and list(taps) == ["layer4", "penultimate"]
     assert taps["penultimate"].shape == (2, 512)
     torch.testing.assert_close(logits, net.eval()(x), rtol=0, atol=0)
+
+
+def test_measure_reads_a_checkpoint_once(tmp_path, monkeypatch):
+    """Without --arch the command takes the architecture from the checkpoint and hands the contents it
+    read to the loader: a large checkpoint is read from disk once, not twice."""
+    from ncrobust import cli
+    from ncrobust.models import external
+
+    model = create_model("mlp", num_classes=10, in_chans=1, image_size=8, mean=(0.3,), std=(0.2,), depth=2, width=16)
+    path = tmp_path / "epoch3.pt"
+    torch.save({"model": model.state_dict(), "epoch": 3, "cell": {"model": "mlp"}}, path)
+    reads = []
+    monkeypatch.setattr(external, "read_file", lambda p, **kw: reads.append(p) or read_file(p, **kw))
+    out = tmp_path / "m.parquet"
+    assert cli.main([
+        "measure", str(path), "--dataset", "digits", "--option", "depth=2", "--option", "width=16",
+        "--max-samples", "40", "--perturbations", "gaussian", "--penultimate-only", "--out", str(out),
+    ]) == 0
+    assert reads == [str(path)] and out.exists()

@@ -143,16 +143,18 @@ def _threat_and_data(args):
     return threat, perturbations, options
 
 
-def _own_architecture(path: str) -> str | None:
-    """The registry model of an ncrobust checkpoint (its ``cell``), to find its options in a config."""
+def _own_architecture(path: str, trust: bool) -> tuple[object, str | None]:
+    """The file's contents (None when unreadable: reported when the network is loaded) and, for an
+    ncrobust checkpoint, its registry model (its ``cell``), to find its options in a config; the
+    contents go on to the loader, so that the file is read once."""
     from ncrobust.models.external import NetworkError, read_file
 
     try:
-        obj = read_file(path)
+        obj = read_file(path, trust=trust)
     except NetworkError:
-        return None  # reported when the network is loaded
+        return None, None
     cell = obj.get("cell") if isinstance(obj, dict) else None
-    return cell.get("model") if isinstance(cell, dict) else None
+    return obj, cell.get("model") if isinstance(cell, dict) else None
 
 
 def run_measure(args) -> int:
@@ -175,14 +177,16 @@ def run_measure(args) -> int:
     seed = options.pop("split_seed", 0)
     data = subset(datasets.load(args.dataset, root=args.data_root, seed=seed, **options), args.max_samples)
     x = data["x_train"]
-    arch = args.arch or _own_architecture(args.weights)
+    contents, arch = (None, args.arch) if args.arch else _own_architecture(args.weights, args.trust)
     options = {**(args.model_options.get(arch, {}) if arch else {}), **dict(args.option)}  # the config's, then the flags'
     spec = NetworkSpec(
         path=args.weights, architecture=arch, format=args.format, options=options, taps=args.taps,
         classifier=args.classifier, mean=args.mean, std=args.std, trust=args.trust,
     )
     model, epoch = load_network(spec, num_classes=len(data["classes"]), in_chans=x.shape[1],
-                                image_size=x.shape[-1] if x.shape[-2] == x.shape[-1] else tuple(x.shape[-2:]))
+                                image_size=x.shape[-1] if x.shape[-2] == x.shape[-1] else tuple(x.shape[-2:]),
+                                contents=contents)
+    del contents
     device = resolve_device(args.device)
     model = model.to(device)
     probe, _ = datasets.as_float(data, "test", device)

@@ -231,10 +231,12 @@ def _robustbench(state: dict, architecture: str) -> dict:
     return from_robustbench(state, architecture)
 
 
-def load_weights(spec: NetworkSpec, *, num_classes: int, in_chans: int, image_size) -> tuple[nn.Module, int]:
+def load_weights(spec: NetworkSpec, *, num_classes: int, in_chans: int, image_size,
+                 contents=None) -> tuple[nn.Module, int]:
     """``(network, epoch)``: the spec's architecture with the file's weights, in eval mode, not yet
-    tapped (:func:`load_network`); ``epoch`` is the file's (0 when it has none)."""
-    obj = read_file(spec.path, trust=spec.trust)
+    tapped (:func:`load_network`); ``epoch`` is the file's (0 when it has none). ``contents``: the
+    file as :func:`read_file` returned it, when the caller has already read it."""
+    obj = read_file(spec.path, trust=spec.trust) if contents is None else contents
     if isinstance(obj, nn.Module):
         if spec.format not in ("auto", "module"):
             raise NetworkError(f"{spec.path}: holds a whole module, not the {spec.format} format; use format module")
@@ -279,9 +281,12 @@ def tapped(spec: NetworkSpec, model: nn.Module) -> nn.Module:
     return out
 
 
-def load_network(spec: NetworkSpec, *, num_classes: int, in_chans: int, image_size) -> tuple[nn.Module, int]:
-    """``(model, epoch)``: the spec's network with its weights and taps (:func:`tapped`), in eval mode."""
-    model, epoch = load_weights(spec, num_classes=num_classes, in_chans=in_chans, image_size=image_size)
+def load_network(spec: NetworkSpec, *, num_classes: int, in_chans: int, image_size,
+                 contents=None) -> tuple[nn.Module, int]:
+    """``(model, epoch)``: the spec's network with its weights and taps (:func:`tapped`), in eval mode;
+    ``contents`` as in :func:`load_weights`."""
+    model, epoch = load_weights(spec, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
+                                contents=contents)
     return tapped(spec, model).eval(), epoch
 
 
