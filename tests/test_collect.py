@@ -91,6 +91,26 @@ def test_a_strong_evaluation_waits_for_its_epochs_metrics(tmp_path):
     assert lines[1] == "missing   digits/mlp/ce/pgd-linf/base/seed1: nothing yet"
 
 
+def test_collect_stacks_the_kernel_views_of_the_cells_so_far(tmp_path):
+    """With the kernel and spectrum views on, the partial tables hold every kernel, dynamics and spectra
+    file a cell has so far (epoch 0 included), as the kernel_figures rule's tables would; off, none."""
+    _write_cell(tmp_path, ST, evaluated=(0, 2), trained=(2,))
+    _write_cell(tmp_path, PGD, evaluated=(0,))
+    row = lambda adversary, e: pd.DataFrame({"adversary": [adversary], "epoch": [e], "value": [float(e)]})  # noqa: E731
+    for d, adversary, epochs in ((ST, "st", (0, 2)), (PGD, "pgd-linf", (0,))):
+        for e in epochs:
+            write_parquet(row(adversary, e), tmp_path / d / f"kernel/epoch{e}.parquet")
+            write_parquet(row(adversary, e), tmp_path / d / f"spectra/epoch{e}.parquet")
+    write_parquet(row("st", 2), tmp_path / ST / "kernel/dynamics.parquet")
+    collected = collect(_config(kernel={"enabled": True}, spectra={"enabled": True}), workdir=tmp_path)
+    for kind in ("kernel", "spectra"):
+        t = pd.read_parquet(collected.tables / f"{kind}.parquet")
+        assert sorted(zip(t["adversary"], t["epoch"])) == [("pgd-linf", 0), ("st", 0), ("st", 2)]
+    assert pd.read_parquet(collected.tables / "kernel_dynamics.parquet")["adversary"].tolist() == ["st"]
+    off = collect(_config(), workdir=tmp_path, out=tmp_path / "off")
+    assert not any((off.tables / f"{k}.parquet").exists() for k in ("kernel", "kernel_dynamics", "spectra"))
+
+
 def test_nothing_evaluated_yet_says_what_makes_it(tmp_path):
     _write_cell(tmp_path, ST, trained=(2,))
     with pytest.raises(NothingToCollect, match=r"no cell of the grid has an evaluated epoch yet \(2 cells; 1 begun\).*snakemake"):

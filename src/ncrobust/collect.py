@@ -125,8 +125,15 @@ class CellProgress:
         return bool(self.robustness) and self.expected_evaluated[-1] in self.evaluated
 
     def files(self, kind: str) -> list[str]:
-        """The cell's existing files of one table (``metrics``, ``training``, ``robustness``, ``epoch_metrics``)."""
+        """The cell's existing files of one table (``metrics``, ``training``, ``robustness``, ``epoch_metrics``,
+        and the kernel views' ``kernel``, ``kernel_dynamics``, ``spectra``)."""
         d = self.directory
+        if kind in VIEW_FILES:
+            if kind == "kernel_dynamics" and self.external:  # one checkpoint: no dynamics
+                return []
+            epochs = self.expected_trained if self.external else (0, *self.expected_trained)
+            paths = dict.fromkeys(str(d / VIEW_FILES[kind].format(e=e)) for e in epochs)
+            return [p for p in paths if Path(p).exists()]
         if kind == "metrics":
             return [str(d / f"metrics/epoch{e}.parquet") for e in self.evaluated]
         if kind == "training":
@@ -164,6 +171,12 @@ def _progress(what: str, have: tuple[int, ...], want: tuple[int, ...], last: boo
 
 def _epochs(epochs: tuple[int, ...]) -> str:
     return ", ".join(map(str, epochs))
+
+
+VIEW_FILES = {"kernel": "kernel/epoch{e}.parquet", "kernel_dynamics": "kernel/dynamics.parquet",
+              "spectra": "spectra/epoch{e}.parquet"}
+"""A cell's files of the kernel and spectrum views (``workflow/rules/kernel.smk``), by the table
+they are stacked into (at every checkpoint epoch: the dynamics need epoch 0 too)."""
 
 
 class NothingToCollect(ExplainedError):
@@ -209,6 +222,10 @@ def collect(config: dict, *, workdir: str | os.PathLike = ".", out: str | os.Pat
             "metrics.parquet", "training.parquet", "robustness.parquet", "summary.parquet", "summary.md", "summary.csv")),
         files["epoch_metrics"], str(tables / "epoch_metrics.parquet") if measure else None,
     )
+    views = [*(("kernel", "kernel_dynamics") if config["kernel"]["enabled"] else ()),
+             *(("spectra",) if config["spectra"]["enabled"] else ())]
+    for kind in views:  # the kernel_figures rule's tables, of the cells so far
+        write_parquet(_stacked(kind, [f for c in cells for f in c.files(kind)]), str(tables / f"{kind}.parquet"))
     collected = Collected(cells, tables)
     write_text(collected.report(), out / "progress.txt")
     return collected
