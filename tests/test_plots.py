@@ -504,3 +504,9 @@ def test_the_seed_count_of_a_title_is_per_cell_not_over_the_grid():
     assert plots._seeds_note(frame) == "mean over 2 seeds, band = seed range"
     assert plots._seeds_note(imported) == "1 seed (no band)"
     assert plots._seeds_note(frame.iloc[:0]) == "1 seed (no band)"
+
+
+def test_log_axis_labels_are_plain_numbers():
+    f = plots._PlainLogFormatter()
+    assert [f._num_to_string(x, 0, 1) for x in (0.3, 2, 10, 100, 1000, 20000, 1e-5, 1e6)] == [
+        "0.3", "2", "10", "100", "1000", "20000", "1e-05", "1e+06"]

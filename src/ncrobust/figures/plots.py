@@ -147,9 +147,11 @@ def _empty_panel(ax, message: str = "no data") -> None:
 
 
 class _PlainLogFormatter(LogFormatter):
-    """Log-axis tick labels as plain numbers (``0.3``, ``2``, ``1e-05`` when tiny or huge)."""
+    """Log-axis tick labels as plain numbers (``0.3``, ``2``, ``1000``; ``1e-05`` when tiny or huge)."""
 
     def _num_to_string(self, x, vmin, vmax):
+        if 100 <= x < 1e5:  # .3g would write 1000 as 1e+03
+            return f"{x:.0f}"
         return f"{x:.3g}" if 1e-3 <= x < 1e5 else f"{x:.0e}"
 
 
