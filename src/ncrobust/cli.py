@@ -145,16 +145,15 @@ def _threat_and_data(args):
 
 def _own_architecture(path: str, trust: bool) -> tuple[object, str | None]:
     """The file's contents (None when unreadable: reported when the network is loaded) and, for an
-    ncrobust checkpoint, its registry model (its ``cell``), to find its options in a config; the
-    contents go on to the loader, so that the file is read once."""
-    from ncrobust.models.external import NetworkError, read_file
+    ncrobust checkpoint, its registry model, to find its options in a config; the contents go on
+    to the loader, so that the file is read once."""
+    from ncrobust.models.external import NetworkError, checkpoint_architecture, read_file
 
     try:
         obj = read_file(path, trust=trust)
     except NetworkError:
         return None, None
-    cell = obj.get("cell") if isinstance(obj, dict) else None
-    return obj, cell.get("model") if isinstance(cell, dict) else None
+    return obj, checkpoint_architecture(obj)
 
 
 def run_measure(args) -> int:
@@ -164,10 +163,9 @@ def run_measure(args) -> int:
     from ncrobust import data as datasets
     from ncrobust.cell import Cell
     from ncrobust.io import write_parquet
-    from ncrobust.jobs.experiment import resolve_device
+    from ncrobust.jobs.experiment import input_shape, resolve_device
     from ncrobust.measure import measure, subset, summary_lines
     from ncrobust.models.adapter import check_classifier
-    from ncrobust.models.base import eval_mode
     from ncrobust.models.external import NetworkSpec, load_network
     from ncrobust.tables import metrics_frame
 
@@ -176,22 +174,18 @@ def run_measure(args) -> int:
     threat, perturbations, options = _threat_and_data(args)
     seed = options.pop("split_seed", 0)
     data = subset(datasets.load(args.dataset, root=args.data_root, seed=seed, **options), args.max_samples)
-    x = data["x_train"]
     contents, arch = (None, args.arch) if args.arch else _own_architecture(args.weights, args.trust)
     options = {**(args.model_options.get(arch, {}) if arch else {}), **dict(args.option)}  # the config's, then the flags'
     spec = NetworkSpec(
         path=args.weights, architecture=arch, format=args.format, options=options, taps=args.taps,
         classifier=args.classifier, mean=args.mean, std=args.std, trust=args.trust,
     )
-    model, epoch = load_network(spec, num_classes=len(data["classes"]), in_chans=x.shape[1],
-                                image_size=x.shape[-1] if x.shape[-2] == x.shape[-1] else tuple(x.shape[-2:]),
-                                contents=contents)
+    model, epoch = load_network(spec, **input_shape(data), contents=contents)
     del contents
     device = resolve_device(args.device)
     model = model.to(device)
     probe, _ = datasets.as_float(data, "test", device)
-    with eval_mode(model):
-        check_classifier(model, probe[: min(len(probe), 16)], len(data["classes"]))
+    check_classifier(model, probe[: min(len(probe), 16)], len(data["classes"]))
     name = args.name or Path(args.weights).name.split(".")[0]
     out = Path(args.out or f"{name}.metrics.parquet")
     sets = len(args.splits) * len(dict.fromkeys(("clean", *perturbations)))

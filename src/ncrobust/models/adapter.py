@@ -26,7 +26,7 @@ from torch import nn
 from ncrobust.columns import PENULTIMATE
 from ncrobust.io import ExplainedError
 
-from .base import Normalize, TappedNet
+from .base import Normalize, TappedNet, eval_mode
 
 
 class AdapterError(ExplainedError, ValueError):
@@ -135,12 +135,8 @@ def check_classifier(model: nn.Module, x: torch.Tensor, num_classes: int) -> Non
     if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
         raise AdapterError(f"inputs must be images in [0, 1] (found values in [{float(x.min()):.3g}, {float(x.max()):.3g}]); "
                            "put the normalisation in the model (--mean/--std) instead of the data")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         logits, acts = model(x, taps=True)
-    finally:
-        model.train(was_training)
     if logits.ndim != 2 or logits.shape != (len(x), num_classes):
         raise AdapterError(f"the model's output has shape {tuple(logits.shape)}, not [N, {num_classes}] logits for the "
                            f"dataset's {num_classes} classes: build it with num_classes={num_classes}")

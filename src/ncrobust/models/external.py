@@ -215,12 +215,18 @@ def fit(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     model.load_state_dict(state)
 
 
+def checkpoint_architecture(obj) -> str | None:
+    """The registry model of an ncrobust checkpoint's contents (its ``cell``'s model), else None."""
+    cell = obj.get("cell") if isinstance(obj, dict) else None
+    model = cell.get("model") if isinstance(cell, dict) else None
+    return model if model in list_models() else None
+
+
 def _architecture(spec: NetworkSpec, obj) -> str:
     if spec.architecture:
         return spec.architecture
-    cell = obj.get("cell") if isinstance(obj, dict) else None
-    if isinstance(cell, dict) and cell.get("model") in list_models():
-        return cell["model"]
+    if architecture := checkpoint_architecture(obj):
+        return architecture
     raise NetworkError(f"{spec.path}: name its architecture (--arch): a registry name ({', '.join(list_models())}), "
                        "torchvision:NAME, timm:NAME or package.module:callable")
 
