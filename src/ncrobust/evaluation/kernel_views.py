@@ -68,9 +68,9 @@ def _pgd(model, x, y, threat: ThreatModel, num_classes: int, stream: tuple) -> t
     return perturb("pgd", model, x, y, threat=threat, num_classes=num_classes, generator=generator(*stream, device=x.device))
 
 
-def _spectrum_rows(K: torch.Tensor, labels: torch.Tensor, num_classes: int, top_k: int, name: str) -> list[dict]:
-    """Eigenvalues (``index`` = rank), the top-k mass, the alignment and the trace of one kernel."""
-    lam, _ = eigendecomposition(K)
+def _spectrum_rows(K: torch.Tensor, lam: torch.Tensor, labels: torch.Tensor, num_classes: int, top_k: int,
+                   name: str) -> list[dict]:
+    """Eigenvalues ``lam`` (``index`` = rank), the top-k mass, the alignment and the trace of one kernel."""
     rows = [{"set": name, "metric": "eigenvalue", "index": i + 1, "value": float(v)} for i, v in enumerate(lam)]
     rows += [{"set": name, "metric": "top_eigenvalue_mass", "index": k, "value": top_eigenvalue_mass(lam, k)}
              for k in sorted({1, top_k})]
@@ -98,6 +98,7 @@ def checkpoint_kernel(
         sets["pgd"] = _pgd(model, x, y, threat, num_classes, (seed, "kernel", epoch, "train", "pgd"))
     kernels: dict = {"index": index.cpu(), "labels": y.cpu()}
     rows: list[dict] = []
+    eigen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # of each trace kernel, for its rows and the eigen-features
     ntk_plan = plan_ntk(model, x, kind=plan.kind, memory_bytes=plan.memory_bytes)
     for name, inputs in sets.items():
         K = empirical_ntk(model, inputs, kind=plan.kind, plan=ntk_plan).cpu()
@@ -107,18 +108,21 @@ def checkpoint_kernel(
             rows += [{"set": name, "metric": "full_eigenvalue", "index": i + 1, "value": float(v)} for i, v in enumerate(lam)]
             K = logit_trace(K, num_classes)
         kernels[name] = K
-        rows += _spectrum_rows(K, y.cpu(), num_classes, plan.top_k, name)
+        eigen[name] = eigendecomposition(K)
+        rows += _spectrum_rows(K, eigen[name][0], y.cpu(), num_classes, plan.top_k, name)
     if final and plan.eigen_test_samples:
-        rows += _eigen_features(model, data, plan, kernels["clean"], x, y, threat=threat, seed=seed, epoch=epoch, device=device)
+        rows += _eigen_features(model, data, plan, eigen["clean"], x, y, threat=threat, seed=seed, epoch=epoch, device=device)
     return kernels, pd.DataFrame(rows, columns=KERNEL_COLUMNS)
 
 
-def _eigen_features(model, data, plan: KernelPlan, K: torch.Tensor, x, y, *, threat, seed, epoch, device) -> list[dict]:
-    """Clean and attacked test accuracy of each eigen-feature of the train kernel ``K`` by rank."""
+def _eigen_features(model, data, plan: KernelPlan, eigen: tuple[torch.Tensor, torch.Tensor], x, y, *, threat, seed, epoch,
+                    device) -> list[dict]:
+    """Clean and attacked test accuracy of each eigen-feature of the train kernel (``eigen``: its
+    :func:`eigendecomposition`) by rank."""
     num_classes = len(data["classes"])
     x_test, y_test = as_float(data, "test", device)
     x_test, y_test = x_test[: plan.eigen_test_samples], y_test[: plan.eigen_test_samples]
-    lam, V = eigendecomposition(K)
+    lam, V = eigen
     ranks = [r for r in plan.eigen_ranks if r <= len(lam)]
     rows = []
     for name, inputs in (("clean", x_test),
@@ -157,8 +161,8 @@ def checkpoint_spectra(
     model: torch.nn.Module, data: dict, *, split: str, samples: int, perturbations: tuple[str, ...], threat: ThreatModel,
     index_range: tuple[int, int], seed: int, epoch: int, device: torch.device | str = "cpu",
 ) -> pd.DataFrame:
-    """``alpha`` (and the eigenvalues) of every tap's covariance spectrum on the first ``samples``
-    images of ``split`` (a seeded subset: the same at every checkpoint), clean and under each of
+    """``alpha`` (and the eigenvalues) of every tap's covariance spectrum on ``samples`` images of
+    ``split`` drawn with ``seed`` (the same subset at every checkpoint), clean and under each of
     ``perturbations`` (``clean``, ``pgd``, ``gaussian``, ...: :func:`ncrobust.attacks.perturb`).
     Rows: :data:`SPECTRA_COLUMNS`; ``alpha`` is NaN for a layer whose spectrum is shorter than the
     range asks (a narrow tap), with the reason logged nowhere else: the eigenvalues are kept."""
