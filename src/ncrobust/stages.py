@@ -27,10 +27,10 @@ from ncrobust.cell import BASE_VARIANT, Cell
 
 STAGES = ("prepare_data", "init_model", "train", "import_network", "evaluate", "robustness", "mixup_geometry", "probe",
           "kernel", "spectra")
-TRAINED_CELL_STAGES = ("init_model", "train", "evaluate", "robustness", "mixup_geometry", "probe", "kernel", "spectra")
+TRAINED_CELL_STAGES = tuple(s for s in STAGES if s not in ("prepare_data", "import_network"))
 """The stages with a slice of a trained cell."""
-EXTERNAL_CELL_STAGES = ("import_network", "evaluate", "robustness", "mixup_geometry", "probe", "kernel", "spectra")
-"""The stages with a slice of an external network's cell (``config.external``)."""
+EXTERNAL_CELL_STAGES = tuple(s for s in STAGES if s not in ("prepare_data", "init_model", "train"))
+"""The stages with a slice of an external network's cell (``config.external``): imported, not trained."""
 
 EXECUTION_KEYS = ("results", "data_root", "download", "device", "threads", "resources", "group_training", "mps")
 """Top-level keys that say where and how a job runs, never what it computes: in no slice.
