@@ -24,7 +24,7 @@ import yaml
 
 from ncrobust.config import ConfigError, load_config_file, validate_config
 from ncrobust.io import CorruptFileError, ExplainedError, read_parquet, write_parquet, write_text
-from ncrobust.stages import GRID_AXES, RUN_LAYOUT, all_cells, checkpoint_epochs, evaluated_epochs, is_external, merge
+from ncrobust.stages import GRID_AXES, KERNEL_VIEW_FILES, RUN_LAYOUT, all_cells, checkpoint_epochs, evaluated_epochs, is_external, merge
 from ncrobust.tables import stack, summary, summary_markdown
 
 log = logging.getLogger(__name__)
@@ -128,11 +128,11 @@ class CellProgress:
         """The cell's existing files of one table (``metrics``, ``training``, ``robustness``, ``epoch_metrics``,
         and the kernel views' ``kernel``, ``kernel_dynamics``, ``spectra``)."""
         d = self.directory
-        if kind in VIEW_FILES:
+        if kind in VIEW_TABLES:
             if kind == "kernel_dynamics" and self.external:  # one checkpoint: no dynamics
                 return []
             epochs = self.expected_trained if self.external else (0, *self.expected_trained)
-            paths = dict.fromkeys(str(d / VIEW_FILES[kind].format(e=e)) for e in epochs)
+            paths = dict.fromkeys(str(d / KERNEL_VIEW_FILES[kind].format(e=e)) for e in epochs)
             return [p for p in paths if Path(p).exists()]
         if kind == "metrics":
             return [str(d / f"metrics/epoch{e}.parquet") for e in self.evaluated]
@@ -173,10 +173,9 @@ def _epochs(epochs: tuple[int, ...]) -> str:
     return ", ".join(map(str, epochs))
 
 
-VIEW_FILES = {"kernel": "kernel/epoch{e}.parquet", "kernel_dynamics": "kernel/dynamics.parquet",
-              "spectra": "spectra/epoch{e}.parquet"}
-"""A cell's files of the kernel and spectrum views (``workflow/rules/kernel.smk``), by the table
-they are stacked into (at every checkpoint epoch: the dynamics need epoch 0 too)."""
+VIEW_TABLES = ("kernel", "kernel_dynamics", "spectra")
+"""The kernel views' tables (:data:`ncrobust.stages.KERNEL_VIEW_FILES`), of every checkpoint epoch
+(the dynamics need epoch 0 too)."""
 
 
 class NothingToCollect(ExplainedError):

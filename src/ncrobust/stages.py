@@ -150,6 +150,16 @@ RUN_LAYOUT = "runs/{dataset}/{model}/{loss}/{adversary}/{variant}/seed{seed}"
 """A cell's directory under ``results``, in :data:`GRID_AXES` (Snakemake's wildcards fill it in
 ``common.smk``, :mod:`ncrobust.collect` reads finished cells from it): one spelling for both."""
 
+KERNEL_VIEW_FILES = {
+    "kernels": "kernel/epoch{e}.pt",
+    "kernel": "kernel/epoch{e}.parquet",
+    "kernel_dynamics": "kernel/dynamics.parquet",
+    "spectra": "spectra/epoch{e}.parquet",
+}
+"""A cell's files of the kernel and spectrum views under :data:`RUN_LAYOUT` (``kernels``: the
+checkpoint kernels the dynamics read; the others are stacked into the table of their name), for
+``common.smk`` and :mod:`ncrobust.collect` alike."""
+
 
 def checkpoint_epochs(config: dict) -> list[int]:
     """The epochs with a checkpoint: 0 (the initialisation) and ``training.checkpoints``; training

@@ -13,6 +13,7 @@ from ncrobust.io import CorruptFileError, archive_damage, unwritable_directory
 from ncrobust.lineage import cell_sources, merged, rebuild_alone, stranded
 from ncrobust.runlock import clear_stale_lock, locked_message, record_run, release_run
 from ncrobust.stages import (
+    KERNEL_VIEW_FILES,
     RUN_LAYOUT,
     all_cells,
     canonical,
@@ -320,18 +321,13 @@ def related_outputs():
 
 
 def kernel_files(kind, c=None):
-    """Per-cell files of the kernel views: the checkpoint kernels (`kernels`, .pt) and their rows
-    (`rows`) at every checkpoint epoch (the dynamics need them all, whatever evaluation.epochs
-    evaluates), each trained cell's `dynamics`, the `spectra` rows; of one cell `c` (a dict of
-    wildcard values), or of every cell."""
-    pattern = {
-        "kernels": "kernel/epoch{e}.pt",
-        "rows": "kernel/epoch{e}.parquet",
-        "dynamics": "kernel/dynamics.parquet",
-        "spectra": "spectra/epoch{e}.parquet",
-    }[kind]
-    chosen = [c] if c is not None else (trained_cells() if kind == "dynamics" else cells())
-    epochs = (lambda cell: [None]) if kind == "dynamics" else cell_checkpoint_epochs  # dynamics: one file per cell
+    """Per-cell files of the kernel views (ncrobust.stages.KERNEL_VIEW_FILES): the checkpoint
+    kernels (`kernels`, .pt) and their rows (`kernel`) at every checkpoint epoch (the dynamics need
+    them all, whatever evaluation.epochs evaluates), each trained cell's `kernel_dynamics`, the
+    `spectra` rows; of one cell `c` (a dict of wildcard values), or of every cell."""
+    pattern = KERNEL_VIEW_FILES[kind]
+    chosen = [c] if c is not None else (trained_cells() if kind == "kernel_dynamics" else cells())
+    epochs = (lambda cell: [None]) if kind == "kernel_dynamics" else cell_checkpoint_epochs  # one file per cell
     return [f"{RUN}/{pattern}".format(**cell, e=e) for cell in chosen for e in epochs(cell)]
 
 
@@ -344,7 +340,7 @@ def kernel_outputs():
     """Every output of the kernel views the config switches on (none by default)."""
     out = []
     if KERNEL:
-        out += kernel_files("kernels") + kernel_files("rows") + kernel_files("dynamics")
+        out += kernel_files("kernels") + kernel_files("kernel") + kernel_files("kernel_dynamics")
         out += [f"{RESULTS}/tables/kernel.parquet", f"{RESULTS}/tables/kernel_dynamics.parquet"]
     if SPECTRA:
         out += kernel_files("spectra") + [f"{RESULTS}/tables/spectra.parquet"]

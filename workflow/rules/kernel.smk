@@ -67,7 +67,7 @@ if KERNEL or SPECTRA:  # a rule without outputs cannot exist
     rule kernel_figures:
         """The grid's kernel and spectra tables and their figures (only what the config switches on)."""
         input:
-            **({"kernel": kernel_files("rows"), "dynamics": kernel_files("dynamics")} if KERNEL else {}),
+            **({"kernel": kernel_files("kernel"), "dynamics": kernel_files("kernel_dynamics")} if KERNEL else {}),
             **({"spectra": kernel_files("spectra")} if SPECTRA else {}),
         output:
             **(
